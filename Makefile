@@ -1,0 +1,37 @@
+# integrand — `make run` starts the daemon on config.toml, `make test` runs every test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: install run test lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(PLUGIN_PROJECTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "integrand needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]' $(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
+	touch $(STAMP)
+
+run: install
+	$(BIN)/integrand run --config config.toml
+
+lint: install
+	$(BIN)/ruff check daemon tests bench plugins
+	$(BIN)/ruff format --check daemon tests bench plugins
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install lint typecheck
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache

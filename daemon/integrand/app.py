@@ -1,0 +1,271 @@
+"""Builds the daemon from settings and runs it: listener, dispatcher, admin, maintenance; clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .admin import Admin
+from .breaker import Breaker
+from .config import Settings, SinkCore, SourceCore
+from .connector import Connector, ConnectorContext, Sink, WebhookSource
+from .dispatcher import Dispatcher, SinkRuntime
+from .listener import Listener, SourceRuntime
+from .metrics import Metrics
+from .routes import Router
+from .store import Store
+
+log = logging.getLogger("integrand")
+
+MAINTENANCE_EVERY = 30.0
+
+
+class ScopedState:
+    """A connector's own durable key/value state: a scope of the store's ``state`` table."""
+
+    def __init__(self, store: Store, scope: str):
+        self._store = store
+        self._scope = scope
+
+    async def get(self, key: str) -> Any:
+        return await self._store.state_get(self._scope, key)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._store.state_set(self._scope, key, value)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about READY/STOPPING; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+@dataclass
+class Daemon:
+    """A running integrand; ``stop`` begins a graceful shutdown."""
+
+    settings: Settings
+    store: Store
+    metrics: Metrics
+    listener: Listener
+    dispatcher: Dispatcher
+    connectors: dict[str, Connector[Any]] = field(default_factory=dict)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+async def build(settings: Settings, clock: Callable[[], float] = time.time) -> Daemon:
+    s = settings
+    store = Store(
+        s.db_path,
+        synchronous=s.store.synchronous,
+        busy_timeout=s.store.busy_timeout,
+        max_size_mb=s.store.max_size_mb,
+        commit_max_rows=s.store.commit_max_rows,
+        clock=clock,
+    )
+    await store.open()
+    metrics = Metrics()
+    connectors: dict[str, Connector[Any]] = {}
+    try:
+        for role, table in (("source", s.sources), ("sink", s.sinks)):
+            for name, cs in table.items():
+                ctx = ConnectorContext(
+                    name=name,
+                    role=role,  # type: ignore[arg-type]
+                    base_dir=s.base_dir,
+                    state=ScopedState(store, f"{role}:{name}"),
+                    public_url=s.daemon.public_url,
+                    logger=logging.getLogger(f"integrand.{role}.{name}"),
+                )
+                inst = cs.cls(cs.options, ctx)
+                await inst.start()
+                connectors[f"{role}:{name}"] = inst
+    except BaseException:
+        for inst in connectors.values():
+            with contextlib.suppress(Exception):
+                await inst.close()
+        await store.close()
+        raise
+
+    sources = {}
+    for name, cs in s.sources.items():
+        inst = connectors[f"source:{name}"]
+        core = cs.core
+        assert isinstance(core, SourceCore)
+        sources[name] = SourceRuntime(
+            name,
+            inst if isinstance(inst, WebhookSource) else None,
+            core.max_body_bytes or s.daemon.max_body_bytes,
+        )
+    sinks = {}
+    for name, cs in s.sinks.items():
+        inst = connectors[f"sink:{name}"]
+        assert isinstance(inst, Sink)
+        core = cs.core
+        assert isinstance(core, SinkCore)
+        b = s.breaker_for(name)
+        sinks[name] = SinkRuntime(
+            name=name,
+            connector=inst,
+            batch_size=core.batch_size or min(type(inst).batch_size, s.dispatcher.batch_size),
+            retry=s.retry_for(name),
+            breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
+        )
+    listener = Listener(
+        sources,
+        store,
+        Router(s.routes),
+        public_url=s.daemon.public_url,
+        rejections_kept=s.daemon.rejections_kept,
+        metrics=metrics,
+        clock=clock,
+    )
+    dispatcher = Dispatcher(
+        store,
+        sinks,
+        workers=s.dispatcher.workers,
+        lease_seconds=s.dispatcher.lease,
+        metrics=metrics,
+        clock=clock,
+    )
+    return Daemon(s, store, metrics, listener, dispatcher, connectors)
+
+
+async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
+    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly."""
+    d = await build(settings)
+    s = settings
+    grace = s.daemon.shutdown_grace
+    runners: list[web.AppRunner] = []
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        hook_runner = web.AppRunner(d.listener.app(), access_log=None, handle_signals=False, shutdown_timeout=grace)
+        await hook_runner.setup()
+        runners.append(hook_runner)
+        site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
+        await site.start()
+        d.ports["webhooks"] = _bound_port(site)
+        if s.admin.enabled:
+            admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
+            admin_runner = web.AppRunner(admin.app(), access_log=None, handle_signals=False)
+            await admin_runner.setup()
+            runners.append(admin_runner)
+            asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
+            await asite.start()
+            d.ports["admin"] = _bound_port(asite)
+        tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
+        tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
+        d.ready = True
+        log.info(
+            "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",
+            __version__,
+            s.daemon.listen.host,
+            d.ports["webhooks"],
+            f"{s.admin.listen.host}:{d.ports['admin']}" if "admin" in d.ports else "off",
+            len(s.sources),
+            len(s.sinks),
+            d.store.path,
+        )
+        sd_notify("READY=1\nSTATUS=accepting webhooks")
+        if on_ready is not None:
+            res = on_ready(d)
+            if res is not None:
+                await res
+        stop_wait = asyncio.create_task(d.stop_event.wait())
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stop_wait and t.exception() is not None:
+                log.error("%s failed; shutting down", t.get_name(), exc_info=t.exception())
+        stop_wait.cancel()
+    finally:
+        await _shutdown(d, runners, tasks, grace)
+
+
+async def _shutdown(d: Daemon, runners: list[web.AppRunner], tasks: list[asyncio.Task[Any]], grace: float) -> None:
+    log.info("shutting down: refusing new webhooks, finishing in-flight work (grace %.0f s)", grace)
+    sd_notify("STOPPING=1")
+    d.listener.stopping = True
+    d.ready = False
+    deadline = time.monotonic() + grace
+    if runners:
+        # Closes the webhook port after in-flight requests (awaiting their commit) have been answered.
+        await runners[0].cleanup()
+    d.dispatcher.stop()
+    for t in tasks:
+        if t.get_name() != "dispatcher":
+            t.cancel()
+    dispatcher = [t for t in tasks if t.get_name() == "dispatcher" and not t.done()]
+    if dispatcher:
+        _, still = await asyncio.wait(dispatcher, timeout=max(0.1, deadline - time.monotonic()))
+        if still:
+            log.warning("in-flight deliveries did not finish within the grace period; they will be redelivered")
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        n = await d.store.release_owned()
+        if n:
+            log.info("released %d leased deliveries for the next run", n)
+    for inst in d.connectors.values():
+        try:
+            await inst.close()
+        except Exception:
+            log.exception("error closing connector")
+    for r in runners[1:]:
+        await r.cleanup()
+    await d.store.close()
+    log.info("stopped")
+
+
+async def _maintenance(d: Daemon) -> None:
+    """Reclaim expired leases and prune delivered events past retention, a chunk at a time."""
+    while True:
+        await asyncio.sleep(MAINTENANCE_EVERY)
+        try:
+            await d.store.reclaim_expired()
+            cutoff = time.time() - d.settings.store.retention
+            total = 0
+            while (n := await d.store.prune(cutoff)) > 0:
+                total += n
+                await asyncio.sleep(0)  # let webhooks' commits in between chunks
+            if total:
+                log.info("retention: pruned %d delivered events", total)
+        except Exception as e:
+            log.warning("maintenance failed (will retry): %s", e)
+
+
+def _status(d: Daemon) -> dict[str, Any]:
+    return {
+        "sources": sorted(d.settings.sources),
+        "breakers": {
+            name: {"status": s.breaker.status, "failures": s.breaker.failures} for name, s in d.dispatcher.sinks.items()
+        },
+    }
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp keeps the asyncio server here; needed when port 0 was asked for
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else site._port

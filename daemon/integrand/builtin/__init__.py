@@ -1,0 +1,1 @@
+"""Connectors that ship with the core, registered through entry points like any plugin."""

@@ -1,0 +1,384 @@
+"""``integrand run | check | send | dlq | status | plugins`` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from . import __version__
+from .config import Settings, config_path, load_config
+from .connector import ConnectorContext, WebhookSource
+from .errors import ConfigError, StoreUnavailable
+from .plugins import Registry
+from .store import Store
+
+T = TypeVar("T")
+log = logging.getLogger("integrand")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_config(config_path(args.config))
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(data).decode()
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    setup_logging(settings.daemon.log_level, settings.daemon.log_format)
+    for w in settings.warnings:
+        log.warning("%s", w)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        pass
+    from .app import Daemon, run
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        holder: dict[str, Daemon] = {}
+        signals_seen = 0
+
+        def on_signal(signame: str) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen == 1:
+                log.info("%s received; shutting down (send it again to exit at once)", signame)
+                if "d" in holder:
+                    holder["d"].stop()
+            else:
+                # Everything acknowledged is already committed; leased deliveries are released on next start.
+                log.warning("%s received again; exiting now", signame)
+                logging.shutdown()
+                os._exit(130)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+
+        def ready(d: Daemon) -> None:
+            holder["d"] = d
+            if signals_seen:
+                d.stop()
+
+        await run(settings, on_ready=ready)
+
+    try:
+        asyncio.run(main())
+    except StoreUnavailable as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+# --- check --------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    try:
+        s = load_config(path)
+    except ConfigError as e:
+        print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    for w in s.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(
+        f"{path}: OK — {len(s.sources)} source(s), {len(s.sinks)} sink(s), {len(s.routes)} route(s); "
+        f"webhooks on {s.daemon.listen}, store {s.db_path}"
+    )
+    return 0
+
+
+# --- send ---------------------------------------------------------------------------------------
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    cs = settings.sources.get(args.source)
+    if cs is None:
+        print(f"error: no source named {args.source!r} in {settings.path}", file=sys.stderr)
+        return 1
+    body = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
+    ctx = ConnectorContext(
+        name=args.source, role="source", base_dir=settings.base_dir, state=_NoState(), public_url=None
+    )
+    inst = cs.cls(cs.options, ctx)
+    if not isinstance(inst, WebhookSource):
+        print(f"error: source {args.source!r} does not accept webhooks", file=sys.stderr)
+        return 1
+    delivery_id = args.id or f"msg_{uuid.uuid4().hex}"
+    headers = inst.sign(body, time.time(), delivery_id)
+    if headers is None:
+        print(f"error: connector {cs.connector!r} cannot sign test webhooks", file=sys.stderr)
+        return 1
+    headers = {"Content-Type": args.content_type, **headers}
+    for h in args.header or []:
+        k, _, v = h.partition(":")
+        headers[k.strip()] = v.strip()
+    host = settings.daemon.listen.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - we connect, we do not bind
+        host = "127.0.0.1"
+    url = args.url or f"http://{host}:{settings.daemon.listen.port}/hooks/{args.source}"
+
+    async def post() -> int:
+        import aiohttp
+
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+                session.post(url, data=body, headers=headers) as resp,
+            ):
+                text = await resp.text()
+                print(f"{resp.status} {resp.reason}: {text.strip()}")
+                return 0 if 200 <= resp.status < 300 else 1
+        except aiohttp.ClientError as e:
+            print(f"error: cannot reach {url}: {e} (is `integrand run` running?)", file=sys.stderr)
+            return 1
+
+    return asyncio.run(post())
+
+
+class _NoState:
+    async def get(self, key: str) -> Any:
+        return None
+
+    async def set(self, key: str, value: Any) -> None:
+        return None
+
+
+# --- store-backed commands ----------------------------------------------------------------------
+
+
+def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+    settings = _load(args)
+    path = settings.db_path
+    if not path.exists():
+        raise SystemExit(f"error: no store at {path} yet (has `integrand run` been started?)")
+
+    async def go() -> T:
+        store = Store(path, busy_timeout=settings.store.busy_timeout, role="client")
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    action = args.dlq_action
+
+    if action == "list":
+
+        async def do_list(store: Store) -> int:
+            rows = await store.dead_letters(sink=args.sink, limit=args.limit)
+            if not rows:
+                print("dead-letter queue is empty")
+                return 0
+            print(f"{'ID':>8}  {'EVENT':<36}  {'SOURCE':<12}  {'SINK':<12}  {'TRIES':>5}  {'WHEN':<20}  LAST ERROR")
+            for d in rows:
+                err = d.last_error.splitlines()[0] if d.last_error else ""
+                print(
+                    f"{d.id:>8}  {d.event_id[:36]:<36}  {d.source[:12]:<12}  {d.sink[:12]:<12}  "
+                    f"{d.attempts:>5}  {_when(d.updated_at):<20}  {err[:100]}"
+                )
+            return 0
+
+        return _with_store(args, do_list)
+
+    if action == "show":
+
+        async def do_show(store: Store) -> int:
+            d = await store.delivery(args.id)
+            if d is None:
+                print(f"error: no delivery {args.id}", file=sys.stderr)
+                return 1
+            print(f"delivery {d.id} to sink {d.sink}: {d.state}, {d.attempts} attempt(s)")
+            print(f"  created {_when(d.created_at)}, updated {_when(d.updated_at)}")
+            if d.last_error:
+                print("  last error:\n    " + d.last_error.replace("\n", "\n    "))
+            print("  history:")
+            for a in d.audit:
+                print(f"    {_when(a.at)}  {a.action:<10} {(a.detail or '').splitlines()[0] if a.detail else ''}")
+            print("  event:")
+            print("    " + orjson.dumps(d.event.to_dict(), option=orjson.OPT_INDENT_2).decode().replace("\n", "\n    "))
+            return 0
+
+        return _with_store(args, do_show)
+
+    if action == "replay":
+        if not args.all and not args.ids:
+            print("error: give delivery IDs or --all", file=sys.stderr)
+            return 2
+        ids = None if args.all else args.ids
+
+        async def do_replay(store: Store) -> int:
+            n = await store.replay(ids, sink=args.sink)
+            print(f"replayed {n} dead-lettered deliver{'y' if n == 1 else 'ies'}")
+            return 0 if n or args.all else 1
+
+        return _with_store(args, do_replay)
+
+    if action == "purge":
+        if not args.all and not args.ids:
+            print("error: give delivery IDs or --all", file=sys.stderr)
+            return 2
+        ids = None if args.all else args.ids
+
+        async def do_purge(store: Store) -> int:
+            n = await store.purge(ids, sink=args.sink)
+            print(f"purged {n} dead-lettered deliver{'y' if n == 1 else 'ies'}")
+            return 0
+
+        return _with_store(args, do_purge)
+    raise AssertionError(action)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def do(store: Store) -> int:
+        counts = await store.counts()
+        print(f"store {store.path}: {await store.event_count()} event(s)")
+        sinks = sorted({s for s, _ in counts})
+        if not sinks:
+            print("no deliveries yet")
+        for sink in sinks:
+            parts = ", ".join(f"{st} {counts.get((sink, st), 0)}" for st in ("ready", "leased", "done", "dead"))
+            print(f"  sink {sink}: {parts}")
+        rej = await store.rejections(limit=10)
+        if rej:
+            print("recent refused webhooks:")
+            for r in rej:
+                print(f"  {_when(r.at)}  {r.source:<12} {r.status}  {r.reason}")
+        return 0
+
+    return _with_store(args, do)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    infos = Registry.default().describe()
+    broken = 0
+    for i in infos:
+        origin = f"{i.distribution} {i.version}" if i.distribution else "?"
+        if i.error:
+            broken += 1
+            print(f"{i.name:<14} {origin:<24} BROKEN: {i.error}")
+        else:
+            print(f"{i.name:<14} {origin:<24} {','.join(i.capabilities):<18} keys: {', '.join(i.config_keys)}")
+    return 1 if broken else 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="integrand",
+        description="Webhooks and polling in, a durable SQLite queue, sinks out.",
+    )
+    p.add_argument("--version", action="version", version=f"integrand {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="config file (default: $INTEGRAND_CONFIG, then ./config.toml)",
+        )
+        return sp
+
+    with_config(sub.add_parser("run", help="run the daemon in the foreground")).set_defaults(fn=cmd_run)
+    with_config(sub.add_parser("check", help="validate the config and print every problem")).set_defaults(fn=cmd_check)
+
+    sp = with_config(sub.add_parser("send", help="sign a JSON body with a source's scheme and POST it"))
+    sp.add_argument("source", help="the source to send to (a [sources.NAME] table)")
+    sp.add_argument("file", nargs="?", help="JSON file to send (default: standard input)")
+    sp.add_argument("--url", help="where to POST (default: the daemon's listen address)")
+    sp.add_argument("--id", help="delivery id (default: a new random one)")
+    sp.add_argument("--content-type", default="application/json")
+    sp.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="extra header (repeatable)")
+    sp.set_defaults(fn=cmd_send)
+
+    dlq = sub.add_parser("dlq", help="inspect and replay the dead-letter queue")
+    dsub = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+    d = with_config(dsub.add_parser("list", help="one line per dead-lettered delivery"))
+    d.add_argument("--sink")
+    d.add_argument("--limit", type=int, default=1000)
+    d = with_config(dsub.add_parser("show", help="one delivery with its event and history"))
+    d.add_argument("id", type=int)
+    for name, what in (("replay", "make deliveries ready again, attempts reset"), ("purge", "drop for good")):
+        d = with_config(dsub.add_parser(name, help=what))
+        d.add_argument("ids", type=int, nargs="*", metavar="ID")
+        d.add_argument("--all", action="store_true", help="every dead-lettered delivery (with --sink: of that sink)")
+        d.add_argument("--sink")
+    dlq.set_defaults(fn=cmd_dlq)
+
+    with_config(sub.add_parser("status", help="queue depth per sink and recent refused webhooks")).set_defaults(
+        fn=cmd_status
+    )
+    sub.add_parser("plugins", help="list installed connectors").set_defaults(fn=cmd_plugins)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        print(f"{config_path(getattr(args, 'config', None))}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""TOML → frozen, validated settings; every problem reported at once with its key path."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import ConfigError
+from .plugins import PluginError, Registry
+from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class DaemonSettings(StrictModel):
+    listen: ListenAddress = HostPort("127.0.0.1", 8080)
+    state_dir: RelPath = Path("var")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    public_url: str | None = None
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    shutdown_grace: Duration = 10.0
+    rejections_kept: int = Field(default=1000, ge=0)
+
+
+class AdminSettings(StrictModel):
+    enabled: bool = True
+    listen: ListenAddress = HostPort("127.0.0.1", 8081)
+
+
+class StoreSettings(StrictModel):
+    path: RelPath | None = None
+    synchronous: Literal["full", "extra", "normal"] = "full"
+    busy_timeout: Duration = 5.0
+    retention: Duration = 7 * 86400.0
+    max_size_mb: int | None = Field(default=None, gt=0)
+    commit_max_rows: int = Field(default=4000, gt=0)
+
+
+class RetrySettings(StrictModel):
+    base: Duration = 1.0
+    cap: Duration = 3600.0
+    max_attempts: int = Field(default=25, ge=1)
+    max_age: Duration = 3 * 86400.0
+
+
+class BreakerSettings(StrictModel):
+    failure_threshold: int = Field(default=5, ge=1)
+    open_for: Duration = 5.0
+    max_open_for: Duration = 60.0
+
+
+class DispatcherSettings(StrictModel):
+    workers: int = Field(default=8, ge=1, le=1024)
+    lease: Duration = 60.0
+    batch_size: int = Field(default=256, ge=1)
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+
+
+class FilterSettings(StrictModel):
+    type: list[str] = []
+    entity: list[str] = []
+
+
+class RouteSettings(StrictModel):
+    from_: str = Field(alias="from")
+    to: list[str] = Field(min_length=1)
+    filter: FilterSettings = FilterSettings()
+
+
+class SourceCore(StrictModel):
+    """Keys every source table accepts whatever its connector."""
+
+    connector: str
+    max_body_bytes: int | None = Field(default=None, gt=0)
+
+
+class SinkCore(StrictModel):
+    """Keys every sink table accepts whatever its connector."""
+
+    connector: str
+    batch_size: int | None = Field(default=None, ge=1)
+    retry: RetrySettings | None = None
+    breaker: BreakerSettings | None = None
+
+
+SOURCE_CORE_KEYS = frozenset(SourceCore.model_fields)
+SINK_CORE_KEYS = frozenset(SinkCore.model_fields)
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """A configured source or sink: its name, connector class and validated options."""
+
+    name: str
+    role: Literal["source", "sink"]
+    connector: str
+    cls: type[Any]
+    options: BaseModel
+    core: SourceCore | SinkCore
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None
+    base_dir: Path
+    daemon: DaemonSettings
+    admin: AdminSettings
+    store: StoreSettings
+    dispatcher: DispatcherSettings
+    sources: Mapping[str, ConnectorSettings]
+    sinks: Mapping[str, ConnectorSettings]
+    routes: tuple[RouteSettings, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def db_path(self) -> Path:
+        return self.store.path or self.daemon.state_dir / "integrand.db"
+
+    def retry_for(self, sink: str) -> RetrySettings:
+        core = self.sinks[sink].core
+        assert isinstance(core, SinkCore)
+        return core.retry or self.dispatcher.retry
+
+    def breaker_for(self, sink: str) -> BreakerSettings:
+        core = self.sinks[sink].core
+        assert isinstance(core, SinkCore)
+        return core.breaker or self.dispatcher.breaker
+
+
+def config_path(arg: str | None) -> Path:
+    """``--config``, else ``$INTEGRAND_CONFIG``, else ``./config.toml``."""
+    return Path(arg or os.environ.get("INTEGRAND_CONFIG") or "config.toml")
+
+
+def load_config(path: Path, registry: Registry | None = None) -> Settings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    return parse_config(raw, base_dir=path.resolve().parent, path=path, registry=registry)
+
+
+def parse_config(
+    raw: dict[str, Any], *, base_dir: Path, path: Path | None = None, registry: Registry | None = None
+) -> Settings:
+    """Validate a parsed TOML document; raise ConfigError listing every problem found."""
+    registry = registry or Registry.default()
+    problems: list[str] = []
+    ctx = {"base_dir": base_dir}
+    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes"}
+    for key in raw:
+        if key not in known:
+            problems.append(f"{key}: unknown table{_suggest(key, known)}")
+
+    def section(name: str, model: type[StrictModel]) -> Any:
+        try:
+            return model.model_validate(raw.get(name, {}), context=ctx)
+        except ValidationError as e:
+            problems.extend(_format(e, name, model))
+            return model.model_construct()
+
+    daemon = section("daemon", DaemonSettings)
+    admin = section("admin", AdminSettings)
+    store = section("store", StoreSettings)
+    dispatcher = section("dispatcher", DispatcherSettings)
+
+    sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
+    sinks = _connectors(raw.get("sinks", {}), "sink", registry, ctx, problems)
+
+    routes: list[RouteSettings] = []
+    raw_routes = raw.get("routes", [])
+    if not isinstance(raw_routes, list):
+        problems.append("routes: expected [[routes]] entries")
+        raw_routes = []
+    pairs: set[tuple[str, str]] = set()
+    for i, r in enumerate(raw_routes):
+        try:
+            route = RouteSettings.model_validate(r, context=ctx)
+        except ValidationError as e:
+            problems.extend(_format(e, f"routes[{i}]", RouteSettings))
+            continue
+        if route.from_ not in sources and route.from_ not in raw.get("sources", {}):
+            problems.append(f"routes[{i}].from: no source named {route.from_!r}{_suggest(route.from_, sources)}")
+        for j, sink in enumerate(route.to):
+            if sink not in sinks and sink not in raw.get("sinks", {}):
+                problems.append(f"routes[{i}].to[{j}]: no sink named {sink!r}{_suggest(sink, sinks)}")
+            if (route.from_, sink) in pairs:
+                problems.append(f"routes[{i}].to[{j}]: a route from {route.from_!r} to {sink!r} is already defined")
+            pairs.add((route.from_, sink))
+        routes.append(route)
+
+    if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
+        problems.append("admin.listen: must differ from daemon.listen (admin endpoints are never on the webhook port)")
+
+    if problems:
+        raise ConfigError(problems)
+    warnings = tuple(
+        f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
+        for name in sources
+        if not any(r.from_ == name for r in routes)
+    )
+    return Settings(
+        path=path,
+        base_dir=base_dir,
+        daemon=daemon,
+        admin=admin,
+        store=store,
+        dispatcher=dispatcher,
+        sources=sources,
+        sinks=sinks,
+        routes=tuple(routes),
+        warnings=warnings,
+    )
+
+
+def _connectors(
+    tables: Any, role: Literal["source", "sink"], registry: Registry, ctx: dict[str, Any], problems: list[str]
+) -> dict[str, ConnectorSettings]:
+    plural = role + "s"
+    out: dict[str, ConnectorSettings] = {}
+    if not isinstance(tables, dict):
+        problems.append(f"{plural}: expected tables [{plural}.NAME]")
+        return out
+    core_model: type[SourceCore | SinkCore] = SourceCore if role == "source" else SinkCore
+    core_keys = SOURCE_CORE_KEYS if role == "source" else SINK_CORE_KEYS
+    for name, table in tables.items():
+        where = f"{plural}.{name}"
+        if not NAME.match(name):
+            problems.append(f"{where}: name must be letters, digits, '-' or '_' (it appears in URLs and logs)")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{where}: expected a table")
+            continue
+        core_raw = {k: v for k, v in table.items() if k in core_keys}
+        rest = {k: v for k, v in table.items() if k not in core_keys}
+        try:
+            core = core_model.model_validate(core_raw, context=ctx)
+        except ValidationError as e:
+            problems.extend(_format(e, where, core_model))
+            continue
+        try:
+            cls = registry.load(core.connector)
+        except PluginError as e:
+            problems.append(f"{where}.connector: {e}")
+            continue
+        if role not in cls.roles():
+            problems.append(
+                f"{where}.connector: connector {core.connector!r} cannot be a {role} "
+                f"(it can be: {', '.join(sorted(cls.roles())) or 'nothing'})"
+            )
+            continue
+        try:
+            options = cls.Config.model_validate(rest, context=ctx)
+        except ValidationError as e:
+            problems.extend(_format(e, where, cls.Config, extra_known=core_keys))
+            continue
+        out[name] = ConnectorSettings(name, role, core.connector, cls, options, core)
+    return out
+
+
+def _format(
+    err: ValidationError, prefix: str, model: type[BaseModel] | None = None, extra_known: Iterable[str] = ()
+) -> list[str]:
+    """Pydantic errors as ``prefix.key.path: message`` lines, with a suggestion for misspelt keys."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        # Union members add their type name to the location; drop those to keep the key path.
+        loc = [p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|list|str|dict|int|float|bool|none", p)]
+        parts = [prefix, *[f"[{p}]" if p.isdigit() else p for p in loc]]
+        path = ".".join(parts).replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            fields = set(_fields_at(model, loc[:-1]))
+            if len(loc) == 1:
+                fields |= set(extra_known)
+            msg = f"unknown key{_suggest(loc[-1], fields)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def _fields_at(model: type[BaseModel] | None, loc: list[str]) -> list[str]:
+    """The keys a (nested) model accepts at ``loc``, for "did you mean" hints."""
+    for key in loc:
+        if model is None:
+            return []
+        found = next((f for n, f in model.model_fields.items() if key in (n, f.alias)), None)
+        model = None
+        if found is not None:
+            for t in (found.annotation, *getattr(found.annotation, "__args__", ())):
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    model = t
+                    break
+    if model is None:
+        return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

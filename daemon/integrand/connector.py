@@ -1,0 +1,203 @@
+"""The plugin interface: the one module a connector author needs to read.
+
+A connector is a class registered under the entry-point group
+``integrand.connectors``. It subclasses :class:`Connector` and one or more
+capability mixins:
+
+* :class:`WebhookSource` — ``verify`` then ``parse`` an inbound HTTP request;
+* :class:`PollingSource` — ``poll(cursor)`` for changes since a cursor;
+* :class:`Sink` — ``deliver`` (and optionally ``deliver_batch``) events.
+
+Its configuration is a pydantic model (:class:`ConnectorConfig`) named
+``Config`` on the class; integrand validates the connector's table against it at
+startup and reports errors with their key paths. Connectors raise the errors in
+:mod:`integrand.errors` (re-exported here): ``RetryableError(retry_after=…)``,
+``PermanentError``, ``AuthError``; anything else is treated as retryable and logged
+with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+
+from .errors import (
+    AuthError,
+    PayloadError,
+    PermanentError,
+    RetryableError,
+    SignatureError,
+    UnsupportedMediaType,
+    WebhookRejected,
+)
+from .events import Event, content_id, utcnow_iso
+from .secrets import SecretValue
+from .types import Duration, ListenAddress, RelPath, StrictModel
+
+__all__ = [
+    "AuthError",
+    "Connector",
+    "ConnectorConfig",
+    "ConnectorContext",
+    "Duration",
+    "Event",
+    "ListenAddress",
+    "PayloadError",
+    "PermanentError",
+    "PollResult",
+    "PollingSource",
+    "RelPath",
+    "RetryableError",
+    "SecretValue",
+    "SignatureError",
+    "Sink",
+    "StateStore",
+    "UnsupportedMediaType",
+    "WebhookRejected",
+    "WebhookRequest",
+    "WebhookSource",
+    "content_id",
+    "utcnow_iso",
+]
+
+Role = Literal["source", "sink"]
+
+
+class ConnectorConfig(StrictModel):
+    """Base for a connector's own config table (frozen; unknown keys are errors)."""
+
+
+class StateStore(Protocol):
+    """Durable key/value state owned by one configured connector (tokens, cursors), kept in the store."""
+
+    async def get(self, key: str) -> Any: ...
+
+    async def set(self, key: str, value: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What integrand hands a connector instance: who it is and the services it may use."""
+
+    name: str
+    role: Role
+    base_dir: Path
+    state: StateStore
+    public_url: str | None = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("integrand.connector"))
+
+
+C = TypeVar("C", bound=ConnectorConfig)
+
+
+class Connector(Generic[C]):
+    """Base class of every connector; ``Config`` is its config model."""
+
+    Config: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+
+    def __init__(self, config: C, ctx: ConnectorContext):
+        self.config = config
+        self.ctx = ctx
+        self.log = ctx.logger
+
+    async def start(self) -> None:
+        """Open sessions or files; called once before any other coroutine."""
+
+    async def close(self) -> None:
+        """Release what ``start`` opened; called once at shutdown."""
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        caps = set()
+        if issubclass(cls, WebhookSource):
+            caps.add("webhook")
+        if issubclass(cls, PollingSource):
+            caps.add("poll")
+        if issubclass(cls, Sink):
+            caps.add("sink")
+        return frozenset(caps)
+
+    @classmethod
+    def roles(cls) -> frozenset[Role]:
+        caps = cls.capabilities()
+        roles: set[Role] = set()
+        if caps & {"webhook", "poll"}:
+            roles.add("source")
+        if "sink" in caps:
+            roles.add("sink")
+        return frozenset(roles)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """An inbound webhook as received: the raw body, before anything is parsed."""
+
+    source: str
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    received_at: str
+    content_type: str = ""
+    remote: str | None = None
+
+
+class WebhookSource(ABC):
+    """Capability: receive pushed changes at ``POST /hooks/{name}``."""
+
+    @abstractmethod
+    def verify(self, request: WebhookRequest, now: float) -> None:
+        """Raise SignatureError unless the request is authentic and fresh; nothing is parsed before this."""
+
+    @abstractmethod
+    def parse(self, request: WebhookRequest) -> list[Event]:
+        """Turn a verified request into events; raise PayloadError/UnsupportedMediaType on bad input."""
+
+    def sign(self, body: bytes, now: float, delivery_id: str) -> dict[str, str] | None:
+        """Headers a provider would send with ``body`` (for ``integrand send`` and tests); None if unsupported."""
+        return None
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``."""
+
+    events: Sequence[Event]
+    cursor: Any
+    more: bool = False
+    retry_after: float | None = None
+    budget_remaining: int | None = None
+
+
+class PollingSource(ABC):
+    """Capability: pull changes since an opaque JSON cursor that the connector owns."""
+
+    @abstractmethod
+    async def poll(self, cursor: Any) -> PollResult:
+        """Fetch one page of changes after ``cursor`` (None on the first poll)."""
+
+
+class Sink(ABC):
+    """Capability: deliver events; must be idempotent on ``event.key``."""
+
+    batch_size: ClassVar[int] = 1
+
+    @abstractmethod
+    async def deliver(self, event: Event) -> None:
+        """Deliver one event or raise RetryableError / PermanentError / AuthError."""
+
+    async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
+        """Deliver several; one result per event (None = delivered). Override to batch for real."""
+        results: list[BaseException | None] = []
+        for event in events:
+            try:
+                await self.deliver(event)
+            except Exception as e:
+                results.append(e)
+            else:
+                results.append(None)
+        return results

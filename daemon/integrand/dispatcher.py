@@ -1,0 +1,237 @@
+"""Workers that lease ready deliveries, call sinks, and record ack / retry / dead-letter.
+
+Each worker leases one batch for one sink at a time, so what a worker holds is
+bounded by the sink's batch size and never outlives its lease. Per-entity order
+comes from the store (only the head of each (sink, entity) line is leasable);
+per-sink circuit breakers keep a sink that is down from burning attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from . import breaker as br
+from .backoff import retry_delay, should_give_up
+from .config import RetrySettings
+from .connector import Sink
+from .errors import AuthError, PermanentError, RetryableError
+from .metrics import Metrics
+from .store import Leased, Outcome, Store
+
+log = logging.getLogger("integrand.dispatcher")
+
+
+@dataclass
+class SinkRuntime:
+    """A configured sink as the dispatcher sees it; ``breaker`` is replaced on every transition."""
+
+    name: str
+    connector: Sink
+    batch_size: int
+    retry: RetrySettings
+    breaker: br.Breaker
+
+
+def describe_error(e: BaseException) -> str:
+    """One string for the DLQ and the audit: the class, the message, the provider's request id."""
+    text = f"{type(e).__name__}: {e}"
+    rid = getattr(e, "request_id", None)
+    if rid:
+        text += f" (request id {rid})"
+    if not isinstance(e, RetryableError | PermanentError | AuthError):
+        text += "\n" + "".join(traceback.format_exception(e))[-4000:]
+    return text
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        sinks: dict[str, SinkRuntime],
+        *,
+        workers: int = 8,
+        lease_seconds: float = 60.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        idle_poll: float = 1.0,
+    ):
+        self.store = store
+        self.sinks = sinks
+        self.workers = workers
+        self.lease_seconds = lease_seconds
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.rand = rand
+        self.idle_poll = idle_poll
+        self._stopping = False
+        self._gen = 0
+        self._empty: dict[str, int] = {}
+        self._order = itertools.cycle(sorted(sinks)) if sinks else None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until ``stop()``; in-flight batches finish before this returns."""
+        if not self.sinks:
+            await self._wait_stopping()
+            return
+        self._tasks = [asyncio.create_task(self._worker(i), name=f"dispatch-{i}") for i in range(self.workers)]
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.store.deliveries_ready.set()
+
+    async def _wait_stopping(self) -> None:
+        while not self._stopping:
+            await self.store.deliveries_ready.wait()
+            self.store.deliveries_ready.clear()
+
+    # --- workers -------------------------------------------------------------------------------
+
+    async def _worker(self, n: int) -> None:
+        while not self._stopping:
+            picked = self._pick()
+            if picked is None:
+                await self._idle()
+                continue
+            sink, limit, probing = picked
+            gen = self._gen
+            try:
+                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name)
+            except Exception as e:
+                if probing:
+                    sink.breaker = br.on_failure(sink.breaker, self.clock())
+                log.error("cannot lease deliveries for sink %s: %s", sink.name, e)
+                await self._idle()
+                continue
+            if len(rows) < limit:
+                self._empty[sink.name] = gen
+            if not rows:
+                if probing:  # nothing to probe with: stay open, probe again when work arrives
+                    sink.breaker = replace(sink.breaker, status="open")
+                continue
+            await self._deliver(sink, rows, probing)
+
+    def _pick(self) -> tuple[SinkRuntime, int, bool] | None:
+        """The next sink (round robin) that has work and whose breaker lets a batch through."""
+        assert self._order is not None
+        now = self.clock()
+        for _ in range(len(self.sinks)):
+            sink = self.sinks[next(self._order)]
+            if self._empty.get(sink.name) == self._gen:
+                continue
+            permit, new = br.permit(sink.breaker, now)
+            if permit == "no":
+                continue
+            if permit == "probe":
+                sink.breaker = new
+                log.info("sink %s: circuit half-open, sending one probe delivery", sink.name)
+                return sink, 1, True
+            return sink, sink.batch_size, False
+        return None
+
+    async def _idle(self) -> None:
+        """Sleep until new deliveries are committed, a retry falls due, or a breaker may probe."""
+        timeout = self.idle_poll
+        now = self.clock()
+        with contextlib.suppress(Exception):
+            due = await self.store.next_due()
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - now))
+        for s in self.sinks.values():
+            if s.breaker.status == "open":
+                timeout = min(timeout, max(0.0, s.breaker.reopens_at - now))
+        if timeout > 0 and not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
+        if not self._stopping:
+            self.store.deliveries_ready.clear()
+        self._gen += 1
+
+    async def _deliver(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
+        started = time.perf_counter()
+        try:
+            results: Sequence[BaseException | None] = await asyncio.wait_for(
+                sink.connector.deliver_batch([r.event for r in rows]), timeout=self.lease_seconds * 0.9
+            )
+            if len(results) != len(rows):
+                raise RuntimeError(f"deliver_batch returned {len(results)} results for {len(rows)} events")
+        except Exception as e:
+            results = [e] * len(rows)
+        self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
+        now = self.clock()
+        outcomes = [self._outcome(sink, row, res, probing, now) for row, res in zip(rows, results, strict=True)]
+        try:
+            await self.store.complete(outcomes)
+        except Exception as e:
+            # The leases will expire and the deliveries will be retried: at-least-once.
+            log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
+
+    def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
+        before = sink.breaker.status
+        if res is None:
+            sink.breaker = br.on_success(sink.breaker)
+            if before != "closed":
+                log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
+                self.metrics.breaker_open.labels(sink.name).set(0)
+                task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self.metrics.deliveries.labels(sink.name, "done").inc()
+            return Outcome(row, "done")
+        error = describe_error(res)
+        if isinstance(res, PermanentError):
+            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
+            return Outcome(row, "dead", error=error)
+        if isinstance(res, AuthError):
+            sink.breaker = br.trip(sink.breaker, now)
+            if before == "closed":
+                log.error("sink %s: authentication refused, sink paused: %s", sink.name, res)
+                self.metrics.breaker_open.labels(sink.name).set(1)
+            self.metrics.deliveries.labels(sink.name, "auth").inc()
+            return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
+        if not isinstance(res, RetryableError):
+            log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
+        sink.breaker = br.on_failure(sink.breaker, now)
+        if sink.breaker.status == "open" and before != "open":
+            log.warning(
+                "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
+                sink.name,
+                sink.breaker.failures,
+                sink.breaker.current_open_for,
+            )
+            self.metrics.breaker_open.labels(sink.name).set(1)
+        self.metrics.deliveries.labels(sink.name, "retry").inc()
+        retry_after = getattr(res, "retry_after", None)
+        if probing:
+            return Outcome(
+                row,
+                "retry",
+                error=error,
+                next_attempt_at=max(now, sink.breaker.reopens_at),
+                count_attempt=False,
+            )
+        attempts = row.attempts + 1
+        policy = sink.retry
+        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+            return Outcome(row, "dead", error=error)
+        delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
+        return Outcome(row, "retry", error=error, next_attempt_at=now + delay)

@@ -1,0 +1,161 @@
+"""The webhook port: ``POST /hooks/{source}``, answered 2xx only after the events are committed.
+
+Order per request: source known (404) → body size (413) → signature and
+timestamp (401; nothing unauthenticated is parsed) → content type and JSON
+(415/400) → events → durable enqueue (503 if the store cannot commit) → 200.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .connector import WebhookRequest, WebhookSource
+from .errors import StoreUnavailable, WebhookRejected
+from .events import Event, utcnow_iso
+from .metrics import Metrics
+from .routes import Router
+from .store import Store
+
+log = logging.getLogger("integrand.listener")
+
+_SECRET_HEADER = re.compile(r"sig|auth|token|secret|cookie|hmac|key|password", re.IGNORECASE)
+RETRY_AFTER_UNAVAILABLE = "5"
+
+
+@dataclass(frozen=True)
+class SourceRuntime:
+    name: str
+    connector: WebhookSource | None
+    max_body_bytes: int
+
+
+def redact_headers(headers: dict[str, str] | object) -> dict[str, str]:
+    """Headers as an operator may see them: anything that could be a credential is replaced."""
+    items = headers.items() if hasattr(headers, "items") else []
+    return {str(k): ("[redacted]" if _SECRET_HEADER.search(k) else str(v)[:500]) for k, v in items}
+
+
+def _error(status: int, reason: str, **headers: str) -> web.Response:
+    resp = web.json_response({"error": reason}, status=status, headers=headers or None)
+    return resp
+
+
+class Listener:
+    def __init__(
+        self,
+        sources: dict[str, SourceRuntime],
+        store: Store,
+        router: Router,
+        *,
+        public_url: str | None = None,
+        rejections_kept: int = 1000,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        on_accepted: Callable[[str, Sequence[Event]], None] | None = None,
+    ):
+        self.sources = sources
+        self.store = store
+        self.router = router
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.rejections_kept = rejections_kept
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.on_accepted = on_accepted
+        self.stopping = False
+        self.in_flight = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=max((s.max_body_bytes for s in self.sources.values()), default=1) + 1)
+        app.router.add_route("*", "/hooks/{source}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["source"]
+        source = self.sources.get(name)
+        label = name if source is not None else "unknown"
+        self.in_flight += 1
+        try:
+            resp = await self._handle(request, name, source)
+        finally:
+            self.in_flight -= 1
+        self.metrics.webhooks.labels(label, str(resp.status)).inc()
+        return resp
+
+    async def _handle(self, request: web.Request, name: str, source: SourceRuntime | None) -> web.StreamResponse:
+        if request.method != "POST":
+            return _error(405, f"{request.method} is not allowed; webhooks are POSTed", Allow="POST")
+        if self.stopping:
+            resp = _error(503, "integrand is shutting down", **{"Retry-After": RETRY_AFTER_UNAVAILABLE})
+            resp.force_close()
+            return resp
+        if source is None:
+            return self._reject(request, name, 404, f"unknown source {name!r}")
+        if source.connector is None:
+            return self._reject(request, name, 404, f"source {name!r} does not accept webhooks")
+        try:
+            body = await self._read_body(request, source.max_body_bytes)
+            received_at = utcnow_iso()
+            headers = request.headers
+            wr = WebhookRequest(
+                source=name,
+                method=request.method,
+                url=(self.public_url + request.path_qs) if self.public_url else str(request.url),
+                headers=headers,
+                body=body,
+                received_at=received_at,
+                content_type=request.content_type,
+                remote=request.remote,
+            )
+            source.connector.verify(wr, self.clock())
+            events = source.connector.parse(wr)
+        except WebhookRejected as e:
+            resp = self._reject(request, name, e.status, e.reason)
+            if e.status == 413:
+                resp.force_close()
+            return resp
+        except Exception:
+            log.exception("source %s: connector failed on a webhook", name)
+            return _error(500, f"source {name!r} failed to process the webhook; it was not stored")
+
+        items = [(ev, self.router.sinks_for(ev)) for ev in events]
+        try:
+            result = await self.store.enqueue(items)
+        except StoreUnavailable as e:
+            log.error("source %s: webhook refused with 503, store unavailable: %s", name, e)
+            return _error(
+                503,
+                "the event store cannot commit right now; retry later",
+                **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
+            )
+        self.metrics.events.labels(name, "accepted").inc(result.accepted)
+        if result.duplicates:
+            self.metrics.events.labels(name, "duplicate").inc(result.duplicates)
+        if self.on_accepted is not None and result.accepted:
+            self.on_accepted(name, events)
+        return web.json_response({"accepted": result.accepted, "duplicates": result.duplicates})
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes:
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise WebhookRejected(f"body of {declared} bytes exceeds the limit of {limit} bytes", status=413)
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise WebhookRejected(f"body exceeds the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _reject(self, request: web.Request, source: str, status: int, reason: str) -> web.Response:
+        log.info("source %s: refused webhook from %s with %d: %s", source, request.remote, status, reason)
+        self.store.record_rejection(
+            source, status, reason, request.remote, redact_headers(request.headers), self.rejections_kept
+        )
+        return _error(status, reason)

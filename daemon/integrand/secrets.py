@@ -1,0 +1,102 @@
+"""Secrets given by reference (env, file, systemd credential) and a value type that never prints itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import GetCoreSchemaHandler, ValidationInfo
+from pydantic_core import PydanticCustomError, core_schema
+
+
+class SecretValue:
+    """A resolved secret; ``repr``/``str`` show only where it came from, so logs never hold it."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: str, origin: str):
+        self._value = value
+        self.origin = origin
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"SecretValue(<{self.origin}>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretValue) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(
+            _validate_secret,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda v: repr(v)),
+        )
+
+
+def resolve_secret(ref: Any, base_dir: Path | None = None) -> SecretValue:
+    """Turn ``"literal"``, ``{env=…}``, ``{file=…}`` or ``{credential=…}`` into a SecretValue."""
+    if isinstance(ref, SecretValue):
+        return ref
+    if isinstance(ref, str):
+        if not ref:
+            raise PydanticCustomError("secret", "secret is empty")
+        return SecretValue(ref, "inline")
+    if not isinstance(ref, dict) or len(ref) != 1:
+        raise PydanticCustomError(
+            "secret",
+            'a secret is a string or one of {{env = "VAR"}}, {{file = "path"}}, {{credential = "name"}}',
+        )
+    ((kind, name),) = ref.items()
+    if not isinstance(name, str) or not name:
+        raise PydanticCustomError("secret", "secret reference {kind} needs a non-empty string", {"kind": kind})
+    if kind == "env":
+        value = os.environ.get(name)
+        if value is None:
+            raise PydanticCustomError("secret", "environment variable {name} is not set", {"name": name})
+        if not value:
+            raise PydanticCustomError("secret", "environment variable {name} is empty", {"name": name})
+        return SecretValue(value, f"env:{name}")
+    if kind == "file":
+        path = Path(name)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return SecretValue(_read_secret_file(path, f"secret file {path}"), f"file:{path}")
+    if kind == "credential":
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise PydanticCustomError(
+                "secret",
+                "credential {name} needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)",
+                {"name": name},
+            )
+        if "/" in name or name in (".", ".."):
+            raise PydanticCustomError("secret", "credential name {name} must not contain '/'", {"name": name})
+        return SecretValue(_read_secret_file(Path(creds) / name, f"credential {name}"), f"credential:{name}")
+    raise PydanticCustomError(
+        "secret", "unknown secret reference {kind!r} (use env, file or credential)", {"kind": kind}
+    )
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        raise PydanticCustomError("secret", "{what} does not exist", {"what": what}) from None
+    except OSError as e:
+        raise PydanticCustomError("secret", "{what} cannot be read: {err}", {"what": what, "err": e.strerror}) from None
+    if not value:
+        raise PydanticCustomError("secret", "{what} is empty", {"what": what})
+    return value
+
+
+def _validate_secret(value: Any, info: ValidationInfo) -> SecretValue:
+    base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
+    return resolve_secret(value, base)

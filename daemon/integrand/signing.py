@@ -1,0 +1,177 @@
+"""Webhook signature schemes as pure functions: sign, and verify in constant time.
+
+Each follows the provider's published spec (see docs/webhooks.md for sources and
+test vectors). ``verify_*`` raise SignatureError with a reason safe to return to
+the sender; they never reveal the expected value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+
+from .errors import SignatureError
+
+DEFAULT_TOLERANCE = 300.0
+
+
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _any_match(candidates: Sequence[bytes], expected: Sequence[bytes]) -> bool:
+    """Constant-time per comparison; every pair is compared so timing does not say which matched."""
+    ok = False
+    for c in candidates:
+        for e in expected:
+            ok |= hmac.compare_digest(c, e)
+    return ok
+
+
+def _check_time(ts_text: str | None, now: float, tolerance: float, header: str) -> int:
+    if ts_text is None:
+        raise SignatureError(f"missing {header} header")
+    try:
+        ts = int(ts_text.strip())
+    except ValueError:
+        raise SignatureError(f"{header} is not an integer timestamp") from None
+    if abs(now - ts) > tolerance:
+        raise SignatureError(f"{header} is outside the {int(tolerance)} s replay window")
+    return ts
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    value = headers.get(name)
+    if not value:
+        raise SignatureError(f"missing {name} header")
+    return value
+
+
+# --- Standard Webhooks (https://www.standardwebhooks.com, spec v1) -------------------------
+
+
+def standard_key(secret: str) -> bytes:
+    """The HMAC key is the base64-decoded part after ``whsec_``."""
+    raw = secret[len("whsec_") :] if secret.startswith("whsec_") else secret
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a Standard Webhooks secret is 'whsec_' followed by base64") from None
+
+
+def standard_sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    sig = _hmac(standard_key(secret), f"{msg_id}.{timestamp}.".encode() + body)
+    return "v1," + base64.b64encode(sig).decode()
+
+
+def standard_verify(
+    secrets: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    now: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> str:
+    """Verify and return the ``webhook-id``."""
+    msg_id = _header(headers, "webhook-id")
+    ts = _check_time(headers.get("webhook-timestamp"), now, tolerance, "webhook-timestamp")
+    given = []
+    for part in _header(headers, "webhook-signature").split():
+        version, _, sig = part.partition(",")
+        if version == "v1":
+            try:
+                given.append(base64.b64decode(sig, validate=True))
+            except (binascii.Error, ValueError):
+                continue
+    if not given:
+        raise SignatureError("webhook-signature has no v1 signature")
+    signed = f"{msg_id}.{ts}.".encode() + body
+    if not _any_match(given, [_hmac(standard_key(s), signed) for s in secrets]):
+        raise SignatureError("signature does not match")
+    return msg_id
+
+
+# --- Stripe (Stripe-Signature: t=…,v1=…) -----------------------------------------------------
+
+
+def stripe_sign(secret: str, timestamp: int, body: bytes) -> str:
+    sig = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={sig}"
+
+
+def stripe_verify(
+    secrets: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    now: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> None:
+    header = _header(headers, "Stripe-Signature")
+    ts_text, v1 = None, []
+    for item in header.split(","):
+        k, _, v = item.strip().partition("=")
+        if k == "t":
+            ts_text = v
+        elif k == "v1":
+            v1.append(v.encode())
+    ts = _check_time(ts_text, now, tolerance, "Stripe-Signature timestamp")
+    if not v1:
+        raise SignatureError("Stripe-Signature has no v1 signature")
+    signed = f"{ts}.".encode() + body
+    expected = [hmac.new(s.encode(), signed, hashlib.sha256).hexdigest().encode() for s in secrets]
+    if not _any_match(v1, expected):
+        raise SignatureError("signature does not match")
+
+
+# --- GitHub (X-Hub-Signature-256: sha256=<hex>) ----------------------------------------------
+
+
+def github_sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def github_verify(secrets: Sequence[str], headers: Mapping[str, str], body: bytes) -> None:
+    given = _header(headers, "X-Hub-Signature-256")
+    if not given.startswith("sha256="):
+        raise SignatureError("X-Hub-Signature-256 must start with 'sha256='")
+    expected = [github_sign(s, body).encode() for s in secrets]
+    if not _any_match([given.encode()], expected):
+        raise SignatureError("signature does not match")
+
+
+# --- Generic HMAC-SHA256 of the body (Shopify is this with base64 in X-Shopify-Hmac-Sha256) ---
+
+
+def hmac_sign(
+    secret: str, body: bytes, *, encoding: str = "hex", prefix: str = "", timestamp: int | None = None
+) -> str:
+    msg = body if timestamp is None else f"{timestamp}.".encode() + body
+    digest = _hmac(secret.encode(), msg)
+    text = digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
+    return prefix + text
+
+
+def hmac_verify(
+    secrets: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    header: str,
+    encoding: str = "hex",
+    prefix: str = "",
+    timestamp_header: str | None = None,
+    now: float = 0.0,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> None:
+    given = _header(headers, header).strip()
+    ts = None
+    if timestamp_header:
+        ts = _check_time(headers.get(timestamp_header), now, tolerance, timestamp_header)
+    if prefix and not given.startswith(prefix):
+        raise SignatureError(f"{header} must start with {prefix!r}")
+    expected = [hmac_sign(s, body, encoding=encoding, prefix=prefix, timestamp=ts).encode() for s in secrets]
+    candidate = given.lower() if encoding == "hex" else given
+    if not _any_match([candidate.encode()], expected):
+        raise SignatureError("signature does not match")

@@ -1,0 +1,848 @@
+"""The durable queue and state in SQLite: events, deliveries, audit, rejections, connector state.
+
+One writer task owns the write connection. Every state change (enqueue, lease,
+ack, retry, replay…) is an *op* handed to it; ops that arrive while a commit is in
+flight are applied together in the next transaction (group commit), and each
+caller is released only after the commit that holds its rows. Nothing outside
+this module writes SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+import orjson
+
+from .errors import StoreUnavailable
+from .events import Event
+
+log = logging.getLogger("integrand.store")
+T = TypeVar("T")
+Conn = aiosqlite.Connection
+
+MIGRATIONS: list[str] = [
+    # 1: the queue
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        entity_key TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        body BLOB NOT NULL,
+        UNIQUE (source, event_id)
+    );
+    CREATE INDEX events_received ON events (received_at);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        event INTEGER NOT NULL,
+        sink TEXT NOT NULL,
+        entity_key TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('ready', 'leased', 'done', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        lease_until REAL,
+        lease_owner TEXT,
+        last_error TEXT
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_attempt_at, id) WHERE state = 'ready';
+    CREATE INDEX deliveries_active ON deliveries (sink, entity_key, id) WHERE state IN ('ready', 'leased');
+    CREATE INDEX deliveries_leased ON deliveries (lease_until) WHERE state = 'leased';
+    CREATE INDEX deliveries_dead ON deliveries (sink, id) WHERE state = 'dead';
+    CREATE INDEX deliveries_event ON deliveries (event);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        event INTEGER NOT NULL,
+        delivery INTEGER,
+        action TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX audit_event ON audit (event);
+    CREATE TABLE rejections (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        source TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        remote TEXT,
+        headers TEXT NOT NULL
+    );
+    CREATE TABLE state (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (scope, key)
+    ) WITHOUT ROWID;
+    """,
+]
+
+_SQLITE_UNAVAILABLE = ("full", "locked", "busy", "disk i/o", "readonly", "unable to open", "no such table")
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    accepted: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    """A delivery leased to this process: deliver it, then report an Outcome."""
+
+    id: int
+    event_row: int
+    sink: str
+    attempts: int
+    created_at: float
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a leased delivery.
+
+    ``done`` delivered; ``retry`` try again at ``next_attempt_at`` (``count_attempt``
+    False when the failure was not the delivery's fault, e.g. a breaker probe);
+    ``dead`` dead-lettered; ``release`` handed back untouched (shutdown).
+    """
+
+    delivery: Leased
+    kind: Literal["done", "retry", "dead", "release"]
+    error: str | None = None
+    next_attempt_at: float | None = None
+    count_attempt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    event_id: str
+    source: str
+    sink: str
+    attempts: int
+    updated_at: float
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at: float
+    delivery: int | None
+    action: str
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDetail:
+    id: int
+    sink: str
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
+    last_error: str | None
+    event: Event
+    audit: list[AuditEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    at: float
+    source: str
+    status: int
+    reason: str
+    remote: str | None
+    headers: dict[str, str]
+
+
+class _Op:
+    __slots__ = ("fn", "future", "rows")
+
+    def __init__(self, fn: Callable[[Conn], Awaitable[Any]] | None, rows: int, future: asyncio.Future[Any] | None):
+        self.fn = fn
+        self.rows = rows
+        self.future = future
+
+
+class _EnqueueOp(_Op):
+    __slots__ = ("items",)
+
+    def __init__(self, items: Sequence[tuple[Event, Sequence[str]]], future: asyncio.Future[Any]):
+        super().__init__(None, len(items), future)
+        self.items = items
+
+
+_STOP = _Op(None, 0, None)
+
+
+class _Failed:
+    """An op that failed inside its savepoint; its caller gets ``error``, the batch still commits."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Store:
+    """The SQLite queue; ``role="daemon"`` owns the file, ``role="client"`` is a CLI working beside it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        busy_timeout: float = 5.0,
+        max_size_mb: int | None = None,
+        commit_max_rows: int = 4000,
+        clock: Callable[[], float] = time.time,
+        role: Literal["daemon", "client"] = "daemon",
+    ):
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
+        self.max_size_mb = max_size_mb
+        self.commit_max_rows = commit_max_rows
+        self.clock = clock
+        self.role = role
+        self.owner = uuid.uuid4().hex[:12]
+        self.deliveries_ready = asyncio.Event()
+        self.commits = 0
+        self.committed_ops = 0
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._conn: Conn | None = None
+        self._rconn: Conn | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
+        self._next_event = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.role == "daemon":
+            self._take_lock()
+        try:
+            self._conn = await self._connect()
+            await self._migrate(self._conn)
+            async with self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM events") as cur:
+                row = await cur.fetchone()
+            self._next_event = int(row[0]) if row else 0
+            if self.role == "daemon":
+                n = await self._release_leases(self._conn, owner=None)
+                if n:
+                    log.info("released %d deliveries leased by a previous run", n)
+            self._rconn = await self._connect(readonly=True)
+        except sqlite3.Error as e:
+            await self._close_conns()
+            self._drop_lock()
+            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+        self._writer = asyncio.create_task(self._run_writer(), name="store-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put_nowait(_STOP)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        await self._close_conns()
+        self._drop_lock()
+
+    async def _close_conns(self) -> None:
+        for c in (self._rconn, self._conn):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await c.close()
+        self._conn = self._rconn = None
+
+    def _take_lock(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreUnavailable(f"another integrand is already running on {self.path}") from None
+        self._lock_fd = fd
+
+    def _drop_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _connect(self, readonly: bool = False) -> Conn:
+        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if not readonly:
+            await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await conn.execute("PRAGMA temp_store = MEMORY")
+        await conn.execute("PRAGMA cache_size = -32000")
+        if self.max_size_mb and not readonly:
+            async with conn.execute("PRAGMA page_size") as cur:
+                row = await cur.fetchone()
+            page = int(row[0]) if row else 4096
+            await conn.execute(f"PRAGMA max_page_count = {self.max_size_mb * 1024 * 1024 // page}")
+        if readonly:
+            await conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    async def _migrate(self, conn: Conn) -> None:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise StoreUnavailable(
+                f"store {self.path} has schema version {current}, newer than this integrand knows "
+                f"({len(MIGRATIONS)}); upgrade integrand"
+            )
+        for version in range(current, len(MIGRATIONS)):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._run_script(conn, MIGRATIONS[version])
+                await conn.execute(f"PRAGMA user_version = {version + 1}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            log.info("store schema migrated to version %d", version + 1)
+
+    @staticmethod
+    async def _run_script(conn: Conn, script: str) -> None:
+        # executescript() would COMMIT first; run statement by statement to stay in one transaction.
+        for stmt in (s.strip() for s in script.split(";")):
+            if stmt:
+                await conn.execute(stmt)
+
+    # --- the writer -------------------------------------------------------------------------
+
+    async def _run_writer(self) -> None:
+        stopping = False
+        while not stopping:
+            op = await self._queue.get()
+            if op is _STOP:
+                break
+            batch, rows = [op], op.rows
+            while rows < self.commit_max_rows and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)
+                rows += nxt.rows
+            await self._commit(batch)
+        # Fail whatever is still queued rather than leave callers hanging.
+        while not self._queue.empty():
+            op = self._queue.get_nowait()
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(StoreUnavailable("store is closed"))
+
+    async def _commit(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        assert conn is not None
+        next_event_before = self._next_event
+        results: list[Any] = []
+        new_deliveries = False
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
+            if enqueues:
+                enq_results, new_deliveries = await self._apply_enqueues(conn, enqueues)
+            it = iter(enq_results) if enqueues else iter(())
+            for op in batch:
+                if isinstance(op, _EnqueueOp):
+                    results.append(next(it))
+                    continue
+                assert op.fn is not None
+                # A savepoint per op: one caller's failing op must not take the others' rows with it.
+                await conn.execute("SAVEPOINT op")
+                try:
+                    results.append(await op.fn(conn))
+                except sqlite3.Error as e:
+                    if any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
+                        raise
+                    await conn.execute("ROLLBACK TO op")
+                    results.append(_Failed(e))
+                except Exception as e:
+                    await conn.execute("ROLLBACK TO op")
+                    results.append(_Failed(e))
+                await conn.execute("RELEASE op")
+            await conn.execute("COMMIT")
+        except Exception as e:
+            self._next_event = next_event_before
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            err: BaseException = e
+            if isinstance(e, sqlite3.Error) and any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
+                err = StoreUnavailable(f"store cannot commit: {e}")
+                log.error("store cannot commit %d operations: %s", len(batch), e)
+            elif not isinstance(e, StoreUnavailable):
+                log.exception("store operation failed")
+            for op in batch:
+                if op.future is not None and not op.future.done():
+                    op.future.set_exception(err)
+            return
+        self.commits += 1
+        self.committed_ops += len(batch)
+        for op, result in zip(batch, results, strict=True):
+            if op.future is None or op.future.done():
+                continue
+            if isinstance(result, _Failed):
+                op.future.set_exception(result.error)
+            else:
+                op.future.set_result(result)
+        if new_deliveries:
+            self.deliveries_ready.set()
+
+    async def _apply_enqueues(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
+        by_source: dict[str, set[str]] = {}
+        for op in ops:
+            for ev, _ in op.items:
+                by_source.setdefault(ev.source, set()).add(ev.id)
+        seen: set[tuple[str, str]] = set()
+        for source, ids in by_source.items():
+            id_list = list(ids)
+            for i in range(0, len(id_list), 500):
+                chunk = id_list[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
+                async with conn.execute(sql, (source, *chunk)) as cur:
+                    seen.update((source, r[0]) for r in await cur.fetchall())
+        now = self.clock()
+        event_rows: list[tuple[Any, ...]] = []
+        delivery_rows: list[tuple[Any, ...]] = []
+        results = []
+        for op in ops:
+            accepted = dup = 0
+            for ev, sinks in op.items:
+                k = (ev.source, ev.id)
+                if k in seen:
+                    dup += 1
+                    continue
+                seen.add(k)
+                accepted += 1
+                self._next_event += 1
+                row = self._next_event
+                ekey = ev.entity_key
+                event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, ev.to_json()))
+                for sink in sinks:
+                    delivery_rows.append((row, sink, ekey, now, now, now))
+            results.append(EnqueueResult(accepted, dup))
+        if event_rows:
+            await conn.executemany(
+                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                event_rows,
+            )
+        if delivery_rows:
+            await conn.executemany(
+                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at) "
+                "VALUES (?, ?, ?, 'ready', ?, ?, ?)",
+                delivery_rows,
+            )
+        return results, bool(delivery_rows)
+
+    async def _submit(self, fn: Callable[[Conn], Awaitable[T]], rows: int = 1) -> T:
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(fn, rows, fut))
+        return await fut
+
+    # --- the queue --------------------------------------------------------------------------
+
+    async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
+        """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        if not items:
+            return EnqueueResult(0, 0)
+        fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_EnqueueOp(items, fut))
+        return await fut
+
+    async def lease(
+        self,
+        limit: int,
+        lease_seconds: float,
+        *,
+        exclude: Iterable[str] = (),
+        only: str | None = None,
+    ) -> list[Leased]:
+        """Lease up to ``limit`` due deliveries that head their (sink, entity) line, oldest first."""
+        excluded = sorted(exclude)
+
+        async def op(conn: Conn) -> list[Leased]:
+            now = self.clock()
+            where = ["d.state = 'ready'", "d.next_attempt_at <= :now"]
+            params: dict[str, Any] = {
+                "now": now,
+                "until": now + lease_seconds,
+                "owner": self.owner,
+                "limit": limit,
+            }
+            if only is not None:
+                where.append("d.sink = :only")
+                params["only"] = only
+            if excluded:
+                marks = []
+                for i, s in enumerate(excluded):
+                    params[f"x{i}"] = s
+                    marks.append(f":x{i}")
+                where.append(f"d.sink NOT IN ({','.join(marks)})")
+            sql = f"""
+                UPDATE deliveries SET state = 'leased', lease_until = :until, lease_owner = :owner, updated_at = :now
+                WHERE id IN (
+                    SELECT d.id FROM deliveries d
+                    WHERE {" AND ".join(where)}
+                      AND NOT EXISTS (
+                        SELECT 1 FROM deliveries p
+                        WHERE p.sink = d.sink AND p.entity_key = d.entity_key
+                          AND p.state IN ('ready', 'leased') AND p.id < d.id)
+                    ORDER BY d.next_attempt_at, d.id
+                    LIMIT :limit)
+                RETURNING id, event, sink, attempts, created_at
+            """  # noqa: S608 - only placeholders are interpolated
+            async with conn.execute(sql, params) as cur:
+                rows = list(await cur.fetchall())
+            if not rows:
+                return []
+            bodies: dict[int, bytes] = {}
+            event_ids = sorted({r[1] for r in rows})
+            for i in range(0, len(event_ids), 500):
+                chunk = event_ids[i : i + 500]
+                sql = f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                async with conn.execute(sql, chunk) as cur:
+                    bodies.update({r[0]: r[1] for r in await cur.fetchall()})
+            rows.sort(key=lambda r: r[0])
+            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]])) for r in rows]
+
+        return await self._submit(op, rows=limit)
+
+    async def complete(self, outcomes: Sequence[Outcome]) -> None:
+        """Record what happened to leased deliveries, with an audit line each."""
+        if not outcomes:
+            return
+
+        async def op(conn: Conn) -> None:
+            now = self.clock()
+            done: list[tuple[Any, ...]] = []
+            retry: list[tuple[Any, ...]] = []
+            dead: list[tuple[Any, ...]] = []
+            release: list[tuple[Any, ...]] = []
+            audit: list[tuple[Any, ...]] = []
+            for o in outcomes:
+                d = o.delivery
+                if o.kind == "done":
+                    done.append((now, d.id))
+                    audit.append((now, d.event_row, d.id, "delivered", f"sink={d.sink} attempt={d.attempts + 1}"))
+                elif o.kind == "retry":
+                    inc = 1 if o.count_attempt else 0
+                    retry.append((inc, o.next_attempt_at or now, now, o.error, d.id))
+                    audit.append((now, d.event_row, d.id, "retry" if inc else "deferred", o.error))
+                elif o.kind == "dead":
+                    dead.append((now, o.error, d.id))
+                    audit.append((now, d.event_row, d.id, "dead", o.error))
+                else:
+                    release.append((now, d.id))
+            if done:
+                await conn.executemany(
+                    "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, "
+                    "lease_until = NULL, lease_owner = NULL, last_error = NULL WHERE id = ?",
+                    done,
+                )
+            if retry:
+                await conn.executemany(
+                    "UPDATE deliveries SET state = 'ready', attempts = attempts + ?, next_attempt_at = ?, "
+                    "updated_at = ?, last_error = ?, lease_until = NULL, lease_owner = NULL WHERE id = ?",
+                    retry,
+                )
+            if dead:
+                await conn.executemany(
+                    "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, updated_at = ?, "
+                    "last_error = ?, lease_until = NULL, lease_owner = NULL WHERE id = ?",
+                    dead,
+                )
+            if release:
+                await conn.executemany(
+                    "UPDATE deliveries SET state = 'ready', updated_at = ?, lease_until = NULL, lease_owner = NULL "
+                    "WHERE id = ?",
+                    release,
+                )
+            if audit:
+                await conn.executemany(
+                    "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, ?, ?)", audit
+                )
+            if release or retry:
+                self.deliveries_ready.set()
+
+        await self._submit(op, rows=len(outcomes))
+
+    async def _release_leases(self, conn: Conn, owner: str | None, expired_before: float | None = None) -> int:
+        now = self.clock()
+        sql = "UPDATE deliveries SET state = 'ready', lease_until = NULL, lease_owner = NULL, updated_at = ? "
+        sql += "WHERE state = 'leased'"
+        params: list[Any] = [now]
+        if owner is not None:
+            sql += " AND lease_owner = ?"
+            params.append(owner)
+        if expired_before is not None:
+            sql += " AND lease_until < ?"
+            params.append(expired_before)
+        cur = await conn.execute(sql, params)
+        return cur.rowcount
+
+    async def release_owned(self) -> int:
+        """Hand back every lease this process holds (clean shutdown)."""
+        return await self._submit(lambda c: self._release_leases(c, owner=self.owner))
+
+    async def reclaim_expired(self) -> int:
+        """Make deliveries whose lease ran out ready again (their worker died or hung)."""
+        n = await self._submit(lambda c: self._release_leases(c, owner=None, expired_before=self.clock()))
+        if n:
+            log.warning("reclaimed %d deliveries whose lease expired", n)
+            self.deliveries_ready.set()
+        return n
+
+    async def expedite(self, sink: str) -> int:
+        """Make a sink's waiting retries due now (its breaker just closed: it is back)."""
+
+        async def op(conn: Conn) -> int:
+            now = self.clock()
+            cur = await conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE state = 'ready' AND sink = ? AND next_attempt_at > ?",
+                (now, sink, now),
+            )
+            return cur.rowcount
+
+        n = await self._submit(op)
+        if n:
+            self.deliveries_ready.set()
+        return n
+
+    async def next_due(self) -> float | None:
+        """When the earliest ready delivery becomes due (None if nothing is waiting)."""
+        async with self._read().execute("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready'") as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def prune(self, older_than: float, chunk: int = 500) -> int:
+        """Delete up to ``chunk`` fully delivered events received before ``older_than``; call in a loop."""
+
+        async def op(conn: Conn) -> int:
+            async with conn.execute(
+                "SELECT id FROM events e WHERE received_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.event = e.id AND d.state != 'done') ORDER BY id LIMIT ?",
+                (older_than, chunk),
+            ) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            if not ids:
+                return 0
+            marks = ",".join("?" * len(ids))
+            for table, col in (("deliveries", "event"), ("audit", "event"), ("events", "id")):
+                await conn.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)  # noqa: S608
+            return len(ids)
+
+        return await self._submit(op, rows=chunk)
+
+    # --- rejections -------------------------------------------------------------------------
+
+    def record_rejection(
+        self, source: str, status: int, reason: str, remote: str | None, headers: dict[str, str], keep: int
+    ) -> None:
+        """Remember a refused webhook (without waiting); only the newest ``keep`` are kept."""
+        if self._writer is None or keep <= 0:
+            return
+
+        async def op(conn: Conn) -> None:
+            cur = await conn.execute(
+                "INSERT INTO rejections (at, source, status, reason, remote, headers) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.clock(), source, status, reason, remote, orjson.dumps(headers).decode()),
+            )
+            last = cur.lastrowid or 0
+            if last % 100 == 0:
+                await conn.execute("DELETE FROM rejections WHERE id <= ?", (last - keep,))
+
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_log_failure)
+        self._queue.put_nowait(_Op(op, 1, fut))
+
+    async def rejections(self, limit: int = 50, source: str | None = None) -> list[Rejection]:
+        sql = "SELECT at, source, status, reason, remote, headers FROM rejections"
+        params: list[Any] = []
+        if source:
+            sql += " WHERE source = ?"
+            params.append(source)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        async with self._read().execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [Rejection(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5])) for r in rows]
+
+    # --- dead letters -------------------------------------------------------------------------
+
+    async def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        sql = (
+            "SELECT d.id, e.event_id, e.source, d.sink, d.attempts, d.updated_at, d.last_error "
+            "FROM deliveries d JOIN events e ON e.id = d.event WHERE d.state = 'dead'"
+        )
+        params: list[Any] = []
+        if sink:
+            sql += " AND d.sink = ?"
+            params.append(sink)
+        sql += " ORDER BY d.id LIMIT ?"
+        params.append(limit)
+        async with self._read().execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "") for r in rows]
+
+    async def delivery(self, delivery_id: int) -> DeliveryDetail | None:
+        conn = self._read()
+        async with conn.execute(
+            "SELECT d.id, d.sink, d.state, d.attempts, d.created_at, d.updated_at, d.next_attempt_at, "
+            "d.last_error, e.body, e.id FROM deliveries d JOIN events e ON e.id = d.event WHERE d.id = ?",
+            (delivery_id,),
+        ) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        async with conn.execute(
+            "SELECT at, delivery, action, detail FROM audit WHERE event = ? AND (delivery = ? OR delivery IS NULL) "
+            "ORDER BY id",
+            (r[9], delivery_id),
+        ) as cur:
+            audit = [AuditEntry(a[0], a[1], a[2], a[3]) for a in await cur.fetchall()]
+        return DeliveryDetail(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], Event.from_json(r[8]), audit)
+
+    async def replay(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
+        """Make dead deliveries ready again with attempts reset; the audit keeps their history."""
+
+        async def op(conn: Conn) -> int:
+            now = self.clock()
+            sql = "SELECT id, event, attempts, last_error FROM deliveries WHERE state = 'dead'"
+            params: list[Any] = []
+            if ids is not None:
+                sql += f" AND id IN ({','.join('?' * len(ids))})"
+                params.extend(ids)
+            if sink:
+                sql += " AND sink = ?"
+                params.append(sink)
+            async with conn.execute(sql, params) as cur:
+                rows = list(await cur.fetchall())
+            if not rows:
+                return 0
+            await conn.executemany(
+                "UPDATE deliveries SET state = 'ready', attempts = 0, next_attempt_at = ?, updated_at = ?, "
+                "created_at = ? WHERE id = ?",
+                [(now, now, now, r[0]) for r in rows],
+            )
+            await conn.executemany(
+                "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, 'replayed', ?)",
+                [(now, r[1], r[0], f"after {r[2]} attempts; last error: {r[3]}") for r in rows],
+            )
+            return len(rows)
+
+        n = await self._submit(op)
+        if n:
+            self.deliveries_ready.set()
+        return n
+
+    async def purge(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
+        """Drop dead deliveries for good (an audit line records it)."""
+
+        async def op(conn: Conn) -> int:
+            now = self.clock()
+            sql = "SELECT id, event FROM deliveries WHERE state = 'dead'"
+            params: list[Any] = []
+            if ids is not None:
+                sql += f" AND id IN ({','.join('?' * len(ids))})"
+                params.extend(ids)
+            if sink:
+                sql += " AND sink = ?"
+                params.append(sink)
+            async with conn.execute(sql, params) as cur:
+                rows = list(await cur.fetchall())
+            await conn.executemany(
+                "UPDATE deliveries SET state = 'done', updated_at = ?, last_error = 'purged from the DLQ' WHERE id = ?",
+                [(now, r[0]) for r in rows],
+            )
+            await conn.executemany(
+                "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, 'purged', NULL)",
+                [(now, r[1], r[0]) for r in rows],
+            )
+            return len(rows)
+
+        return await self._submit(op)
+
+    # --- connector state ----------------------------------------------------------------------
+
+    async def state_get(self, scope: str, key: str) -> Any:
+        async with self._read().execute("SELECT value FROM state WHERE scope = ? AND key = ?", (scope, key)) as cur:
+            row = await cur.fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    async def state_set(self, scope: str, key: str, value: Any) -> None:
+        blob = orjson.dumps(value)
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO state (scope, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (scope, key, blob, self.clock()),
+            )
+
+        await self._submit(op)
+
+    # --- status -------------------------------------------------------------------------------
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """Deliveries per (sink, state)."""
+        async with self._read().execute("SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state") as cur:
+            return {(r[0], r[1]): r[2] for r in await cur.fetchall()}
+
+    async def event_count(self) -> int:
+        async with self._read().execute("SELECT COUNT(*) FROM events") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless a write transaction can be committed now."""
+        try:
+            await self._submit(_noop)
+        except StoreUnavailable:
+            raise
+        except Exception as e:
+            raise StoreUnavailable(str(e)) from e
+
+    def _read(self) -> Conn:
+        if self._rconn is None:
+            raise StoreUnavailable("store is not open")
+        return self._rconn
+
+
+async def _noop(conn: Conn) -> None:
+    return None
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("could not record a rejected webhook: %s", fut.exception())

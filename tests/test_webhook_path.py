@@ -1,0 +1,37 @@
+"""The webhook path end to end, in process: listener → store → dispatcher → jsonl sink."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from .helpers import hook_url, post_signed, read_jsonl, running, settings_for, wait_for
+
+
+async def test_signed_webhook_reaches_jsonl_sink(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    out = tmp_path / "var" / "out.jsonl"
+    async with running(settings) as d, aiohttp.ClientSession() as s:
+        status, body = await post_signed(s, hook_url(d), {"type": "customer.created", "id": 7}, "msg_1")
+        assert (status, body) == (200, {"accepted": 1, "duplicates": 0})
+        await wait_for(lambda: len(read_jsonl(out)) == 1)
+    [line] = read_jsonl(out)
+    assert line["id"] == "msg_1"
+    assert line["source"] == "demo"
+    assert line["type"] == "customer.created"
+    assert line["data"] == {"type": "customer.created", "id": 7}
+    assert line["received_at"].endswith("Z")
+
+
+async def test_duplicate_delivery_is_200_and_delivered_once(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    out = tmp_path / "var" / "out.jsonl"
+    async with running(settings) as d, aiohttp.ClientSession() as s:
+        first = await post_signed(s, hook_url(d), {"n": 1}, "msg_dup")
+        second = await post_signed(s, hook_url(d), {"n": 1}, "msg_dup")
+        assert first == (200, {"accepted": 1, "duplicates": 0})
+        assert second == (200, {"accepted": 0, "duplicates": 1})
+        await post_signed(s, hook_url(d), {"n": 2}, "msg_other")
+        await wait_for(lambda: len(read_jsonl(out)) == 2)
+    assert sorted(line["id"] for line in read_jsonl(out)) == ["msg_dup", "msg_other"]
