@@ -20,8 +20,8 @@ run: install
 	$(BIN)/integrand run --config config.toml
 
 lint: install
-	$(BIN)/ruff check daemon tests bench plugins
-	$(BIN)/ruff format --check daemon tests bench plugins
+	$(BIN)/ruff check $(wildcard daemon tests bench plugins)
+	$(BIN)/ruff format --check $(wildcard daemon tests bench plugins)
 
 typecheck: install
 	$(BIN)/mypy

@@ -1,0 +1,86 @@
+"""Shared set-up for the QuickBooks tests: a running fake, a real SQLite store, a configured connector."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from integrand.app import ScopedState
+from integrand.connector import ConnectorContext
+from integrand.store import Store
+from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
+from integrand_quickbooks.fake import FakeQuickBooks
+
+# A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
+TOKEN_KEY = "Jm6cgdGn1HBvYBMXFXoYzCAQzUrCBWFSrX8Ko-4f4nw="
+OTHER_KEY = "qV1BvY9m3Q1a3aVFAsbNzyYQ8dTmx2t7yP9cS_JDe8o="
+
+
+@dataclass
+class Env:
+    fake: FakeQuickBooks
+    store: Store
+    tmp_path: Path
+
+    def config(self, **overrides: Any) -> QuickBooksConfig:
+        base: dict[str, Any] = {
+            "realm_id": self.fake.realm_id,
+            "client_id": self.fake.client_id,
+            "client_secret": self.fake.client_secret,
+            "verifier_token": self.fake.verifier_token,
+            "token_key": TOKEN_KEY,
+            "api_base": self.fake.url,
+            "token_url": self.fake.url + "/oauth2/v1/tokens/bearer",
+            "authorize_url": self.fake.url + "/connect/oauth2",
+            "timeout": 10,
+        }
+        base.update(overrides)
+        return QuickBooksConfig.model_validate(base)
+
+    async def connector(self, name: str = "qbo", **overrides: Any) -> QuickBooksConnector:
+        ctx = ConnectorContext(name=name, role="source", base_dir=self.tmp_path, state=ScopedState(self.store, name))
+        conn = QuickBooksConnector(self.config(**overrides), ctx)
+        await conn.start()
+        return conn
+
+
+@asynccontextmanager
+async def qbo_env(tmp_path: Path, **fake_kw: Any) -> AsyncIterator[Env]:
+    fake = FakeQuickBooks(**fake_kw)
+    await fake.start()
+    store = Store(tmp_path / "integrand.db")
+    await store.open()
+    try:
+        yield Env(fake, store, tmp_path)
+    finally:
+        await store.close()
+        await fake.stop()
+
+
+@asynccontextmanager
+async def connected(env: Env, name: str = "qbo", **overrides: Any) -> AsyncIterator[QuickBooksConnector]:
+    """A started connector bootstrapped with a refresh token the fake issued."""
+    overrides.setdefault("refresh_token", env.fake.issue_refresh_token())
+    conn = await env.connector(name, **overrides)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        res = predicate()
+        if isinstance(res, Awaitable):
+            res = await res
+        if res:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
