@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -42,6 +43,15 @@ from .objects import iso_ms, modified_property, to_ms
 API_BASE = "https://api.hubapi.com"
 TOKEN_URL = "https://api.hubapi.com/oauth/v1/token"  # noqa: S105 - a URL
 SEARCH_CAP = 10_000
+PLURAL = {"contact": "contacts", "company": "companies", "deal": "deals", "ticket": "tickets"}
+
+
+@dataclass(frozen=True)
+class ReconcilePage:
+    """Same shape as integrand's ``ReconcilePage`` (events, next_page) until the core exports it."""
+
+    events: Sequence[Event]
+    next_page: Any = None
 
 
 class HubSpotConfig(ConnectorConfig):
@@ -325,10 +335,34 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, S
         cur = cursor if isinstance(cursor, dict) else {}
         default_since = int((time.time() - c.initial_lookback) * 1000)
         since = int(cur.get("since", default_since))
-        after = cur.get("after")
         newest = int(cur.get("max", since))
+        events, nxt = await self._search_page(since, None, cur.get("after"))
+        newest = max([newest, *(to_ms(e.version or "0") for e in events)])
+        if nxt is not None:
+            return PollResult(events, {**nxt, "max": newest}, more=True)
+        restart = max(since, newest - int(c.overlap * 1000))
+        return PollResult(events, {"since": restart, "after": None, "max": newest})
+
+    async def reconcile(self, window: Any, page: Any) -> ReconcilePage:
+        """integrand's ``ReconcilingSource.reconcile``: the objects modified in ``window``, one search page at a time."""
+        since_iso = getattr(window, "since", None)
+        until_iso = getattr(window, "until", None)
+        pos: dict[str, Any] = page if isinstance(page, dict) else {}
+        since = int(pos.get("since", to_ms(since_iso) if since_iso else 0))
+        until = to_ms(until_iso) if until_iso else None
+        events, nxt = await self._search_page(since, until, pos.get("after"))
+        return ReconcilePage(events, nxt)
+
+    async def _search_page(
+        self, since: int, until: int | None, after: str | None
+    ) -> tuple[list[Event], dict[str, Any] | None]:
+        """One search page from ``since`` (ms, inclusive); the position of the next page, or None at the end."""
+        c = self.config
+        filters: list[dict[str, Any]] = [{"propertyName": c.modified, "operator": "GTE", "value": str(since)}]
+        if until is not None:
+            filters.append({"propertyName": c.modified, "operator": "LTE", "value": str(until)})
         body: dict[str, Any] = {
-            "filterGroups": [{"filters": [{"propertyName": c.modified, "operator": "GTE", "value": str(since)}]}],
+            "filterGroups": [{"filters": filters}],
             "sorts": [{"propertyName": c.modified, "direction": "ASCENDING"}],
             "properties": sorted({*c.properties, c.modified, c.id_property}),
             "limit": c.page_size,
@@ -336,36 +370,60 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, S
         if after:
             body["after"] = after
         data = await self.api("POST", f"/crm/v3/objects/{c.object_type}/search", body, search=True)
-        results = data.get("results") or []
-        events = []
-        for obj in results:
-            props = obj.get("properties") or {}
-            modified = props.get(c.modified) or obj.get("updatedAt")
-            ms = to_ms(modified) if modified else since
-            newest = max(newest, ms)
-            events.append(
-                Event(
-                    id=content_id("hubspot", c.object_type, str(obj.get("id")), str(ms)),
-                    source=self.ctx.name,
-                    type=f"{c.singular}.{'creation' if obj.get('createdAt') == obj.get('updatedAt') else 'propertyChange'}",
-                    data=obj,
-                    entity=c.singular,
-                    entity_id=str(obj.get("id")),
-                    version=iso_ms(ms),
-                    occurred_at=iso_ms(ms),
-                    meta={"via": "search"},
-                )
-            )
+        events = [self._from_object(obj, since) for obj in data.get("results") or []]
+        newest = max([since, *(to_ms(e.version or "0") for e in events)])
         nxt_after = ((data.get("paging") or {}).get("next") or {}).get("after")
-        if nxt_after:
-            if int(nxt_after) + c.page_size > c.search_cap:
-                # The next page would pass the 10,000-result cap (HubSpot answers 400): restart the window.
-                if newest <= since:
-                    raise PermanentError(f"more than {c.search_cap} objects modified at one instant; cannot page on")
-                return PollResult(events, {"since": newest, "after": None, "max": newest}, more=True)
-            return PollResult(events, {"since": since, "after": nxt_after, "max": newest}, more=True)
-        restart = max(since, newest - int(c.overlap * 1000))
-        return PollResult(events, {"since": restart, "after": None, "max": newest})
+        if not nxt_after:
+            return events, None
+        if int(nxt_after) + c.page_size > c.search_cap:
+            # The next page would pass the 10,000-result cap (HubSpot answers 400): restart the window.
+            if newest <= since:
+                raise PermanentError(f"more than {c.search_cap} objects modified at one instant; cannot page on")
+            return events, {"since": newest, "after": None}
+        return events, {"since": since, "after": str(nxt_after)}
+
+    def _from_object(self, obj: dict[str, Any], fallback_ms: int) -> Event:
+        c = self.config
+        props = obj.get("properties") or {}
+        modified = props.get(c.modified) or obj.get("updatedAt")
+        ms = to_ms(modified) if modified else fallback_ms
+        created = obj.get("createdAt") == obj.get("updatedAt")
+        kind = f"{c.singular}.{'creation' if created else 'propertyChange'}"
+        return Event(
+            id=content_id("hubspot", c.object_type, str(obj.get("id")), str(ms)),
+            source=self.ctx.name,
+            type=kind,
+            data={"objectId": obj.get("id"), "subscriptionType": kind, "object": obj},
+            entity=c.singular,
+            entity_id=str(obj.get("id")),
+            version=iso_ms(ms),
+            occurred_at=iso_ms(ms),
+            meta={"via": "search"},
+        )
+
+    # --- enrichment -----------------------------------------------------------------------------
+
+    async def fetch(self, event: Event) -> Event:
+        """integrand's ``Enricher.fetch``: the object as it is now under ``data.object`` (None once deleted)."""
+        c = self.config
+        d = event.data if isinstance(event.data, dict) else {}
+        kind = str(d.get("subscriptionType") or d.get("eventType") or event.type)
+        if "object" in d or kind.endswith(".deletion") or not event.entity_id:
+            return event
+        otype = PLURAL.get(event.entity or "", c.object_type)
+        props = ",".join(sorted({*c.properties, modified_property(otype), c.id_property}))
+        try:
+            obj = await self.api("GET", f"/crm/v3/objects/{otype}/{event.entity_id}?properties={props}")
+        except PermanentError as e:
+            if "404" not in str(e):
+                raise
+            obj = None
+        version = event.version
+        if obj is not None:
+            modified = (obj.get("properties") or {}).get(modified_property(otype)) or obj.get("updatedAt")
+            if modified:
+                version = iso_ms(to_ms(modified))
+        return replace(event, data={**d, "object": obj}, version=version)
 
     # --- sink -----------------------------------------------------------------------------------
 
@@ -451,6 +509,8 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, S
 
 def _properties(ev: Event) -> dict[str, Any] | None:
     d = ev.data
+    if isinstance(d, dict) and isinstance(d.get("object"), dict):
+        d = d["object"]  # an unmapped HubSpot event: the object's own properties
     if isinstance(d, dict) and isinstance(d.get("properties"), dict):
         return dict(d["properties"])
     if isinstance(d, dict):

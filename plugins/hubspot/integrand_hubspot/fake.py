@@ -362,10 +362,15 @@ class FakeHubSpot:
         refused, headers = self._gate(request)
         if refused:
             return refused
-        obj = self.objects.get(request.match_info["type"], {}).get(request.match_info["id"])
-        if obj is None:
+        otype = request.match_info["type"]
+        obj = self.objects.get(otype, {}).get(request.match_info["id"])
+        if obj is None or obj["archived"]:
             return self._error(404, "Object not found", "OBJECT_NOT_FOUND")
-        return web.json_response(obj, headers=headers)
+        wanted = set(filter(None, request.query.get("properties", "").split(",")))
+        wanted |= {"hs_object_id", "createdate", modified_property(otype)}
+        return web.json_response(
+            {**obj, "properties": {k: v for k, v in obj["properties"].items() if k in wanted}}, headers=headers
+        )
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:

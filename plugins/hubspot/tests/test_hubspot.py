@@ -119,7 +119,7 @@ async def test_search_polling_survives_the_10k_cap_by_restarting_the_window(tmp_
             if not res.more:
                 break
             assert polls < 50
-        emails = {e.data["properties"]["email"] for e in seen.values()}
+        emails = {e.data["object"]["properties"]["email"] for e in seen.values()}
         assert emails == {f"c{i}@x.com" for i in range(73)}
         assert not any(r == "TEN_SECONDLY_ROLLING" for r in fake.throttled)
         # Nothing new: the next poll (from the overlap) brings only ids already seen.
@@ -127,7 +127,7 @@ async def test_search_polling_survives_the_10k_cap_by_restarting_the_window(tmp_
         assert {e.id for e in again.events} <= set(seen)
         fake.edit("contacts", next(iter(fake.objects["contacts"])), {"firstname": "New"})
         later = await hs.poll(again.cursor)
-        assert [e.data["properties"].get("firstname") for e in later.events if e.id not in seen] == ["New"]
+        assert [e.data["object"]["properties"].get("firstname") for e in later.events if e.id not in seen] == ["New"]
 
 
 async def test_search_uses_hs_lastmodifieddate_for_other_objects(tmp_path: Path) -> None:
@@ -136,8 +136,8 @@ async def test_search_uses_hs_lastmodifieddate_for_other_objects(tmp_path: Path)
     ) as (fake, hs):
         fake.put("companies", {"name": "Acme", "domain": "acme.com"})
         res = await hs.poll(None)
-        assert [e.data["properties"]["name"] for e in res.events] == ["Acme"]
-        assert "hs_lastmodifieddate" in res.events[0].data["properties"]
+        assert [e.data["object"]["properties"]["name"] for e in res.events] == ["Acme"]
+        assert "hs_lastmodifieddate" in res.events[0].data["object"]["properties"]
         assert res.events[0].entity == "company"
 
 
@@ -260,3 +260,53 @@ def test_config_defaults_and_auth_rules() -> None:
         HubSpotConfig.model_validate(
             {"refresh_token": "r", "client_id": "c", "client_secret": "s", "access_token": "p"}
         )
+
+
+async def test_fetch_completes_webhook_events_and_reconcile_pages(tmp_path: Path) -> None:
+    async with hubspot(tmp_path, initial_lookback=60) as (fake, hs):
+        c = fake.put("contacts", {"email": "f@x.com", "firstname": "Fay", "secret_note": "not asked for"})
+        fake.edit("contacts", c["id"], {"lastname": "Ng"})
+        events = hs.parse(_req(orjson.dumps(fake.pending), {}))
+        full = await hs.fetch(events[0])
+        props = full.data["object"]["properties"]
+        assert props["email"] == "f@x.com"
+        assert props["lastname"] == "Ng"  # the creation event carries the newest state
+        assert "secret_note" not in props
+        assert full.version == events[1].version  # version of what was fetched, not of the notice
+        gone = Event(
+            id="x",
+            source="hubspot",
+            type="contact.propertyChange",
+            data={"subscriptionType": "contact.propertyChange"},
+            entity="contact",
+            entity_id="999999",
+        )
+        assert (await hs.fetch(gone)).data["object"] is None
+        dele = Event(
+            id="y",
+            source="hubspot",
+            type="contact.deletion",
+            data={"subscriptionType": "contact.deletion"},
+            entity="contact",
+            entity_id=c["id"],
+        )
+        assert await hs.fetch(dele) is dele
+        for i in range(4):
+            fake.put("contacts", {"email": f"r{i}@x.com"})
+
+        class Window:
+            since = "2020-01-01T00:00:00Z"
+            until = None
+
+        page: Any = None
+        got: list[Event] = []
+        for _ in range(10):
+            rp = await hs.reconcile(Window(), page)
+            got += rp.events
+            page = rp.next_page
+            if page is None:
+                break
+        assert sorted(e.data["object"]["properties"]["email"] for e in got) == [
+            "f@x.com",
+            *(f"r{i}@x.com" for i in range(4)),
+        ]

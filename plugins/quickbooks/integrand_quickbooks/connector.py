@@ -6,13 +6,14 @@ Intuit pages are cited where a behaviour depends on them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -41,7 +42,7 @@ from integrand.connector import (
 from pydantic import Field, field_validator
 
 from ._http import RateLimiter, limiter_for, parse_time, utc_version
-from .tokens import TokenManager, make_cipher
+from .tokens import TokenManager, make_cipher, shared_manager
 
 PRODUCTION_API = "https://quickbooks.api.intuit.com"
 SANDBOX_API = "https://sandbox-quickbooks.api.intuit.com"
@@ -65,7 +66,7 @@ STALE_OBJECT = "5010"
 
 class QuickBooksConfig(ConnectorConfig):
     realm_id: str = Field(min_length=1)
-    client_id: str = Field(min_length=1)
+    client_id: SecretValue
     client_secret: SecretValue
     token_key: SecretValue | list[SecretValue]
     verifier_token: SecretValue | None = None
@@ -82,6 +83,7 @@ class QuickBooksConfig(ConnectorConfig):
     overlap: Duration = 5.0
     page_size: int = Field(default=1000, ge=1, le=1000)
     enrich_batch: int = Field(default=30, ge=1, le=1000)
+    fetch_linger: Duration = 0.02
     requests_per_second: int = Field(default=10, ge=1)
     requests_per_minute: int = Field(default=500, ge=1)
     throttle_wait: Duration = 60.0
@@ -142,24 +144,31 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
     batch_size = 1
 
     _session: aiohttp.ClientSession | None = None
+    _flusher: asyncio.Task[None] | None = None
     tokens: TokenManager
     limiter: RateLimiter
 
     async def start(self) -> None:
         c = self.config
+        self._wanted: dict[str, dict[str, list[asyncio.Future[dict[str, Any] | None]]]] = {}
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=c.timeout))
-        self.tokens = TokenManager(
-            state=self.ctx.state,
-            cipher=make_cipher(c.keys),
-            token_url=c.token_url,
-            client_id=c.client_id,
-            client_secret=c.client_secret.reveal(),
-            session=self._http,
-            bootstrap_refresh_token=c.refresh_token.reveal() if c.refresh_token else None,
+        self.tokens = shared_manager(
+            (c.token_url, c.client_id.reveal(), c.realm_id, *c.keys),
+            self.ctx.state,
+            lambda: TokenManager(
+                state=self.ctx.state,
+                cipher=make_cipher(c.keys),
+                token_url=c.token_url,
+                client_id=c.client_id.reveal(),
+                client_secret=c.client_secret.reveal(),
+                bootstrap_refresh_token=c.refresh_token.reveal() if c.refresh_token else None,
+            ),
         )
         self.limiter = limiter_for((c.base, c.realm_id), [(c.requests_per_second, 1.0), (c.requests_per_minute, 60.0)])
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -179,7 +188,7 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         url = f"{c.base}/v3/company/{c.realm_id}/{path}"
         query = {**(params or {}), "minorversion": str(c.minorversion)}
         for attempt in range(2):
-            token = await self.tokens.access_token()
+            token = await self.tokens.access_token(self._http())
             try:
                 async with (
                     self.limiter.slot(),
@@ -211,7 +220,7 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 self.limiter.pause(c.throttle_wait)
             if status == 401 and attempt == 0:
                 self.log.info("QuickBooks answered 401 (intuit_tid %s); refreshing the access token", tid)
-                await self.tokens.refresh(stale=token)
+                await self.tokens.refresh(self._http(), stale=token)
                 continue
             if isinstance(data, dict) and "Fault" in data:
                 raise QuickBooksFault(status, data, tid)
@@ -316,6 +325,62 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
 
     # --- enrichment -----------------------------------------------------------------------------
 
+    async def fetch(self, event: Event) -> Event:
+        """integrand's ``Enricher.fetch``: this event with the entity as it is now under ``data.object``.
+
+        Concurrent calls (the dispatcher's workers) are gathered for ``fetch_linger`` and sent as one
+        ``Id in (…)`` query per entity type, so a burst of webhooks costs a few requests, not one each.
+        """
+        d = event.data if isinstance(event.data, dict) else {}
+        if d.get("operation") == "Delete" or "object" in d or not event.entity or not event.entity_id:
+            return event
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any] | None] = loop.create_future()
+        self._wanted.setdefault(event.entity, {}).setdefault(event.entity_id, []).append(fut)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_after(self.config.fetch_linger))
+        if sum(len(v) for v in self._wanted.values()) >= self.config.enrich_batch:
+            self._flusher.cancel()
+            self._flusher = asyncio.create_task(self._flush_after(0))
+        obj = await fut
+        return self._with_object(event, obj)
+
+    async def _flush_after(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        wanted, self._wanted = self._wanted, {}
+        for entity, by_id in wanted.items():
+            ids = list(by_id)
+            try:
+                found = await self._read_many(entity, ids)
+            except Exception as e:
+                for futs in by_id.values():
+                    for f in futs:
+                        if not f.done():
+                            f.set_exception(e)
+                continue
+            for id_, futs in by_id.items():
+                for f in futs:
+                    if not f.done():
+                        f.set_result(found.get(id_))
+
+    async def _read_many(self, entity: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        ordered = sorted(set(ids), key=lambda s: (len(s), s))
+        for start in range(0, len(ordered), self.config.enrich_batch):
+            chunk = ordered[start : start + self.config.enrich_batch]
+            quoted = ",".join("'" + x.replace("'", "\\'") + "'" for x in chunk)
+            rows = await self.query(f"select * from {entity} where Id in ({quoted}) MAXRESULTS {len(chunk)}")
+            found.update({str(o["Id"]): o for o in rows})
+        return found
+
+    @staticmethod
+    def _with_object(ev: Event, obj: dict[str, Any] | None) -> Event:
+        version = ev.version
+        if obj is not None and obj.get("MetaData", {}).get("LastUpdatedTime"):
+            version = utc_version(obj["MetaData"]["LastUpdatedTime"])
+        return replace(ev, data={**ev.data, "object": obj}, version=version)
+
     async def enrich(self, events: Sequence[Event]) -> list[Event]:
         """Complete thin events with the entity as it is now: one query per entity type and batch of ids.
 
@@ -331,21 +396,9 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 continue
             wanted.setdefault(ev.entity, []).append(i)
         for entity, idxs in wanted.items():
-            ids = sorted({out[i].entity_id or "" for i in idxs}, key=lambda s: (len(s), s))
-            found: dict[str, dict[str, Any]] = {}
-            for start in range(0, len(ids), self.config.enrich_batch):
-                chunk = ids[start : start + self.config.enrich_batch]
-                quoted = ",".join("'" + x.replace("'", "\\'") + "'" for x in chunk)
-                rows = await self.query(f"select * from {entity} where Id in ({quoted}) MAXRESULTS {len(chunk)}")
-                found.update({str(o["Id"]): o for o in rows})
+            found = await self._read_many(entity, [out[i].entity_id or "" for i in idxs])
             for i in idxs:
-                ev = out[i]
-                obj = found.get(ev.entity_id or "")
-                data = {**ev.data, "object": obj}
-                version = ev.version
-                if obj is not None and obj.get("MetaData", {}).get("LastUpdatedTime"):
-                    version = utc_version(obj["MetaData"]["LastUpdatedTime"])
-                out[i] = replace(ev, data=data, version=version)
+                out[i] = self._with_object(out[i], found.get(out[i].entity_id or ""))
         return out
 
     # --- polling: CDC, with the query endpoint beyond CDC's 30 days -----------------------------
@@ -434,22 +487,34 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             return PollResult(events, _cursor(nxt, focus=later[0]), more=True)
         return PollResult(events, _cursor(nxt))
 
-    async def reconcile(self, since: datetime, entities: Sequence[str] | None = None) -> list[Event]:
-        """Every live object changed since ``since``, through the query endpoint (the nightly safety net)."""
-        out: list[Event] = []
-        ts = since.astimezone(UTC).isoformat(timespec="seconds")
-        for entity in entities or self.config.entities:
-            start = 1
-            while True:
-                rows = await self.query(
-                    f"select * from {entity} where MetaData.LastUpdatedTime >= '{ts}' "
-                    f"ORDERBY MetaData.LastUpdatedTime STARTPOSITION {start} MAXRESULTS {self.config.page_size}"
-                )
-                out.extend(self._from_object(entity, o, "query") for o in rows)
-                if len(rows) < self.config.page_size:
-                    break
-                start += len(rows)
-        return out
+    async def reconcile(self, window: Any, page: Any) -> ReconcilePage:
+        """One page of every live object changed in ``window`` (``.since``/``.until``, ISO or None = all).
+
+        The shape of integrand's ``ReconcilingSource.reconcile``: the query endpoint ordered by
+        ``MetaData.LastUpdatedTime``, ``page_size`` at a time, type after type; ``next_page`` is
+        ``{"entity", "start"}`` and None at the end. Each object comes back as the Event a change
+        to it produces (same ids as CDC), so the caller keeps only what it has not seen.
+        """
+        c = self.config
+        since = getattr(window, "since", None)
+        until = getattr(window, "until", None)
+        pos: dict[str, Any] = page if isinstance(page, dict) else {"entity": c.entities[0], "start": 1}
+        entity, start = str(pos["entity"]), int(pos["start"])
+        where = []
+        if since:
+            where.append(f"MetaData.LastUpdatedTime >= '{parse_time(since).isoformat(timespec='seconds')}'")
+        if until:
+            where.append(f"MetaData.LastUpdatedTime <= '{parse_time(until).isoformat(timespec='seconds')}'")
+        clause = f" where {' and '.join(where)}" if where else ""
+        rows = await self.query(
+            f"select * from {entity}{clause} ORDERBY MetaData.LastUpdatedTime "
+            f"STARTPOSITION {start} MAXRESULTS {c.page_size}"
+        )
+        events = [self._from_object(entity, o, "query") for o in rows]
+        if len(rows) >= c.page_size:
+            return ReconcilePage(events, {"entity": entity, "start": start + len(rows)})
+        later = c.entities[c.entities.index(entity) + 1 :] if entity in c.entities else []
+        return ReconcilePage(events, {"entity": later[0], "start": 1} if later else None)
 
     def _from_object(self, entity: str, obj: dict[str, Any], via: str) -> Event:
         meta = obj.get("MetaData") or {}
@@ -493,9 +558,15 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         base = hashlib.sha256(event.key.encode()).hexdigest()[:32]
         path = entity.lower()
         target_id = str(body["Id"]) if body.get("Id") else None
-        if target_id is None and self.config.match_field and body.get(self.config.match_field) is not None:
-            value = str(body[self.config.match_field]).replace("'", "\\'")
-            rows = await self.query(f"select * from {entity} where {self.config.match_field} = '{value}' MAXRESULTS 1")
+        match = self.config.match_field
+        value = _dig(body, match) if match else None
+        if target_id is None and match and value not in (None, ""):
+            # Dotted paths name a field inside an object (PrimaryEmailAddr.Address); Intuit's query
+            # language filters on the top-level field (PrimaryEmailAddr = '…'). Unconfirmed for every
+            # entity: see the Accounting API reference of the entity's filterable fields.
+            field = match.split(".", 1)[0]
+            quoted = str(value).replace("'", "\\'")
+            rows = await self.query(f"select * from {entity} where {field} = '{quoted}' MAXRESULTS 1")
             if rows:
                 target_id = str(rows[0]["Id"])
         if target_id is None:
@@ -525,7 +596,7 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             + "?"
             + urlencode(
                 {
-                    "client_id": c.client_id,
+                    "client_id": c.client_id.reveal(),
                     "response_type": "code",
                     "scope": SCOPE,
                     "redirect_uri": c.redirect_uri,
@@ -548,11 +619,25 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             raise AuthError("the pasted URL carries no code")
         if realm and realm != c.realm_id:
             raise AuthError(f"you connected company {realm}, but this connector is configured for realm {c.realm_id}")
-        tokens = await self.tokens.exchange_code(code, c.redirect_uri, realm)
+        tokens = await self.tokens.exchange_code(self._http(), code, c.redirect_uri, realm)
         days = (tokens.refresh_expires_at - time.time()) / 86400
         return (
             f"tokens for realm {c.realm_id} stored (encrypted); refresh token valid for {days:.0f} days, renewed on use"
         )
+
+
+def _dig(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+@dataclass(frozen=True)
+class ReconcilePage:
+    """Same shape as integrand's ``ReconcilePage`` (events, next_page) until the core exports it."""
+
+    events: Sequence[Event]
+    next_page: Any = None
 
 
 def _from_legacy(realm: str, ent: Any) -> dict[str, Any]:

@@ -561,6 +561,13 @@ def _field(obj: dict[str, Any], path: str) -> Any:
     return cur
 
 
+def _scalar(v: Any) -> str:
+    """Email and phone fields are objects; the query language compares their main value."""
+    if isinstance(v, dict):
+        v = v.get("Address", v.get("FreeFormNumber"))
+    return str(v)
+
+
 def _literal(raw: str) -> str:
     raw = raw.strip()
     if len(raw) >= 2 and raw[0] == raw[-1] == "'":
@@ -598,7 +605,7 @@ def _parse_query(q: str) -> tuple[str, list[Callable[[dict[str, Any]], bool]], s
 
                 preds.append(cmp)
             elif op == "=":
-                preds.append(lambda o, p=path, v=value: str(_field(o, p)) == v)  # type: ignore[misc]
+                preds.append(lambda o, p=path, v=value: _scalar(_field(o, p)) == v)  # type: ignore[misc]
             else:
                 raise ValueError(f"operator {op} is only supported on time fields here")
     start = int(m["start"] or 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -56,76 +57,93 @@ class TokenManager:
     def __init__(
         self,
         *,
-        state: StateStore,
+        state: StateStore | Sequence[StateStore],
         cipher: MultiFernet,
         token_url: str,
         client_id: str,
         client_secret: str,
-        session: Callable[[], aiohttp.ClientSession],
         bootstrap_refresh_token: str | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self._state = state
+        self._states: list[StateStore] = [state] if not isinstance(state, Sequence) else list(state)
         self._cipher = cipher
         self._token_url = token_url
         self._basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
-        self._session = session
         self._bootstrap = bootstrap_refresh_token
         self._clock = clock
         self._lock = asyncio.Lock()
         self._tokens: Tokens | None = None
 
+    def attach(self, state: StateStore) -> None:
+        """Share this company's tokens with another connector's state (a source and a sink of one realm)."""
+        if all(s is not state for s in self._states):
+            self._states.append(state)
+
     async def load(self) -> Tokens | None:
-        """The stored pair, decrypted; None if nothing was stored yet."""
-        raw = await self._state.get(STATE_KEY)
-        if raw is None:
-            return None
-        try:
-            plain = self._cipher.decrypt(str(raw["enc"]).encode())
-        except (InvalidToken, KeyError, TypeError) as e:
+        """The newest stored pair across the attached states, decrypted; None if nothing was stored yet."""
+        best: tuple[float, Tokens] | None = None
+        undecryptable = False
+        for state in self._states:
+            raw = await state.get(STATE_KEY)
+            if raw is None:
+                continue
+            try:
+                plain = self._cipher.decrypt(str(raw["enc"]).encode())
+            except (InvalidToken, KeyError, TypeError):
+                undecryptable = True
+                continue
+            saved = float(raw.get("saved_at", 0))
+            if best is None or saved > best[0]:
+                best = (saved, Tokens(**orjson.loads(plain)))
+        if best is None and undecryptable:
             raise AuthError(
                 "stored QuickBooks tokens cannot be decrypted with token_key (was the key changed without "
                 "keeping the old one in the list?); run `integrand auth` again"
-            ) from e
-        return Tokens(**orjson.loads(plain))
+            )
+        return best[1] if best else None
 
     async def save(self, tokens: Tokens) -> None:
-        """Encrypt and commit the pair; returns only once it is durable."""
+        """Encrypt and commit the pair to every attached state; returns only once it is durable."""
         enc = self._cipher.encrypt(orjson.dumps(asdict(tokens))).decode()
-        await self._state.set(STATE_KEY, {"v": 1, "enc": enc, "saved_at": self._clock()})
+        for state in self._states:
+            await state.set(STATE_KEY, {"v": 1, "enc": enc, "saved_at": self._clock()})
         self._tokens = tokens
 
-    async def access_token(self) -> str:
+    async def access_token(self, session: aiohttp.ClientSession) -> str:
         tokens = self._tokens or await self.load()
         self._tokens = tokens
         if tokens is not None and tokens.expires_at - EARLY > self._clock():
             return tokens.access_token
-        return await self.refresh(stale=tokens.access_token if tokens else None)
+        return await self.refresh(session, stale=tokens.access_token if tokens else None)
 
-    async def refresh(self, stale: str | None = None) -> str:
+    async def refresh(self, session: aiohttp.ClientSession, stale: str | None = None) -> str:
         """Refresh unless another caller already did since ``stale`` was handed out."""
         async with self._lock:
-            tokens = self._tokens or await self.load()
+            # Re-read: `integrand auth` or another connector of this realm may have stored a newer pair.
+            tokens = await self.load() or self._tokens
+            self._tokens = tokens
             if tokens is not None and tokens.access_token != stale and tokens.expires_at - EARLY > self._clock():
                 return tokens.access_token
             refresh_token = tokens.refresh_token if tokens else self._bootstrap
             if not refresh_token:
                 raise AuthError("no QuickBooks tokens yet: run `integrand auth SOURCE_OR_SINK` once")
             realm = tokens.realm_id if tokens else None
-            new = await self._grant({"grant_type": "refresh_token", "refresh_token": refresh_token}, realm)
+            new = await self._grant(session, {"grant_type": "refresh_token", "refresh_token": refresh_token}, realm)
             return new.access_token
 
-    async def exchange_code(self, code: str, redirect_uri: str, realm_id: str | None) -> Tokens:
+    async def exchange_code(
+        self, session: aiohttp.ClientSession, code: str, redirect_uri: str, realm_id: str | None
+    ) -> Tokens:
         """The authorization-code grant (``integrand auth``): the first token pair, stored encrypted."""
         async with self._lock:
             return await self._grant(
-                {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}, realm_id
+                session, {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}, realm_id
             )
 
-    async def _grant(self, form: dict[str, str], realm_id: str | None) -> Tokens:
+    async def _grant(self, session: aiohttp.ClientSession, form: dict[str, str], realm_id: str | None) -> Tokens:
         now = self._clock()
         try:
-            async with self._session().post(
+            async with session.post(
                 self._token_url,
                 data=form,
                 headers={"Authorization": self._basic, "Accept": "application/json"},
@@ -151,3 +169,18 @@ class TokenManager:
         # Durable first: the old refresh token is spent now, the new one exists only in this object.
         await self.save(tokens)
         return tokens
+
+
+# One manager per (token endpoint, client id, realm) in this process, so a source and a sink of the
+# same company never rotate the refresh token out from under each other.
+_MANAGERS: weakref.WeakValueDictionary[tuple[str, ...], TokenManager] = weakref.WeakValueDictionary()
+
+
+def shared_manager(key: tuple[str, ...], state: StateStore, make: Callable[[], TokenManager]) -> TokenManager:
+    mgr = _MANAGERS.get(key)
+    if mgr is None:
+        mgr = make()
+        _MANAGERS[key] = mgr
+    else:
+        mgr.attach(state)
+    return mgr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,17 @@ from integrand.connector import (
 )
 from integrand.events import utcnow_iso
 from integrand_quickbooks import QuickBooksConfig
+from integrand_quickbooks import tokens as tokens_mod
 from integrand_quickbooks._http import RateLimiter, utc_version
 from integrand_quickbooks.fake import fault
 from pydantic import ValidationError
 from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env
+
+
+@dataclass(frozen=True)
+class ReconcileWindow:
+    since: str | None = None
+    until: str | None = None
 
 
 def _request(body: bytes, headers: dict[str, str], ct: str = "application/json") -> WebhookRequest:
@@ -131,7 +139,9 @@ async def test_rotated_refresh_token_survives_a_restart_encrypted(tmp_path: Path
             await qbo.query("select * from Customer")
             assert env.fake.refreshes == 2
             newest = (await qbo.tokens.load()).refresh_token  # type: ignore[union-attr]
-        # "Restart": a new connector instance over the same store, configured with the long-spent bootstrap token.
+        # "Restart": a new connector instance over the same store, configured with the long-spent bootstrap
+        # token, and nothing in memory (a new process has no shared token manager yet).
+        tokens_mod._MANAGERS.clear()
         async with connected(env, refresh_token=first) as again:
             env.fake.advance(3600)
             await again.query("select * from Customer")
@@ -161,6 +171,7 @@ async def test_wrong_key_and_spent_tokens_are_auth_errors(tmp_path: Path) -> Non
             await rotated.query("select * from Customer")  # old key still decrypts; the new one encrypts
         finally:
             await rotated.close()
+        tokens_mod._MANAGERS.clear()  # a separate process: nothing shared in memory
         spent = await env.connector("fresh", refresh_token="RT1-never-issued")
         try:
             with pytest.raises(AuthError, match="refused"):
@@ -304,8 +315,10 @@ async def test_beyond_thirty_days_polling_reconciles_through_query(tmp_path: Pat
         old = (datetime.now(UTC) - timedelta(days=45)).isoformat(timespec="seconds")
         cursor: Any = {"since": {"Customer": old}}
         names: set[str] = set()
+        all_polled: list[Event] = []
         for _ in range(10):
             res = await qbo.poll(cursor)
+            all_polled += res.events
             names |= {e.data["object"]["DisplayName"] for e in res.events}
             cursor = res.cursor
             if not res.more:
@@ -314,9 +327,18 @@ async def test_beyond_thirty_days_polling_reconciles_through_query(tmp_path: Pat
         assert not any(p.endswith("/cdc") for _, _, p in env.fake.requests)
         await qbo.poll(cursor)
         assert env.fake.requests[-1][2].endswith("/cdc")  # back on CDC once caught up
-        recon = await qbo.reconcile(datetime.now(UTC) - timedelta(days=1))
+        window = ReconcileWindow(since=(datetime.now(UTC) - timedelta(days=1)).isoformat())
+        recon: list[Event] = []
+        page: Any = None
+        for _ in range(10):
+            got = await qbo.reconcile(window, page)
+            recon += got.events
+            page = got.next_page
+            if page is None:
+                break
         assert len(recon) == 5
         assert all(e.meta["via"] == "query" for e in recon)
+        assert {e.id for e in recon} <= {e.id for e in all_polled}  # same ids as polling: nothing new
 
 
 # --- sink -----------------------------------------------------------------------------------------
@@ -416,3 +438,63 @@ async def test_limiter_holds_the_minute_window_on_a_fake_clock() -> None:
 def test_versions_are_utc_and_sortable() -> None:
     assert utc_version("2015-12-23T12:55:50-08:00") == "2015-12-23T20:55:50Z"
     assert utc_version("2015-10-05T14:42:19-0700") < utc_version("2015-10-05T14:42:20-0700")
+
+
+async def test_source_and_sink_of_one_company_share_rotating_tokens(tmp_path: Path) -> None:
+    async with qbo_env(tmp_path) as env:
+        rt = env.fake.issue_refresh_token()
+        async with (
+            connected(env, "source-qbo", refresh_token=rt) as src,
+            connected(env, "sink-qbo", refresh_token=rt) as snk,
+        ):
+            assert src.tokens is snk.tokens
+            await src.query("select * from Customer")
+            env.fake.advance(3600)
+            await snk.query("select * from Customer")
+            await src.query("select * from Customer")
+            assert env.fake.refreshes == 2  # one rotation chain, never two racing on one refresh token
+            for scope in ("source-qbo", "sink-qbo"):
+                assert (await env.store.state_get(scope, tokens_mod.STATE_KEY)) is not None
+
+
+async def test_fetch_gathers_concurrent_calls_into_one_query(tmp_path: Path) -> None:
+    async with qbo_env(tmp_path) as env, connected(env) as qbo:
+        import asyncio
+
+        ids = [env.fake.create("Customer", {"DisplayName": f"C{i}"})["Id"] for i in range(6)]
+        env.fake.update("Customer", ids[2], {"CompanyName": "changed"})
+        events = qbo.parse(_request(env.fake.webhook_body(env.fake.pending), {}))
+        await qbo.query("select * from Customer")  # tokens in place, so only fetches are counted below
+        before = len(env.fake.requests)
+        fetched = await asyncio.gather(*(qbo.fetch(e) for e in events))
+        assert len(env.fake.requests) - before == 1  # seven events, six customers, one query
+        assert all(f.data["object"]["Id"] == f.entity_id for f in fetched)
+        assert fetched[2].data["object"]["CompanyName"] == "changed"
+        gone = Event(
+            id="g",
+            source="qbo",
+            type="customer.updated",
+            data={"operation": "Update"},
+            entity="Customer",
+            entity_id="999",
+        )
+        assert (await qbo.fetch(gone)).data["object"] is None
+        dele = Event(
+            id="d",
+            source="qbo",
+            type="customer.deleted",
+            data={"operation": "Delete"},
+            entity="Customer",
+            entity_id="1",
+        )
+        assert await qbo.fetch(dele) is dele
+
+
+async def test_sink_matches_by_a_dotted_field(tmp_path: Path) -> None:
+    async with qbo_env(tmp_path) as env, connected(env, match_field="PrimaryEmailAddr.Address") as qbo:
+        body = {"DisplayName": "Ann Lee", "PrimaryEmailAddr": {"Address": "ann@x.com"}}
+        await qbo.deliver(_ev(body, "m1"))
+        await qbo.deliver(_ev({**body, "CompanyName": "Lee Ltd"}, "m2"))
+        (c,) = env.fake.all("Customer")
+        assert c["CompanyName"] == "Lee Ltd"
+        assert c["SyncToken"] == "1"
