@@ -84,3 +84,61 @@ async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(config: Path) -> AsyncIterator[Any]:
+    """The daemon in this event loop on ``config`` until the block ends (as tests/helpers.py does for the core)."""
+    from integrand.app import Daemon, run
+    from integrand.config import load_config
+
+    settings = load_config(config)
+    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(settings, on_ready=ready.set_result))
+    waiters: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    d = ready.result()
+    try:
+        yield d
+    finally:
+        d.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def daemon_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        """
+[daemon]
+listen = "127.0.0.1:0"
+state_dir = "var"
+shutdown_grace = "5s"
+
+[admin]
+enabled = false
+
+[dispatcher.retry]
+base = "50ms"
+cap = "1s"
+"""
+        + body
+    )
+    return path
+
+
+def qbo_table(fake: FakeQuickBooks, extra: str = "") -> str:
+    return f"""
+connector = "quickbooks"
+realm_id = "{fake.realm_id}"
+client_id = "{fake.client_id}"
+client_secret = "{fake.client_secret}"
+verifier_token = "{fake.verifier_token}"
+token_key = "{TOKEN_KEY}"
+api_base = "{fake.url}"
+token_url = "{fake.url}/oauth2/v1/tokens/bearer"
+authorize_url = "{fake.url}/connect/oauth2"
+timeout = "10s"
+{extra}
+"""
