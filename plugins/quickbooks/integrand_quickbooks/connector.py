@@ -345,6 +345,13 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         obj = await fut
         return self._with_object(event, obj)
 
+    async def fetch_many(self, events: Sequence[Event]) -> list[Event | BaseException]:
+        """integrand's ``Enricher.fetch_many``: one query per entity type and batch, one result per event."""
+        try:
+            return list(await self.enrich(events))
+        except Exception as e:
+            return [e for _ in events]
+
     async def _flush_after(self, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
