@@ -86,3 +86,56 @@ to = ["hubspot"]
         assert len(fake.objects["contacts"]) == 150
     finally:
         await fake.stop()
+
+
+async def test_hubspot_webhooks_signed_v3_through_the_daemon(tmp_path: Path) -> None:
+    fake = FakeHubSpot()
+    await fake.start()
+    try:
+        cfg = daemon_config(
+            tmp_path,
+            f"""
+[sources.hubspot]
+connector = "hubspot"
+access_token = "{fake.private_token}"
+client_secret = "{fake.client_secret}"
+api_base = "{fake.url}"
+
+[sinks.out]
+connector = "jsonl"
+path = "var/out.jsonl"
+
+[[routes]]
+from = "hubspot"
+to = ["out"]
+""",
+        )
+        out = tmp_path / "var" / "out.jsonl"
+        async with running(cfg) as d:
+            # No webhook_url configured: the signed URI is the one the daemon was called on.
+            fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/hubspot"
+            c = fake.put("contacts", {"email": "h@x.com"})
+            fake.edit("contacts", c["id"], {"firstname": "Hal"})
+            sent = list(fake.pending)
+            assert await fake.flush_webhooks() == 200
+            await wait_for(lambda: out.exists() and len(out.read_bytes().splitlines()) == 2)
+            # HubSpot retries with a higher attemptNumber: the same events, acknowledged as duplicates.
+            async with aiohttp.ClientSession() as s:
+                retry = orjson.dumps([{**e, "attemptNumber": 1} for e in sent])
+                headers = fake.webhook_headers(fake.webhook_url, retry)
+                async with s.post(fake.webhook_url, data=retry, headers=headers) as r:
+                    assert r.status == 200
+                    assert await r.json() == {"accepted": 0, "duplicates": 2}
+                body = orjson.dumps(sent)
+                stale = fake.webhook_headers(fake.webhook_url, body)
+                stale["X-HubSpot-Request-Timestamp"] = str(int((time.time() - 600) * 1000))
+                async with s.post(fake.webhook_url, data=body, headers=stale) as r:
+                    assert r.status == 401
+                v1 = fake.webhook_headers(fake.webhook_url, body, ("v1",))
+                async with s.post(fake.webhook_url, data=body, headers=v1) as r:
+                    assert r.status == 401  # v1 is not accepted unless configured
+        lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+        assert [e["type"] for e in lines] == ["contact.creation", "contact.propertyChange"]
+        assert lines[1]["data"]["propertyValue"] == "Hal"
+    finally:
+        await fake.stop()
