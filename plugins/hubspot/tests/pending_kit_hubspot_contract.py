@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from integrand.connector import Event
 from integrand.testing import ConnectorContract
 from integrand_hubspot import HubSpotConnector
@@ -16,7 +15,7 @@ from integrand_hubspot.fake import FakeHubSpot
 class TestHubSpotContract(ConnectorContract):
     connector_class = HubSpotConnector
 
-    @pytest_asyncio.fixture
+    @pytest.fixture
     async def fake_api(self) -> AsyncIterator[FakeHubSpot]:
         fake = FakeHubSpot()
         await fake.start()

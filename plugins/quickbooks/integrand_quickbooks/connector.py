@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
@@ -39,7 +39,7 @@ from integrand.connector import (
     WebhookSource,
     content_id,
 )
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from ._http import RateLimiter, limiter_for, parse_time, utc_version
 from .tokens import TokenManager, make_cipher, shared_manager
@@ -68,7 +68,9 @@ class QuickBooksConfig(ConnectorConfig):
     realm_id: str = Field(min_length=1)
     client_id: SecretValue
     client_secret: SecretValue
-    token_key: SecretValue | list[SecretValue]
+    # One Fernet key or a list (the first encrypts, all decrypt); normalised to a list so a missing
+    # secret is reported once, not once per shape.
+    token_key: Annotated[list[SecretValue], BeforeValidator(lambda v: v if isinstance(v, list) else [v])]
     verifier_token: SecretValue | None = None
     refresh_token: SecretValue | None = None
     environment: Literal["production", "sandbox"] = "production"
@@ -94,17 +96,15 @@ class QuickBooksConfig(ConnectorConfig):
 
     @field_validator("token_key")
     @classmethod
-    def _fernet(cls, v: SecretValue | list[SecretValue]) -> SecretValue | list[SecretValue]:
-        keys = v if isinstance(v, list) else [v]
-        if not keys:
+    def _fernet(cls, v: list[SecretValue]) -> list[SecretValue]:
+        if not v:
             raise ValueError("give at least one token_key")
-        make_cipher([k.reveal() for k in keys])
+        make_cipher([k.reveal() for k in v])
         return v
 
     @property
     def keys(self) -> list[str]:
-        keys = self.token_key if isinstance(self.token_key, list) else [self.token_key]
-        return [k.reveal() for k in keys]
+        return [k.reveal() for k in self.token_key]
 
     @property
     def base(self) -> str:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from integrand.connector import Event
 from integrand.testing import ConnectorContract
 from integrand_quickbooks import QuickBooksConnector
@@ -17,7 +16,7 @@ from qbo_support import TOKEN_KEY
 class TestQuickBooksContract(ConnectorContract):
     connector_class = QuickBooksConnector
 
-    @pytest_asyncio.fixture
+    @pytest.fixture
     async def fake_api(self) -> AsyncIterator[FakeQuickBooks]:
         fake = FakeQuickBooks()
         await fake.start()
