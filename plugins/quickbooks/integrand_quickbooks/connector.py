@@ -211,6 +211,8 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 raise RetryableError(f"QuickBooks did not answer {method} {path} within {c.timeout:g} s") from None
             except aiohttp.ClientError as e:
                 raise RetryableError(f"cannot reach QuickBooks: {type(e).__name__}: {e}") from None
+            # Intuit asks for intuit_tid in every support case: keep it with each call.
+            self.log.debug("QuickBooks %s %s -> %d (intuit_tid %s)", method, path, status, tid)
             try:
                 data = orjson.loads(raw) if raw else {}
             except orjson.JSONDecodeError:
