@@ -151,6 +151,7 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
     async def start(self) -> None:
         c = self.config
         self._wanted: dict[str, dict[str, list[asyncio.Future[dict[str, Any] | None]]]] = {}
+        self._flushes: set[asyncio.Task[None]] = set()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=c.timeout))
         self.tokens = shared_manager(
             (c.token_url, c.client_id.reveal(), c.realm_id, *c.keys),
@@ -167,8 +168,10 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         self.limiter = limiter_for((c.base, c.realm_id), [(c.requests_per_second, 1.0), (c.requests_per_minute, 60.0)])
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in list(self._flushes):
+            task.cancel()
+        for by_id in self._wanted.values():
+            _settle(by_id, error=RetryableError("quickbooks connector closed before the fetch started"))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -339,13 +342,18 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, Any] | None] = loop.create_future()
         self._wanted.setdefault(event.entity, {}).setdefault(event.entity_id, []).append(fut)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_after(self.config.fetch_linger))
         if sum(len(v) for v in self._wanted.values()) >= self.config.enrich_batch:
-            self._flusher.cancel()
-            self._flusher = asyncio.create_task(self._flush_after(0))
+            self._spawn_flush(0.0)  # a full batch goes now; a lingering flush finds nothing left
+        elif self._flusher is None:
+            self._flusher = self._spawn_flush(self.config.fetch_linger)
         obj = await fut
         return self._with_object(event, obj)
+
+    def _spawn_flush(self, delay: float) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._flush_after(delay))
+        self._flushes.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._flushes.discard)
+        return task
 
     async def fetch_many(self, events: Sequence[Event]) -> list[Event | BaseException]:
         """integrand's ``Enricher.fetch_many``: one query per entity type and batch, one result per event."""
@@ -355,23 +363,24 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             return [e for _ in events]
 
     async def _flush_after(self, delay: float) -> None:
+        """Send what is wanted now; calls arriving while this flush's queries are out start the next one."""
         if delay:
             await asyncio.sleep(delay)
+        if self._flusher is asyncio.current_task():
+            self._flusher = None
         wanted, self._wanted = self._wanted, {}
-        for entity, by_id in wanted.items():
-            ids = list(by_id)
-            try:
-                found = await self._read_many(entity, ids)
-            except Exception as e:
-                for futs in by_id.values():
-                    for f in futs:
-                        if not f.done():
-                            f.set_exception(e)
-                continue
-            for id_, futs in by_id.items():
-                for f in futs:
-                    if not f.done():
-                        f.set_result(found.get(id_))
+        try:
+            for entity, by_id in wanted.items():
+                try:
+                    found = await self._read_many(entity, list(by_id))
+                except Exception as e:
+                    _settle(by_id, error=e)
+                else:
+                    _settle(by_id, found=found)
+        finally:
+            # Cancelled at close: no caller may wait forever.
+            for by_id in wanted.values():
+                _settle(by_id, error=RetryableError("quickbooks connector closed before the fetch finished"))
 
     async def _read_many(self, entity: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
@@ -633,6 +642,23 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         return (
             f"tokens for realm {c.realm_id} stored (encrypted); refresh token valid for {days:.0f} days, renewed on use"
         )
+
+
+def _settle(
+    by_id: dict[str, list[asyncio.Future[dict[str, Any] | None]]],
+    *,
+    found: dict[str, dict[str, Any]] | None = None,
+    error: Exception | None = None,
+) -> None:
+    """Resolve waiting fetches (those not already resolved) with their object or the error."""
+    for id_, futs in by_id.items():
+        for f in futs:
+            if f.done():
+                continue
+            if error is not None:
+                f.set_exception(error)
+            else:
+                f.set_result((found or {}).get(id_))
 
 
 def _dig(data: Any, path: str) -> Any:

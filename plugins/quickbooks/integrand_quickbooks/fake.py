@@ -18,6 +18,7 @@ Follows /work/shared/reference/third-party-apis.md (QuickBooks section) and Intu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -126,6 +127,7 @@ class FakeQuickBooks:
         self.throttled = 0
         self.refreshes = 0
         self.webhook_statuses: list[int] = []
+        self.latency = 0.0  # seconds every read/query waits before answering (a slow API)
         self._seq = itertools.count()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -415,6 +417,8 @@ class FakeQuickBooks:
 
     async def _query(self, request: web.Request) -> web.Response:
         r, refused = self._gate(request)
+        if self.latency:
+            await asyncio.sleep(self.latency)
         if refused:
             return refused
         try:

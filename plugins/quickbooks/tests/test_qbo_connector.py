@@ -26,7 +26,7 @@ from integrand_quickbooks import tokens as tokens_mod
 from integrand_quickbooks._http import RateLimiter, utc_version
 from integrand_quickbooks.fake import fault
 from pydantic import ValidationError
-from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env
+from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env, wait_for
 
 
 @dataclass(frozen=True)
@@ -498,3 +498,33 @@ async def test_sink_matches_by_a_dotted_field(tmp_path: Path) -> None:
         (c,) = env.fake.all("Customer")
         assert c["CompanyName"] == "Lee Ltd"
         assert c["SyncToken"] == "1"
+
+
+async def test_fetch_arriving_while_a_query_is_in_flight_is_not_forgotten(tmp_path: Path) -> None:
+    async with qbo_env(tmp_path) as env, connected(env, enrich_batch=2) as qbo:
+        import asyncio
+
+        ids = [env.fake.create("Customer", {"DisplayName": f"C{i}"})["Id"] for i in range(5)]
+        events = qbo.parse(_request(env.fake.webhook_body(env.fake.pending), {}))
+        await qbo.query("select * from Customer")
+        env.fake.latency = 0.3
+        first = asyncio.create_task(qbo.fetch(events[0]))
+        await wait_for(lambda: len(env.fake.requests) > 1)  # the first batch's query is on its way
+        rest = [asyncio.create_task(qbo.fetch(e)) for e in events[1:]]  # two full batches and a lingering one
+        done = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        assert [e.data["object"]["Id"] for e in done] == ids
+
+
+async def test_closing_with_a_fetch_in_flight_fails_it_instead_of_hanging(tmp_path: Path) -> None:
+    async with qbo_env(tmp_path) as env, connected(env) as qbo:
+        import asyncio
+
+        env.fake.create("Customer", {"DisplayName": "C"})
+        (ev,) = qbo.parse(_request(env.fake.webhook_body(env.fake.pending), {}))
+        await qbo.query("select * from Customer")
+        env.fake.latency = 1.0
+        task = asyncio.create_task(qbo.fetch(ev))
+        await wait_for(lambda: len(env.fake.requests) > 1)
+        await qbo.close()
+        with pytest.raises(RetryableError, match="closed"):
+            await asyncio.wait_for(task, 5)
