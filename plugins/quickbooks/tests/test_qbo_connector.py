@@ -528,3 +528,16 @@ async def test_closing_with_a_fetch_in_flight_fails_it_instead_of_hanging(tmp_pa
         await qbo.close()
         with pytest.raises(RetryableError, match="closed"):
             await asyncio.wait_for(task, 5)
+
+
+async def test_sink_writes_items_and_payments_too(tmp_path: Path) -> None:
+    async with qbo_env(tmp_path) as env, connected(env) as qbo:
+        await qbo.deliver(_ev({"Name": "Widget", "Type": "Service", "UnitPrice": 5}, "i1", entity="Item"))
+        (item,) = env.fake.all("Item")
+        await qbo.deliver(_ev({"Id": item["Id"], "UnitPrice": 6}, "i2", entity="Item"))
+        await qbo.deliver(_ev({"TotalAmt": 12.5, "CustomerRef": {"value": "1"}}, "p1", entity="Payment"))
+        (item,) = env.fake.all("Item")
+        assert item["UnitPrice"] == 6
+        assert item["Name"] == "Widget"
+        assert item["SyncToken"] == "1"
+        assert env.fake.all("Payment")[0]["TotalAmt"] == 12.5
