@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+
 from integrand import signing
 from integrand.app import Daemon, run
 from integrand.config import Settings, load_config

@@ -28,6 +28,8 @@ from .store import Leased, Outcome, Store
 
 log = logging.getLogger("integrand.dispatcher")
 
+MIN_IDLE = 0.005  # floor on an idle wait, so a race can never become a busy loop
+
 
 @dataclass
 class SinkRuntime:
@@ -150,13 +152,14 @@ class Dispatcher:
         """Sleep until new deliveries are committed, a retry falls due, or a breaker may probe."""
         timeout = self.idle_poll
         now = self.clock()
+        paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"]
         with contextlib.suppress(Exception):
-            due = await self.store.next_due()
+            due = await self.store.next_due(exclude=paused)
             if due is not None:
-                timeout = min(timeout, max(0.0, due - now))
+                timeout = min(timeout, max(MIN_IDLE, due - now))
         for s in self.sinks.values():
             if s.breaker.status == "open":
-                timeout = min(timeout, max(0.0, s.breaker.reopens_at - now))
+                timeout = min(timeout, max(MIN_IDLE, s.breaker.reopens_at - now))
         if timeout > 0 and not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)

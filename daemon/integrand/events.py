@@ -46,10 +46,10 @@ class Event:
 
     @property
     def entity_key(self) -> str:
-        """What per-entity ordering groups by; events without an entity are unordered."""
+        """What per-entity ordering groups by (within a source); events without an entity are unordered."""
         if self.entity_id is None:
-            return f"event:{self.id}"
-        return f"{self.entity or ''}:{self.entity_id}"
+            return f"{self.source}/event:{self.id}"
+        return f"{self.source}/{self.entity or ''}:{self.entity_id}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -637,11 +637,20 @@ class Store:
             self.deliveries_ready.set()
         return n
 
-    async def next_due(self) -> float | None:
-        """When the earliest ready delivery becomes due (None if nothing is waiting)."""
-        async with self._read().execute("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready'") as cur:
+    async def next_due(self, exclude: Iterable[str] = ()) -> float | None:
+        """When the earliest leasable delivery falls due (None if none): heads of their entity line only,
+        and not on the ``exclude``d (paused) sinks, so a blocked or paused delivery never causes a busy wait."""
+        excluded = sorted(exclude)
+        not_in = f"AND d.sink NOT IN ({','.join('?' * len(excluded))}) " if excluded else ""
+        sql = f"""
+            SELECT d.next_attempt_at FROM deliveries d WHERE d.state = 'ready' {not_in}
+            AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.sink = d.sink AND p.entity_key = d.entity_key
+                            AND p.state IN ('ready', 'leased') AND p.id < d.id)
+            ORDER BY d.next_attempt_at LIMIT 1
+        """  # noqa: S608 - only placeholders are interpolated
+        async with self._read().execute(sql, excluded) as cur:
             row = await cur.fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        return float(row[0]) if row else None
 
     # --- retention ---------------------------------------------------------------------------
 
