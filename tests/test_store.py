@@ -75,7 +75,7 @@ async def test_a_failing_op_does_not_take_other_callers_rows(store: Store) -> No
     async def bad(conn: object) -> None:
         raise ValueError("boom")
 
-    failing = asyncio.ensure_future(store._submit(bad))  # type: ignore[arg-type]
+    failing = asyncio.ensure_future(store._submit(bad))
     ok = asyncio.ensure_future(store.enqueue([(ev("survivor"), ["k"])]))
     with pytest.raises(ValueError, match="boom"):
         await failing
