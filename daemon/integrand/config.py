@@ -187,17 +187,19 @@ def parse_config(
         problems.append("routes: expected [[routes]] entries")
         raw_routes = []
     pairs: set[tuple[str, str]] = set()
+    all_sources = set(raw.get("sources", {}) or {}) if isinstance(raw.get("sources"), dict) else set()
+    all_sinks = set(raw.get("sinks", {}) or {}) if isinstance(raw.get("sinks"), dict) else set()
     for i, r in enumerate(raw_routes):
         try:
             route = RouteSettings.model_validate(r, context=ctx)
         except ValidationError as e:
             problems.extend(_format(e, f"routes[{i}]", RouteSettings))
             continue
-        if route.from_ not in sources and route.from_ not in raw.get("sources", {}):
-            problems.append(f"routes[{i}].from: no source named {route.from_!r}{_suggest(route.from_, sources)}")
+        if route.from_ not in all_sources:
+            problems.append(f"routes[{i}].from: no source named {route.from_!r}{_suggest(route.from_, all_sources)}")
         for j, sink in enumerate(route.to):
-            if sink not in sinks and sink not in raw.get("sinks", {}):
-                problems.append(f"routes[{i}].to[{j}]: no sink named {sink!r}{_suggest(sink, sinks)}")
+            if sink not in all_sinks:
+                problems.append(f"routes[{i}].to[{j}]: no sink named {sink!r}{_suggest(sink, all_sinks)}")
             if (route.from_, sink) in pairs:
                 problems.append(f"routes[{i}].to[{j}]: a route from {route.from_!r} to {sink!r} is already defined")
             pairs.add((route.from_, sink))

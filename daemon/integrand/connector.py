@@ -35,7 +35,7 @@ from .errors import (
     WebhookRejected,
 )
 from .events import Event, content_id, utcnow_iso
-from .secrets import SecretValue
+from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "PollingSource",
     "RelPath",
     "RetryableError",
+    "SecretList",
     "SecretValue",
     "SignatureError",
     "Sink",
