@@ -39,12 +39,13 @@ def request(body: bytes, headers: dict[str, str], content_type: str = "applicati
     )
 
 
-def roundtrip(c: WebhookConnector, payload: Any, now: float = 1_700_000_000, **extra: str) -> WebhookRequest:
+def roundtrip(c: WebhookConnector, payload: Any, extra: dict[str, str] | None = None) -> WebhookRequest:
     """Sign as the provider would (the connector's own ``sign``), verify, and return the request."""
+    now = 1_700_000_000
     body = orjson.dumps(payload)
     headers = c.sign(body, now, "dlv-1")
     assert headers is not None
-    req = request(body, {**headers, **extra})
+    req = request(body, {**headers, **(extra or {})})
     c.verify(req, now)
     return req
 
@@ -70,14 +71,14 @@ def test_stripe_event_fields() -> None:
 
 def test_github_event_fields() -> None:
     c = connector(signature="github", secret="gh")
-    req = roundtrip(c, {"action": "opened", "number": 5}, **{"X-GitHub-Event": "pull_request"})
+    req = roundtrip(c, {"action": "opened", "number": 5}, {"X-GitHub-Event": "pull_request"})
     [ev] = c.parse(req)
     assert (ev.id, ev.type) == ("dlv-1", "pull_request.opened")
 
 
 def test_shopify_event_fields() -> None:
     c = connector(signature="shopify", secret="shp", entity_id_field="id")
-    req = roundtrip(c, {"id": 820982911946154508}, **{"X-Shopify-Topic": "orders/create"})
+    req = roundtrip(c, {"id": 820982911946154508}, {"X-Shopify-Topic": "orders/create"})
     [ev] = c.parse(req)
     assert (ev.id, ev.type, ev.entity, ev.entity_id) == ("dlv-1", "orders/create", "orders", "820982911946154508")
 
