@@ -20,6 +20,7 @@ from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
+from .errors import ConfigError
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
 from .routes import Router
@@ -164,7 +165,7 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         await hook_runner.setup()
         runners.append(hook_runner)
         site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
-        await site.start()
+        await _start_site(site, "daemon.listen", str(s.daemon.listen))
         d.ports["webhooks"] = _bound_port(site)
         if s.admin.enabled:
             admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
@@ -172,7 +173,7 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             await admin_runner.setup()
             runners.append(admin_runner)
             asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
-            await asite.start()
+            await _start_site(asite, "admin.listen", str(s.admin.listen))
             d.ports["admin"] = _bound_port(asite)
         tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
         tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
@@ -262,6 +263,14 @@ def _status(d: Daemon) -> dict[str, Any]:
             name: {"status": s.breaker.status, "failures": s.breaker.failures} for name, s in d.dispatcher.sinks.items()
         },
     }
+
+
+async def _start_site(site: web.TCPSite, key: str, addr: str) -> None:
+    """Bind, turning 'address in use' and friends into a message that names the config key."""
+    try:
+        await site.start()
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot listen on {addr}: {e.strerror or e}"]) from None
 
 
 def _bound_port(site: web.TCPSite) -> int:

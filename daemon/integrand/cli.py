@@ -97,6 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
+        # SIGHUP would otherwise end the process; reloading config is not built yet.
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.warning("SIGHUP ignored: config reload is not supported yet; restart to apply")
+        )
 
         def ready(d: Daemon) -> None:
             holder["d"] = d

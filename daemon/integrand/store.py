@@ -251,10 +251,12 @@ class Store:
                 if n:
                     log.info("released %d deliveries leased by a previous run", n)
             self._rconn = await self._connect(readonly=True)
-        except sqlite3.Error as e:
+        except BaseException as e:
             await self._close_conns()
             self._drop_lock()
-            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+            if isinstance(e, sqlite3.Error):
+                raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+            raise
         self._writer = asyncio.create_task(self._run_writer(), name="store-writer")
 
     async def close(self) -> None:
