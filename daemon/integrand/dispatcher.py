@@ -186,19 +186,29 @@ class Dispatcher:
             # The leases will expire and the deliveries will be retried: at-least-once.
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
 
+    def _reachable(self, sink: SinkRuntime, before: str) -> None:
+        """The sink answered: close its breaker and, if it was open, send its waiting retries now."""
+        sink.breaker = br.on_success(sink.breaker)
+        if before != "closed":
+            log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
+            self.metrics.breaker_open.labels(sink.name).set(0)
+            task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
+        self.metrics.deliveries.labels(sink.name, "dead").inc()
+        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        return Outcome(row, "dead", error=error)
+
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
         before = sink.breaker.status
         if res is None:
-            sink.breaker = br.on_success(sink.breaker)
-            if before != "closed":
-                log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
-                self.metrics.breaker_open.labels(sink.name).set(0)
-                task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._reachable(sink, before)
             self.metrics.deliveries.labels(sink.name, "done").inc()
             return Outcome(row, "done")
         error = describe_error(res)
         if isinstance(res, PermanentError):
+            self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
             self.metrics.deliveries.labels(sink.name, "dead").inc()
             log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
@@ -209,32 +219,36 @@ class Dispatcher:
                 self.metrics.breaker_open.labels(sink.name).set(1)
             self.metrics.deliveries.labels(sink.name, "auth").inc()
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
-        if not isinstance(res, RetryableError):
+        outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
+        if outage:
+            sink.breaker = br.on_failure(sink.breaker, now)
+            if sink.breaker.status == "open" and before != "open":
+                log.warning(
+                    "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
+                    sink.name,
+                    sink.breaker.failures,
+                    sink.breaker.current_open_for,
+                )
+                self.metrics.breaker_open.labels(sink.name).set(1)
+        else:
+            # A connector bug, not an outage: it spends attempts but does not pause the sink.
             log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
-        sink.breaker = br.on_failure(sink.breaker, now)
-        if sink.breaker.status == "open" and before != "open":
-            log.warning(
-                "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
-                sink.name,
-                sink.breaker.failures,
-                sink.breaker.current_open_for,
-            )
-            self.metrics.breaker_open.labels(sink.name).set(1)
+            if probing and sink.breaker.status == "half_open":
+                sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
         self.metrics.deliveries.labels(sink.name, "retry").inc()
         retry_after = getattr(res, "retry_after", None)
-        if probing:
-            return Outcome(
-                row,
-                "retry",
-                error=error,
-                next_attempt_at=max(now, sink.breaker.reopens_at),
-                count_attempt=False,
-            )
-        attempts = row.attempts + 1
         policy = sink.retry
-        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
-            self.metrics.deliveries.labels(sink.name, "dead").inc()
-            log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
-            return Outcome(row, "dead", error=error)
+        age = now - row.created_at
+        if probing and outage:
+            if age >= policy.max_age:
+                return self._dead(sink, row, error, res, row.attempts)
+            # Not counted (the sink is down, not this delivery), but pushed back so the next probe
+            # tries another delivery: one poison delivery cannot keep the breaker open forever.
+            delay = retry_delay(row.attempts + 1, base=policy.base, cap=policy.cap, rand=self.rand())
+            nxt = max(now + delay, sink.breaker.reopens_at, now + (retry_after or 0.0))
+            return Outcome(row, "retry", error=error, next_attempt_at=nxt, count_attempt=False)
+        attempts = row.attempts + 1
+        if should_give_up(attempts, age, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            return self._dead(sink, row, error, res, attempts)
         delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
