@@ -115,7 +115,7 @@ class Dispatcher:
             sink, limit, probing = picked
             gen = self._gen
             try:
-                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name)
+                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name, due_only=not probing)
             except Exception as e:
                 if probing:
                     sink.breaker = br.on_failure(sink.breaker, self.clock())
@@ -243,7 +243,8 @@ class Dispatcher:
             if age >= policy.max_age:
                 return self._dead(sink, row, error, res, row.attempts)
             # Not counted (the sink is down, not this delivery), but pushed back so the next probe
-            # tries another delivery: one poison delivery cannot keep the breaker open forever.
+            # (which takes the head falling due soonest, due or not) tries another delivery:
+            # one poison delivery cannot keep the breaker open forever.
             delay = retry_delay(row.attempts + 1, base=policy.base, cap=policy.cap, rand=self.rand())
             nxt = max(now + delay, sink.breaker.reopens_at, now + (retry_after or 0.0))
             return Outcome(row, "retry", error=error, next_attempt_at=nxt, count_attempt=False)

@@ -487,13 +487,19 @@ class Store:
         *,
         exclude: Iterable[str] = (),
         only: str | None = None,
+        due_only: bool = True,
     ) -> list[Leased]:
-        """Lease up to ``limit`` due deliveries that head their (sink, entity) line, oldest first."""
+        """Lease up to ``limit`` due deliveries that head their (sink, entity) line, oldest first.
+
+        ``due_only=False`` takes the heads that fall due soonest even if not due yet: a breaker's
+        probe tests the sink, and the backoffs it would wait out were caused by the outage."""
         excluded = sorted(exclude)
 
         async def op(conn: Conn) -> list[Leased]:
             now = self.clock()
-            where = ["d.state = 'ready'", "d.next_attempt_at <= :now"]
+            where = ["d.state = 'ready'"]
+            if due_only:
+                where.append("d.next_attempt_at <= :now")
             params: dict[str, Any] = {
                 "now": now,
                 "until": now + lease_seconds,
