@@ -160,6 +160,11 @@ breaker = { failure_threshold = 3, open_for = "200ms", max_open_for = "500ms" }
         receiver.status = 200
         await receiver.start()
         await wait_for(lambda: len(receiver.delivered()) >= len(entities) * len(versions), timeout=10)
+
+        async def all_acked() -> bool:  # the receiver answers before the ack commits
+            return (await d.store.counts()).get(("crm", "done")) == len(entities) * len(versions)
+
+        await wait_for(all_acked)
         counts = await d.store.counts()
         assert counts.get(("crm", "done")) == len(entities) * len(versions)
         assert ("crm", "dead") not in counts
