@@ -21,6 +21,7 @@ from .config import Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
+from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
 from .routes import Router
@@ -67,6 +68,7 @@ class Daemon:
     listener: Listener
     dispatcher: Dispatcher
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
+    http: HttpPool = field(default_factory=HttpPool)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -88,7 +90,9 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
     await store.open()
     metrics = Metrics()
     connectors: dict[str, Connector[Any]] = {}
+    http = HttpPool()
     try:
+        await http.start()
         for role, table in (("source", s.sources), ("sink", s.sinks)):
             for name, cs in table.items():
                 ctx = ConnectorContext(
@@ -98,6 +102,8 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
                     state=ScopedState(store, f"{role}:{name}"),
                     public_url=s.daemon.public_url,
                     logger=logging.getLogger(f"integrand.{role}.{name}"),
+                    http=http.for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
+                    clock=clock,
                 )
                 inst = cs.cls(cs.options, ctx)
                 await inst.start()
@@ -106,6 +112,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         for inst in connectors.values():
             with contextlib.suppress(Exception):
                 await inst.close()
+        await http.close()
         await store.close()
         raise
 
@@ -150,7 +157,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, http)
 
 
 async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
@@ -233,6 +240,7 @@ async def _shutdown(d: Daemon, runners: list[web.AppRunner], tasks: list[asyncio
             await inst.close()
         except Exception:
             log.exception("error closing connector")
+    await d.http.close()
     for r in runners[1:]:
         await r.cleanup()
     await d.store.close()
@@ -260,7 +268,13 @@ def _status(d: Daemon) -> dict[str, Any]:
     return {
         "sources": sorted(d.settings.sources),
         "breakers": {
-            name: {"status": s.breaker.status, "failures": s.breaker.failures} for name, s in d.dispatcher.sinks.items()
+            name: {
+                "status": s.breaker.status,
+                "failures": s.breaker.failures,
+                "paused": "auth" if s.auth_error is not None else None,
+                "auth_error": s.auth_error,
+            }
+            for name, s in d.dispatcher.sinks.items()
         },
     }
 

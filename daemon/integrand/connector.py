@@ -6,7 +6,13 @@ capability mixins:
 
 * :class:`WebhookSource` — ``verify`` then ``parse`` an inbound HTTP request;
 * :class:`PollingSource` — ``poll(cursor)`` for changes since a cursor;
+* :class:`ReconcilingSource` — ``reconcile(window, page)``: the remote state over a
+  window (or in full), a bounded page at a time, so missed changes can be found;
+* :class:`Enricher` — ``fetch(event)``: turn a thin event ("customer 58 changed")
+  into one carrying the record's current data, just before delivery;
 * :class:`Sink` — ``deliver`` (and optionally ``deliver_batch``) events.
+
+Every capability is optional; a connector has the ones whose class it subclasses.
 
 Its configuration is a pydantic model (:class:`ConnectorConfig`) named
 ``Config`` on the class; integrand validates the connector's table against it at
@@ -14,13 +20,19 @@ startup and reports errors with their key paths. Connectors raise the errors in
 :mod:`integrand.errors` (re-exported here): ``RetryableError(retry_after=…)``,
 ``PermanentError``, ``AuthError``; anything else is treated as retryable and logged
 with its traceback.
+
+The :class:`ConnectorContext` gives each instance its services: ``state`` (durable
+key/value state in the store, for OAuth tokens and cursors — never files of its
+own), ``http`` (the shared HTTP helper with per-account rate limits and redacted
+logs, :class:`Http`), ``clock`` and a logger.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -35,6 +47,7 @@ from .errors import (
     WebhookRejected,
 )
 from .events import Event, content_id, utcnow_iso
+from .httpclient import Http, HttpPool, Response, error_for_status
 from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
 
@@ -44,13 +57,20 @@ __all__ = [
     "ConnectorConfig",
     "ConnectorContext",
     "Duration",
+    "Enricher",
     "Event",
+    "Http",
+    "HttpPool",
     "ListenAddress",
     "PayloadError",
     "PermanentError",
     "PollResult",
     "PollingSource",
+    "ReconcilePage",
+    "ReconcileWindow",
+    "ReconcilingSource",
     "RelPath",
+    "Response",
     "RetryableError",
     "SecretList",
     "SecretValue",
@@ -62,6 +82,7 @@ __all__ = [
     "WebhookRequest",
     "WebhookSource",
     "content_id",
+    "error_for_status",
     "utcnow_iso",
 ]
 
@@ -90,6 +111,13 @@ class ConnectorContext:
     state: StateStore
     public_url: str | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("integrand.connector"))
+    http: Http = field(default=None)  # type: ignore[assignment]  # filled in by __post_init__
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if self.http is None:
+            # Outside the daemon (``integrand send``, a quick script) a private pool; the daemon passes its shared one.
+            object.__setattr__(self, "http", HttpPool().for_connector(self.logger))
 
 
 C = TypeVar("C", bound=ConnectorConfig)
@@ -113,20 +141,27 @@ class Connector(Generic[C]):
 
     @classmethod
     def capabilities(cls) -> frozenset[str]:
+        """What the class can do, from the capability classes it subclasses (shown by ``integrand plugins``)."""
         caps = set()
         if issubclass(cls, WebhookSource):
             caps.add("webhook")
         if issubclass(cls, PollingSource):
             caps.add("poll")
+        if issubclass(cls, ReconcilingSource):
+            caps.add("reconcile")
+        if issubclass(cls, Enricher):
+            caps.add("fetch")
         if issubclass(cls, Sink):
             caps.add("sink")
+            if cls.deliver_batch is not Sink.deliver_batch:
+                caps.add("batch")
         return frozenset(caps)
 
     @classmethod
     def roles(cls) -> frozenset[Role]:
         caps = cls.capabilities()
         roles: set[Role] = set()
-        if caps & {"webhook", "poll"}:
+        if caps & {"webhook", "poll", "reconcile"}:
             roles.add("source")
         if "sink" in caps:
             roles.add("sink")
@@ -180,6 +215,45 @@ class PollingSource(ABC):
     @abstractmethod
     async def poll(self, cursor: Any) -> PollResult:
         """Fetch one page of changes after ``cursor`` (None on the first poll)."""
+
+
+@dataclass(frozen=True)
+class ReconcileWindow:
+    """The span of remote changes to list: ISO-8601 UTC bounds, ``since=None`` for everything."""
+
+    since: str | None = None
+    until: str | None = None
+
+
+@dataclass(frozen=True)
+class ReconcilePage:
+    """One bounded page of the remote state: one Event per record (with entity, entity_id, version)."""
+
+    events: Sequence[Event]
+    next_page: Any = None
+
+
+class ReconcilingSource(ABC):
+    """Capability: list the remote records over a window so that changes missed by webhooks and polls are found.
+
+    Each record comes back as the Event a change to it would have produced, with
+    ``entity``, ``entity_id`` and ``version`` set; the caller compares versions with
+    what it has seen and enqueues only what is newer.
+    """
+
+    page_size: ClassVar[int] = 1000
+
+    @abstractmethod
+    async def reconcile(self, window: ReconcileWindow, page: Any) -> ReconcilePage:
+        """Return one page (at most ``page_size`` records) from ``page`` (None for the first); ``next_page`` None ends."""
+
+
+class Enricher(ABC):
+    """Capability: fetch a record's current data for a thin event (webhooks that say only *what* changed)."""
+
+    @abstractmethod
+    async def fetch(self, event: Event) -> Event:
+        """Return ``event`` carrying the record's current data; raise PermanentError if it is gone for good."""
 
 
 class Sink(ABC):

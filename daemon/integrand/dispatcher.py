@@ -40,6 +40,7 @@ class SinkRuntime:
     batch_size: int
     retry: RetrySettings
     breaker: br.Breaker
+    auth_error: str | None = None  # set while the sink is paused because its credentials were refused
 
 
 def describe_error(e: BaseException) -> str:
@@ -189,6 +190,9 @@ class Dispatcher:
     def _reachable(self, sink: SinkRuntime, before: str) -> None:
         """The sink answered: close its breaker and, if it was open, send its waiting retries now."""
         sink.breaker = br.on_success(sink.breaker)
+        if sink.auth_error is not None:
+            log.warning("sink %s: credentials accepted again, sink resumed", sink.name)
+            sink.auth_error = None
         if before != "closed":
             log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
             self.metrics.breaker_open.labels(sink.name).set(0)
@@ -214,9 +218,16 @@ class Dispatcher:
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
             sink.breaker = br.trip(sink.breaker, now)
-            if before == "closed":
-                log.error("sink %s: authentication refused, sink paused: %s", sink.name, res)
-                self.metrics.breaker_open.labels(sink.name).set(1)
+            if sink.auth_error is None:
+                # The alert: once per pause, not once per delivery or probe.
+                log.critical(
+                    "ALERT sink %s: authentication refused, sink paused until its credentials work again "
+                    "(re-authorize it; deliveries wait without spending attempts): %s",
+                    sink.name,
+                    error,
+                )
+            sink.auth_error = error
+            self.metrics.breaker_open.labels(sink.name).set(1)
             self.metrics.deliveries.labels(sink.name, "auth").inc()
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
         outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
