@@ -63,7 +63,8 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
         ready.set_result(d)
 
     task = asyncio.create_task(run(settings, on_ready=on_ready))
-    done, _ = await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    waiting: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises what went wrong at startup
     assert ready.done(), "daemon did not become ready within 30 s"
