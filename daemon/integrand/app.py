@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +18,12 @@ from . import __version__
 from .admin import Admin
 from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
-from .connector import Connector, ConnectorContext, Sink, WebhookSource
+from .connector import Connector, ConnectorContext, PollingSource, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
+from .events import Event
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .poller import SourcePoller, run_reconciler
 from .routes import Router
 from .store import Store
 
@@ -66,6 +68,7 @@ class Daemon:
     listener: Listener
     dispatcher: Dispatcher
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
+    pollers: dict[str, SourcePoller] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -132,14 +135,29 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             retry=s.retry_for(name),
             breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
         )
+    router = Router(s.routes)
+    pollers: dict[str, SourcePoller] = {}
+    for name, cs in s.sources.items():
+        inst = connectors[f"source:{name}"]
+        core = cs.core
+        assert isinstance(core, SourceCore)
+        if isinstance(inst, PollingSource):
+            pollers[name] = SourcePoller(name, inst, store, router, core.poll, metrics=metrics, clock=clock)
+
+    def nudge(source: str, events: Sequence[Event]) -> None:
+        p = pollers.get(source)
+        if p is not None:
+            p.nudge()
+
     listener = Listener(
         sources,
         store,
-        Router(s.routes),
+        router,
         public_url=s.daemon.public_url,
         rejections_kept=s.daemon.rejections_kept,
         metrics=metrics,
         clock=clock,
+        on_accepted=nudge,
     )
     dispatcher = Dispatcher(
         store,
@@ -149,7 +167,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, pollers)
 
 
 async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
@@ -176,6 +194,13 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             d.ports["admin"] = _bound_port(asite)
         tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
         tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
+        for name, poller in d.pollers.items():
+            tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+            if poller.settings.reconcile is not None:
+                recon = run_reconciler(
+                    name, poller.connector, d.store, poller.router, poller.settings, metrics=d.metrics
+                )
+                tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",
@@ -258,6 +283,7 @@ async def _maintenance(d: Daemon) -> None:
 def _status(d: Daemon) -> dict[str, Any]:
     return {
         "sources": sorted(d.settings.sources),
+        "pollers": {name: p.status() for name, p in d.pollers.items()},
         "breakers": {
             name: {"status": s.breaker.status, "failures": s.breaker.failures} for name, s in d.dispatcher.sinks.items()
         },

@@ -50,6 +50,7 @@ __all__ = [
     "PermanentError",
     "PollResult",
     "PollingSource",
+    "ReconcilePage",
     "RelPath",
     "RetryableError",
     "SecretValue",
@@ -164,13 +165,38 @@ class WebhookSource(ABC):
 
 @dataclass(frozen=True)
 class PollResult:
-    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``."""
+    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``.
+
+    ``more`` says another page is waiting (integrand polls again at once). The rest are
+    hints for the interval policy: ``retry_after`` seconds the provider asked for, and
+    the provider's rate budget (``budget_remaining`` of ``budget_limit`` requests, the
+    window resetting in ``budget_reset`` seconds), shared with this account's sink writes.
+    """
 
     events: Sequence[Event]
     cursor: Any
     more: bool = False
     retry_after: float | None = None
     budget_remaining: int | None = None
+    budget_limit: int | None = None
+    budget_reset: float | None = None
+
+
+@dataclass(frozen=True)
+class ReconcilePage:
+    """One bounded page of the remote state, for reconciliation.
+
+    ``events`` describe entities as they are now (``entity``, ``entity_id`` and
+    ``version`` set, stable ids); integrand enqueues those its entity table shows as
+    missed or older. ``deleted`` lists (entity, entity_id) the provider reports as
+    deleted. ``cursor`` is where the next page starts (kept in the store, so a
+    crashed pass resumes); ``more`` says whether there is one.
+    """
+
+    events: Sequence[Event]
+    cursor: Any = None
+    more: bool = False
+    deleted: Sequence[tuple[str, str]] = ()
 
 
 class PollingSource(ABC):
@@ -179,6 +205,13 @@ class PollingSource(ABC):
     @abstractmethod
     async def poll(self, cursor: Any) -> PollResult:
         """Fetch one page of changes after ``cursor`` (None on the first poll)."""
+
+    async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
+        """One page of entities changed since ``since`` (epoch seconds; None = all), from ``cursor`` (None first).
+
+        Optional: connectors that cannot list their remote state leave it unimplemented.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot reconcile")
 
 
 class Sink(ABC):
