@@ -195,7 +195,8 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
         tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
         for name, poller in d.pollers.items():
-            tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+            if poller.settings.enabled:
+                tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
             if poller.settings.reconcile is not None:
                 recon = run_reconciler(
                     name, poller.connector, d.store, poller.router, poller.settings, metrics=d.metrics

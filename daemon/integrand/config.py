@@ -81,6 +81,8 @@ class RouteSettings(StrictModel):
 class PollSettings(StrictModel):
     """``[sources.NAME.poll]``: how often a polling source is asked for changes, and reconciliation."""
 
+    # false: never poll on a schedule (a webhook source that only reconciles).
+    enabled: bool = True
     min_interval: Duration = 5.0
     max_interval: Duration = 900.0
     target_latency: Duration = 60.0
