@@ -84,3 +84,34 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> N
     assert all(at_sink_before[i] == 1 for i in duplicated)
     _, leased_after = db_snapshot(db)
     assert not leased_after
+
+
+async def test_sigterm_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path, DEMO, BASE)
+    out = tmp_path / "var" / "out.jsonl"
+    daemon = DaemonProcess(config, tmp_path / "integrand.log")
+    ids = [f"msg_{i:05d}" for i in range(TOTAL)]
+    try:
+        await daemon.start()
+        acked, unacked = await send_many(
+            daemon.url(), ids, stop_after_acks=KILL_AFTER, on_enough=lambda: daemon.signal(signal.SIGTERM)
+        )
+        assert await daemon.wait() == 0
+        assert unacked, "SIGTERM came after every request had been answered"
+        stored, leased = db_snapshot(db := tmp_path / "var" / "integrand.db")
+        assert acked <= stored
+        assert not leased
+
+        await daemon.start()
+        retried, still_failing = await send_many(daemon.url(), sorted(unacked))
+        assert retried == unacked and not still_failing
+        await wait_for(lambda: set(jsonl_ids(out)) >= set(ids), timeout=30, interval=0.1)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.kill()
+    at_sink = Counter(jsonl_ids(out))
+    assert set(at_sink) == set(ids)
+    # A clean stop finishes what it leased and records it: nothing is delivered twice.
+    assert [i for i, n in at_sink.items() if n > 1] == []
+    assert db_snapshot(db)[1] == set()

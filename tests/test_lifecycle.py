@@ -148,6 +148,22 @@ async def test_second_signal_exits_at_once_without_losing_acknowledged(tmp_path:
     assert set(states(tmp_path).values()) == {"done"}
 
 
+async def test_grace_period_bounds_shutdown_and_hands_leases_back(tmp_path: Path, gated: Receiver) -> None:
+    daemon = DaemonProcess(config_for(tmp_path, gated.url, grace="1s"), tmp_path / "integrand.log")
+    ids = [f"msg_{i}" for i in range(4)]
+    try:
+        await daemon.start()
+        acked, _ = await send_many(daemon.url(), ids, concurrency=2)
+        assert acked == set(ids)
+        await wait_for(lambda: gated.pending == 2, timeout=10)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=10) == 0  # the sink never answers; the grace period ends the wait
+    finally:
+        await daemon.kill()
+    assert "did not finish within the grace period; they will be redelivered" in daemon.output()
+    assert set(states(tmp_path).values()) == {"ready"}  # nothing left leased, nothing marked done
+
+
 BROKEN = """
 [daemon]
 listn = "127.0.0.1:8080"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import sqlite3
 import time
 from pathlib import Path
@@ -448,3 +449,26 @@ async def test_full_store_is_503_nothing_half_stored_and_recovers(tmp_path: Path
         want = {*accepted, refused}
         await wait_for(lambda: {e["id"] for e in read_jsonl(out)} == want, timeout=20)
         assert (await d.store.counts()).get(("out", "done")) == len(want)
+
+
+async def test_limit_is_inclusive_and_counts_the_decompressed_body(settings: Settings) -> None:
+    def body_of(size: int) -> bytes:
+        body = orjson.dumps({"pad": ""})
+        return orjson.dumps({"pad": "x" * (size - len(body))})
+
+    async with running(settings) as d, aiohttp.ClientSession() as s:
+        exact, over = body_of(1024), body_of(1025)
+        assert (len(exact), len(over)) == (1024, 1025)
+        status, got, _ = await post(s, hook_url(d), exact, signed_headers(exact, "exact"))
+        assert (status, got) == (200, {"accepted": 1, "duplicates": 0})
+        status, got, _ = await post(s, hook_url(d), over, signed_headers(over, "over"))
+        assert (status, got) == (413, {"error": "body of 1025 bytes exceeds the limit of 1024 bytes"})
+
+        # A gzip bomb: under 1 KB on the wire, 800 KB once inflated. The limit applies to what we would store.
+        bomb = orjson.dumps({"pad": "0" * 800_000})
+        wire = gzip.compress(bomb)
+        assert len(wire) < 1024
+        headers = {**signed_headers(bomb, "bomb"), "Content-Encoding": "gzip"}
+        status, got, _ = await post(s, hook_url(d), wire, headers)
+        assert (status, got) == (413, {"error": "body exceeds the limit of 1024 bytes"})
+        assert await d.store.event_count() == 1
