@@ -94,11 +94,11 @@ async def test_sigterm_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path:
     config = write_config(tmp_path, DEMO, BASE)
     out = tmp_path / "var" / "out.jsonl"
     daemon = DaemonProcess(config, tmp_path / "integrand.log")
-    ids = [f"msg_{i:05d}" for i in range(TOTAL)]
+    ids = [f"msg_{i:05d}" for i in range(TOTAL // 2)]
     try:
         await daemon.start()
         acked, unacked = await send_many(
-            daemon.url(), ids, stop_after_acks=KILL_AFTER, on_enough=lambda: daemon.signal(signal.SIGTERM)
+            daemon.url(), ids, stop_after_acks=KILL_AFTER // 2, on_enough=lambda: daemon.signal(signal.SIGTERM)
         )
         assert await daemon.wait() == 0
         assert unacked, "SIGTERM came after every request had been answered"
