@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import sqlite3
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from integrand.cli import main as cli_main
 from integrand.config import Settings
 from integrand.store import Store
 
-from .helpers import DEMO_SECRET, hook_url, read_jsonl, running, settings_for, signed_headers, wait_for
+from .helpers import DEMO_SECRET, admin_url, hook_url, read_jsonl, running, settings_for, signed_headers, wait_for
 
 ROTATED_SECRET = "whsec_" + base64.b64encode(b"the-new-key-after-rotation-0123").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"a-key-integrand-never-heard-of!").decode()
@@ -204,7 +205,7 @@ async def test_unauthenticated_is_401_and_never_parsed(settings: Settings, case:
     elif case == "stale":
         headers = signed_headers(body, "msg_1", ts=now - 301)
     elif case == "future":
-        headers = signed_headers(body, "msg_1", ts=now + 301)
+        headers = signed_headers(body, "msg_1", ts=now + 320)  # margin: the server reads its clock later
     elif case == "other-secret":
         headers = signed_headers(body, "msg_1", secret=OTHER_SECRET)
     async with running(settings) as d, aiohttp.ClientSession() as s:
@@ -409,21 +410,27 @@ async def test_full_store_is_503_nothing_half_stored_and_recovers(tmp_path: Path
     accepted: list[str] = []
     refused: str | None = None
     pad = "p" * 40_000  # about 25 of these fill a 1 MB store
-    async with running(settings_for(tmp_path, FULL.format(mb=1, secret=DEMO_SECRET))) as d:
-        async with aiohttp.ClientSession() as s:
-            for i in range(200):
-                body = orjson.dumps({"n": i, "pad": pad})
-                status, got, headers = await post(s, hook_url(d), body, signed_headers(body, f"msg_{i}"))
-                if status == 200:
-                    assert got == {"accepted": 1, "duplicates": 0}
-                    accepted.append(f"msg_{i}")
-                    continue
-                assert (status, got) == (503, {"error": "the event store cannot commit right now; retry later"})
-                assert headers["Retry-After"] == "5"
-                refused = f"msg_{i}"
-                break
+    async with (
+        running(settings_for(tmp_path, FULL.format(mb=1, secret=DEMO_SECRET))) as d,
+        aiohttp.ClientSession() as s,
+    ):
+        for i in range(200):
+            body = orjson.dumps({"n": i, "pad": pad})
+            status, got, headers = await post(s, hook_url(d), body, signed_headers(body, f"msg_{i}"))
+            if status == 200:
+                assert got == {"accepted": 1, "duplicates": 0}
+                accepted.append(f"msg_{i}")
+                continue
+            assert (status, got) == (503, {"error": "the event store cannot commit right now; retry later"})
+            assert headers["Retry-After"] == "5"
+            refused = f"msg_{i}"
+            break
         assert refused is not None, "a 1 MB store never filled up"
         assert len(accepted) >= 5
+        # Readiness tells a load balancer the same thing the webhooks were told.
+        async with s.get(admin_url(d, "/readyz")) as resp:
+            assert resp.status == 503
+            assert "full" in (await resp.json())["reason"]
     # Nothing half-stored: exactly the acknowledged events, each with its one delivery row.
     db = sqlite3.connect(tmp_path / "var" / "integrand.db")
     try:
@@ -445,6 +452,35 @@ async def test_full_store_is_503_nothing_half_stored_and_recovers(tmp_path: Path
             body = orjson.dumps({"n": "again", "pad": pad})
             status, got, _ = await post(s, hook_url(d), body, signed_headers(body, refused))
             assert (status, got) == (200, {"accepted": 1, "duplicates": 0})
+            async with s.get(admin_url(d, "/readyz")) as resp:
+                assert (resp.status, await resp.json()) == (200, {"status": "ready"})
         want = {*accepted, refused}
         await wait_for(lambda: {e["id"] for e in read_jsonl(out)} == want, timeout=20)
-        assert (await d.store.counts()).get(("out", "done")) == len(want)
+        await wait_for(lambda: _all_done(d.store, len(want)), timeout=20)
+
+
+async def _all_done(store: Store, n: int) -> bool:
+    return await store.counts() == {("out", "done"): n}
+
+
+async def test_limit_is_inclusive_and_counts_the_decompressed_body(settings: Settings) -> None:
+    def body_of(size: int) -> bytes:
+        body = orjson.dumps({"pad": ""})
+        return orjson.dumps({"pad": "x" * (size - len(body))})
+
+    async with running(settings) as d, aiohttp.ClientSession() as s:
+        exact, over = body_of(1024), body_of(1025)
+        assert (len(exact), len(over)) == (1024, 1025)
+        status, got, _ = await post(s, hook_url(d), exact, signed_headers(exact, "exact"))
+        assert (status, got) == (200, {"accepted": 1, "duplicates": 0})
+        status, got, _ = await post(s, hook_url(d), over, signed_headers(over, "over"))
+        assert (status, got) == (413, {"error": "body of 1025 bytes exceeds the limit of 1024 bytes"})
+
+        # A gzip bomb: under 1 KB on the wire, 800 KB once inflated. The limit applies to what we would store.
+        bomb = orjson.dumps({"pad": "0" * 800_000})
+        wire = gzip.compress(bomb)
+        assert len(wire) < 1024
+        headers = {**signed_headers(bomb, "bomb"), "Content-Encoding": "gzip"}
+        status, got, _ = await post(s, hook_url(d), wire, headers)
+        assert (status, got) == (413, {"error": "body exceeds the limit of 1024 bytes"})
+        assert await d.store.event_count() == 1

@@ -5,76 +5,19 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp import web
 
 from integrand import signing
 from integrand.app import Daemon
 
 from .helpers import DEMO_SECRET, admin_url, hook_url, post_signed, running, settings_for, wait_for
+from .receiver import Receiver
 
 OUTBOUND_SECRET = "whsec_" + "b3V0Ym91bmQtc2lnbmluZy1rZXktZm9yLXRlc3Rz"
-
-
-@dataclass
-class Received:
-    at: float
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-    @property
-    def event(self) -> dict[str, Any]:
-        return dict(orjson.loads(self.body))
-
-
-@dataclass
-class Receiver:
-    """A local HTTP endpoint standing in for the sink's remote side; ``answer`` decides each response."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    per_event: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
-    log: list[Received] = field(default_factory=list)
-    port: int = 0
-    _runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        ev_id = orjson.loads(body)["id"]
-        queued = self.per_event.get(ev_id)
-        status, headers = queued.pop(0) if queued else (self.status, self.headers)
-        self.log.append(Received(time.monotonic(), dict(request.headers), body, status))
-        return web.json_response({"status": status}, status=status, headers=headers)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/in", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        if not self.port:
-            server: Any = site._server
-            self.port = int(server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/in"
-
-    def delivered(self) -> list[dict[str, Any]]:
-        return [r.event for r in self.log if 200 <= r.status < 300]
 
 
 @pytest.fixture

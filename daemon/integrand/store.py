@@ -247,12 +247,19 @@ class Rejection:
 
 
 class _Op:
-    __slots__ = ("fn", "future", "rows")
+    __slots__ = ("alone", "fn", "future", "rows")
 
-    def __init__(self, fn: Callable[[Conn], Awaitable[Any]] | None, rows: int, future: asyncio.Future[Any] | None):
+    def __init__(
+        self,
+        fn: Callable[[Conn], Awaitable[Any]] | None,
+        rows: int,
+        future: asyncio.Future[Any] | None,
+        alone: bool = False,
+    ):
         self.fn = fn
         self.rows = rows
         self.future = future
+        self.alone = alone  # committed in a transaction of its own: its failure must not fail anyone else's op
 
 
 class _EnqueueOp(_Op):
@@ -416,15 +423,19 @@ class Store:
 
     async def _run_writer(self) -> None:
         stopping = False
+        held: _Op | None = None
         while not stopping:
-            op = await self._queue.get()
+            op, held = held or await self._queue.get(), None
             if op is _STOP:
                 break
             batch, rows = [op], op.rows
-            while rows < self.commit_max_rows and not self._queue.empty():
+            while not op.alone and rows < self.commit_max_rows and not self._queue.empty():
                 nxt = self._queue.get_nowait()
                 if nxt is _STOP:
                     stopping = True
+                    break
+                if nxt.alone:
+                    held = nxt
                     break
                 batch.append(nxt)
                 rows += nxt.rows
@@ -997,9 +1008,17 @@ class Store:
         return int(row[0]) if row else 0
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless a write transaction can be committed now."""
+        """Raise StoreUnavailable unless a webhook-sized write could be stored now (size limit, lock).
+
+        An empty transaction commits even when the store is full, so the probe writes
+        PROBE_BYTES and rolls them back, in a transaction of its own.
+        """
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(_probe_write, 1, fut, alone=True))
         try:
-            await self._submit(_noop)
+            await fut
         except StoreUnavailable:
             raise
         except Exception as e:
@@ -1011,8 +1030,17 @@ class Store:
         return self._rconn
 
 
-async def _noop(conn: Conn) -> None:
-    return None
+PROBE_BYTES = 64 * 1024
+
+
+async def _probe_write(conn: Conn) -> None:
+    await conn.execute("SAVEPOINT probe")
+    await conn.execute(
+        "INSERT INTO state (scope, key, value, updated_at) VALUES ('integrand.probe', 'ping', zeroblob(?), 0)",
+        (PROBE_BYTES,),
+    )
+    await conn.execute("ROLLBACK TO probe")
+    await conn.execute("RELEASE probe")
 
 
 _CURSOR_UPSERT = (
