@@ -78,6 +78,9 @@ class Dispatcher:
         self._stopping = False
         self._gen = 0
         self._empty: dict[str, int] = {}
+        # Sinks a worker is leasing for right now: the others leave them alone until that lease returns,
+        # or every commit would wake all workers into leases that find nothing (each one a store write).
+        self._leasing: set[str] = set()
         self._order = itertools.cycle(sorted(sinks)) if sinks else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -115,16 +118,22 @@ class Dispatcher:
                 continue
             sink, limit, probing = picked
             gen = self._gen
+            self._leasing.add(sink.name)
             try:
                 rows = await self.store.lease(limit, self.lease_seconds, only=sink.name, due_only=not probing)
             except Exception as e:
+                self._leasing.discard(sink.name)  # before idling, not after
                 if probing:
                     sink.breaker = br.on_failure(sink.breaker, self.clock())
                 log.error("cannot lease deliveries for sink %s: %s", sink.name, e)
                 await self._idle()
                 continue
+            finally:
+                self._leasing.discard(sink.name)
             if len(rows) < limit:
                 self._empty[sink.name] = gen
+            else:  # a full batch: there may be more, so wake the workers that skipped this sink meanwhile
+                self.store.deliveries_ready.set()
             if not rows:
                 if probing:  # nothing to probe with: stay open, probe again when work arrives
                     sink.breaker = replace(sink.breaker, status="open")
@@ -137,7 +146,7 @@ class Dispatcher:
         now = self.clock()
         for _ in range(len(self.sinks)):
             sink = self.sinks[next(self._order)]
-            if self._empty.get(sink.name) == self._gen:
+            if self._empty.get(sink.name) == self._gen or sink.name in self._leasing:
                 continue
             permit, new = br.permit(sink.breaker, now)
             if permit == "no":
