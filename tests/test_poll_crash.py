@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import sys
 from asyncio.subprocess import DEVNULL, Process
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,31 @@ def committed(db: Path) -> tuple[Any, int]:
     return (orjson.loads(row[0]) if row else None), int(n)
 
 
+def not_done(db: Path) -> set[str]:
+    """Event ids with a delivery not yet acknowledged (what a kill -9 may redeliver)."""
+    with sqlite3.connect(db) as c:
+        rows = c.execute(
+            "SELECT e.event_id FROM deliveries d JOIN events e ON e.id = d.event WHERE d.state != 'done'"
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def all_event_ids(db: Path) -> set[str]:
+    with sqlite3.connect(db) as c:
+        return {r[0] for r in c.execute("SELECT event_id FROM events")}
+
+
+def dedup(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines an idempotent sink would keep: the first of each event id."""
+    seen: set[str] = set()
+    out = []
+    for ln in lines:
+        if ln["id"] not in seen:
+            seen.add(ln["id"])
+            out.append(ln)
+    return out
+
+
 async def kill9(proc: Process) -> None:
     proc.send_signal(signal.SIGKILL)
     await asyncio.wait_for(proc.wait(), 30)
@@ -56,6 +82,8 @@ async def test_kill_between_poll_and_commit(tmp_path: Path) -> None:
         for i in range(5):
             await api.change(f"c{i}")
         await wait_for(lambda: len(read_jsonl(out)) == 5, timeout=30)
+        # Wait for the acks too: a delivery written but not yet marked done would be redelivered.
+        await wait_for(lambda: not_done(db) == set(), timeout=30)
         await wait_for(lambda: committed(db)[0] is not None and committed(db)[0]["page"] is None)
         cursor_before, events_before = committed(db)
         # Hold the write lock: the daemon can still read its cursor and poll, but its commit waits.
@@ -118,12 +146,20 @@ async def test_kill_during_a_multi_page_pass(tmp_path: Path) -> None:
         assert cursor["page"] is not None
         assert events == 12
         assert len(read_jsonl(out)) <= 12
+        # At-least-once: a delivery the dead process had written but not yet acked goes out again.
+        in_flight = not_done(db)
 
         api.list_records = original  # type: ignore[method-assign]
         holder["p"] = await start_daemon(cfg, tmp_path / "daemon.log")
-        await wait_for(lambda: len(read_jsonl(out)) == 20, timeout=30)
+        await wait_for(
+            lambda: {ln["id"] for ln in read_jsonl(out)} >= all_event_ids(db) and len(all_event_ids(db)) == 20,
+            timeout=30,
+        )
         await wait_for(lambda: committed(db)[0]["page"] is None)
-        check_exactly_once(read_jsonl(out), api)
+        lines = read_jsonl(out)
+        repeated = {i for i, n in Counter(ln["id"] for ln in lines).items() if n > 1}
+        assert repeated <= in_flight, f"repeated {repeated - in_flight} that were acked before the kill"
+        check_exactly_once(dedup(lines), api)
         assert committed(db)[1] == 20
     finally:
         p = holder.get("p")
