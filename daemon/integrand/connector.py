@@ -96,9 +96,11 @@ class ConnectorConfig(StrictModel):
 class StateStore(Protocol):
     """Durable key/value state owned by one configured connector (tokens, cursors), kept in the store."""
 
-    async def get(self, key: str) -> Any: ...
+    async def get(self, key: str) -> Any:
+        """The JSON value last set under ``key``, or None."""
 
-    async def set(self, key: str, value: Any) -> None: ...
+    async def set(self, key: str, value: Any) -> None:
+        """Store a JSON value durably (committed before this returns)."""
 
 
 @dataclass(frozen=True)

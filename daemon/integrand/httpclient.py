@@ -136,8 +136,8 @@ class HttpPool:
     timeout: float = 30.0
     retries: int = 2
     clock: Callable[[], float] = time.monotonic
-    _client: RetryClient | None = None
-    _limits: dict[str, _Limit] = field(default_factory=dict)
+    _client: RetryClient | None = field(default=None, init=False)
+    _limits: dict[str, _Limit] = field(default_factory=dict, init=False)
 
     async def start(self) -> None:
         if self._client is not None:
@@ -295,7 +295,9 @@ class Http:
         return res
 
     async def get(self, url: str, **kw: Any) -> Response:
+        """``request("GET", url, …)``."""
         return await self.request("GET", url, **kw)
 
     async def post(self, url: str, **kw: Any) -> Response:
+        """``request("POST", url, …)``."""
         return await self.request("POST", url, **kw)
