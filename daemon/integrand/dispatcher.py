@@ -23,10 +23,19 @@ from .backoff import retry_delay, should_give_up
 from .config import RetrySettings
 from .connector import Sink
 from .errors import AuthError, PermanentError, RetryableError
+from .events import Event
 from .metrics import Metrics
+from .routes import RouteRuntime
 from .store import Leased, Outcome, Store
 
 log = logging.getLogger("integrand.dispatcher")
+
+
+class _Skipped:
+    """A delivery the route decided not to send (an echo of integrand's own write, or no change)."""
+
+
+SKIPPED = _Skipped()
 
 MIN_IDLE = 0.005  # floor on an idle wait, so a race can never become a busy loop
 
@@ -66,8 +75,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         idle_poll: float = 1.0,
+        routes: RouteRuntime | None = None,
     ):
         self.store = store
+        self.routes = routes
         self.sinks = sinks
         self.workers = workers
         self.lease_seconds = lease_seconds
@@ -168,24 +179,60 @@ class Dispatcher:
             self.store.deliveries_ready.clear()
         self._gen += 1
 
+    async def _send(self, sink: SinkRuntime, rows: Sequence[Leased]) -> list[BaseException | _Skipped | None]:
+        """Run each event through its route (enrich, map, loop guard), deliver what remains, one result per row."""
+        prepared: list[Event | BaseException | None] = []
+        for row in rows:
+            if self.routes is None:
+                prepared.append(row.event)
+                continue
+            try:
+                prepared.append(await self.routes.prepare(sink.name, row.event))
+            except Exception as e:
+                prepared.append(e)
+        send = [p for p in prepared if isinstance(p, Event)]
+        sent: Sequence[BaseException | None] = await sink.connector.deliver_batch(send) if send else []
+        if len(sent) != len(send):
+            raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
+        results = iter(sent)
+        out: list[BaseException | _Skipped | None] = []
+        for p in prepared:
+            if isinstance(p, Event):
+                res = next(results)
+                out.append(res)
+                if res is None and self.routes is not None:
+                    try:
+                        await self.routes.delivered(sink.name, p)
+                    except Exception as e:  # only costs a redundant write later
+                        log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
+            else:
+                out.append(SKIPPED if p is None else p)
+        return out
+
     async def _deliver(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
         started = time.perf_counter()
+        results: Sequence[BaseException | _Skipped | None]
         try:
-            results: Sequence[BaseException | None] = await asyncio.wait_for(
-                sink.connector.deliver_batch([r.event for r in rows]), timeout=self.lease_seconds * 0.9
-            )
-            if len(results) != len(rows):
-                raise RuntimeError(f"deliver_batch returned {len(results)} results for {len(rows)} events")
+            results = await asyncio.wait_for(self._send(sink, rows), timeout=self.lease_seconds * 0.9)
         except Exception as e:
             results = [e] * len(rows)
         self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
         now = self.clock()
-        outcomes = [self._outcome(sink, row, res, probing, now) for row, res in zip(rows, results, strict=True)]
+        if probing and all(r is SKIPPED for r in results):
+            sink.breaker = replace(sink.breaker, status="open")  # nothing reached the sink: probe again later
+        outcomes = [
+            self._skipped(sink, row) if isinstance(res, _Skipped) else self._outcome(sink, row, res, probing, now)
+            for row, res in zip(rows, results, strict=True)
+        ]
         try:
             await self.store.complete(outcomes)
         except Exception as e:
             # The leases will expire and the deliveries will be retried: at-least-once.
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
+
+    def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
+        self.metrics.deliveries.labels(sink.name, "skipped").inc()
+        return Outcome(row, "done")
 
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
         before = sink.breaker.status
