@@ -122,6 +122,16 @@ def test_plugins_readme_shows_the_layout_and_the_entry_point_group() -> None:
     assert "docs/writing-connectors.md" in text
 
 
+def test_routes_guide_lists_every_conversion_and_mapping_key() -> None:
+    from integrand.routes import CONVERSIONS, FieldSpec, LoopGuardSettings, RouteSettings
+
+    text = (ROOT / "docs" / "routes.md").read_text()
+    names = [*CONVERSIONS, *FieldSpec.model_fields, *LoopGuardSettings.model_fields]
+    names += [f.alias or n for n, f in RouteSettings.model_fields.items()]
+    missing = [n for n in names if f"`{n}`" not in text]
+    assert not missing, f"docs/routes.md does not mention: {missing}"
+
+
 if __name__ == "__main__":
     # Rewrite the reference section after changing integrand.connector.
     text = GUIDE.read_text()

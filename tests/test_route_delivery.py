@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -10,7 +11,10 @@ import pytest
 from aiohttp import web
 
 from integrand.config import load_config
-from integrand.testing import fake_api_server
+from integrand.connector import Connector, ConnectorConfig, Enricher, Event, HttpPool, PermanentError
+from integrand.routes import MappingError, RouteRuntime, RouteSettings
+from integrand.store import Store
+from integrand.testing import connector_context, fake_api_server
 
 from .connectors import registry_with
 from .helpers import BASE, DEMO_SECRET, hook_url, post_signed, read_jsonl, running, wait_for, write_config
@@ -84,3 +88,60 @@ mapping = "{EXAMPLE / "qbo-customer-to-hubspot-contact.toml"}"
     assert "MappingError: map.email: required" in dead["m1"]
     assert "PermanentError: HTTP 404" in dead["m2"]
     assert "(request id tid-77)" in dead["m2"]
+
+
+class BatchFetcher(Connector[ConnectorConfig], Enricher):
+    """Fetches a whole batch in one request, as the QuickBooks query endpoint allows (``where Id in (…)``)."""
+
+    api_url = ""
+
+    async def fetch(self, event: Event) -> Event:
+        raise AssertionError("the route runtime must use fetch_many for a batch")
+
+    async def fetch_many(self, events: Sequence[Event]) -> list[Event | BaseException]:
+        ids = ",".join(e.entity_id or "" for e in events)
+        found = (await self.ctx.http.get(f"{self.api_url}/batch", params={"ids": ids})).json()
+        return [
+            replace(e, data={"object": found[e.entity_id]})
+            if e.entity_id in found
+            else PermanentError(f"{e.entity} {e.entity_id} no longer exists")
+            for e in events
+        ]
+
+
+async def test_a_batch_is_enriched_with_one_request_per_source(
+    tmp_path: Path, integrand_store: Store, http_pool: HttpPool
+) -> None:
+    calls: list[str] = []
+
+    async def batch(request: web.Request) -> web.Response:
+        calls.append(request.query["ids"])
+        records = {"58": QBO_CUSTOMER, "59": {"Id": "59"}}
+        return web.json_response({i: records[i] for i in request.query["ids"].split(",") if i in records})
+
+    app = web.Application()
+    app.router.add_get("/batch", batch)
+    async with fake_api_server(app) as url:
+        ctx = connector_context(integrand_store, name="qbo", base_dir=tmp_path, pool=http_pool)
+        fetcher = BatchFetcher(ConnectorConfig(), ctx)
+        fetcher.api_url = url
+        route = RouteSettings.model_validate(
+            {
+                "from": "qbo",
+                "to": ["crm"],
+                "enrich": True,
+                "mapping": str(EXAMPLE / "qbo-customer-to-hubspot-contact.toml"),
+            }
+        )
+        runtime = RouteRuntime.build([route], {"qbo": fetcher}, integrand_store)
+        events = [
+            Event(id=f"e{i}", source="qbo", type="customer.updated", data={}, entity="Customer", entity_id=i)
+            for i in ("58", "59", "77")
+        ]
+        out = await runtime.prepare_batch("crm", events)
+    assert calls == ["58,59,77"]
+    assert isinstance(out[0], Event)
+    assert out[0].data["email"] == "birds@intuit.com"
+    assert isinstance(out[1], MappingError)
+    assert isinstance(out[2], PermanentError)
+    assert "Customer 77 no longer exists" in str(out[2])

@@ -257,6 +257,16 @@ class Enricher(ABC):
     async def fetch(self, event: Event) -> Event:
         """Return ``event`` carrying the record's current data; raise PermanentError if it is gone for good."""
 
+    async def fetch_many(self, events: Sequence[Event]) -> list[Event | BaseException]:
+        """Fetch several; one result per event, an error in its place. Override to batch requests."""
+        out: list[Event | BaseException] = []
+        for event in events:
+            try:
+                out.append(await self.fetch(event))
+            except Exception as e:
+                out.append(e)
+        return out
+
 
 class Sink(ABC):
     """Capability: deliver events; must be idempotent on ``event.key``."""

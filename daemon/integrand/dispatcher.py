@@ -181,15 +181,9 @@ class Dispatcher:
 
     async def _send(self, sink: SinkRuntime, rows: Sequence[Leased]) -> list[BaseException | _Skipped | None]:
         """Run each event through its route (enrich, map, loop guard), deliver what remains, one result per row."""
-        prepared: list[Event | BaseException | None] = []
-        for row in rows:
-            if self.routes is None:
-                prepared.append(row.event)
-                continue
-            try:
-                prepared.append(await self.routes.prepare(sink.name, row.event))
-            except Exception as e:
-                prepared.append(e)
+        prepared: list[Event | BaseException | None] = [r.event for r in rows]
+        if self.routes is not None:
+            prepared = await self.routes.prepare_batch(sink.name, [r.event for r in rows])
         send = [p for p in prepared if isinstance(p, Event)]
         sent: Sequence[BaseException | None] = await sink.connector.deliver_batch(send) if send else []
         if len(sent) != len(send):

@@ -471,11 +471,42 @@ class RouteRuntime:
 
     async def prepare(self, sink: str, event: Event) -> Event | None:
         """The event as ``sink`` should receive it, or None when it must not be written (an echo, or no change)."""
+        [res] = await self.prepare_batch(sink, [event])
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    async def prepare_batch(self, sink: str, events: Sequence[Event]) -> list[Event | BaseException | None]:
+        """``prepare`` for a batch: enrichment goes to each source once (``fetch_many``), the rest per event."""
+        out: list[Event | BaseException | None] = list(events)
+        by_source: dict[str, list[int]] = {}
+        for i, event in enumerate(events):
+            cr = self.pairs.get((event.source, sink))
+            if cr is not None and cr.enrich and isinstance(self.sources.get(event.source), Enricher):
+                by_source.setdefault(event.source, []).append(i)
+        for source, idxs in by_source.items():
+            src = self.sources[source]
+            assert isinstance(src, Enricher)
+            try:
+                fetched = await src.fetch_many([events[i] for i in idxs])
+                if len(fetched) != len(idxs):
+                    raise RuntimeError(f"fetch_many returned {len(fetched)} results for {len(idxs)} events")
+            except Exception as e:
+                fetched = [e] * len(idxs)
+            for i, res in zip(idxs, fetched, strict=True):
+                out[i] = self._enrich_error(source, events[i], res) if isinstance(res, BaseException) else res
+        for i, item in enumerate(out):
+            if isinstance(item, Event):
+                try:
+                    out[i] = await self._route(sink, item)
+                except Exception as e:
+                    out[i] = e
+        return out
+
+    async def _route(self, sink: str, event: Event) -> Event | None:
         cr = self.pairs.get((event.source, sink))
         if cr is None:
             return event  # stored under a route that no longer exists: deliver as it was
-        if cr.enrich:
-            event = await self._enrich(event)
         if await self._is_echo(event):
             log.info(
                 "%s → %s: event %s is the echo of integrand's own write; not sent back", event.source, sink, event.id
@@ -511,16 +542,13 @@ class RouteRuntime:
         if key:
             await self.state.state_set(_scope(sink), f"written:{key}", fingerprint(written_fields(event.data)))
 
-    async def _enrich(self, event: Event) -> Event:
-        src = self.sources.get(event.source)
-        if not isinstance(src, Enricher):
-            return event
-        try:
-            return await src.fetch(event)
-        except AuthError as e:
+    @staticmethod
+    def _enrich_error(source: str, event: Event, e: BaseException) -> BaseException:
+        if isinstance(e, AuthError):
             # The source's credentials, not the sink's: retry later without pausing the sink.
-            log.error("source %s refused credentials while enriching event %s: %s", event.source, event.id, e)
-            raise RetryableError(f"enrichment by source {event.source!r} failed: {e}") from None
+            log.error("source %s refused credentials while enriching event %s: %s", source, event.id, e)
+            return RetryableError(f"enrichment by source {source!r} failed: {e}")
+        return e
 
     async def _is_echo(self, event: Event) -> bool:
         """Whether ``event`` reports back exactly what a guarded route wrote to its source's system."""

@@ -374,13 +374,12 @@ class ConnectorContract:
             pytest.skip("not an enricher")
         if thin_event is None:
             pytest.skip("no thin_event fixture given")
+        identity = (thin_event.id, thin_event.source, thin_event.entity, thin_event.entity_id)
         full = await connector.fetch(thin_event)
-        assert (full.id, full.source, full.entity, full.entity_id) == (
-            thin_event.id,
-            thin_event.source,
-            thin_event.entity,
-            thin_event.entity_id,
-        )
+        assert (full.id, full.source, full.entity, full.entity_id) == identity
+        [many] = await connector.fetch_many([thin_event])
+        assert isinstance(many, Event), f"fetch_many failed where fetch succeeded: {many!r}"
+        assert (many.id, many.source, many.entity, many.entity_id) == identity
 
     async def test_sink_delivers_and_redelivery_is_harmless(
         self, connector: Connector[Any], sink_events: Sequence[Event]
