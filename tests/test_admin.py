@@ -23,11 +23,13 @@ async def test_admin_endpoints(tmp_path: Path) -> None:
             assert r.status == 401
         await wait_for(lambda: len(read_jsonl(out)) == 1)
 
-        async def rejection_recorded() -> bool:
+        async def recorded() -> bool:
+            # The sink's line is written before the outcome is committed: wait for both, not the file.
             async with s.get(admin_url(d, "/status")) as r:
-                return bool((await r.json())["recent_rejections"])
+                st = await r.json()
+            return bool(st["recent_rejections"]) and st["deliveries"].get("out", {}).get("done") == 1
 
-        await wait_for(rejection_recorded)
+        await wait_for(recorded)
         async with s.get(admin_url(d, "/status")) as r:
             status = await r.json()
         assert status["deliveries"] == {"out": {"done": 1}}
