@@ -92,7 +92,7 @@ class TestBad(ConnectorContract):
 
 
 def test_a_well_behaved_connector_passes_every_check(pytester: pytest.Pytester) -> None:
-    pytester.makeini(INI)
+    pytester.makeini(INI.replace("auto", "strict"))  # works without asyncio_mode = auto too
     pytester.makepyfile(test_good=GOOD)
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=6, skipped=2)  # no reconcile, no fetch

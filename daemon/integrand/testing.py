@@ -301,12 +301,14 @@ class ConnectorContract:
                     validate_config(connector_cls, table, base_dir=tmp_path)
                 assert f"{plural}.{CONTRACT_NAME}.{alias}: required key is missing" in missing.value.problems
 
+    @pytest.mark.asyncio
     async def test_keeps_state_in_the_store_not_in_files(self, connector: Connector[Any], base_dir: Path) -> None:
         await _exercise(connector)
         if not self.writes_files:
             left = sorted(str(p.relative_to(base_dir)) for p in base_dir.rglob("*"))  # noqa: ASYNC240 - a test
             assert left == [], f"the connector wrote files of its own (use ctx.state): {left}"
 
+    @pytest.mark.asyncio
     async def test_webhook_verify_then_parse(
         self, connector: Connector[Any], webhook_body: bytes, fake_clock: FakeClock
     ) -> None:
@@ -332,6 +334,7 @@ class ConnectorContract:
         with pytest.raises(SignatureError):
             connector.verify(_request(connector, webhook_body, {"Content-Type": "application/json"}), now)
 
+    @pytest.mark.asyncio
     async def test_poll_pages_end_and_cursor_is_json(self, connector: Connector[Any]) -> None:
         if not isinstance(connector, PollingSource):
             pytest.skip("not a polling source")
@@ -353,6 +356,7 @@ class ConnectorContract:
         new = {e.id for e in res.events} - seen
         assert not new, f"polling again from the last cursor produced events never seen before: {sorted(new)[:5]}"
 
+    @pytest.mark.asyncio
     async def test_reconcile_pages_are_bounded_and_versioned(self, connector: Connector[Any]) -> None:
         if not isinstance(connector, ReconcilingSource):
             pytest.skip("not a reconciling source")
@@ -369,6 +373,7 @@ class ConnectorContract:
                 return
         raise AssertionError(f"reconcile did not finish within {self.max_pages} pages")
 
+    @pytest.mark.asyncio
     async def test_fetch_keeps_the_event_identity(self, connector: Connector[Any], thin_event: Event | None) -> None:
         if not isinstance(connector, Enricher):
             pytest.skip("not an enricher")
@@ -381,6 +386,7 @@ class ConnectorContract:
         assert isinstance(many, Event), f"fetch_many failed where fetch succeeded: {many!r}"
         assert (many.id, many.source, many.entity, many.entity_id) == identity
 
+    @pytest.mark.asyncio
     async def test_sink_delivers_and_redelivery_is_harmless(
         self, connector: Connector[Any], sink_events: Sequence[Event]
     ) -> None:
