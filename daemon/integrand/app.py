@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,14 @@ from . import __version__
 from .admin import Admin
 from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
-from .connector import Connector, ConnectorContext, Sink, WebhookSource
+from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
+from .errors import ConfigError
+from .events import Event
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .store import Store
 
@@ -68,6 +71,7 @@ class Daemon:
     dispatcher: Dispatcher
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
     http: HttpPool = field(default_factory=HttpPool)
+    pollers: dict[str, SourcePoller] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -147,14 +151,29 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             retry=s.retry_for(name),
             breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
         )
+    router = Router(s.routes)
+    pollers: dict[str, SourcePoller] = {}
+    for name, cs in s.sources.items():
+        inst = connectors[f"source:{name}"]
+        core = cs.core
+        assert isinstance(core, SourceCore)
+        if isinstance(inst, PollingSource):
+            pollers[name] = SourcePoller(name, inst, store, router, core.poll, metrics=metrics, clock=clock)
+
+    def nudge(source: str, events: Sequence[Event]) -> None:
+        p = pollers.get(source)
+        if p is not None:
+            p.nudge()
+
     listener = Listener(
         sources,
         store,
-        Router(s.routes),
+        router,
         public_url=s.daemon.public_url,
         rejections_kept=s.daemon.rejections_kept,
         metrics=metrics,
         clock=clock,
+        on_accepted=nudge,
     )
     dispatcher = Dispatcher(
         store,
@@ -165,7 +184,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         clock=clock,
         routes=route_runtime,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors, http)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
 
 
 async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
@@ -180,7 +199,7 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         await hook_runner.setup()
         runners.append(hook_runner)
         site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
-        await site.start()
+        await _start_site(site, "daemon.listen", str(s.daemon.listen))
         d.ports["webhooks"] = _bound_port(site)
         if s.admin.enabled:
             admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
@@ -188,10 +207,21 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             await admin_runner.setup()
             runners.append(admin_runner)
             asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
-            await asite.start()
+            await _start_site(asite, "admin.listen", str(s.admin.listen))
             d.ports["admin"] = _bound_port(asite)
         tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
         tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
+        for name, poller in d.pollers.items():
+            if poller.settings.enabled:
+                tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+        router = Router(s.routes)
+        for name, cs in s.sources.items():
+            inst = d.connectors[f"source:{name}"]
+            core = cs.core
+            assert isinstance(core, SourceCore)
+            if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
+                recon = run_reconciler(name, inst, d.store, router, core.poll, metrics=d.metrics)
+                tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",
@@ -275,6 +305,7 @@ async def _maintenance(d: Daemon) -> None:
 def _status(d: Daemon) -> dict[str, Any]:
     return {
         "sources": sorted(d.settings.sources),
+        "pollers": {name: p.status() for name, p in d.pollers.items()},
         "breakers": {
             name: {
                 "status": s.breaker.status,
@@ -285,6 +316,14 @@ def _status(d: Daemon) -> dict[str, Any]:
             for name, s in d.dispatcher.sinks.items()
         },
     }
+
+
+async def _start_site(site: web.TCPSite, key: str, addr: str) -> None:
+    """Bind, turning 'address in use' and friends into a message that names the config key."""
+    try:
+        await site.start()
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot listen on {addr}: {e.strerror or e}"]) from None
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .plugins import PluginError, Registry
-from .routes import RouteSettings, load_mapping
-from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel
+from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
+from .routes import RouteSettings as RouteSettings
+from .routes import load_mapping
+from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -67,11 +70,62 @@ class DispatcherSettings(StrictModel):
     breaker: BreakerSettings = BreakerSettings()
 
 
+class PollSettings(StrictModel):
+    """``[sources.NAME.poll]``: how often a polling source is asked for changes, and reconciliation."""
+
+    # false: never poll on a schedule (a webhook source that only reconciles).
+    enabled: bool = True
+    min_interval: Duration = 5.0
+    max_interval: Duration = 900.0
+    target_latency: Duration = 60.0
+    max_requests_per_hour: int | None = Field(default=None, ge=1)
+    budget_reserve: float = Field(default=0.2, ge=0, lt=1)
+    aggressiveness: float = Field(default=1.0, gt=0)
+    rate_half_life: Duration = 900.0
+    seasonal: bool = True
+    # A webhook accepted for this source brings the next poll forward to `nudge_debounce` from now.
+    nudge: bool = True
+    nudge_debounce: Duration = 2.0
+    # Cron syntax ("0 2 * * *", UTC) or an interval ("6h"); off when unset.
+    reconcile: str | None = None
+    # How far back each reconciliation looks; unset = the full remote state.
+    reconcile_window: Duration | None = None
+
+    @field_validator("reconcile")
+    @classmethod
+    def _schedule(cls, v: str | None) -> str | None:
+        if v is not None:
+            reconcile_schedule(v)
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PollSettings:
+        if not 0 < self.min_interval <= self.max_interval:
+            raise ValueError("poll: need 0 < min_interval <= max_interval")
+        if self.target_latency <= 0:
+            raise ValueError("poll: target_latency must be positive")
+        return self
+
+
+def reconcile_schedule(spec: str) -> float | str:
+    """A reconcile schedule as seconds (an interval) or a validated cron expression."""
+    try:
+        return parse_duration(spec)
+    except PydanticCustomError:
+        pass
+    from croniter import croniter
+
+    if not croniter.is_valid(spec):
+        raise ValueError(f"reconcile: {spec!r} is neither cron syntax ('0 2 * * *') nor an interval ('6h')")
+    return spec
+
+
 class SourceCore(StrictModel):
     """Keys every source table accepts whatever its connector."""
 
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
+    poll: PollSettings = PollSettings()
 
 
 class SinkCore(StrictModel):
@@ -266,6 +320,9 @@ def _connectors(
                 f"{where}.connector: connector {core.connector!r} cannot be a {role} "
                 f"(it can be: {', '.join(sorted(cls.roles())) or 'nothing'})"
             )
+            continue
+        if isinstance(core, SourceCore) and core.poll.reconcile is not None and "reconcile" not in cls.capabilities():
+            problems.append(f"{where}.poll.reconcile: connector {core.connector!r} cannot reconcile")
             continue
         try:
             options = cls.Config.model_validate(rest, context=ctx)

@@ -6,8 +6,8 @@ capability mixins:
 
 * :class:`WebhookSource` — ``verify`` then ``parse`` an inbound HTTP request;
 * :class:`PollingSource` — ``poll(cursor)`` for changes since a cursor;
-* :class:`ReconcilingSource` — ``reconcile(window, page)``: the remote state over a
-  window (or in full), a bounded page at a time, so missed changes can be found;
+* :class:`ReconcilingSource` — ``reconcile(since, cursor)``: the remote state changed
+  since a time (or in full), a bounded page at a time, so missed changes can be found;
 * :class:`Enricher` — ``fetch(event)``: turn a thin event ("customer 58 changed")
   into one carrying the record's current data, just before delivery;
 * :class:`Sink` — ``deliver`` (and optionally ``deliver_batch``) events.
@@ -67,7 +67,6 @@ __all__ = [
     "PollResult",
     "PollingSource",
     "ReconcilePage",
-    "ReconcileWindow",
     "ReconcilingSource",
     "RelPath",
     "Response",
@@ -202,13 +201,38 @@ class WebhookSource(ABC):
 
 @dataclass(frozen=True)
 class PollResult:
-    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``."""
+    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``.
+
+    ``more`` says another page is waiting (integrand polls again at once). The rest are
+    hints for the interval policy: ``retry_after`` seconds the provider asked for, and
+    the provider's rate budget (``budget_remaining`` of ``budget_limit`` requests, the
+    window resetting in ``budget_reset`` seconds), shared with this account's sink writes.
+    """
 
     events: Sequence[Event]
     cursor: Any
     more: bool = False
     retry_after: float | None = None
     budget_remaining: int | None = None
+    budget_limit: int | None = None
+    budget_reset: float | None = None
+
+
+@dataclass(frozen=True)
+class ReconcilePage:
+    """One bounded page of the remote state, for reconciliation.
+
+    ``events`` describe entities as they are now (``entity``, ``entity_id`` and
+    ``version`` set, stable ids); integrand enqueues those its entity table shows as
+    missed or older. ``deleted`` lists (entity, entity_id) the provider reports as
+    deleted. ``cursor`` is where the next page starts (kept in the store, so a
+    crashed pass resumes); ``more`` says whether there is one.
+    """
+
+    events: Sequence[Event]
+    cursor: Any = None
+    more: bool = False
+    deleted: Sequence[tuple[str, str]] = ()
 
 
 class PollingSource(ABC):
@@ -219,35 +243,20 @@ class PollingSource(ABC):
         """Fetch one page of changes after ``cursor`` (None on the first poll)."""
 
 
-@dataclass(frozen=True)
-class ReconcileWindow:
-    """The span of remote changes to list: ISO-8601 UTC bounds, ``since=None`` for everything."""
-
-    since: str | None = None
-    until: str | None = None
-
-
-@dataclass(frozen=True)
-class ReconcilePage:
-    """One bounded page of the remote state: one Event per record (with entity, entity_id, version)."""
-
-    events: Sequence[Event]
-    next_page: Any = None
-
-
 class ReconcilingSource(ABC):
-    """Capability: list the remote records over a window so that changes missed by webhooks and polls are found.
+    """Capability: list the remote records so that changes missed by webhooks and polls are found.
 
     Each record comes back as the Event a change to it would have produced, with
-    ``entity``, ``entity_id`` and ``version`` set; the caller compares versions with
-    what it has seen and enqueues only what is newer.
+    ``entity``, ``entity_id`` and ``version`` set; integrand compares versions with
+    its entity table and enqueues only what was missed or is newer. A separate
+    capability from polling: a webhook-only source with a list endpoint can reconcile.
     """
 
     page_size: ClassVar[int] = 1000
 
     @abstractmethod
-    async def reconcile(self, window: ReconcileWindow, page: Any) -> ReconcilePage:
-        """Return one page (at most ``page_size`` records) from ``page`` (None for the first); ``next_page`` None ends."""
+    async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
+        """One page (at most ``page_size``) of records changed since ``since`` (epoch s; None = all), from ``cursor``."""
 
 
 class Enricher(ABC):

@@ -37,6 +37,14 @@ class _Skipped:
 
 SKIPPED = _Skipped()
 
+
+@dataclass(frozen=True)
+class _RouteFailure:
+    """A delivery that failed before reaching the sink (enrichment, mapping): no evidence about the sink."""
+
+    error: BaseException
+
+
 MIN_IDLE = 0.005  # floor on an idle wait, so a race can never become a busy loop
 
 
@@ -127,7 +135,7 @@ class Dispatcher:
             sink, limit, probing = picked
             gen = self._gen
             try:
-                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name)
+                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name, due_only=not probing)
             except Exception as e:
                 if probing:
                     sink.breaker = br.on_failure(sink.breaker, self.clock())
@@ -179,7 +187,9 @@ class Dispatcher:
             self.store.deliveries_ready.clear()
         self._gen += 1
 
-    async def _send(self, sink: SinkRuntime, rows: Sequence[Leased]) -> list[BaseException | _Skipped | None]:
+    async def _send(
+        self, sink: SinkRuntime, rows: Sequence[Leased]
+    ) -> list[BaseException | _Skipped | _RouteFailure | None]:
         """Run each event through its route (enrich, map, loop guard), deliver what remains, one result per row."""
         prepared: list[Event | BaseException | None] = [r.event for r in rows]
         if self.routes is not None:
@@ -189,7 +199,7 @@ class Dispatcher:
         if len(sent) != len(send):
             raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
         results = iter(sent)
-        out: list[BaseException | _Skipped | None] = []
+        out: list[BaseException | _Skipped | _RouteFailure | None] = []
         for p in prepared:
             if isinstance(p, Event):
                 res = next(results)
@@ -200,24 +210,28 @@ class Dispatcher:
                     except Exception as e:  # only costs a redundant write later
                         log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
             else:
-                out.append(SKIPPED if p is None else p)
+                out.append(SKIPPED if p is None else _RouteFailure(p))
         return out
 
     async def _deliver(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
         started = time.perf_counter()
-        results: Sequence[BaseException | _Skipped | None]
+        results: Sequence[BaseException | _Skipped | _RouteFailure | None]
         try:
             results = await asyncio.wait_for(self._send(sink, rows), timeout=self.lease_seconds * 0.9)
         except Exception as e:
             results = [e] * len(rows)
         self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
         now = self.clock()
-        if probing and all(r is SKIPPED for r in results):
+        if probing and all(isinstance(r, _Skipped | _RouteFailure) for r in results):
             sink.breaker = replace(sink.breaker, status="open")  # nothing reached the sink: probe again later
-        outcomes = [
-            self._skipped(sink, row) if isinstance(res, _Skipped) else self._outcome(sink, row, res, probing, now)
-            for row, res in zip(rows, results, strict=True)
-        ]
+        outcomes = []
+        for row, res in zip(rows, results, strict=True):
+            if isinstance(res, _Skipped):
+                outcomes.append(self._skipped(sink, row))
+            elif isinstance(res, _RouteFailure):
+                outcomes.append(self._route_failed(sink, row, res.error, now))
+            else:
+                outcomes.append(self._outcome(sink, row, res, probing, now))
         try:
             await self.store.complete(outcomes)
         except Exception as e:
@@ -228,22 +242,50 @@ class Dispatcher:
         self.metrics.deliveries.labels(sink.name, "skipped").inc()
         return Outcome(row, "done")
 
+    def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
+        """Enrichment or mapping failed: dead-letter or retry on the delivery's own budget; the breaker is untouched."""
+        error = describe_error(res)
+        if isinstance(res, PermanentError):
+            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            return Outcome(row, "dead", error=error)
+        if not isinstance(res, RetryableError):
+            log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
+        self.metrics.deliveries.labels(sink.name, "retry").inc()
+        attempts = row.attempts + 1
+        policy = sink.retry
+        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            return self._dead(sink, row, error, res, attempts)
+        retry_after = getattr(res, "retry_after", None)
+        delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
+        return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
+
+    def _reachable(self, sink: SinkRuntime, before: str) -> None:
+        """The sink answered: close its breaker and, if it was open, send its waiting retries now."""
+        sink.breaker = br.on_success(sink.breaker)
+        if sink.auth_error is not None:
+            log.warning("sink %s: credentials accepted again, sink resumed", sink.name)
+            sink.auth_error = None
+        if before != "closed":
+            log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
+            self.metrics.breaker_open.labels(sink.name).set(0)
+            task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
+        self.metrics.deliveries.labels(sink.name, "dead").inc()
+        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        return Outcome(row, "dead", error=error)
+
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
         before = sink.breaker.status
         if res is None:
-            sink.breaker = br.on_success(sink.breaker)
-            if sink.auth_error is not None:
-                log.warning("sink %s: credentials accepted again, sink resumed", sink.name)
-                sink.auth_error = None
-            if before != "closed":
-                log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
-                self.metrics.breaker_open.labels(sink.name).set(0)
-                task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._reachable(sink, before)
             self.metrics.deliveries.labels(sink.name, "done").inc()
             return Outcome(row, "done")
         error = describe_error(res)
         if isinstance(res, PermanentError):
+            self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
             self.metrics.deliveries.labels(sink.name, "dead").inc()
             log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
@@ -261,32 +303,37 @@ class Dispatcher:
             self.metrics.breaker_open.labels(sink.name).set(1)
             self.metrics.deliveries.labels(sink.name, "auth").inc()
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
-        if not isinstance(res, RetryableError):
+        outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
+        if outage:
+            sink.breaker = br.on_failure(sink.breaker, now)
+            if sink.breaker.status == "open" and before != "open":
+                log.warning(
+                    "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
+                    sink.name,
+                    sink.breaker.failures,
+                    sink.breaker.current_open_for,
+                )
+                self.metrics.breaker_open.labels(sink.name).set(1)
+        else:
+            # A connector bug, not an outage: it spends attempts but does not pause the sink.
             log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
-        sink.breaker = br.on_failure(sink.breaker, now)
-        if sink.breaker.status == "open" and before != "open":
-            log.warning(
-                "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
-                sink.name,
-                sink.breaker.failures,
-                sink.breaker.current_open_for,
-            )
-            self.metrics.breaker_open.labels(sink.name).set(1)
+            if probing and sink.breaker.status == "half_open":
+                sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
         self.metrics.deliveries.labels(sink.name, "retry").inc()
         retry_after = getattr(res, "retry_after", None)
-        if probing:
-            return Outcome(
-                row,
-                "retry",
-                error=error,
-                next_attempt_at=max(now, sink.breaker.reopens_at),
-                count_attempt=False,
-            )
-        attempts = row.attempts + 1
         policy = sink.retry
-        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
-            self.metrics.deliveries.labels(sink.name, "dead").inc()
-            log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
-            return Outcome(row, "dead", error=error)
+        age = now - row.created_at
+        if probing and outage:
+            if age >= policy.max_age:
+                return self._dead(sink, row, error, res, row.attempts)
+            # Not counted (the sink is down, not this delivery), but pushed back so the next probe
+            # (which takes the head falling due soonest, due or not) tries another delivery:
+            # one poison delivery cannot keep the breaker open forever.
+            delay = retry_delay(row.attempts + 1, base=policy.base, cap=policy.cap, rand=self.rand())
+            nxt = max(now + delay, sink.breaker.reopens_at, now + (retry_after or 0.0))
+            return Outcome(row, "retry", error=error, next_attempt_at=nxt, count_attempt=False)
+        attempts = row.attempts + 1
+        if should_give_up(attempts, age, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            return self._dead(sink, row, error, res, attempts)
         delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)

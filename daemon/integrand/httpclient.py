@@ -262,11 +262,11 @@ class Http:
         except TimeoutError:
             limit = timeout if timeout is not None else self.pool.timeout
             self.log.info("✗ %s %s: no answer within %g s", method, shown, limit)
-            raise RetryableError(f"{method} {shown}: no answer within {limit:g} s") from None
+            raise RetryableError(f"{shown} did not answer within {limit:g} s") from None
         except aiohttp.ClientError as e:
             self.log.info("✗ %s %s: %s", method, shown, type(e).__name__)
             raise RetryableError(
-                f"{method} {shown}: {type(e).__name__}: {redact_text(str(e), self._secrets)}"
+                f"cannot reach {shown}: {type(e).__name__}: {redact_text(str(e), self._secrets)}"
             ) from None
         lower = {k.lower(): v for k, v in resp_headers.items()}
         request_id = next((lower[h.lower()] for h in request_id_headers if h.lower() in lower), None)
@@ -288,7 +288,7 @@ class Http:
         if check and not res.ok:
             raise error_for_status(
                 status,
-                f"HTTP {status} from {method} {shown}: {snippet.strip() or '(empty body)'}"[:1000],
+                f"HTTP {status} from {shown}: {snippet.strip() or '(empty body)'}"[:1000],
                 retry_after=retry_after,
                 request_id=request_id,
             )

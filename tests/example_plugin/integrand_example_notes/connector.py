@@ -19,7 +19,6 @@ from integrand.connector import (
     PollingSource,
     PollResult,
     ReconcilePage,
-    ReconcileWindow,
     ReconcilingSource,
     SecretValue,
     SignatureError,
@@ -131,10 +130,10 @@ class NotesConnector(Connector[NotesConfig], WebhookSource, PollingSource, Recon
         next_cursor = {"after": notes[-1]["seq"] if notes else after}
         return PollResult(events=events, cursor=next_cursor, more=bool(page["has_more"]))
 
-    async def reconcile(self, window: ReconcileWindow, page: Any) -> ReconcilePage:
+    async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
         # The Notes API cannot filter by time, so every reconciliation lists everything, a page at a time.
-        res = await self.poll({"after": page or 0})
-        return ReconcilePage(events=res.events, next_page=res.cursor["after"] if res.more else None)
+        res = await self.poll(cursor)
+        return ReconcilePage(events=res.events, cursor=res.cursor, more=res.more)
 
     # --- enrichment: a webhook says which note changed; fetch its text before delivery ---
 
