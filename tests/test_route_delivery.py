@@ -33,6 +33,8 @@ async def books() -> AsyncIterator[tuple[str, list[str]]]:
             return web.json_response(QBO_CUSTOMER)
         if rid == "59":
             return web.json_response({"Id": "59", "GivenName": "No Email"})
+        if rid == "99":
+            return web.json_response({"error": "down"}, status=503)
         return web.json_response({"error": "not found"}, status=404, headers={"intuit_tid": f"tid-{rid}"})
 
     app = web.Application()
@@ -145,3 +147,41 @@ async def test_a_batch_is_enriched_with_one_request_per_source(
     assert isinstance(out[1], MappingError)
     assert isinstance(out[2], PermanentError)
     assert "Customer 77 no longer exists" in str(out[2])
+
+
+async def test_a_failing_enrichment_does_not_open_the_sinks_breaker(
+    tmp_path: Path, books: tuple[str, list[str]]
+) -> None:
+    url, seen = books
+    body = f"""
+[sources.qbo]
+connector = "fetching"
+signature = "standard-webhooks"
+secret = "{DEMO_SECRET}"
+api_url = "{url}"
+entity_field = "entity"
+entity_id_field = "id"
+
+[sinks.crm]
+connector = "jsonl"
+path = "crm.jsonl"
+retry = {{ base = "20ms", cap = "50ms", max_attempts = 50 }}
+breaker = {{ failure_threshold = 1, open_for = "1h", max_open_for = "1h" }}
+
+[[routes]]
+from = "qbo"
+to = ["crm"]
+enrich = true
+"""
+    reg = registry_with(fetching="tests.connectors:FetchingWebhook")
+    settings = load_config(write_config(tmp_path, body, BASE), registry=reg)
+    async with running(settings) as d, aiohttp.ClientSession() as s:
+        payload = {"type": "customer.updated", "entity": "Customer", "id": "99"}
+        assert (await post_signed(s, hook_url(d, "qbo"), payload, "down"))[0] == 200
+        await wait_for(lambda: seen.count("99") >= 7)  # 3 tries per attempt (aiohttp-retry on GET), 3+ attempts
+        assert d.dispatcher.sinks["crm"].breaker.status == "closed"  # … and the sink is not blamed
+        payload = {"type": "customer.updated", "entity": "Customer", "id": "58"}
+        assert (await post_signed(s, hook_url(d, "qbo"), payload, "fine"))[0] == 200
+        await wait_for(lambda: len(read_jsonl(tmp_path / "crm.jsonl")) == 1)
+    [line] = read_jsonl(tmp_path / "crm.jsonl")
+    assert line["data"]["object"]["Id"] == "58"
