@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib.metadata import EntryPoint
 
-from integrand.connector import Connector, ConnectorConfig, Event, SecretValue, Sink
+from integrand.builtin.webhook import WebhookConfig, WebhookConnector
+from integrand.connector import Connector, ConnectorConfig, Enricher, Event, SecretValue, Sink
 from integrand.plugins import GROUP, Registry
 
 
@@ -38,3 +40,18 @@ def registry_with(**extra: str) -> Registry:
         "http": "integrand.builtin.http:HttpSink",
     }
     return Registry(EntryPoint(name, value, GROUP) for name, value in {**builtin, **extra}.items())
+
+
+class FetchingConfig(WebhookConfig):
+    api_url: str
+
+
+class FetchingWebhook(WebhookConnector, Enricher):
+    """The generic webhook source plus ``fetch``: GET {api_url}/records/{entity_id}, kept under data.object."""
+
+    Config = FetchingConfig  # type: ignore[assignment]
+
+    async def fetch(self, event: Event) -> Event:
+        assert isinstance(self.config, FetchingConfig)
+        res = await self.ctx.http.get(f"{self.config.api_url}/records/{event.entity_id}")
+        return replace(event, data={**event.data, "object": res.json()})

@@ -146,7 +146,7 @@ async def test_check_false_returns_the_response_for_the_connector_to_classify(ap
 
 async def test_no_answer_within_the_timeout_is_retryable(api: FakeApi, pool: HttpPool) -> None:
     api.hanging = True
-    with pytest.raises(RetryableError, match=r"no answer within 0\.2 s"):
+    with pytest.raises(RetryableError, match=r"did not answer within 0\.2 s"):
         await http(pool).post(api.url + "/slow", json={}, timeout=0.2)
 
 

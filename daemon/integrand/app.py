@@ -26,7 +26,7 @@ from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
 from .poller import SourcePoller, run_reconciler
-from .routes import Router
+from .routes import Router, RouteRuntime
 from .store import Store
 
 log = logging.getLogger("integrand")
@@ -93,6 +93,12 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
     await store.open()
     metrics = Metrics()
     connectors: dict[str, Connector[Any]] = {}
+    source_instances: dict[str, object] = {}  # filled below; routes call the sources' fetch()
+    try:
+        route_runtime = RouteRuntime.build(s.routes, source_instances, store)
+    except BaseException:
+        await store.close()
+        raise
     http = HttpPool()
     try:
         await http.start()
@@ -111,6 +117,8 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
                 inst = cs.cls(cs.options, ctx)
                 await inst.start()
                 connectors[f"{role}:{name}"] = inst
+                if role == "source":
+                    source_instances[name] = inst
     except BaseException:
         for inst in connectors.values():
             with contextlib.suppress(Exception):
@@ -174,6 +182,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         lease_seconds=s.dispatcher.lease,
         metrics=metrics,
         clock=clock,
+        routes=route_runtime,
     )
     return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
 

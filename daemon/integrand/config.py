@@ -16,6 +16,9 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .plugins import PluginError, Registry
+from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
+from .routes import RouteSettings as RouteSettings
+from .routes import load_mapping
 from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -65,17 +68,6 @@ class DispatcherSettings(StrictModel):
     batch_size: int = Field(default=256, ge=1)
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
-
-
-class FilterSettings(StrictModel):
-    type: list[str] = []
-    entity: list[str] = []
-
-
-class RouteSettings(StrictModel):
-    from_: str = Field(alias="from")
-    to: list[str] = Field(min_length=1)
-    filter: FilterSettings = FilterSettings()
 
 
 class PollSettings(StrictModel):
@@ -255,6 +247,18 @@ def parse_config(
             if (route.from_, sink) in pairs:
                 problems.append(f"routes[{i}].to[{j}]: a route from {route.from_!r} to {sink!r} is already defined")
             pairs.add((route.from_, sink))
+        guard = route.loop_guard
+        if guard is not None and guard.echo_source is not None and guard.echo_source not in all_sources:
+            problems.append(
+                f"routes[{i}].loop_guard.echo_source: no source named {guard.echo_source!r}"
+                f"{_suggest(guard.echo_source, all_sources)}"
+            )
+        if route.enrich and route.from_ in sources and "fetch" not in sources[route.from_].cls.capabilities():
+            problems.append(
+                f"routes[{i}].enrich: source {route.from_!r} (connector {sources[route.from_].connector!r}) "
+                "cannot fetch records"
+            )
+        problems.extend(load_mapping(route, f"routes[{i}]")[1])
         routes.append(route)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:

@@ -95,9 +95,11 @@ class ConnectorConfig(StrictModel):
 class StateStore(Protocol):
     """Durable key/value state owned by one configured connector (tokens, cursors), kept in the store."""
 
-    async def get(self, key: str) -> Any: ...
+    async def get(self, key: str) -> Any:
+        """The JSON value last set under ``key``, or None."""
 
-    async def set(self, key: str, value: Any) -> None: ...
+    async def set(self, key: str, value: Any) -> None:
+        """Store a JSON value durably (committed before this returns)."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,16 @@ class Enricher(ABC):
     @abstractmethod
     async def fetch(self, event: Event) -> Event:
         """Return ``event`` carrying the record's current data; raise PermanentError if it is gone for good."""
+
+    async def fetch_many(self, events: Sequence[Event]) -> list[Event | BaseException]:
+        """Fetch several; one result per event, an error in its place. Override to batch requests."""
+        out: list[Event | BaseException] = []
+        for event in events:
+            try:
+                out.append(await self.fetch(event))
+            except Exception as e:
+                out.append(e)
+        return out
 
 
 class Sink(ABC):

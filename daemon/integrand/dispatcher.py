@@ -23,10 +23,27 @@ from .backoff import retry_delay, should_give_up
 from .config import RetrySettings
 from .connector import Sink
 from .errors import AuthError, PermanentError, RetryableError
+from .events import Event
 from .metrics import Metrics
+from .routes import RouteRuntime
 from .store import Leased, Outcome, Store
 
 log = logging.getLogger("integrand.dispatcher")
+
+
+class _Skipped:
+    """A delivery the route decided not to send (an echo of integrand's own write, or no change)."""
+
+
+SKIPPED = _Skipped()
+
+
+@dataclass(frozen=True)
+class _RouteFailure:
+    """A delivery that failed before reaching the sink (enrichment, mapping): no evidence about the sink."""
+
+    error: BaseException
+
 
 MIN_IDLE = 0.005  # floor on an idle wait, so a race can never become a busy loop
 
@@ -66,8 +83,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         idle_poll: float = 1.0,
+        routes: RouteRuntime | None = None,
     ):
         self.store = store
+        self.routes = routes
         self.sinks = sinks
         self.workers = workers
         self.lease_seconds = lease_seconds
@@ -188,24 +207,78 @@ class Dispatcher:
             self._due_query = (key, query)
         return asyncio.shield(self._due_query[1])
 
+    async def _send(
+        self, sink: SinkRuntime, rows: Sequence[Leased]
+    ) -> list[BaseException | _Skipped | _RouteFailure | None]:
+        """Run each event through its route (enrich, map, loop guard), deliver what remains, one result per row."""
+        prepared: list[Event | BaseException | None] = [r.event for r in rows]
+        if self.routes is not None:
+            prepared = await self.routes.prepare_batch(sink.name, [r.event for r in rows])
+        send = [p for p in prepared if isinstance(p, Event)]
+        sent: Sequence[BaseException | None] = await sink.connector.deliver_batch(send) if send else []
+        if len(sent) != len(send):
+            raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
+        results = iter(sent)
+        out: list[BaseException | _Skipped | _RouteFailure | None] = []
+        for p in prepared:
+            if isinstance(p, Event):
+                res = next(results)
+                out.append(res)
+                if res is None and self.routes is not None:
+                    try:
+                        await self.routes.delivered(sink.name, p)
+                    except Exception as e:  # only costs a redundant write later
+                        log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
+            else:
+                out.append(SKIPPED if p is None else _RouteFailure(p))
+        return out
+
     async def _deliver(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
         started = time.perf_counter()
+        results: Sequence[BaseException | _Skipped | _RouteFailure | None]
         try:
-            results: Sequence[BaseException | None] = await asyncio.wait_for(
-                sink.connector.deliver_batch([r.event for r in rows]), timeout=self.lease_seconds * 0.9
-            )
-            if len(results) != len(rows):
-                raise RuntimeError(f"deliver_batch returned {len(results)} results for {len(rows)} events")
+            results = await asyncio.wait_for(self._send(sink, rows), timeout=self.lease_seconds * 0.9)
         except Exception as e:
             results = [e] * len(rows)
         self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
         now = self.clock()
-        outcomes = [self._outcome(sink, row, res, probing, now) for row, res in zip(rows, results, strict=True)]
+        if probing and all(isinstance(r, _Skipped | _RouteFailure) for r in results):
+            sink.breaker = replace(sink.breaker, status="open")  # nothing reached the sink: probe again later
+        outcomes = []
+        for row, res in zip(rows, results, strict=True):
+            if isinstance(res, _Skipped):
+                outcomes.append(self._skipped(sink, row))
+            elif isinstance(res, _RouteFailure):
+                outcomes.append(self._route_failed(sink, row, res.error, now))
+            else:
+                outcomes.append(self._outcome(sink, row, res, probing, now))
         try:
             await self.store.complete(outcomes)
         except Exception as e:
             # The leases will expire and the deliveries will be retried: at-least-once.
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
+
+    def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
+        self.metrics.deliveries.labels(sink.name, "skipped").inc()
+        return Outcome(row, "done")
+
+    def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
+        """Enrichment or mapping failed: dead-letter or retry on the delivery's own budget; the breaker is untouched."""
+        error = describe_error(res)
+        if isinstance(res, PermanentError):
+            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            return Outcome(row, "dead", error=error)
+        if not isinstance(res, RetryableError):
+            log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
+        self.metrics.deliveries.labels(sink.name, "retry").inc()
+        attempts = row.attempts + 1
+        policy = sink.retry
+        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            return self._dead(sink, row, error, res, attempts)
+        retry_after = getattr(res, "retry_after", None)
+        delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
+        return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
 
     def _reachable(self, sink: SinkRuntime, before: str) -> None:
         """The sink answered: close its breaker and, if it was open, send its waiting retries now."""

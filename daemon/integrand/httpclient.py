@@ -136,8 +136,8 @@ class HttpPool:
     timeout: float = 30.0
     retries: int = 2
     clock: Callable[[], float] = time.monotonic
-    _client: RetryClient | None = None
-    _limits: dict[str, _Limit] = field(default_factory=dict)
+    _client: RetryClient | None = field(default=None, init=False)
+    _limits: dict[str, _Limit] = field(default_factory=dict, init=False)
 
     async def start(self) -> None:
         if self._client is not None:
@@ -262,11 +262,11 @@ class Http:
         except TimeoutError:
             limit = timeout if timeout is not None else self.pool.timeout
             self.log.info("✗ %s %s: no answer within %g s", method, shown, limit)
-            raise RetryableError(f"{method} {shown}: no answer within {limit:g} s") from None
+            raise RetryableError(f"{shown} did not answer within {limit:g} s") from None
         except aiohttp.ClientError as e:
             self.log.info("✗ %s %s: %s", method, shown, type(e).__name__)
             raise RetryableError(
-                f"{method} {shown}: {type(e).__name__}: {redact_text(str(e), self._secrets)}"
+                f"cannot reach {shown}: {type(e).__name__}: {redact_text(str(e), self._secrets)}"
             ) from None
         lower = {k.lower(): v for k, v in resp_headers.items()}
         request_id = next((lower[h.lower()] for h in request_id_headers if h.lower() in lower), None)
@@ -288,14 +288,16 @@ class Http:
         if check and not res.ok:
             raise error_for_status(
                 status,
-                f"HTTP {status} from {method} {shown}: {snippet.strip() or '(empty body)'}"[:1000],
+                f"HTTP {status} from {shown}: {snippet.strip() or '(empty body)'}"[:1000],
                 retry_after=retry_after,
                 request_id=request_id,
             )
         return res
 
     async def get(self, url: str, **kw: Any) -> Response:
+        """``request("GET", url, …)``."""
         return await self.request("GET", url, **kw)
 
     async def post(self, url: str, **kw: Any) -> Response:
+        """``request("POST", url, …)``."""
         return await self.request("POST", url, **kw)

@@ -8,7 +8,7 @@ install never picks up a stray plugin that happens to be installed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib.metadata import EntryPoint, entry_points
@@ -71,6 +71,13 @@ class Registry:
             patterns = [p.strip() for p in spec.split(",") if p.strip()]
             eps = [ep for ep in eps if allowed(ep, patterns)]
         return cls(eps)
+
+    @classmethod
+    def of(cls, classes: Mapping[str, type[Any]]) -> Registry:
+        """A registry of exactly these classes (tests, the contract suite): nothing else is discovered."""
+        reg = cls(EntryPoint(name, f"{c.__module__}:{c.__qualname__}", GROUP) for name, c in classes.items())
+        reg._loaded.update(classes)
+        return reg
 
     def names(self) -> list[str]:
         return sorted(self._eps)
