@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
+# bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
+LINT_DIRS = $(wildcard daemon tests bench plugins)
 
 .PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot
 
@@ -20,8 +22,8 @@ run: install
 	$(BIN)/integrand run --config config.toml
 
 lint: install
-	$(BIN)/ruff check $(wildcard daemon tests bench plugins)
-	$(BIN)/ruff format --check $(wildcard daemon tests bench plugins)
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: install
 	$(BIN)/mypy

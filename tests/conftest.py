@@ -11,4 +11,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INTEGRAND_CONFIG", raising=False)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    # Only integrand's own distributions (the core and plugins/*); a stray installed plugin is never loaded.
+    monkeypatch.setenv("INTEGRAND_PLUGINS", "integrand,integrand-*")
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# The example third-party plugin has its own tests, run from its installed distribution by
+# tests/test_example_plugin.py; collecting them here would import it from the source folder.
+collect_ignore = ["example_plugin"]
+pytest_plugins = ["pytester"]

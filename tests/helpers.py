@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+
 from integrand import signing
 from integrand.app import Daemon, run
 from integrand.config import Settings, load_config
@@ -63,8 +64,8 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
         ready.set_result(d)
 
     task = asyncio.create_task(run(settings, on_ready=on_ready))
-    waiters: list[asyncio.Future[Any]] = [task, ready]
-    done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    waiting: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises what went wrong at startup
     assert ready.done(), "daemon did not become ready within 30 s"

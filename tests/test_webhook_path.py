@@ -35,3 +35,21 @@ async def test_duplicate_delivery_is_200_and_delivered_once(tmp_path: Path) -> N
         await post_signed(s, hook_url(d), {"n": 2}, "msg_other")
         await wait_for(lambda: len(read_jsonl(out)) == 2)
     assert sorted(line["id"] for line in read_jsonl(out)) == ["msg_dup", "msg_other"]
+
+
+async def test_port_in_use_names_the_config_key(tmp_path: Path) -> None:
+    import socket
+
+    import pytest
+
+    from integrand.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        base = f'[daemon]\nlisten = "127.0.0.1:{port}"\nstate_dir = "var"\n[admin]\nlisten = "127.0.0.1:0"\n'
+        settings = settings_for(tmp_path, base=base)
+        with pytest.raises(ConfigError, match=f"daemon.listen: cannot listen on 127.0.0.1:{port}"):
+            async with running(settings):
+                pass

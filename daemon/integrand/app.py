@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,15 @@ from . import __version__
 from .admin import Admin
 from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
-from .connector import Connector, ConnectorContext, Sink, WebhookSource
+from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
+from .errors import ConfigError
+from .events import Event
+from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
-from .routes import Router
+from .poller import SourcePoller, run_reconciler
+from .routes import Router, RouteRuntime
 from .store import Store
 
 log = logging.getLogger("integrand")
@@ -66,6 +70,8 @@ class Daemon:
     listener: Listener
     dispatcher: Dispatcher
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
+    http: HttpPool = field(default_factory=HttpPool)
+    pollers: dict[str, SourcePoller] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -87,7 +93,15 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
     await store.open()
     metrics = Metrics()
     connectors: dict[str, Connector[Any]] = {}
+    source_instances: dict[str, object] = {}  # filled below; routes call the sources' fetch()
     try:
+        route_runtime = RouteRuntime.build(s.routes, source_instances, store)
+    except BaseException:
+        await store.close()
+        raise
+    http = HttpPool()
+    try:
+        await http.start()
         for role, table in (("source", s.sources), ("sink", s.sinks)):
             for name, cs in table.items():
                 ctx = ConnectorContext(
@@ -97,14 +111,19 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
                     state=ScopedState(store, f"{role}:{name}"),
                     public_url=s.daemon.public_url,
                     logger=logging.getLogger(f"integrand.{role}.{name}"),
+                    http=http.for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
+                    clock=clock,
                 )
                 inst = cs.cls(cs.options, ctx)
                 await inst.start()
                 connectors[f"{role}:{name}"] = inst
+                if role == "source":
+                    source_instances[name] = inst
     except BaseException:
         for inst in connectors.values():
             with contextlib.suppress(Exception):
                 await inst.close()
+        await http.close()
         await store.close()
         raise
 
@@ -132,14 +151,29 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             retry=s.retry_for(name),
             breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
         )
+    router = Router(s.routes)
+    pollers: dict[str, SourcePoller] = {}
+    for name, cs in s.sources.items():
+        inst = connectors[f"source:{name}"]
+        core = cs.core
+        assert isinstance(core, SourceCore)
+        if isinstance(inst, PollingSource):
+            pollers[name] = SourcePoller(name, inst, store, router, core.poll, metrics=metrics, clock=clock)
+
+    def nudge(source: str, events: Sequence[Event]) -> None:
+        p = pollers.get(source)
+        if p is not None:
+            p.nudge()
+
     listener = Listener(
         sources,
         store,
-        Router(s.routes),
+        router,
         public_url=s.daemon.public_url,
         rejections_kept=s.daemon.rejections_kept,
         metrics=metrics,
         clock=clock,
+        on_accepted=nudge,
     )
     dispatcher = Dispatcher(
         store,
@@ -148,8 +182,9 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         lease_seconds=s.dispatcher.lease,
         metrics=metrics,
         clock=clock,
+        routes=route_runtime,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
 
 
 async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
@@ -164,7 +199,7 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         await hook_runner.setup()
         runners.append(hook_runner)
         site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
-        await site.start()
+        await _start_site(site, "daemon.listen", str(s.daemon.listen))
         d.ports["webhooks"] = _bound_port(site)
         if s.admin.enabled:
             admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
@@ -172,10 +207,21 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             await admin_runner.setup()
             runners.append(admin_runner)
             asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
-            await asite.start()
+            await _start_site(asite, "admin.listen", str(s.admin.listen))
             d.ports["admin"] = _bound_port(asite)
         tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
         tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
+        for name, poller in d.pollers.items():
+            if poller.settings.enabled:
+                tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+        router = Router(s.routes)
+        for name, cs in s.sources.items():
+            inst = d.connectors[f"source:{name}"]
+            core = cs.core
+            assert isinstance(core, SourceCore)
+            if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
+                recon = run_reconciler(name, inst, d.store, router, core.poll, metrics=d.metrics)
+                tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",
@@ -232,6 +278,7 @@ async def _shutdown(d: Daemon, runners: list[web.AppRunner], tasks: list[asyncio
             await inst.close()
         except Exception:
             log.exception("error closing connector")
+    await d.http.close()
     for r in runners[1:]:
         await r.cleanup()
     await d.store.close()
@@ -258,10 +305,25 @@ async def _maintenance(d: Daemon) -> None:
 def _status(d: Daemon) -> dict[str, Any]:
     return {
         "sources": sorted(d.settings.sources),
+        "pollers": {name: p.status() for name, p in d.pollers.items()},
         "breakers": {
-            name: {"status": s.breaker.status, "failures": s.breaker.failures} for name, s in d.dispatcher.sinks.items()
+            name: {
+                "status": s.breaker.status,
+                "failures": s.breaker.failures,
+                "paused": "auth" if s.auth_error is not None else None,
+                "auth_error": s.auth_error,
+            }
+            for name, s in d.dispatcher.sinks.items()
         },
     }
+
+
+async def _start_site(site: web.TCPSite, key: str, addr: str) -> None:
+    """Bind, turning 'address in use' and friends into a message that names the config key."""
+    try:
+        await site.start()
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot listen on {addr}: {e.strerror or e}"]) from None
 
 
 def _bound_port(site: web.TCPSite) -> int:

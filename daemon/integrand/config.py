@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .plugins import PluginError, Registry
-from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel
+from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
+from .routes import RouteSettings as RouteSettings
+from .routes import load_mapping
+from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -66,15 +70,54 @@ class DispatcherSettings(StrictModel):
     breaker: BreakerSettings = BreakerSettings()
 
 
-class FilterSettings(StrictModel):
-    type: list[str] = []
-    entity: list[str] = []
+class PollSettings(StrictModel):
+    """``[sources.NAME.poll]``: how often a polling source is asked for changes, and reconciliation."""
+
+    # false: never poll on a schedule (a webhook source that only reconciles).
+    enabled: bool = True
+    min_interval: Duration = 5.0
+    max_interval: Duration = 900.0
+    target_latency: Duration = 60.0
+    max_requests_per_hour: int | None = Field(default=None, ge=1)
+    budget_reserve: float = Field(default=0.2, ge=0, lt=1)
+    aggressiveness: float = Field(default=0.2, gt=0)
+    rate_half_life: Duration = 600.0
+    seasonal: bool = False
+    # A webhook accepted for this source brings the next poll forward to `nudge_debounce` from now.
+    nudge: bool = True
+    nudge_debounce: Duration = 2.0
+    # Cron syntax ("0 2 * * *", UTC) or an interval ("6h"); off when unset.
+    reconcile: str | None = None
+    # How far back each reconciliation looks; unset = the full remote state.
+    reconcile_window: Duration | None = None
+
+    @field_validator("reconcile")
+    @classmethod
+    def _schedule(cls, v: str | None) -> str | None:
+        if v is not None:
+            reconcile_schedule(v)
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PollSettings:
+        if not 0 < self.min_interval <= self.max_interval:
+            raise ValueError("poll: need 0 < min_interval <= max_interval")
+        if self.target_latency <= 0:
+            raise ValueError("poll: target_latency must be positive")
+        return self
 
 
-class RouteSettings(StrictModel):
-    from_: str = Field(alias="from")
-    to: list[str] = Field(min_length=1)
-    filter: FilterSettings = FilterSettings()
+def reconcile_schedule(spec: str) -> float | str:
+    """A reconcile schedule as seconds (an interval) or a validated cron expression."""
+    try:
+        return parse_duration(spec)
+    except PydanticCustomError:
+        pass
+    from croniter import croniter
+
+    if not croniter.is_valid(spec):
+        raise ValueError(f"reconcile: {spec!r} is neither cron syntax ('0 2 * * *') nor an interval ('6h')")
+    return spec
 
 
 class SourceCore(StrictModel):
@@ -82,6 +125,7 @@ class SourceCore(StrictModel):
 
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
+    poll: PollSettings = PollSettings()
 
 
 class SinkCore(StrictModel):
@@ -187,20 +231,34 @@ def parse_config(
         problems.append("routes: expected [[routes]] entries")
         raw_routes = []
     pairs: set[tuple[str, str]] = set()
+    all_sources = set(raw.get("sources", {}) or {}) if isinstance(raw.get("sources"), dict) else set()
+    all_sinks = set(raw.get("sinks", {}) or {}) if isinstance(raw.get("sinks"), dict) else set()
     for i, r in enumerate(raw_routes):
         try:
             route = RouteSettings.model_validate(r, context=ctx)
         except ValidationError as e:
             problems.extend(_format(e, f"routes[{i}]", RouteSettings))
             continue
-        if route.from_ not in sources and route.from_ not in raw.get("sources", {}):
-            problems.append(f"routes[{i}].from: no source named {route.from_!r}{_suggest(route.from_, sources)}")
+        if route.from_ not in all_sources:
+            problems.append(f"routes[{i}].from: no source named {route.from_!r}{_suggest(route.from_, all_sources)}")
         for j, sink in enumerate(route.to):
-            if sink not in sinks and sink not in raw.get("sinks", {}):
-                problems.append(f"routes[{i}].to[{j}]: no sink named {sink!r}{_suggest(sink, sinks)}")
+            if sink not in all_sinks:
+                problems.append(f"routes[{i}].to[{j}]: no sink named {sink!r}{_suggest(sink, all_sinks)}")
             if (route.from_, sink) in pairs:
                 problems.append(f"routes[{i}].to[{j}]: a route from {route.from_!r} to {sink!r} is already defined")
             pairs.add((route.from_, sink))
+        guard = route.loop_guard
+        if guard is not None and guard.echo_source is not None and guard.echo_source not in all_sources:
+            problems.append(
+                f"routes[{i}].loop_guard.echo_source: no source named {guard.echo_source!r}"
+                f"{_suggest(guard.echo_source, all_sources)}"
+            )
+        if route.enrich and route.from_ in sources and "fetch" not in sources[route.from_].cls.capabilities():
+            problems.append(
+                f"routes[{i}].enrich: source {route.from_!r} (connector {sources[route.from_].connector!r}) "
+                "cannot fetch records"
+            )
+        problems.extend(load_mapping(route, f"routes[{i}]")[1])
         routes.append(route)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
@@ -262,6 +320,9 @@ def _connectors(
                 f"{where}.connector: connector {core.connector!r} cannot be a {role} "
                 f"(it can be: {', '.join(sorted(cls.roles())) or 'nothing'})"
             )
+            continue
+        if isinstance(core, SourceCore) and core.poll.reconcile is not None and "reconcile" not in cls.capabilities():
+            problems.append(f"{where}.poll.reconcile: connector {core.connector!r} cannot reconcile")
             continue
         try:
             options = cls.Config.model_validate(rest, context=ctx)

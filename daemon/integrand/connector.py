@@ -6,7 +6,13 @@ capability mixins:
 
 * :class:`WebhookSource` — ``verify`` then ``parse`` an inbound HTTP request;
 * :class:`PollingSource` — ``poll(cursor)`` for changes since a cursor;
+* :class:`ReconcilingSource` — ``reconcile(since, cursor)``: the remote state changed
+  since a time (or in full), a bounded page at a time, so missed changes can be found;
+* :class:`Enricher` — ``fetch(event)``: turn a thin event ("customer 58 changed")
+  into one carrying the record's current data, just before delivery;
 * :class:`Sink` — ``deliver`` (and optionally ``deliver_batch``) events.
+
+Every capability is optional; a connector has the ones whose class it subclasses.
 
 Its configuration is a pydantic model (:class:`ConnectorConfig`) named
 ``Config`` on the class; integrand validates the connector's table against it at
@@ -14,13 +20,19 @@ startup and reports errors with their key paths. Connectors raise the errors in
 :mod:`integrand.errors` (re-exported here): ``RetryableError(retry_after=…)``,
 ``PermanentError``, ``AuthError``; anything else is treated as retryable and logged
 with its traceback.
+
+The :class:`ConnectorContext` gives each instance its services: ``state`` (durable
+key/value state in the store, for OAuth tokens and cursors — never files of its
+own), ``http`` (the shared HTTP helper with per-account rate limits and redacted
+logs, :class:`Http`), ``clock`` and a logger.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -35,7 +47,8 @@ from .errors import (
     WebhookRejected,
 )
 from .events import Event, content_id, utcnow_iso
-from .secrets import SecretValue
+from .httpclient import Http, HttpPool, Response, error_for_status
+from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
 
 __all__ = [
@@ -44,14 +57,21 @@ __all__ = [
     "ConnectorConfig",
     "ConnectorContext",
     "Duration",
+    "Enricher",
     "Event",
+    "Http",
+    "HttpPool",
     "ListenAddress",
     "PayloadError",
     "PermanentError",
     "PollResult",
     "PollingSource",
+    "ReconcilePage",
+    "ReconcilingSource",
     "RelPath",
+    "Response",
     "RetryableError",
+    "SecretList",
     "SecretValue",
     "SignatureError",
     "Sink",
@@ -61,6 +81,7 @@ __all__ = [
     "WebhookRequest",
     "WebhookSource",
     "content_id",
+    "error_for_status",
     "utcnow_iso",
 ]
 
@@ -74,9 +95,11 @@ class ConnectorConfig(StrictModel):
 class StateStore(Protocol):
     """Durable key/value state owned by one configured connector (tokens, cursors), kept in the store."""
 
-    async def get(self, key: str) -> Any: ...
+    async def get(self, key: str) -> Any:
+        """The JSON value last set under ``key``, or None."""
 
-    async def set(self, key: str, value: Any) -> None: ...
+    async def set(self, key: str, value: Any) -> None:
+        """Store a JSON value durably (committed before this returns)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,13 @@ class ConnectorContext:
     state: StateStore
     public_url: str | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("integrand.connector"))
+    http: Http = field(default=None)  # type: ignore[assignment]  # filled in by __post_init__
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if self.http is None:
+            # Outside the daemon (``integrand send``, a quick script) a private pool; the daemon passes its shared one.
+            object.__setattr__(self, "http", HttpPool().for_connector(self.logger))
 
 
 C = TypeVar("C", bound=ConnectorConfig)
@@ -112,20 +142,27 @@ class Connector(Generic[C]):
 
     @classmethod
     def capabilities(cls) -> frozenset[str]:
+        """What the class can do, from the capability classes it subclasses (shown by ``integrand plugins``)."""
         caps = set()
         if issubclass(cls, WebhookSource):
             caps.add("webhook")
         if issubclass(cls, PollingSource):
             caps.add("poll")
+        if issubclass(cls, ReconcilingSource):
+            caps.add("reconcile")
+        if issubclass(cls, Enricher):
+            caps.add("fetch")
         if issubclass(cls, Sink):
             caps.add("sink")
+            if cls.deliver_batch is not Sink.deliver_batch:
+                caps.add("batch")
         return frozenset(caps)
 
     @classmethod
     def roles(cls) -> frozenset[Role]:
         caps = cls.capabilities()
         roles: set[Role] = set()
-        if caps & {"webhook", "poll"}:
+        if caps & {"webhook", "poll", "reconcile"}:
             roles.add("source")
         if "sink" in caps:
             roles.add("sink")
@@ -164,13 +201,38 @@ class WebhookSource(ABC):
 
 @dataclass(frozen=True)
 class PollResult:
-    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``."""
+    """One poll's outcome; ``cursor`` is committed in the same transaction as ``events``.
+
+    ``more`` says another page is waiting (integrand polls again at once). The rest are
+    hints for the interval policy: ``retry_after`` seconds the provider asked for, and
+    the provider's rate budget (``budget_remaining`` of ``budget_limit`` requests, the
+    window resetting in ``budget_reset`` seconds), shared with this account's sink writes.
+    """
 
     events: Sequence[Event]
     cursor: Any
     more: bool = False
     retry_after: float | None = None
     budget_remaining: int | None = None
+    budget_limit: int | None = None
+    budget_reset: float | None = None
+
+
+@dataclass(frozen=True)
+class ReconcilePage:
+    """One bounded page of the remote state, for reconciliation.
+
+    ``events`` describe entities as they are now (``entity``, ``entity_id`` and
+    ``version`` set, stable ids); integrand enqueues those its entity table shows as
+    missed or older. ``deleted`` lists (entity, entity_id) the provider reports as
+    deleted. ``cursor`` is where the next page starts (kept in the store, so a
+    crashed pass resumes); ``more`` says whether there is one.
+    """
+
+    events: Sequence[Event]
+    cursor: Any = None
+    more: bool = False
+    deleted: Sequence[tuple[str, str]] = ()
 
 
 class PollingSource(ABC):
@@ -179,6 +241,40 @@ class PollingSource(ABC):
     @abstractmethod
     async def poll(self, cursor: Any) -> PollResult:
         """Fetch one page of changes after ``cursor`` (None on the first poll)."""
+
+
+class ReconcilingSource(ABC):
+    """Capability: list the remote records so that changes missed by webhooks and polls are found.
+
+    Each record comes back as the Event a change to it would have produced, with
+    ``entity``, ``entity_id`` and ``version`` set; integrand compares versions with
+    its entity table and enqueues only what was missed or is newer. A separate
+    capability from polling: a webhook-only source with a list endpoint can reconcile.
+    """
+
+    page_size: ClassVar[int] = 1000
+
+    @abstractmethod
+    async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
+        """One page (at most ``page_size``) of records changed since ``since`` (epoch s; None = all), from ``cursor``."""
+
+
+class Enricher(ABC):
+    """Capability: fetch a record's current data for a thin event (webhooks that say only *what* changed)."""
+
+    @abstractmethod
+    async def fetch(self, event: Event) -> Event:
+        """Return ``event`` carrying the record's current data; raise PermanentError if it is gone for good."""
+
+    async def fetch_many(self, events: Sequence[Event]) -> list[Event | BaseException]:
+        """Fetch several; one result per event, an error in its place. Override to batch requests."""
+        out: list[Event | BaseException] = []
+        for event in events:
+            try:
+                out.append(await self.fetch(event))
+            except Exception as e:
+                out.append(e)
+        return out
 
 
 class Sink(ABC):

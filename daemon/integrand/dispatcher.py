@@ -23,10 +23,29 @@ from .backoff import retry_delay, should_give_up
 from .config import RetrySettings
 from .connector import Sink
 from .errors import AuthError, PermanentError, RetryableError
+from .events import Event
 from .metrics import Metrics
+from .routes import RouteRuntime
 from .store import Leased, Outcome, Store
 
 log = logging.getLogger("integrand.dispatcher")
+
+
+class _Skipped:
+    """A delivery the route decided not to send (an echo of integrand's own write, or no change)."""
+
+
+SKIPPED = _Skipped()
+
+
+@dataclass(frozen=True)
+class _RouteFailure:
+    """A delivery that failed before reaching the sink (enrichment, mapping): no evidence about the sink."""
+
+    error: BaseException
+
+
+MIN_IDLE = 0.005  # floor on an idle wait, so a race can never become a busy loop
 
 
 @dataclass
@@ -38,6 +57,7 @@ class SinkRuntime:
     batch_size: int
     retry: RetrySettings
     breaker: br.Breaker
+    auth_error: str | None = None  # set while the sink is paused because its credentials were refused
 
 
 def describe_error(e: BaseException) -> str:
@@ -63,8 +83,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         idle_poll: float = 1.0,
+        routes: RouteRuntime | None = None,
     ):
         self.store = store
+        self.routes = routes
         self.sinks = sinks
         self.workers = workers
         self.lease_seconds = lease_seconds
@@ -75,6 +97,11 @@ class Dispatcher:
         self._stopping = False
         self._gen = 0
         self._empty: dict[str, int] = {}
+        # Sinks a worker is leasing for right now: the others leave them alone until that lease returns,
+        # or every commit would wake all workers into leases that find nothing (each one a store write).
+        self._leasing: set[str] = set()
+        # The next_due query in flight, shared by the workers that go idle while it runs.
+        self._due_query: tuple[tuple[str, ...], asyncio.Future[float | None]] | None = None
         self._order = itertools.cycle(sorted(sinks)) if sinks else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -112,16 +139,22 @@ class Dispatcher:
                 continue
             sink, limit, probing = picked
             gen = self._gen
+            self._leasing.add(sink.name)
             try:
-                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name)
+                rows = await self.store.lease(limit, self.lease_seconds, only=sink.name, due_only=not probing)
             except Exception as e:
+                self._leasing.discard(sink.name)  # before idling, not after
                 if probing:
                     sink.breaker = br.on_failure(sink.breaker, self.clock())
                 log.error("cannot lease deliveries for sink %s: %s", sink.name, e)
                 await self._idle()
                 continue
+            finally:
+                self._leasing.discard(sink.name)
             if len(rows) < limit:
                 self._empty[sink.name] = gen
+            else:  # a full batch: there may be more, so wake the workers that skipped this sink meanwhile
+                self.store.deliveries_ready.set()
             if not rows:
                 if probing:  # nothing to probe with: stay open, probe again when work arrives
                     sink.breaker = replace(sink.breaker, status="open")
@@ -134,7 +167,7 @@ class Dispatcher:
         now = self.clock()
         for _ in range(len(self.sinks)):
             sink = self.sinks[next(self._order)]
-            if self._empty.get(sink.name) == self._gen:
+            if self._empty.get(sink.name) == self._gen or sink.name in self._leasing:
                 continue
             permit, new = br.permit(sink.breaker, now)
             if permit == "no":
@@ -150,13 +183,14 @@ class Dispatcher:
         """Sleep until new deliveries are committed, a retry falls due, or a breaker may probe."""
         timeout = self.idle_poll
         now = self.clock()
+        paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"]
         with contextlib.suppress(Exception):
-            due = await self.store.next_due()
+            due = await self._next_due(paused)
             if due is not None:
-                timeout = min(timeout, max(0.0, due - now))
+                timeout = min(timeout, max(MIN_IDLE, due - now))
         for s in self.sinks.values():
             if s.breaker.status == "open":
-                timeout = min(timeout, max(0.0, s.breaker.reopens_at - now))
+                timeout = min(timeout, max(MIN_IDLE, s.breaker.reopens_at - now))
         if timeout > 0 and not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
@@ -164,74 +198,162 @@ class Dispatcher:
             self.store.deliveries_ready.clear()
         self._gen += 1
 
+    def _next_due(self, paused: list[str]) -> asyncio.Future[float | None]:
+        """One next_due query for all the workers that wake on the same commit, not one each."""
+        key = tuple(paused)
+        if self._due_query is None or self._due_query[0] != key or self._due_query[1].done():
+            query = asyncio.ensure_future(self.store.next_due(exclude=paused))
+            query.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if all waiters left
+            self._due_query = (key, query)
+        return asyncio.shield(self._due_query[1])
+
+    async def _send(
+        self, sink: SinkRuntime, rows: Sequence[Leased]
+    ) -> list[BaseException | _Skipped | _RouteFailure | None]:
+        """Run each event through its route (enrich, map, loop guard), deliver what remains, one result per row."""
+        prepared: list[Event | BaseException | None] = [r.event for r in rows]
+        if self.routes is not None:
+            prepared = await self.routes.prepare_batch(sink.name, [r.event for r in rows])
+        send = [p for p in prepared if isinstance(p, Event)]
+        sent: Sequence[BaseException | None] = await sink.connector.deliver_batch(send) if send else []
+        if len(sent) != len(send):
+            raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
+        results = iter(sent)
+        out: list[BaseException | _Skipped | _RouteFailure | None] = []
+        for p in prepared:
+            if isinstance(p, Event):
+                res = next(results)
+                out.append(res)
+                if res is None and self.routes is not None:
+                    try:
+                        await self.routes.delivered(sink.name, p)
+                    except Exception as e:  # only costs a redundant write later
+                        log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
+            else:
+                out.append(SKIPPED if p is None else _RouteFailure(p))
+        return out
+
     async def _deliver(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
         started = time.perf_counter()
+        results: Sequence[BaseException | _Skipped | _RouteFailure | None]
         try:
-            results: Sequence[BaseException | None] = await asyncio.wait_for(
-                sink.connector.deliver_batch([r.event for r in rows]), timeout=self.lease_seconds * 0.9
-            )
-            if len(results) != len(rows):
-                raise RuntimeError(f"deliver_batch returned {len(results)} results for {len(rows)} events")
+            results = await asyncio.wait_for(self._send(sink, rows), timeout=self.lease_seconds * 0.9)
         except Exception as e:
             results = [e] * len(rows)
         self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
         now = self.clock()
-        outcomes = [self._outcome(sink, row, res, probing, now) for row, res in zip(rows, results, strict=True)]
+        if probing and all(isinstance(r, _Skipped | _RouteFailure) for r in results):
+            sink.breaker = replace(sink.breaker, status="open")  # nothing reached the sink: probe again later
+        outcomes = []
+        for row, res in zip(rows, results, strict=True):
+            if isinstance(res, _Skipped):
+                outcomes.append(self._skipped(sink, row))
+            elif isinstance(res, _RouteFailure):
+                outcomes.append(self._route_failed(sink, row, res.error, now))
+            else:
+                outcomes.append(self._outcome(sink, row, res, probing, now))
         try:
             await self.store.complete(outcomes)
         except Exception as e:
             # The leases will expire and the deliveries will be retried: at-least-once.
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
 
+    def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
+        self.metrics.deliveries.labels(sink.name, "skipped").inc()
+        return Outcome(row, "done")
+
+    def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
+        """Enrichment or mapping failed: dead-letter or retry on the delivery's own budget; the breaker is untouched."""
+        error = describe_error(res)
+        if isinstance(res, PermanentError):
+            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            return Outcome(row, "dead", error=error)
+        if not isinstance(res, RetryableError):
+            log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
+        self.metrics.deliveries.labels(sink.name, "retry").inc()
+        attempts = row.attempts + 1
+        policy = sink.retry
+        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            return self._dead(sink, row, error, res, attempts)
+        retry_after = getattr(res, "retry_after", None)
+        delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
+        return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
+
+    def _reachable(self, sink: SinkRuntime, before: str) -> None:
+        """The sink answered: close its breaker and, if it was open, send its waiting retries now."""
+        sink.breaker = br.on_success(sink.breaker)
+        if sink.auth_error is not None:
+            log.warning("sink %s: credentials accepted again, sink resumed", sink.name)
+            sink.auth_error = None
+        if before != "closed":
+            log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
+            self.metrics.breaker_open.labels(sink.name).set(0)
+            task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
+        self.metrics.deliveries.labels(sink.name, "dead").inc()
+        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        return Outcome(row, "dead", error=error)
+
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
         before = sink.breaker.status
         if res is None:
-            sink.breaker = br.on_success(sink.breaker)
-            if before != "closed":
-                log.warning("sink %s: circuit closed, the sink is back; waiting deliveries go out now", sink.name)
-                self.metrics.breaker_open.labels(sink.name).set(0)
-                task = asyncio.get_running_loop().create_task(self.store.expedite(sink.name))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._reachable(sink, before)
             self.metrics.deliveries.labels(sink.name, "done").inc()
             return Outcome(row, "done")
         error = describe_error(res)
         if isinstance(res, PermanentError):
+            self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
             self.metrics.deliveries.labels(sink.name, "dead").inc()
             log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
             sink.breaker = br.trip(sink.breaker, now)
-            if before == "closed":
-                log.error("sink %s: authentication refused, sink paused: %s", sink.name, res)
-                self.metrics.breaker_open.labels(sink.name).set(1)
+            if sink.auth_error is None:
+                # The alert: once per pause, not once per delivery or probe.
+                log.critical(
+                    "ALERT sink %s: authentication refused, sink paused until its credentials work again "
+                    "(re-authorize it; deliveries wait without spending attempts): %s",
+                    sink.name,
+                    error,
+                )
+            sink.auth_error = error
+            self.metrics.breaker_open.labels(sink.name).set(1)
             self.metrics.deliveries.labels(sink.name, "auth").inc()
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
-        if not isinstance(res, RetryableError):
+        outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
+        if outage:
+            sink.breaker = br.on_failure(sink.breaker, now)
+            if sink.breaker.status == "open" and before != "open":
+                log.warning(
+                    "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
+                    sink.name,
+                    sink.breaker.failures,
+                    sink.breaker.current_open_for,
+                )
+                self.metrics.breaker_open.labels(sink.name).set(1)
+        else:
+            # A connector bug, not an outage: it spends attempts but does not pause the sink.
             log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
-        sink.breaker = br.on_failure(sink.breaker, now)
-        if sink.breaker.status == "open" and before != "open":
-            log.warning(
-                "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
-                sink.name,
-                sink.breaker.failures,
-                sink.breaker.current_open_for,
-            )
-            self.metrics.breaker_open.labels(sink.name).set(1)
+            if probing and sink.breaker.status == "half_open":
+                sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
         self.metrics.deliveries.labels(sink.name, "retry").inc()
         retry_after = getattr(res, "retry_after", None)
-        if probing:
-            return Outcome(
-                row,
-                "retry",
-                error=error,
-                next_attempt_at=max(now, sink.breaker.reopens_at),
-                count_attempt=False,
-            )
-        attempts = row.attempts + 1
         policy = sink.retry
-        if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
-            self.metrics.deliveries.labels(sink.name, "dead").inc()
-            log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
-            return Outcome(row, "dead", error=error)
+        age = now - row.created_at
+        if probing and outage:
+            if age >= policy.max_age:
+                return self._dead(sink, row, error, res, row.attempts)
+            # Not counted (the sink is down, not this delivery), but pushed back so the next probe
+            # (which takes the head falling due soonest, due or not) tries another delivery:
+            # one poison delivery cannot keep the breaker open forever.
+            delay = retry_delay(row.attempts + 1, base=policy.base, cap=policy.cap, rand=self.rand())
+            nxt = max(now + delay, sink.breaker.reopens_at, now + (retry_after or 0.0))
+            return Outcome(row, "retry", error=error, next_attempt_at=nxt, count_attempt=False)
+        attempts = row.attempts + 1
+        if should_give_up(attempts, age, max_attempts=policy.max_attempts, max_age=policy.max_age):
+            return self._dead(sink, row, error, res, attempts)
         delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)

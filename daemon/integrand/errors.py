@@ -34,6 +34,10 @@ class PermanentError(IntegrandError):
 class AuthError(IntegrandError):
     """Re-authenticate: credentials are missing, expired or revoked; pause and alert."""
 
+    def __init__(self, message: str, *, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
 
 class ConfigError(IntegrandError):
     """The configuration is wrong; ``problems`` holds every ``key.path: message`` at once."""

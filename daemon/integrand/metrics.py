@@ -35,3 +35,15 @@ class Metrics:
         )
         self.commits = Gauge("integrand_store_commits", "Transactions committed by the store writer", registry=r)
         self.committed_ops = Gauge("integrand_store_ops", "Operations committed by the store writer", registry=r)
+        self.polls = Counter(
+            "integrand_polls", "Poll requests by source and outcome", ["source", "outcome"], registry=r
+        )
+        self.poll_interval = Gauge(
+            "integrand_poll_interval_seconds", "Wait chosen after the last poll, by source", ["source"], registry=r
+        )
+        self.reconciled = Counter(
+            "integrand_reconcile_entities",
+            "Entities checked by reconciliation and what it found (checked, missed, stale, deleted)",
+            ["source", "result"],
+            registry=r,
+        )

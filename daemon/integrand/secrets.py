@@ -81,7 +81,7 @@ def resolve_secret(ref: Any, base_dir: Path | None = None) -> SecretValue:
             raise PydanticCustomError("secret", "credential name {name} must not contain '/'", {"name": name})
         return SecretValue(_read_secret_file(Path(creds) / name, f"credential {name}"), f"credential:{name}")
     raise PydanticCustomError(
-        "secret", "unknown secret reference {kind!r} (use env, file or credential)", {"kind": kind}
+        "secret", "unknown secret reference {kind} (use env, file or credential)", {"kind": repr(kind)}
     )
 
 
@@ -100,3 +100,34 @@ def _read_secret_file(path: Path, what: str) -> str:
 def _validate_secret(value: Any, info: ValidationInfo) -> SecretValue:
     base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
     return resolve_secret(value, base)
+
+
+class SecretList(tuple[SecretValue, ...]):
+    """One secret or a list of them (key rotation: any one verifies); always a non-empty tuple."""
+
+    __slots__ = ()
+
+    def reveal_all(self) -> list[str]:
+        return [s.reveal() for s in self]
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(
+            _validate_secret_list,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda v: [repr(x) for x in v]),
+        )
+
+
+def _validate_secret_list(value: Any, info: ValidationInfo) -> SecretList:
+    items = value if isinstance(value, list | tuple) else [value]
+    if not items:
+        raise PydanticCustomError("secret", "give at least one secret")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_validate_secret(item, info))
+        except PydanticCustomError as e:
+            if len(items) == 1:
+                raise
+            raise PydanticCustomError("secret", "secret [{i}]: {msg}", {"i": i, "msg": e.message()}) from None
+    return SecretList(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import sqlite3
@@ -91,6 +92,30 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (scope, key)
     ) WITHOUT ROWID;
     """,
+    # 2: the pull side. A cursor (kind 'poll' or 'reconcile') is opaque JSON owned by the connector and
+    # is only ever written in the transaction that stores the events it produced. entity_versions is the
+    # last version and content hash seen per entity: it drops stale and repeated changes and is what
+    # reconciliation compares the remote state with.
+    """
+    CREATE TABLE cursors (
+        source TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        value BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (source, kind)
+    ) WITHOUT ROWID;
+    CREATE TABLE entity_versions (
+        source TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        entity_id TEXT NOT NULL,
+        version TEXT,
+        hash TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        event_id TEXT NOT NULL,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (source, entity, entity_id)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _SQLITE_UNAVAILABLE = ("full", "locked", "busy", "disk i/o", "readonly", "unable to open", "no such table")
@@ -98,8 +123,56 @@ _SQLITE_UNAVAILABLE = ("full", "locked", "busy", "disk i/o", "readonly", "unable
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
+    """What an enqueue stored; ``stale`` counts changes the entity table shows as older or already seen."""
+
     accepted: int
     duplicates: int
+    stale: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EntityVersion:
+    """The last change integrand stored for one entity of a source."""
+
+    version: str | None
+    hash: str
+    deleted: bool
+    event_id: str
+    seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CursorRow:
+    source: str
+    kind: str
+    value: Any
+    updated_at: float
+
+
+def version_newer(a: str, b: str) -> bool:
+    """Whether version ``a`` is newer than ``b``: numerically when both are numbers, else as strings (ISO times)."""
+    try:
+        return float(a) > float(b)
+    except ValueError:
+        return a > b
+
+
+def _superseded(known: EntityVersion | None, version: str | None, h: str) -> bool:
+    if known is None or version is None or known.version is None:
+        return False
+    return version_newer(known.version, version) or (known.version == version and known.hash == h)
+
+
+def is_delete(ev: Event) -> bool:
+    """Whether an event reports that its entity was deleted (type ``….deleted`` or ``meta.deleted``)."""
+    return bool(ev.meta.get("deleted")) or ev.type.rsplit(".", 1)[-1] in ("deleted", "delete", "removed")
+
+
+def data_hash(ev: Event) -> str:
+    """A content hash of an event's data (plus its deletedness) to tell a repeat from a change."""
+    return hashlib.sha256(
+        orjson.dumps(ev.data, option=orjson.OPT_SORT_KEYS) + (b"D" if is_delete(ev) else b"")
+    ).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,20 +247,33 @@ class Rejection:
 
 
 class _Op:
-    __slots__ = ("fn", "future", "rows")
+    __slots__ = ("alone", "fn", "future", "rows")
 
-    def __init__(self, fn: Callable[[Conn], Awaitable[Any]] | None, rows: int, future: asyncio.Future[Any] | None):
+    def __init__(
+        self,
+        fn: Callable[[Conn], Awaitable[Any]] | None,
+        rows: int,
+        future: asyncio.Future[Any] | None,
+        alone: bool = False,
+    ):
         self.fn = fn
         self.rows = rows
         self.future = future
+        self.alone = alone  # committed in a transaction of its own: its failure must not fail anyone else's op
 
 
 class _EnqueueOp(_Op):
-    __slots__ = ("items",)
+    __slots__ = ("cursor", "items")
 
-    def __init__(self, items: Sequence[tuple[Event, Sequence[str]]], future: asyncio.Future[Any]):
-        super().__init__(None, len(items), future)
+    def __init__(
+        self,
+        items: Sequence[tuple[Event, Sequence[str]]],
+        future: asyncio.Future[Any],
+        cursor: tuple[str, str, bytes] | None = None,
+    ):
+        super().__init__(None, max(1, len(items)), future)
         self.items = items
+        self.cursor = cursor
 
 
 _STOP = _Op(None, 0, None)
@@ -251,10 +337,12 @@ class Store:
                 if n:
                     log.info("released %d deliveries leased by a previous run", n)
             self._rconn = await self._connect(readonly=True)
-        except sqlite3.Error as e:
+        except BaseException as e:
             await self._close_conns()
             self._drop_lock()
-            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+            if isinstance(e, sqlite3.Error):
+                raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+            raise
         self._writer = asyncio.create_task(self._run_writer(), name="store-writer")
 
     async def close(self) -> None:
@@ -335,15 +423,19 @@ class Store:
 
     async def _run_writer(self) -> None:
         stopping = False
+        held: _Op | None = None
         while not stopping:
-            op = await self._queue.get()
+            op, held = held or await self._queue.get(), None
             if op is _STOP:
                 break
             batch, rows = [op], op.rows
-            while rows < self.commit_max_rows and not self._queue.empty():
+            while not op.alone and rows < self.commit_max_rows and not self._queue.empty():
                 nxt = self._queue.get_nowait()
                 if nxt is _STOP:
                     stopping = True
+                    break
+                if nxt.alone:
+                    held = nxt
                     break
                 batch.append(nxt)
                 rows += nxt.rows
@@ -423,20 +515,33 @@ class Store:
                 chunk = id_list[i : i + 500]
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
-                async with conn.execute(sql, (source, *chunk)) as cur:
-                    seen.update((source, r[0]) for r in await cur.fetchall())
+                seen.update((source, r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
+        entities = await self._entity_versions_for(conn, [ev for op in ops for ev, _ in op.items])
         now = self.clock()
         event_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
+        entity_rows: list[tuple[Any, ...]] = []
+        cursor_rows: list[tuple[Any, ...]] = []
         results = []
         for op in ops:
-            accepted = dup = 0
+            accepted = dup = stale = 0
             for ev, sinks in op.items:
                 k = (ev.source, ev.id)
                 if k in seen:
                     dup += 1
                     continue
                 seen.add(k)
+                if ev.entity_id is not None:
+                    ek = (ev.source, ev.entity or "", ev.entity_id)
+                    h = data_hash(ev)
+                    known = entities.get(ek)
+                    # An older version never overwrites a newer one; the same version with the
+                    # same content is a repeat (look-back overlap, a webhook then a poll).
+                    if _superseded(known, ev.version, h):
+                        stale += 1
+                        continue
+                    entities[ek] = EntityVersion(ev.version, h, is_delete(ev), ev.id, now)
+                    entity_rows.append((*ek, ev.version, h, int(is_delete(ev)), ev.id, now))
                 accepted += 1
                 self._next_event += 1
                 row = self._next_event
@@ -444,7 +549,9 @@ class Store:
                 event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, ev.to_json()))
                 for sink in sinks:
                     delivery_rows.append((row, sink, ekey, now, now, now))
-            results.append(EnqueueResult(accepted, dup))
+            if op.cursor is not None:
+                cursor_rows.append((*op.cursor, now))
+            results.append(EnqueueResult(accepted, dup, stale))
         if event_rows:
             await conn.executemany(
                 "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body) "
@@ -457,7 +564,22 @@ class Store:
                 "VALUES (?, ?, ?, 'ready', ?, ?, ?)",
                 delivery_rows,
             )
+        if entity_rows:
+            await conn.executemany(
+                "INSERT INTO entity_versions (source, entity, entity_id, version, hash, deleted, event_id, seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, entity, entity_id) DO UPDATE SET "
+                "version = excluded.version, hash = excluded.hash, deleted = excluded.deleted, "
+                "event_id = excluded.event_id, seen_at = excluded.seen_at",
+                entity_rows,
+            )
+        if cursor_rows:
+            await conn.executemany(_CURSOR_UPSERT, cursor_rows)
         return results, bool(delivery_rows)
+
+    @staticmethod
+    async def _entity_versions_for(conn: Conn, events: Sequence[Event]) -> dict[tuple[str, str, str], EntityVersion]:
+        keys = {(ev.source, ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None}
+        return await _read_entities(conn, keys)
 
     async def _submit(self, fn: Callable[[Conn], Awaitable[T]], rows: int = 1) -> T:
         if self._writer is None:
@@ -478,6 +600,16 @@ class Store:
         self._queue.put_nowait(_EnqueueOp(items, fut))
         return await fut
 
+    async def enqueue_with_cursor(
+        self, items: Sequence[tuple[Event, Sequence[str]]], source: str, cursor: Any, kind: str = "poll"
+    ) -> EnqueueResult:
+        """Store a poll's events and its new cursor in one transaction: both or neither survive a crash."""
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_EnqueueOp(items, fut, (source, kind, orjson.dumps(cursor))))
+        return await fut
+
     async def lease(
         self,
         limit: int,
@@ -485,13 +617,19 @@ class Store:
         *,
         exclude: Iterable[str] = (),
         only: str | None = None,
+        due_only: bool = True,
     ) -> list[Leased]:
-        """Lease up to ``limit`` due deliveries that head their (sink, entity) line, oldest first."""
+        """Lease up to ``limit`` due deliveries that head their (sink, entity) line, oldest first.
+
+        ``due_only=False`` takes the heads that fall due soonest even if not due yet: a breaker's
+        probe tests the sink, and the backoffs it would wait out were caused by the outage."""
         excluded = sorted(exclude)
 
         async def op(conn: Conn) -> list[Leased]:
             now = self.clock()
-            where = ["d.state = 'ready'", "d.next_attempt_at <= :now"]
+            where = ["d.state = 'ready'"]
+            if due_only:
+                where.append("d.next_attempt_at <= :now")
             params: dict[str, Any] = {
                 "now": now,
                 "until": now + lease_seconds,
@@ -520,8 +658,7 @@ class Store:
                     LIMIT :limit)
                 RETURNING id, event, sink, attempts, created_at
             """  # noqa: S608 - only placeholders are interpolated
-            async with conn.execute(sql, params) as cur:
-                rows = list(await cur.fetchall())
+            rows = list(await conn.execute_fetchall(sql, params))
             if not rows:
                 return []
             bodies: dict[int, bytes] = {}
@@ -529,8 +666,7 @@ class Store:
             for i in range(0, len(event_ids), 500):
                 chunk = event_ids[i : i + 500]
                 sql = f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
-                async with conn.execute(sql, chunk) as cur:
-                    bodies.update({r[0]: r[1] for r in await cur.fetchall()})
+                bodies.update({r[0]: r[1] for r in await conn.execute_fetchall(sql, chunk)})
             rows.sort(key=lambda r: r[0])
             return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]])) for r in rows]
 
@@ -637,11 +773,20 @@ class Store:
             self.deliveries_ready.set()
         return n
 
-    async def next_due(self) -> float | None:
-        """When the earliest ready delivery becomes due (None if nothing is waiting)."""
-        async with self._read().execute("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready'") as cur:
+    async def next_due(self, exclude: Iterable[str] = ()) -> float | None:
+        """When the earliest leasable delivery falls due (None if none): heads of their entity line only,
+        and not on the ``exclude``d (paused) sinks, so a blocked or paused delivery never causes a busy wait."""
+        excluded = sorted(exclude)
+        not_in = f"AND d.sink NOT IN ({','.join('?' * len(excluded))}) " if excluded else ""
+        sql = f"""
+            SELECT d.next_attempt_at FROM deliveries d WHERE d.state = 'ready' {not_in}
+            AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.sink = d.sink AND p.entity_key = d.entity_key
+                            AND p.state IN ('ready', 'leased') AND p.id < d.id)
+            ORDER BY d.next_attempt_at LIMIT 1
+        """  # noqa: S608 - only placeholders are interpolated
+        async with self._read().execute(sql, excluded) as cur:
             row = await cur.fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        return float(row[0]) if row else None
 
     # --- retention ---------------------------------------------------------------------------
 
@@ -812,6 +957,41 @@ class Store:
 
         await self._submit(op)
 
+    # --- cursors and entity versions -----------------------------------------------------------
+
+    async def cursor_get(self, source: str, kind: str = "poll") -> Any:
+        """A source's committed cursor (None if it has none: the next poll starts from the beginning)."""
+        async with self._read().execute(
+            "SELECT value FROM cursors WHERE source = ? AND kind = ?", (source, kind)
+        ) as cur:
+            row = await cur.fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    async def cursor_set(self, source: str, value: Any, kind: str = "poll") -> None:
+        """Set a cursor by hand (``integrand cursor set``); None resets it (backfill from the start)."""
+        blob = orjson.dumps(value)
+
+        async def op(conn: Conn) -> None:
+            if value is None:
+                await conn.execute("DELETE FROM cursors WHERE source = ? AND kind = ?", (source, kind))
+            else:
+                await conn.execute(_CURSOR_UPSERT, (source, kind, blob, self.clock()))
+
+        await self._submit(op)
+
+    async def cursors(self) -> list[CursorRow]:
+        async with self._read().execute(
+            "SELECT source, kind, value, updated_at FROM cursors ORDER BY source, kind"
+        ) as cur:
+            return [CursorRow(r[0], r[1], orjson.loads(r[2]), r[3]) for r in await cur.fetchall()]
+
+    async def entity_versions(
+        self, source: str, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], EntityVersion]:
+        """What the entity table holds for (entity, entity_id) pairs of one source; missing ones are absent."""
+        found = await _read_entities(self._read(), {(source, e, i) for e, i in keys})
+        return {(k[1], k[2]): v for k, v in found.items()}
+
     # --- status -------------------------------------------------------------------------------
 
     async def counts(self) -> dict[tuple[str, str], int]:
@@ -825,9 +1005,17 @@ class Store:
         return int(row[0]) if row else 0
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless a write transaction can be committed now."""
+        """Raise StoreUnavailable unless a webhook-sized write could be stored now (size limit, lock).
+
+        An empty transaction commits even when the store is full, so the probe writes
+        PROBE_BYTES and rolls them back, in a transaction of its own.
+        """
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(_probe_write, 1, fut, alone=True))
         try:
-            await self._submit(_noop)
+            await fut
         except StoreUnavailable:
             raise
         except Exception as e:
@@ -839,8 +1027,41 @@ class Store:
         return self._rconn
 
 
-async def _noop(conn: Conn) -> None:
-    return None
+PROBE_BYTES = 64 * 1024
+
+
+async def _probe_write(conn: Conn) -> None:
+    await conn.execute("SAVEPOINT probe")
+    await conn.execute(
+        "INSERT INTO state (scope, key, value, updated_at) VALUES ('integrand.probe', 'ping', zeroblob(?), 0)",
+        (PROBE_BYTES,),
+    )
+    await conn.execute("ROLLBACK TO probe")
+    await conn.execute("RELEASE probe")
+
+
+_CURSOR_UPSERT = (
+    "INSERT INTO cursors (source, kind, value, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (source, kind) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+)
+
+
+async def _read_entities(conn: Conn, keys: set[tuple[str, str, str]]) -> dict[tuple[str, str, str], EntityVersion]:
+    out: dict[tuple[str, str, str], EntityVersion] = {}
+    by_group: dict[tuple[str, str], list[str]] = {}
+    for source, entity, eid in keys:
+        by_group.setdefault((source, entity), []).append(eid)
+    for (source, entity), ids in by_group.items():
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            sql = (
+                "SELECT entity_id, version, hash, deleted, event_id, seen_at FROM entity_versions "  # noqa: S608
+                f"WHERE source = ? AND entity = ? AND entity_id IN ({','.join('?' * len(chunk))})"
+            )
+            async with conn.execute(sql, (source, entity, *chunk)) as cur:
+                for r in await cur.fetchall():
+                    out[(source, entity, r[0])] = EntityVersion(r[1], r[2], bool(r[3]), r[4], r[5])
+    return out
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

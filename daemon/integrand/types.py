@@ -26,7 +26,7 @@ def parse_duration(value: Any) -> float:
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise PydanticCustomError(
-        "duration", "expected seconds or a duration like '30s', '5m', '7d', got {value!r}", {"value": value}
+        "duration", "expected seconds or a duration like '30s', '5m', '7d', got {value}", {"value": repr(value)}
     )
 
 
@@ -52,7 +52,7 @@ def parse_host_port(value: Any) -> HostPort:
         if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
             return HostPort(host, int(port))
     raise PydanticCustomError(
-        "listen", "expected 'host:port' such as '127.0.0.1:8080', got {value!r}", {"value": value}
+        "listen", "expected 'host:port' such as '127.0.0.1:8080', got {value}", {"value": repr(value)}
     )
 
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from integrand import signing
 from integrand.connector import (
@@ -15,7 +15,7 @@ from integrand.connector import (
     Duration,
     Event,
     PayloadError,
-    SecretValue,
+    SecretList,
     SignatureError,
     UnsupportedMediaType,
     WebhookRequest,
@@ -28,7 +28,7 @@ Scheme = Literal["standard-webhooks", "stripe", "github", "shopify", "hmac-sha25
 
 class WebhookConfig(ConnectorConfig):
     signature: Scheme
-    secret: SecretValue | list[SecretValue] | None = None
+    secret: SecretList | None = None
     tolerance: Duration = signing.DEFAULT_TOLERANCE
     # hmac-sha256 only: where the signature is and how it is written.
     header: str = "X-Signature"
@@ -41,13 +41,6 @@ class WebhookConfig(ConnectorConfig):
     entity_field: str | None = None
     entity_id_field: str | None = None
     version_field: str | None = None
-
-    @field_validator("secret", mode="after")
-    @classmethod
-    def _nonempty(cls, v: SecretValue | list[SecretValue] | None) -> SecretValue | list[SecretValue] | None:
-        if isinstance(v, list) and not v:
-            raise ValueError("give at least one secret")
-        return v
 
     @model_validator(mode="after")
     def _secret_matches_scheme(self) -> WebhookConfig:
@@ -63,10 +56,7 @@ class WebhookConfig(ConnectorConfig):
 
     @property
     def secrets(self) -> list[str]:
-        if self.secret is None:
-            return []
-        items = self.secret if isinstance(self.secret, list) else [self.secret]
-        return [s.reveal() for s in items]
+        return self.secret.reveal_all() if self.secret is not None else []
 
 
 def dig(data: Any, path: str | None) -> Any:

@@ -9,22 +9,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import aiohttp
 import orjson
+from pydantic import Field, model_validator
+
 from integrand.connector import (
     AuthError,
     Connector,
     ConnectorConfig,
     Duration,
+    Enricher,
     Event,
     PayloadError,
     PermanentError,
     PollingSource,
     PollResult,
+    ReconcilePage,
+    ReconcilingSource,
     RetryableError,
     SecretValue,
     SignatureError,
@@ -34,7 +39,6 @@ from integrand.connector import (
     WebhookSource,
     content_id,
 )
-from pydantic import Field, model_validator
 
 from . import signing
 from ._http import RateLimiter
@@ -44,14 +48,6 @@ API_BASE = "https://api.hubapi.com"
 TOKEN_URL = "https://api.hubapi.com/oauth/v1/token"  # noqa: S105 - a URL
 SEARCH_CAP = 10_000
 PLURAL = {"contact": "contacts", "company": "companies", "deal": "deals", "ticket": "tickets"}
-
-
-@dataclass(frozen=True)
-class ReconcilePage:
-    """Same shape as integrand's ``ReconcilePage`` (events, next_page) until the core exports it."""
-
-    events: Sequence[Event]
-    next_page: Any = None
 
 
 class HubSpotConfig(ConnectorConfig):
@@ -105,7 +101,7 @@ def retry_after_for(policy: str | None, headers: Any, now: float) -> float:
     return float(interval) / 1000 if interval and str(interval).isdigit() else 10.0
 
 
-class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, Sink):
+class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, ReconcilingSource, Enricher, Sink):
     """HubSpot CRM: webhooks verified by v3 (v1/v2 where configured), search polling, batch upsert by id property."""
 
     Config = HubSpotConfig
@@ -343,15 +339,12 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, S
         restart = max(since, newest - int(c.overlap * 1000))
         return PollResult(events, {"since": restart, "after": None, "max": newest})
 
-    async def reconcile(self, window: Any, page: Any) -> ReconcilePage:
-        """integrand's ``ReconcilingSource.reconcile``: the objects modified in ``window``, one search page at a time."""
-        since_iso = getattr(window, "since", None)
-        until_iso = getattr(window, "until", None)
-        pos: dict[str, Any] = page if isinstance(page, dict) else {}
-        since = int(pos.get("since", to_ms(since_iso) if since_iso else 0))
-        until = to_ms(until_iso) if until_iso else None
-        events, nxt = await self._search_page(since, until, pos.get("after"))
-        return ReconcilePage(events, nxt)
+    async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
+        """integrand's ``ReconcilingSource.reconcile``: objects modified since ``since`` (epoch s), one search page at a time."""
+        pos: dict[str, Any] = cursor if isinstance(cursor, dict) else {}
+        start = int(pos.get("since", int(since * 1000) if since is not None else 0))
+        events, nxt = await self._search_page(start, None, pos.get("after"))
+        return ReconcilePage(events, cursor=nxt, more=nxt is not None)
 
     async def _search_page(
         self, since: int, until: int | None, after: str | None

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from integrand.connector import ConnectorContext
 from integrand_hubspot import HubSpotConfig, HubSpotConnector
 from integrand_hubspot.fake import FakeHubSpot
+
+from integrand.connector import ConnectorContext
 
 
 class _Memory:

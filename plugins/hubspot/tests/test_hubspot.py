@@ -9,6 +9,10 @@ from typing import Any
 import orjson
 import pytest
 from hs_support import hubspot
+from integrand_hubspot import HubSpotConfig, signing
+from integrand_hubspot.connector import retry_after_for
+from pydantic import ValidationError
+
 from integrand.connector import (
     AuthError,
     Event,
@@ -19,9 +23,6 @@ from integrand.connector import (
     WebhookRequest,
 )
 from integrand.events import utcnow_iso
-from integrand_hubspot import HubSpotConfig, signing
-from integrand_hubspot.connector import retry_after_for
-from pydantic import ValidationError
 
 SECRET = "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"
 URI = "https://www.example.com/webhook_uri"
@@ -294,17 +295,13 @@ async def test_fetch_completes_webhook_events_and_reconcile_pages(tmp_path: Path
         for i in range(4):
             fake.put("contacts", {"email": f"r{i}@x.com"})
 
-        class Window:
-            since = "2020-01-01T00:00:00Z"
-            until = None
-
         page: Any = None
         got: list[Event] = []
         for _ in range(10):
-            rp = await hs.reconcile(Window(), page)
+            rp = await hs.reconcile(1_577_836_800.0, page)  # since 2020-01-01
             got += rp.events
-            page = rp.next_page
-            if page is None:
+            page = rp.cursor
+            if not rp.more:
                 break
         assert sorted(e.data["object"]["properties"]["email"] for e in got) == [
             "f@x.com",

@@ -9,8 +9,9 @@ from typing import Any
 import aiohttp
 import orjson
 from hs_support import daemon_config, running, wait_for
-from integrand import signing
 from integrand_hubspot.fake import FakeHubSpot
+
+from integrand import signing
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -100,6 +101,9 @@ connector = "hubspot"
 access_token = "{fake.private_token}"
 client_secret = "{fake.client_secret}"
 api_base = "{fake.url}"
+
+[sources.hubspot.poll]
+enabled = false  # webhooks only here: polling would add its own events for the same contact
 
 [sinks.out]
 connector = "jsonl"

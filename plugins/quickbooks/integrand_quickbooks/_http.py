@@ -115,10 +115,9 @@ def parse_time(value: str) -> datetime:
 
 def utc_version(value: str) -> str:
     """A sortable UTC version string (``2015-10-05T21:42:19Z``) from any QuickBooks timestamp."""
-    dt = parse_time(value)
-    if dt.microsecond:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Whole seconds, always: QuickBooks keeps LastUpdatedTime to the second, and one format keeps
+    # versions comparable as strings (integrand's entity table compares them that way).
+    return parse_time(value).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def qbo_time(dt: datetime, offset_hours: int = -8) -> str:

@@ -13,23 +13,28 @@ import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import orjson
+from pydantic import BeforeValidator, Field, field_validator
+
 from integrand.connector import (
     AuthError,
     Connector,
     ConnectorConfig,
     Duration,
+    Enricher,
     Event,
     PayloadError,
     PermanentError,
     PollingSource,
     PollResult,
+    ReconcilePage,
+    ReconcilingSource,
     RetryableError,
     SecretValue,
     SignatureError,
@@ -39,7 +44,6 @@ from integrand.connector import (
     WebhookSource,
     content_id,
 )
-from pydantic import BeforeValidator, Field, field_validator
 
 from ._http import RateLimiter, limiter_for, parse_time, utc_version
 from .tokens import TokenManager, make_cipher, shared_manager
@@ -137,7 +141,7 @@ def fault_error(f: QuickBooksFault, throttle_wait: float) -> Exception:
     return PermanentError(msg, request_id=f.tid)
 
 
-class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSource, Sink):
+class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSource, ReconcilingSource, Enricher, Sink):
     """QuickBooks Online: thin webhooks completed by fetching, CDC polling with query reconciliation, and writes."""
 
     Config = QuickBooksConfig
@@ -505,34 +509,32 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             return PollResult(events, _cursor(nxt, focus=later[0]), more=True)
         return PollResult(events, _cursor(nxt))
 
-    async def reconcile(self, window: Any, page: Any) -> ReconcilePage:
-        """One page of every live object changed in ``window`` (``.since``/``.until``, ISO or None = all).
+    async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
+        """integrand's ``ReconcilingSource.reconcile``: one page of live objects changed since ``since`` (epoch s).
 
-        The shape of integrand's ``ReconcilingSource.reconcile``: the query endpoint ordered by
-        ``MetaData.LastUpdatedTime``, ``page_size`` at a time, type after type; ``next_page`` is
-        ``{"entity", "start"}`` and None at the end. Each object comes back as the Event a change
-        to it produces (same ids as CDC), so the caller keeps only what it has not seen.
+        The query endpoint ordered by ``MetaData.LastUpdatedTime``, ``page_size`` at a time, type
+        after type; the cursor is ``{"entity", "start"}``. Each object comes back as the Event a
+        change to it produces (same ids and versions as CDC), so integrand keeps only what it missed.
+        The query endpoint lists no deleted objects: deletions come from webhooks and CDC.
         """
         c = self.config
-        since = getattr(window, "since", None)
-        until = getattr(window, "until", None)
-        pos: dict[str, Any] = page if isinstance(page, dict) else {"entity": c.entities[0], "start": 1}
+        pos: dict[str, Any] = cursor if isinstance(cursor, dict) else {"entity": c.entities[0], "start": 1}
         entity, start = str(pos["entity"]), int(pos["start"])
-        where = []
-        if since:
-            where.append(f"MetaData.LastUpdatedTime >= '{parse_time(since).isoformat(timespec='seconds')}'")
-        if until:
-            where.append(f"MetaData.LastUpdatedTime <= '{parse_time(until).isoformat(timespec='seconds')}'")
-        clause = f" where {' and '.join(where)}" if where else ""
+        clause = ""
+        if since is not None:
+            ts = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+            clause = f" where MetaData.LastUpdatedTime >= '{ts}'"
         rows = await self.query(
             f"select * from {entity}{clause} ORDERBY MetaData.LastUpdatedTime "
             f"STARTPOSITION {start} MAXRESULTS {c.page_size}"
         )
         events = [self._from_object(entity, o, "query") for o in rows]
         if len(rows) >= c.page_size:
-            return ReconcilePage(events, {"entity": entity, "start": start + len(rows)})
+            return ReconcilePage(events, cursor={"entity": entity, "start": start + len(rows)}, more=True)
         later = c.entities[c.entities.index(entity) + 1 :] if entity in c.entities else []
-        return ReconcilePage(events, {"entity": later[0], "start": 1} if later else None)
+        if later:
+            return ReconcilePage(events, cursor={"entity": later[0], "start": 1}, more=True)
+        return ReconcilePage(events)
 
     def _from_object(self, entity: str, obj: dict[str, Any], via: str) -> Event:
         meta = obj.get("MetaData") or {}
@@ -665,14 +667,6 @@ def _dig(data: Any, path: str) -> Any:
     for part in path.split("."):
         data = data.get(part) if isinstance(data, dict) else None
     return data
-
-
-@dataclass(frozen=True)
-class ReconcilePage:
-    """Same shape as integrand's ``ReconcilePage`` (events, next_page) until the core exports it."""
-
-    events: Sequence[Event]
-    next_page: Any = None
 
 
 def _from_legacy(realm: str, ent: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
 from integrand.connector import AuthError, RetryableError, StateStore
 
 STATE_KEY = "oauth_tokens"

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
+from integrand_quickbooks.fake import FakeQuickBooks
+
 from integrand.app import ScopedState
 from integrand.connector import ConnectorContext
 from integrand.store import Store
-from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
-from integrand_quickbooks.fake import FakeQuickBooks
 
 # A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
 TOKEN_KEY = "Jm6cgdGn1HBvYBMXFXoYzCAQzUrCBWFSrX8Ko-4f4nw="

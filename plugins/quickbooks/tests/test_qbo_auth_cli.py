@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
+from qbo_support import TOKEN_KEY, qbo_env
+
 from integrand.app import ScopedState
 from integrand.connector import ConnectorContext
 from integrand.store import Store
-from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
-from qbo_support import TOKEN_KEY, qbo_env
 
 
 def qbo_config(tmp_path: Path, url: str, extra: str = "") -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from integrand_quickbooks import QuickBooksConfig
+from integrand_quickbooks import tokens as tokens_mod
+from integrand_quickbooks._http import RateLimiter, utc_version
+from integrand_quickbooks.fake import fault
+from pydantic import ValidationError
+from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env, wait_for
+
 from integrand.connector import (
     AuthError,
     Event,
@@ -21,18 +27,6 @@ from integrand.connector import (
     WebhookRequest,
 )
 from integrand.events import utcnow_iso
-from integrand_quickbooks import QuickBooksConfig
-from integrand_quickbooks import tokens as tokens_mod
-from integrand_quickbooks._http import RateLimiter, utc_version
-from integrand_quickbooks.fake import fault
-from pydantic import ValidationError
-from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env, wait_for
-
-
-@dataclass(frozen=True)
-class ReconcileWindow:
-    since: str | None = None
-    until: str | None = None
 
 
 def _request(body: bytes, headers: dict[str, str], ct: str = "application/json") -> WebhookRequest:
@@ -104,7 +98,7 @@ async def test_other_realms_are_ignored_and_bad_bodies_refused(tmp_path: Path) -
         events = qbo.parse(_request(body, {}))
         assert [e.entity_id for e in events] == ["8"]
         assert events[0].id == "ce_b"
-        assert events[0].version == "2025-09-10T21:31:25.179851Z"
+        assert events[0].version == "2025-09-10T21:31:25Z"  # whole seconds, like LastUpdatedTime
         for bad in (b"{}", b"[1]", b'[{"type":"qbo.customer.exploded.v1"}]', b"not json"):
             with pytest.raises(PayloadError):
                 qbo.parse(_request(bad, {}))
@@ -327,14 +321,13 @@ async def test_beyond_thirty_days_polling_reconciles_through_query(tmp_path: Pat
         assert not any(p.endswith("/cdc") for _, _, p in env.fake.requests)
         await qbo.poll(cursor)
         assert env.fake.requests[-1][2].endswith("/cdc")  # back on CDC once caught up
-        window = ReconcileWindow(since=(datetime.now(UTC) - timedelta(days=1)).isoformat())
         recon: list[Event] = []
         page: Any = None
         for _ in range(10):
-            got = await qbo.reconcile(window, page)
+            got = await qbo.reconcile((datetime.now(UTC) - timedelta(days=1)).timestamp(), page)
             recon += got.events
-            page = got.next_page
-            if page is None:
+            page = got.cursor
+            if not got.more:
                 break
         assert len(recon) == 5
         assert all(e.meta["via"] == "query" for e in recon)

@@ -34,6 +34,9 @@ async def test_customer_created_in_quickbooks_appears_in_hubspot_and_stays_newes
 [sources.qbo]
 {qbo_table(env.fake, f'refresh_token = "{env.fake.issue_refresh_token()}"')}
 
+[sources.qbo.poll]
+enabled = false  # the webhook path alone (polling is tested in test_qbo_poll_daemon.py)
+
 [sinks.hubspot]
 connector = "hubspot"
 access_token = "{hs.private_token}"

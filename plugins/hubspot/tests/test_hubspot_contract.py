@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-from integrand.connector import Event
-from integrand.testing import ConnectorContract
 from integrand_hubspot import HubSpotConnector
 from integrand_hubspot.fake import FakeHubSpot
+
+from integrand.connector import Event
+from integrand.testing import ConnectorContract
 
 
 class TestHubSpotContract(ConnectorContract):

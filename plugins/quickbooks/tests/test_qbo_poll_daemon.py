@@ -36,7 +36,7 @@ to = ["out"]
             if not out.exists():
                 return set()
             lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
-            return {(e["data"].get("object") or {}).get("DisplayName") for e in lines} - {None}
+            return {str(n) for e in lines if (n := (e["data"].get("object") or {}).get("DisplayName"))}
 
         async with running(cfg) as d:
             env.fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/qbo"

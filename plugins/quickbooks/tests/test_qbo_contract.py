@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-from integrand.connector import Event
-from integrand.testing import ConnectorContract
 from integrand_quickbooks import QuickBooksConnector
 from integrand_quickbooks.fake import FakeQuickBooks
 from qbo_support import TOKEN_KEY
+
+from integrand.connector import Event
+from integrand.testing import ConnectorContract
 
 
 class TestQuickBooksContract(ConnectorContract):

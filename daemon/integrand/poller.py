@@ -1,0 +1,308 @@
+"""The pull side: one task per polling source, the cursor handoff, webhook nudges and reconciliation.
+
+A poll reads the committed cursor, asks the connector for changes after it, and
+stores the events together with the new cursor in one transaction: a crash before
+that commit repeats the poll, and event ids plus the entity table absorb the
+overlap. When to poll next is decided by :mod:`integrand.pollpolicy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import PollSettings, reconcile_schedule
+from .connector import PollingSource, ReconcilingSource
+from .errors import AuthError, RetryableError, StoreUnavailable
+from .events import Event, content_id
+from .metrics import Metrics
+from .pollpolicy import Decision, Observation, PollPolicy, PollState, budget_wait, observe
+from .routes import Router
+from .store import EnqueueResult, Store, version_newer
+
+log = logging.getLogger("integrand.poller")
+
+
+def policy_from(settings: PollSettings) -> PollPolicy:
+    return PollPolicy(
+        min_interval=settings.min_interval,
+        max_interval=settings.max_interval,
+        target_latency=settings.target_latency,
+        max_requests_per_hour=settings.max_requests_per_hour,
+        budget_reserve=settings.budget_reserve,
+        aggressiveness=settings.aggressiveness,
+        rate_half_life=settings.rate_half_life,
+        seasonal=settings.seasonal,
+    )
+
+
+class SourcePoller:
+    """Polls one source for as long as it runs; ``nudge`` brings the next poll forward."""
+
+    def __init__(
+        self,
+        name: str,
+        connector: PollingSource,
+        store: Store,
+        router: Router,
+        settings: PollSettings,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ):
+        self.name = name
+        self.connector = connector
+        self.store = store
+        self.router = router
+        self.settings = settings
+        self.policy = policy_from(settings)
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.rand = rand
+        self.state = PollState()
+        self.next_at = 0.0
+        self.last: Decision | None = None
+        self.last_error: str | None = None
+        self.polls = 0
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            wait = self.next_at - self.clock()
+            if wait > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue  # a nudge may have moved next_at; look again
+            await self.poll_once()
+
+    def nudge(self) -> None:
+        """A webhook arrived for this source: poll soon (debounced), within the request budget."""
+        if not self.settings.nudge:
+            return
+        now = self.clock()
+        at = now + max(self.settings.nudge_debounce, budget_wait(self.policy, self.state.requests, now))
+        if at < self.next_at:
+            self.next_at = at
+            self._wake.set()
+
+    async def poll_once(self) -> Decision:
+        """One poll: fetch, commit events and cursor together, and schedule the next."""
+        started = self.clock()
+        obs: Observation
+        try:
+            cursor = await self.store.cursor_get(self.name)
+            result = await self.connector.poll(cursor)
+            items = [(ev, self.router.sinks_for(ev)) for ev in result.events]
+            if items or result.cursor != cursor:
+                res = await self.store.enqueue_with_cursor(items, self.name, result.cursor)
+            else:
+                res = EnqueueResult(0, 0)  # an empty poll that moved nothing: no write at all
+        except (RetryableError, AuthError, StoreUnavailable) as e:
+            obs = Observation(started, error=True, retry_after=getattr(e, "retry_after", None))
+            self._failed(e, "error")
+        except Exception as e:
+            log.exception("source %s: poll failed", self.name)
+            obs = Observation(started, error=True)
+            self._failed(e, "error")
+        else:
+            obs = Observation(
+                started,
+                changes=res.accepted,
+                more=result.more,
+                retry_after=result.retry_after,
+                budget_remaining=result.budget_remaining,
+                budget_limit=result.budget_limit,
+                budget_reset=result.budget_reset,
+            )
+            self.last_error = None
+            self.metrics.polls.labels(self.name, "ok").inc()
+            self.metrics.events.labels(self.name, "accepted").inc(res.accepted)
+            if res.duplicates or res.stale:
+                self.metrics.events.labels(self.name, "duplicate").inc(res.duplicates + res.stale)
+            log.debug(
+                "source %s: poll got %d event(s): %d new, %d duplicate, %d stale%s",
+                self.name,
+                len(items),
+                res.accepted,
+                res.duplicates,
+                res.stale,
+                "; more waiting" if result.more else "",
+            )
+        self.polls += 1
+        now = self.clock()
+        self.state, decision = observe(self.policy, self.state, now, obs, self.rand())
+        self.last = decision
+        self.next_at = now + decision.delay
+        self.metrics.poll_interval.labels(self.name).set(decision.delay)
+        return decision
+
+    def _failed(self, e: BaseException, outcome: str) -> None:
+        self.last_error = f"{type(e).__name__}: {e}"
+        self.metrics.polls.labels(self.name, outcome).inc()
+        log.warning("source %s: poll failed (%s); backing off", self.name, self.last_error)
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "polls": self.polls,
+            "next_poll_in": round(max(0.0, self.next_at - now), 3),
+            "last_wait": round(self.last.delay, 3) if self.last else None,
+            "last_reason": self.last.reason if self.last else None,
+            "change_rate_per_hour": round(self.state.rate * 3600, 3),
+            "errors_in_a_row": self.state.errors,
+            "requests_last_hour": sum(1 for t in self.state.requests if t > now - 3600),
+            "last_error": self.last_error,
+        }
+
+
+# --- reconciliation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    source: str
+    checked: int
+    missed: int
+    stale: int
+    deleted: int
+    pages: int
+
+    def __str__(self) -> str:
+        return (
+            f"reconcile: source={self.source} checked={self.checked} missed={self.missed} "
+            f"stale={self.stale} deleted={self.deleted}"
+        )
+
+
+async def reconcile_once(
+    name: str,
+    connector: ReconcilingSource,
+    store: Store,
+    router: Router,
+    *,
+    window: float | None,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+    max_pages: int | None = None,
+) -> ReconcileReport | None:
+    """Run (or resume) one reconciliation pass, a page per transaction; None if ``max_pages`` stopped it early.
+
+    Progress lives in the ``reconcile`` cursor and is committed with each page's
+    events, so a pass interrupted by a crash resumes where it stopped.
+    """
+    run = await store.cursor_get(name, "reconcile")
+    if not isinstance(run, dict) or run.get("done", True):
+        now = clock()
+        run = {
+            "done": False,
+            "started": now,
+            "since": None if window is None else now - window,
+            "page": None,
+            "checked": 0,
+            "missed": 0,
+            "stale": 0,
+            "deleted": 0,
+            "pages": 0,
+        }
+    else:
+        log.info("source %s: resuming the reconciliation started at %s", name, run["started"])
+    pages = 0
+    while True:
+        page = await connector.reconcile(run["since"], run["page"])
+        keys = [(ev.entity or "", ev.entity_id) for ev in page.events if ev.entity_id is not None]
+        known = await store.entity_versions(name, [*keys, *page.deleted])
+        picked: list[Event] = []
+        for ev in page.events:
+            if ev.entity_id is None:
+                continue
+            run["checked"] += 1
+            kv = known.get((ev.entity or "", ev.entity_id))
+            if kv is None:
+                run["missed"] += 1
+                picked.append(ev)
+            elif kv.deleted or (
+                ev.version is not None and (kv.version is None or version_newer(ev.version, kv.version))
+            ):
+                run["stale"] += 1
+                picked.append(ev)
+        for entity, eid in page.deleted:
+            run["checked"] += 1
+            kv = known.get((entity, eid))
+            if kv is not None and not kv.deleted:
+                run["deleted"] += 1
+                picked.append(
+                    Event(
+                        id=content_id(name, entity, eid, "deleted", kv.version or ""),
+                        source=name,
+                        type=f"{entity}.deleted",
+                        data=None,
+                        entity=entity,
+                        entity_id=eid,
+                        meta={"deleted": True, "reconciled": True},
+                    )
+                )
+        run["page"] = page.cursor
+        run["pages"] += 1
+        pages += 1
+        if not page.more:
+            run["done"] = True
+            run["finished"] = clock()
+        await store.enqueue_with_cursor([(ev, router.sinks_for(ev)) for ev in picked], name, run, kind="reconcile")
+        if run["done"]:
+            break
+        if max_pages is not None and pages >= max_pages:
+            return None
+    report = ReconcileReport(name, run["checked"], run["missed"], run["stale"], run["deleted"], run["pages"])
+    m = metrics or Metrics()
+    for k in ("checked", "missed", "stale", "deleted"):
+        m.reconciled.labels(name, k).inc(getattr(report, k))
+    log.info("%s", report)
+    return report
+
+
+def next_reconcile(spec: str, after: float) -> float:
+    """When a reconcile schedule fires next after ``after`` (cron in UTC, or every interval)."""
+    sched = reconcile_schedule(spec)
+    if isinstance(sched, float):
+        return after + sched
+    from datetime import UTC, datetime
+
+    from croniter import croniter
+
+    return float(croniter(sched, datetime.fromtimestamp(after, UTC)).get_next(float))
+
+
+async def run_reconciler(
+    name: str,
+    connector: ReconcilingSource,
+    store: Store,
+    router: Router,
+    settings: PollSettings,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Reconcile on the source's schedule; a pass a crash interrupted is resumed at once."""
+    assert settings.reconcile is not None
+    run = await store.cursor_get(name, "reconcile")
+    pending = isinstance(run, dict) and not run.get("done", True)
+    while True:
+        if not pending:
+            at = next_reconcile(settings.reconcile, clock())
+            await asyncio.sleep(max(0.0, at - clock()))
+        pending = False
+        try:
+            await reconcile_once(
+                name, connector, store, router, window=settings.reconcile_window, metrics=metrics, clock=clock
+            )
+        except Exception as e:
+            # The pass keeps its progress; the next scheduled run resumes it.
+            log.warning("source %s: reconciliation failed, will resume: %s: %s", name, type(e).__name__, e)

@@ -1,0 +1,429 @@
+"""The connector author's kit: a pytest plugin with a contract suite, a fake clock, a temporary store, fake APIs.
+
+A connector's whole contract test module is a few lines::
+
+    from integrand.testing import ConnectorContract
+    from my_plugin import MyConnector
+
+    class TestMyConnector(ConnectorContract):
+        connector_class = MyConnector
+        config = {"base_url": "http://127.0.0.1:1", "token": "t"}
+
+Override the fixtures ``fake_api`` (start a local fake of the provider's API),
+``connector_config`` (the config table, usually pointing at ``fake_api``),
+``webhook_body``, ``sink_events`` and ``thin_event`` to give the suite real inputs.
+This module is registered as a pytest plugin (entry point ``pytest11``), so the
+fixtures ``fake_clock``, ``temp_store`` and ``http_pool`` are available in any
+test once integrand is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .app import ScopedState
+from .config import parse_config
+from .connector import (
+    Connector,
+    ConnectorConfig,
+    ConnectorContext,
+    Enricher,
+    Event,
+    HttpPool,
+    PollingSource,
+    ReconcilingSource,
+    Role,
+    SignatureError,
+    Sink,
+    WebhookRequest,
+    WebhookSource,
+    utcnow_iso,
+)
+from .errors import ConfigError
+from .plugins import Registry
+from .store import Store
+
+__all__ = [
+    "ConnectorContract",
+    "FakeClock",
+    "ScopedState",
+    "connector_context",
+    "fake_api_server",
+    "running_connector",
+    "temp_store",
+    "validate_config",
+]
+
+CONTRACT_NAME = "contract"
+
+
+class FakeClock:
+    """A clock tests move by hand: ``clock()`` is now, ``clock.advance(s)`` moves it; pass it as ``ctx.clock``."""
+
+    def __init__(self, start: float = 1_750_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@asynccontextmanager
+async def temp_store(path: Path, clock: Callable[[], float] | None = None) -> AsyncIterator[Store]:
+    """A real SQLite store at ``path`` (use ``tmp_path``), opened and closed around the block."""
+    store = Store(path, synchronous="normal", clock=clock or FakeClock())
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def fake_api_server(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app (your fake of the provider's API) on 127.0.0.1 and yield its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []  # the bound socket; needed because we asked for port 0
+    port = int(sockets[0].getsockname()[1]) if sockets else 0
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _role_of(cls: type[Connector[Any]]) -> Role:
+    return "source" if "source" in cls.roles() else "sink"
+
+
+def validate_config(
+    cls: type[Connector[Any]], table: Mapping[str, Any], *, base_dir: Path, role: Role | None = None
+) -> ConnectorConfig:
+    """Validate ``table`` exactly as the daemon does at startup; raises ConfigError with key paths."""
+    role = role or _role_of(cls)
+    raw = {f"{role}s": {CONTRACT_NAME: {"connector": CONTRACT_NAME, **table}}}
+    settings = parse_config(raw, base_dir=base_dir, registry=Registry.of({CONTRACT_NAME: cls}))
+    table_ = settings.sources if role == "source" else settings.sinks
+    return cast(ConnectorConfig, table_[CONTRACT_NAME].options)
+
+
+def connector_context(
+    store: Store,
+    *,
+    name: str = CONTRACT_NAME,
+    role: Role = "source",
+    base_dir: Path,
+    pool: HttpPool | None = None,
+    clock: Callable[[], float] | None = None,
+    public_url: str | None = None,
+) -> ConnectorContext:
+    """The context the daemon would build for ``name``: state in ``store``, the shared HTTP pool, the clock."""
+    logger = logging.getLogger(f"integrand.{role}.{name}")
+    return ConnectorContext(
+        name=name,
+        role=role,
+        base_dir=base_dir,
+        state=ScopedState(store, f"{role}:{name}"),
+        public_url=public_url,
+        logger=logger,
+        http=(pool or HttpPool()).for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
+        clock=clock or FakeClock(),
+    )
+
+
+@asynccontextmanager
+async def running_connector(
+    cls: type[Connector[Any]],
+    table: Mapping[str, Any],
+    store: Store,
+    *,
+    base_dir: Path,
+    role: Role | None = None,
+    name: str = CONTRACT_NAME,
+    clock: Callable[[], float] | None = None,
+) -> AsyncIterator[Connector[Any]]:
+    """Validate ``table``, build the connector with a real context, ``start`` it, and ``close`` it afterwards."""
+    role = role or _role_of(cls)
+    options = validate_config(cls, table, base_dir=base_dir, role=role)
+    pool = HttpPool(timeout=10.0)
+    await pool.start()
+    ctx = connector_context(store, name=name, role=role, base_dir=base_dir, pool=pool, clock=clock)
+    inst = cls(options, ctx)
+    try:
+        await inst.start()
+        try:
+            yield inst
+        finally:
+            await inst.close()
+    finally:
+        await pool.close()
+
+
+# --- fixtures every test gets once integrand is installed ------------------------------------------
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """A clock that only moves when the test says so."""
+    return FakeClock()
+
+
+@pytest_asyncio.fixture
+async def integrand_store(tmp_path: Path, fake_clock: FakeClock) -> AsyncIterator[Store]:
+    """A real store in ``tmp_path`` on the fake clock."""
+    async with temp_store(tmp_path / "integrand-test.db", fake_clock) as store:
+        yield store
+
+
+@pytest_asyncio.fixture
+async def http_pool() -> AsyncIterator[HttpPool]:
+    """A started HTTP pool (what the daemon shares between connectors), closed after the test."""
+    pool = HttpPool(timeout=10.0)
+    await pool.start()
+    yield pool
+    await pool.close()
+
+
+# --- the contract suite -----------------------------------------------------------------------------
+
+
+class ConnectorContract:
+    """What every connector must do; subclass it as ``TestSomething`` and set ``connector_class`` and ``config``.
+
+    Each check runs only for the capabilities the class declares. Give it real
+    inputs by overriding the fixtures below; the defaults suit a connector with no
+    required keys and a sink that accepts any JSON object.
+    """
+
+    connector_class: ClassVar[type[Connector[Any]] | None] = None
+    config: ClassVar[Mapping[str, Any]] = {}
+    #: Set when the connector's job is to write files named by its config (a file sink); otherwise any
+    #: file it creates in its base folder or the working folder fails the suite: state belongs in ``ctx.state``.
+    writes_files: ClassVar[bool] = False
+    #: Polls and reconciliations must finish within this many pages against the fake API.
+    max_pages: ClassVar[int] = 100
+
+    # Fixtures an author overrides ------------------------------------------------------------------
+
+    @pytest.fixture
+    def connector_cls(self) -> type[Connector[Any]]:
+        """The class under test (override to load it another way, e.g. through its entry point)."""
+        if self.connector_class is None:
+            raise AssertionError(f"{type(self).__name__}: set connector_class = YourConnector")
+        return self.connector_class
+
+    @pytest.fixture
+    def fake_api(self) -> Any:
+        """A local fake of the provider's API (override; usually yields its base URL)."""
+        return None
+
+    @pytest.fixture
+    def connector_config(self, fake_api: Any) -> Mapping[str, Any]:
+        """The connector's config table (override to point it at ``fake_api``)."""
+        return dict(self.config)
+
+    @pytest.fixture
+    def webhook_body(self) -> bytes:
+        """A body the provider would POST (webhook sources)."""
+        return b'{"test": 1}'
+
+    @pytest.fixture
+    def sink_events(self) -> Sequence[Event]:
+        """Events to deliver (sinks)."""
+        return [Event(id="contract-1", source="contract-src", type="test.created", data={"id": "1", "name": "A"})]
+
+    @pytest.fixture
+    def thin_event(self) -> Event | None:
+        """An event as a webhook would produce it, for ``fetch`` (enrichers); None skips that check."""
+        return None
+
+    # The connector under test --------------------------------------------------------------------
+
+    @pytest.fixture
+    def base_dir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        """An empty folder that is both the config's folder and the working folder."""
+        base = tmp_path / "base"
+        base.mkdir()
+        monkeypatch.chdir(base)
+        return base
+
+    @pytest_asyncio.fixture
+    async def connector(
+        self,
+        connector_cls: type[Connector[Any]],
+        connector_config: Mapping[str, Any],
+        base_dir: Path,
+        integrand_store: Store,
+        fake_clock: FakeClock,
+    ) -> AsyncIterator[Connector[Any]]:
+        async with running_connector(
+            connector_cls, connector_config, integrand_store, base_dir=base_dir, clock=fake_clock
+        ) as inst:
+            yield inst
+
+    # The checks ----------------------------------------------------------------------------------
+
+    def test_declares_capabilities_and_a_config_model(self, connector_cls: type[Connector[Any]]) -> None:
+        assert issubclass(connector_cls, Connector)
+        assert connector_cls.capabilities(), "subclass at least one of WebhookSource, PollingSource, Sink, …"
+        assert issubclass(connector_cls.Config, ConnectorConfig), "Config must subclass ConnectorConfig"
+        assert (connector_cls.__doc__ or "").strip(), "say in one line what the connector is for"
+
+    def test_config_errors_name_the_key_path(
+        self, connector_cls: type[Connector[Any]], connector_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        validate_config(connector_cls, connector_config, base_dir=tmp_path)
+        plural = _role_of(connector_cls) + "s"
+        with pytest.raises(ConfigError) as err:
+            validate_config(connector_cls, {**connector_config, "no_such_key_xyz": 1}, base_dir=tmp_path)
+        assert err.value.problems == [f"{plural}.{CONTRACT_NAME}.no_such_key_xyz: unknown key"]
+        for key, info in connector_cls.Config.model_fields.items():
+            alias = info.alias or key
+            if info.is_required() and alias in connector_config:
+                table = {k: v for k, v in connector_config.items() if k != alias}
+                with pytest.raises(ConfigError) as missing:
+                    validate_config(connector_cls, table, base_dir=tmp_path)
+                assert f"{plural}.{CONTRACT_NAME}.{alias}: required key is missing" in missing.value.problems
+
+    @pytest.mark.asyncio
+    async def test_keeps_state_in_the_store_not_in_files(self, connector: Connector[Any], base_dir: Path) -> None:
+        await _exercise(connector)
+        if not self.writes_files:
+            left = sorted(str(p.relative_to(base_dir)) for p in base_dir.rglob("*"))  # noqa: ASYNC240 - a test
+            assert left == [], f"the connector wrote files of its own (use ctx.state): {left}"
+
+    @pytest.mark.asyncio
+    async def test_webhook_verify_then_parse(
+        self, connector: Connector[Any], webhook_body: bytes, fake_clock: FakeClock
+    ) -> None:
+        if not isinstance(connector, WebhookSource):
+            pytest.skip("not a webhook source")
+        now = fake_clock()
+        headers = connector.sign(webhook_body, now, "contract-delivery-1")
+        if headers is None:
+            pytest.skip("the connector cannot sign test webhooks (sign() returned None)")
+        req = _request(connector, webhook_body, headers)
+        connector.verify(req, now)
+        events = connector.parse(req)
+        assert events, "a verified webhook produced no events"
+        again = connector.parse(req)
+        assert [e.id for e in events] == [e.id for e in again], "event ids must be stable (they are the dedup key)"
+        for e in events:
+            assert e.id
+            assert e.source == connector.ctx.name
+            assert e.type
+        tampered = _request(connector, webhook_body + b" ", headers)
+        with pytest.raises(SignatureError):
+            connector.verify(tampered, now)
+        with pytest.raises(SignatureError):
+            connector.verify(_request(connector, webhook_body, {"Content-Type": "application/json"}), now)
+
+    @pytest.mark.asyncio
+    async def test_poll_pages_end_and_cursor_is_json(self, connector: Connector[Any]) -> None:
+        if not isinstance(connector, PollingSource):
+            pytest.skip("not a polling source")
+        seen: set[str] = set()
+        cursor: Any = None
+        for _ in range(self.max_pages):
+            res = await connector.poll(cursor)
+            assert orjson.loads(orjson.dumps(res.cursor)) == res.cursor, "the cursor must survive a JSON round trip"
+            for e in res.events:
+                assert e.source == connector.ctx.name
+                assert e.id
+                seen.add(e.id)
+            cursor = res.cursor
+            if not res.more:
+                break
+        else:
+            raise AssertionError(f"poll still had more after {self.max_pages} pages against an unchanging API")
+        res = await connector.poll(cursor)
+        new = {e.id for e in res.events} - seen
+        assert not new, f"polling again from the last cursor produced events never seen before: {sorted(new)[:5]}"
+
+    @pytest.mark.asyncio
+    async def test_reconcile_pages_are_bounded_and_versioned(self, connector: Connector[Any]) -> None:
+        if not isinstance(connector, ReconcilingSource):
+            pytest.skip("not a reconciling source")
+        cursor: Any = None
+        for _ in range(self.max_pages):
+            res = await connector.reconcile(None, cursor)
+            assert len(res.events) <= type(connector).page_size
+            for e in res.events:
+                assert e.entity and e.entity_id and e.version, f"reconciled event {e.id} lacks entity/id/version"
+                assert e.source == connector.ctx.name
+            for gone in res.deleted:
+                assert len(gone) == 2 and all(isinstance(x, str) for x in gone), "deleted holds (entity, entity_id)"
+            assert orjson.loads(orjson.dumps(res.cursor)) == res.cursor, "the cursor must survive a JSON round trip"
+            cursor = res.cursor
+            if not res.more:
+                return
+        raise AssertionError(f"reconcile did not finish within {self.max_pages} pages")
+
+    @pytest.mark.asyncio
+    async def test_fetch_keeps_the_event_identity(self, connector: Connector[Any], thin_event: Event | None) -> None:
+        if not isinstance(connector, Enricher):
+            pytest.skip("not an enricher")
+        if thin_event is None:
+            pytest.skip("no thin_event fixture given")
+        identity = (thin_event.id, thin_event.source, thin_event.entity, thin_event.entity_id)
+        full = await connector.fetch(thin_event)
+        assert (full.id, full.source, full.entity, full.entity_id) == identity
+        [many] = await connector.fetch_many([thin_event])
+        assert isinstance(many, Event), f"fetch_many failed where fetch succeeded: {many!r}"
+        assert (many.id, many.source, many.entity, many.entity_id) == identity
+
+    @pytest.mark.asyncio
+    async def test_sink_delivers_and_redelivery_is_harmless(
+        self, connector: Connector[Any], sink_events: Sequence[Event]
+    ) -> None:
+        if not isinstance(connector, Sink):
+            pytest.skip("not a sink")
+        for e in sink_events:
+            await connector.deliver(e)
+            await connector.deliver(e)  # at-least-once: the same event (same key) again must not fail
+        results = await connector.deliver_batch(list(sink_events))
+        assert len(results) == len(sink_events)
+        assert all(r is None for r in results), results
+
+
+async def _exercise(connector: Connector[Any]) -> None:
+    """Use every capability once (with no inputs beyond the defaults) so file-writing would show."""
+    if isinstance(connector, PollingSource):
+        await connector.poll(None)
+    if isinstance(connector, ReconcilingSource):
+        await connector.reconcile(None, None)
+
+
+def _request(connector: Connector[Any], body: bytes, headers: Mapping[str, str]) -> WebhookRequest:
+    url = f"{connector.ctx.public_url or 'http://127.0.0.1:8080'}/hooks/{connector.ctx.name}"
+    hdrs = CIMultiDict({"Content-Type": "application/json", **headers})  # case-insensitive, as aiohttp gives them
+    return WebhookRequest(
+        source=connector.ctx.name,
+        method="POST",
+        url=url,
+        headers=hdrs,
+        body=body,
+        received_at=utcnow_iso(),
+        content_type=hdrs["Content-Type"].split(";")[0].strip(),
+        remote="127.0.0.1",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Show that the kit is active and which plugins the run may discover."""
+    return f"integrand.testing: INTEGRAND_PLUGINS={os.environ.get('INTEGRAND_PLUGINS', '(all)')}"

@@ -1,0 +1,258 @@
+"""The store's contract: durable enqueue with dedup, group commit, per-entity order, leases, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from integrand.errors import StoreUnavailable
+from integrand.events import Event
+from integrand.store import MIGRATIONS, Outcome, Store
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ev(i: str, entity_id: str | None = None, source: str = "s", size: int = 10) -> Event:
+    return Event(id=i, source=source, type="t", data={"x": "y" * size}, entity="E", entity_id=entity_id)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "q.db", clock=clock)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_enqueue_lease_ack(store: Store) -> None:
+    r = await store.enqueue([(ev("a"), ["k1", "k2"])])
+    assert (r.accepted, r.duplicates) == (1, 0)
+    leased = await store.lease(10, 60)
+    assert sorted(x.sink for x in leased) == ["k1", "k2"]
+    assert leased[0].event == ev("a").__class__(**{**leased[0].event.to_dict()})
+    assert leased[0].event.data == {"x": "y" * 10}
+    await store.complete([Outcome(x, "done") for x in leased])
+    assert await store.counts() == {("k1", "done"): 1, ("k2", "done"): 1}
+    assert await store.lease(10, 60) == []
+
+
+async def test_duplicates_within_and_across_batches(store: Store) -> None:
+    r = await store.enqueue([(ev("a"), ["k"]), (ev("a"), ["k"]), (ev("b"), ["k"])])
+    assert (r.accepted, r.duplicates) == (2, 1)
+    r = await store.enqueue([(ev("a"), ["k"]), (ev("c"), ["k"])])
+    assert (r.accepted, r.duplicates) == (1, 1)
+    # The same id from another source is a different event.
+    r = await store.enqueue([(ev("a", source="other"), ["k"])])
+    assert (r.accepted, r.duplicates) == (1, 0)
+    assert await store.event_count() == 4
+    assert len(await store.lease(100, 60)) == 4
+
+
+async def test_concurrent_enqueues_share_commits(store: Store) -> None:
+    before = store.commits
+    results = await asyncio.gather(*(store.enqueue([(ev(f"e{i}"), ["k"])]) for i in range(300)))
+    assert all(r.accepted == 1 for r in results)
+    assert store.commits - before < 300 / 5  # group commit: many callers per transaction
+    assert await store.event_count() == 300
+
+
+async def test_a_failing_op_does_not_take_other_callers_rows(store: Store) -> None:
+    async def bad(conn: object) -> None:
+        raise ValueError("boom")
+
+    failing = asyncio.ensure_future(store._submit(bad))
+    ok = asyncio.ensure_future(store.enqueue([(ev("survivor"), ["k"])]))
+    with pytest.raises(ValueError, match="boom"):
+        await failing
+    assert (await ok).accepted == 1
+    assert await store.event_count() == 1
+
+
+async def test_per_entity_order(store: Store) -> None:
+    await store.enqueue([(ev("1", "A"), ["k"]), (ev("2", "A"), ["k"]), (ev("3", "B"), ["k"]), (ev("4"), ["k"])])
+    first = await store.lease(10, 60)
+    assert [x.event.id for x in first] == ["1", "3", "4"]  # "2" waits behind "1" (same entity)
+    await store.complete([Outcome(x, "done") for x in first if x.event.id != "1"])
+    assert await store.lease(10, 60) == []
+    await store.complete([Outcome(x, "done") for x in first if x.event.id == "1"])
+    assert [x.event.id for x in await store.lease(10, 60)] == ["2"]
+
+
+async def test_order_is_per_sink(store: Store) -> None:
+    await store.enqueue([(ev("1", "A"), ["k1", "k2"]), (ev("2", "A"), ["k1", "k2"])])
+    leased = await store.lease(10, 60)
+    assert sorted((x.sink, x.event.id) for x in leased) == [("k1", "1"), ("k2", "1")]
+    await store.complete([Outcome(x, "done") for x in leased if x.sink == "k2"])
+    assert [(x.sink, x.event.id) for x in await store.lease(10, 60)] == [("k2", "2")]
+
+
+async def test_retry_waits_and_holds_its_entity_line(store: Store, clock: Clock) -> None:
+    await store.enqueue([(ev("1", "A"), ["k"]), (ev("2", "A"), ["k"])])
+    [d] = await store.lease(10, 60)
+    await store.complete([Outcome(d, "retry", error="down", next_attempt_at=clock.now + 30)])
+    assert await store.lease(10, 60) == []  # "1" not due yet, and "2" must not overtake it
+    assert await store.next_due() == clock.now + 30  # "2" is due but blocked: not what we wait for
+    assert await store.next_due(exclude=["k"]) is None
+    # A breaker's probe may take the head that falls due soonest before it is due.
+    [probe] = await store.lease(10, 60, due_only=False)
+    assert probe.event.id == "1"
+    await store.release_owned()
+    clock.now += 30
+    [again] = await store.lease(10, 60)
+    assert (again.event.id, again.attempts) == ("1", 1)
+
+
+async def test_deferred_retry_does_not_count_an_attempt(store: Store, clock: Clock) -> None:
+    await store.enqueue([(ev("1"), ["k"])])
+    [d] = await store.lease(1, 60)
+    await store.complete([Outcome(d, "retry", error="breaker", next_attempt_at=clock.now, count_attempt=False)])
+    [d] = await store.lease(1, 60)
+    assert d.attempts == 0
+
+
+async def test_expired_lease_is_reclaimed(store: Store, clock: Clock) -> None:
+    await store.enqueue([(ev("1"), ["k"])])
+    assert len(await store.lease(1, 60)) == 1
+    clock.now += 59
+    assert await store.reclaim_expired() == 0
+    clock.now += 2
+    assert await store.reclaim_expired() == 1
+    assert len(await store.lease(1, 60)) == 1
+
+
+async def test_leases_of_a_dead_process_are_released_on_start(tmp_path: Path, clock: Clock) -> None:
+    s = Store(tmp_path / "q.db", clock=clock)
+    await s.open()
+    await s.enqueue([(ev("1"), ["k"])])
+    assert len(await s.lease(1, 3600)) == 1
+    await s.close()  # as after kill -9: the lease is still recorded
+    s2 = Store(tmp_path / "q.db", clock=clock)
+    await s2.open()
+    try:
+        assert len(await s2.lease(1, 60)) == 1
+    finally:
+        await s2.close()
+
+
+async def test_clean_shutdown_releases_own_leases(store: Store) -> None:
+    await store.enqueue([(ev("1"), ["k"]), (ev("2"), ["k"])])
+    assert len(await store.lease(10, 3600)) == 2
+    assert await store.release_owned() == 2
+    assert len(await store.lease(10, 60)) == 2
+
+
+async def test_only_one_daemon_per_store(tmp_path: Path) -> None:
+    a = Store(tmp_path / "q.db")
+    await a.open()
+    try:
+        with pytest.raises(StoreUnavailable, match="already running"):
+            await Store(tmp_path / "q.db").open()
+        client = Store(tmp_path / "q.db", role="client")  # the CLI may work beside it
+        await client.open()
+        await client.close()
+    finally:
+        await a.close()
+
+
+async def test_dead_letter_replay_purge_with_audit(store: Store) -> None:
+    await store.enqueue([(ev("1"), ["k"]), (ev("2"), ["k"])])
+    one, two = await store.lease(10, 60)
+    await store.complete([Outcome(one, "dead", error="PermanentError: 400"), Outcome(two, "dead", error="x")])
+    dead = await store.dead_letters()
+    assert [(d.event_id, d.sink, d.attempts, d.last_error) for d in dead] == [
+        ("1", "k", 1, "PermanentError: 400"),
+        ("2", "k", 1, "x"),
+    ]
+    assert await store.replay([one.id]) == 1
+    [again] = await store.lease(10, 60)
+    assert (again.id, again.attempts) == (one.id, 0)
+    detail = await store.delivery(one.id)
+    assert detail is not None
+    assert [a.action for a in detail.audit] == ["dead", "replayed"]
+    assert await store.purge(sink="k") == 1
+    assert await store.dead_letters() == []
+    assert await store.replay() == 0
+
+
+async def test_prune_keeps_undelivered_and_dead(store: Store, clock: Clock) -> None:
+    await store.enqueue([(ev("done"), ["k"]), (ev("dead"), ["k"]), (ev("waiting"), ["k"])])
+    leased = {x.event.id: x for x in await store.lease(10, 60)}
+    await store.complete([Outcome(leased["done"], "done"), Outcome(leased["dead"], "dead", error="e")])
+    await store.release_owned()
+    clock.now += 100
+    assert await store.prune(older_than=clock.now - 200) == 0  # not old enough
+    assert await store.prune(older_than=clock.now) == 1
+    assert await store.event_count() == 2
+    assert len(await store.dead_letters()) == 1
+    # After pruning, the id is accepted again: retention is the dedup window.
+    assert (await store.enqueue([(ev("done"), ["k"])])).accepted == 1
+
+
+async def test_rejections_are_bounded(store: Store) -> None:
+    for i in range(250):
+        store.record_rejection("s", 401, f"bad {i}", "127.0.0.1", {"a": "b"}, keep=50)
+    await store.ping()  # everything queued before it is committed
+    rows = await store.rejections(limit=1000)
+    assert rows[0].reason == "bad 249"
+    assert 50 <= len(rows) <= 150
+
+
+async def test_state_roundtrip(store: Store) -> None:
+    assert await store.state_get("source:x", "token") is None
+    await store.state_set("source:x", "token", {"refresh": "r1"})
+    await store.state_set("source:x", "token", {"refresh": "r2"})
+    assert await store.state_get("source:x", "token") == {"refresh": "r2"}
+    assert await store.state_get("source:y", "token") is None
+
+
+async def test_full_store_refuses_whole_batches_and_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    s = Store(path, max_size_mb=1)
+    await s.open()
+    accepted, refused = 0, None
+    for i in range(1000):
+        try:
+            r = await s.enqueue([(ev(f"big{i}-{j}", size=2000), ["k"]) for j in range(10)])
+        except StoreUnavailable as e:
+            refused = e
+            break
+        accepted += r.accepted
+    assert refused is not None
+    assert "full" in str(refused)
+    assert await s.event_count() == accepted  # the refused batch left nothing behind
+    await s.close()
+    s = Store(path, max_size_mb=64)
+    await s.open()
+    try:
+        assert (await s.enqueue([(ev("after"), ["k"])])).accepted == 1
+        assert await s.event_count() == accepted + 1
+    finally:
+        await s.close()
+
+
+async def test_schema_version_and_refusal_of_newer(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    s = Store(path)
+    await s.open()
+    await s.close()
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        c.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreUnavailable, match="newer than this integrand"):
+        await Store(path).open()
