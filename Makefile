@@ -7,7 +7,7 @@ PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
 LINT_DIRS = $(wildcard daemon tests bench plugins)
 
-.PHONY: install run test lint typecheck bench clean
+.PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test: install lint typecheck
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
+
+# Both fakes and a real integrand: a customer created in the QuickBooks fake appears in the HubSpot fake.
+demo-quickbooks-hubspot: install
+	$(BIN)/python plugins/demo_quickbooks_hubspot.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

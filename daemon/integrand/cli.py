@@ -1,4 +1,4 @@
-"""``integrand run | check | send | dlq | status | cursor | reconcile | plugins`` — the command line."""
+"""``integrand run | check | send | auth | dlq | status | cursor | reconcile | plugins`` — the command line."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import orjson
 from . import __version__
 from .config import Settings, config_path, load_config
 from .connector import ConnectorContext, WebhookSource
-from .errors import ConfigError, StoreUnavailable
+from .errors import AuthError, ConfigError, RetryableError, StoreUnavailable
 from .plugins import Registry
 from .store import Store
 from .types import parse_duration
@@ -186,6 +186,61 @@ def cmd_send(args: argparse.Namespace) -> int:
             return 1
 
     return asyncio.run(post())
+
+
+def cmd_auth(args: argparse.Namespace) -> int:
+    """Run a connector's one-time interactive authorization (e.g. OAuth) and store what it yields in its state."""
+    from .app import ScopedState
+
+    settings = _load(args)
+    found = [(r, t[args.name]) for r, t in (("source", settings.sources), ("sink", settings.sinks)) if args.name in t]
+    if args.role:
+        found = [(r, cs) for r, cs in found if r == args.role]
+    if not found:
+        print(f"error: no source or sink named {args.name!r} in {settings.path}", file=sys.stderr)
+        return 1
+    if len(found) > 1:
+        print(f"error: {args.name!r} is both a source and a sink; add --role source|sink", file=sys.stderr)
+        return 1
+    role, cs = found[0]
+
+    async def go() -> int:
+        store = Store(settings.db_path, busy_timeout=settings.store.busy_timeout, role="client")
+        await store.open()
+        try:
+            ctx = ConnectorContext(
+                name=args.name,
+                role=role,  # type: ignore[arg-type]
+                base_dir=settings.base_dir,
+                state=ScopedState(store, f"{role}:{args.name}"),
+                public_url=settings.daemon.public_url,
+            )
+            inst = cs.cls(cs.options, ctx)
+            authorize = getattr(inst, "authorize", None)
+            if authorize is None:
+                print(f"error: connector {cs.connector!r} has nothing to authorize", file=sys.stderr)
+                return 1
+
+            async def ask(prompt: str) -> str:
+                return await asyncio.to_thread(input, prompt)
+
+            def say(line: str) -> None:
+                print(line, flush=True)
+
+            await inst.start()
+            try:
+                message = await authorize(ask, say)
+            except (AuthError, RetryableError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            finally:
+                await inst.close()
+            print(message)
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
 
 
 class _NoState:
@@ -420,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--content-type", default="application/json")
     sp.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="extra header (repeatable)")
     sp.set_defaults(fn=cmd_send)
+
+    sp = with_config(
+        sub.add_parser("auth", help="authorize a connector once (e.g. an OAuth consent) and store its tokens")
+    )
+    sp.add_argument("name", help="the source or sink to authorize")
+    sp.add_argument("--role", choices=("source", "sink"), help="when a source and a sink share the name")
+    sp.set_defaults(fn=cmd_auth)
 
     dlq = sub.add_parser("dlq", help="inspect and replay the dead-letter queue")
     dsub = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")

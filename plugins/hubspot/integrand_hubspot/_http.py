@@ -1,0 +1,78 @@
+"""A sliding-window rate limiter for HubSpot's rolling windows.
+
+Interim: the connector kit brings a shared HTTP helper and rate limiter; when it lands, this
+module goes and the connector uses the kit's (the QuickBooks plugin carries the same class).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+
+class RateLimiter:
+    """Sliding-window limits (e.g. 10 per second *and* 500 per minute) as the server counts them.
+
+    A request is counted from when its answer came back (it certainly reached the server by
+    then), and while it is in flight it counts as happening now; so however the network delays
+    requests, the server never sees more than ``n`` arrivals inside any window.
+    """
+
+    def __init__(
+        self,
+        limits: list[tuple[int, float]],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.limits = [(n, w) for n, w in limits if n > 0]
+        self._clock = clock
+        self._sleep = sleep
+        self._done: deque[float] = deque()
+        self._in_flight = 0
+        self._changed = asyncio.Event()
+        self._paused_until = 0.0
+        self.waited = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller for ``seconds`` (the provider said 429: wait, do not hammer)."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def _delay(self, now: float) -> float | None:
+        """Seconds to wait before one more request may start; None: wait for one in flight to finish."""
+        delay = max(0.0, self._paused_until - now)
+        longest = max((w for _, w in self.limits), default=0.0)
+        while self._done and self._done[0] <= now - longest:
+            self._done.popleft()
+        for n, window in self.limits:
+            if self._in_flight >= n:
+                return None
+            inside = [t for t in self._done if t > now - window]
+            if self._in_flight + len(inside) >= n:
+                # The oldest finished request that keeps us at the limit must leave the window first.
+                delay = max(delay, inside[-(n - self._in_flight)] + window - now)
+        return delay
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one request's place in every window from start until its answer is in."""
+        while True:
+            now = self._clock()
+            delay = self._delay(now)
+            if delay is not None and delay <= 0:
+                break
+            self._changed.clear()
+            if delay is None:
+                await self._changed.wait()
+            else:
+                self.waited += delay
+                await self._sleep(delay)
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._done.append(self._clock())
+            self._changed.set()

@@ -1,0 +1,107 @@
+"""Shared set-up for the HubSpot tests: a running fake and a configured connector."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from integrand_hubspot import HubSpotConfig, HubSpotConnector
+from integrand_hubspot.fake import FakeHubSpot
+
+from integrand.connector import ConnectorContext
+
+
+class _Memory:
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    async def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    async def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+
+@asynccontextmanager
+async def hubspot(
+    tmp_path: Path, fake_kw: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[tuple[FakeHubSpot, HubSpotConnector]]:
+    fake = FakeHubSpot(**(fake_kw or {}))
+    await fake.start()
+    config: dict[str, Any] = {
+        "access_token": fake.private_token,
+        "client_secret": fake.client_secret,
+        "api_base": fake.url,
+        "token_url": fake.url + "/oauth/v1/token",
+        "webhook_url": "https://integrand.example.com/hooks/hubspot",
+    }
+    config.update(overrides)
+    conn = HubSpotConnector(
+        HubSpotConfig.model_validate(config),
+        ConnectorContext(name="hubspot", role="source", base_dir=tmp_path, state=_Memory()),
+    )
+    await conn.start()
+    try:
+        yield fake, conn
+    finally:
+        await conn.close()
+        await fake.stop()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        res = predicate()
+        if isinstance(res, Awaitable):
+            res = await res
+        if res:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(config: Path) -> AsyncIterator[Any]:
+    """The daemon in this event loop on ``config`` until the block ends (as tests/helpers.py does for the core)."""
+    from integrand.app import Daemon, run
+    from integrand.config import load_config
+
+    settings = load_config(config)
+    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(settings, on_ready=ready.set_result))
+    waiters: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    d = ready.result()
+    try:
+        yield d
+    finally:
+        d.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def daemon_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        """
+[daemon]
+listen = "127.0.0.1:0"
+state_dir = "var"
+shutdown_grace = "5s"
+
+[admin]
+enabled = false
+
+[dispatcher.retry]
+base = "50ms"
+cap = "1s"
+"""
+        + body
+    )
+    return path

@@ -1,0 +1,145 @@
+"""Shared set-up for the QuickBooks tests: a running fake, a real SQLite store, a configured connector."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
+from integrand_quickbooks.fake import FakeQuickBooks
+
+from integrand.app import ScopedState
+from integrand.connector import ConnectorContext
+from integrand.store import Store
+
+# A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
+TOKEN_KEY = "Jm6cgdGn1HBvYBMXFXoYzCAQzUrCBWFSrX8Ko-4f4nw="
+OTHER_KEY = "qV1BvY9m3Q1a3aVFAsbNzyYQ8dTmx2t7yP9cS_JDe8o="
+
+
+@dataclass
+class Env:
+    fake: FakeQuickBooks
+    store: Store
+    tmp_path: Path
+
+    def config(self, **overrides: Any) -> QuickBooksConfig:
+        base: dict[str, Any] = {
+            "realm_id": self.fake.realm_id,
+            "client_id": self.fake.client_id,
+            "client_secret": self.fake.client_secret,
+            "verifier_token": self.fake.verifier_token,
+            "token_key": TOKEN_KEY,
+            "api_base": self.fake.url,
+            "token_url": self.fake.url + "/oauth2/v1/tokens/bearer",
+            "authorize_url": self.fake.url + "/connect/oauth2",
+            "timeout": 10,
+        }
+        base.update(overrides)
+        return QuickBooksConfig.model_validate(base)
+
+    async def connector(self, name: str = "qbo", **overrides: Any) -> QuickBooksConnector:
+        ctx = ConnectorContext(name=name, role="source", base_dir=self.tmp_path, state=ScopedState(self.store, name))
+        conn = QuickBooksConnector(self.config(**overrides), ctx)
+        await conn.start()
+        return conn
+
+
+@asynccontextmanager
+async def qbo_env(tmp_path: Path, **fake_kw: Any) -> AsyncIterator[Env]:
+    fake = FakeQuickBooks(**fake_kw)
+    await fake.start()
+    store = Store(tmp_path / "integrand.db")
+    await store.open()
+    try:
+        yield Env(fake, store, tmp_path)
+    finally:
+        await store.close()
+        await fake.stop()
+
+
+@asynccontextmanager
+async def connected(env: Env, name: str = "qbo", **overrides: Any) -> AsyncIterator[QuickBooksConnector]:
+    """A started connector bootstrapped with a refresh token the fake issued."""
+    overrides.setdefault("refresh_token", env.fake.issue_refresh_token())
+    conn = await env.connector(name, **overrides)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        res = predicate()
+        if isinstance(res, Awaitable):
+            res = await res
+        if res:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(config: Path) -> AsyncIterator[Any]:
+    """The daemon in this event loop on ``config`` until the block ends (as tests/helpers.py does for the core)."""
+    from integrand.app import Daemon, run
+    from integrand.config import load_config
+
+    settings = load_config(config)
+    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(settings, on_ready=ready.set_result))
+    waiters: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    d = ready.result()
+    try:
+        yield d
+    finally:
+        d.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def daemon_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        """
+[daemon]
+listen = "127.0.0.1:0"
+state_dir = "var"
+shutdown_grace = "5s"
+
+[admin]
+enabled = false
+
+[dispatcher.retry]
+base = "50ms"
+cap = "1s"
+"""
+        + body
+    )
+    return path
+
+
+def qbo_table(fake: FakeQuickBooks, extra: str = "") -> str:
+    return f"""
+connector = "quickbooks"
+realm_id = "{fake.realm_id}"
+client_id = "{fake.client_id}"
+client_secret = "{fake.client_secret}"
+verifier_token = "{fake.verifier_token}"
+token_key = "{TOKEN_KEY}"
+api_base = "{fake.url}"
+token_url = "{fake.url}/oauth2/v1/tokens/bearer"
+authorize_url = "{fake.url}/connect/oauth2"
+timeout = "10s"
+{extra}
+"""
