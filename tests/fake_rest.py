@@ -34,6 +34,7 @@ class Request:
     at: float
     status: int
     retry_after: float | None = None
+    items: int = 0
 
 
 @dataclass
@@ -65,7 +66,7 @@ class FakeRest:
 
     async def start(self) -> str:
         app = web.Application()
-        app.router.add_get("/records", self.list_records)
+        app.router.add_get("/records", self._route)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -132,6 +133,9 @@ class FakeRest:
 
     # --- the API --------------------------------------------------------------------------------
 
+    async def _route(self, request: web.Request) -> web.Response:
+        return await self.list_records(request)  # looked up per request, so a test can wrap it
+
     async def list_records(self, request: web.Request) -> web.Response:
         now = time.time()
         if self.limit_n is not None:
@@ -155,7 +159,7 @@ class FakeRest:
             rows = [r for r in rows if (r["updated_at"], r["id"]) > (u, i)]
         page = rows[: self.page_size]
         nxt = f"{page[-1]['updated_at']}|{page[-1]['id']}" if len(rows) > self.page_size else None
-        self.requests.append(Request(now, 200))
+        self.requests.append(Request(now, 200, items=len(page)))
         headers = {}
         if self.limit_n is not None:
             window = [r.at for r in self.requests if r.at > now - self.limit_window and r.status == 200]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -108,9 +110,9 @@ def test_changes_shrink_and_quiet_grows_the_interval() -> None:
         now += d.delay
         state, d = observe(policy, state, now, Observation(now, changes=20))
         intervals.append(d.delay)
-    assert intervals[-1] < 60
+    # Down to the target latency, not below: faster polls would not make changes any more on time.
+    assert intervals[-1] == 60
     assert intervals == sorted(intervals, reverse=True)
-    assert min(intervals) >= 5
     quiet: list[float] = []
     while d.delay < 900 and len(quiet) < 200:
         now += d.delay
@@ -154,7 +156,7 @@ def test_provider_budget_keeps_a_reserve_for_writes() -> None:
 
 
 def test_daily_profile_anticipates_the_working_day() -> None:
-    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60)
+    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60, seasonal=True)
     state, now = PollState(), 0.0
     # Day 1: changes every minute from 09:00 to 17:00, nothing otherwise.
     while now < 86400:
@@ -163,8 +165,10 @@ def test_daily_profile_anticipates_the_working_day() -> None:
         now += min(d.delay, 60.0) if busy else d.delay
     # Day 2, 08:59: nothing changed for hours, yet the policy is already polling fast for 09:00.
     now = 86400 + 9 * 3600 - 60
-    state, d = observe(policy, state, now, Observation(now))
-    assert d.delay <= 120
+    _, d = observe(policy, state, now, Observation(now))
+    assert d.delay <= 300  # half-way to the learnt rate after one day; without the profile it would be 1800
+    _, d_plain = observe(replace(policy, seasonal=False), state, now, Observation(now))
+    assert d_plain.delay == 1800
     # Day 2 at 03:00 it is slow.
     _state2, d2 = observe(policy, state, 2 * 86400 + 3 * 3600, Observation(2 * 86400 + 3 * 3600))
     assert d2.delay >= 900

@@ -97,6 +97,11 @@ class Dispatcher:
         self._stopping = False
         self._gen = 0
         self._empty: dict[str, int] = {}
+        # Sinks a worker is leasing for right now: the others leave them alone until that lease returns,
+        # or every commit would wake all workers into leases that find nothing (each one a store write).
+        self._leasing: set[str] = set()
+        # The next_due query in flight, shared by the workers that go idle while it runs.
+        self._due_query: tuple[tuple[str, ...], asyncio.Future[float | None]] | None = None
         self._order = itertools.cycle(sorted(sinks)) if sinks else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -134,16 +139,22 @@ class Dispatcher:
                 continue
             sink, limit, probing = picked
             gen = self._gen
+            self._leasing.add(sink.name)
             try:
                 rows = await self.store.lease(limit, self.lease_seconds, only=sink.name, due_only=not probing)
             except Exception as e:
+                self._leasing.discard(sink.name)  # before idling, not after
                 if probing:
                     sink.breaker = br.on_failure(sink.breaker, self.clock())
                 log.error("cannot lease deliveries for sink %s: %s", sink.name, e)
                 await self._idle()
                 continue
+            finally:
+                self._leasing.discard(sink.name)
             if len(rows) < limit:
                 self._empty[sink.name] = gen
+            else:  # a full batch: there may be more, so wake the workers that skipped this sink meanwhile
+                self.store.deliveries_ready.set()
             if not rows:
                 if probing:  # nothing to probe with: stay open, probe again when work arrives
                     sink.breaker = replace(sink.breaker, status="open")
@@ -156,7 +167,7 @@ class Dispatcher:
         now = self.clock()
         for _ in range(len(self.sinks)):
             sink = self.sinks[next(self._order)]
-            if self._empty.get(sink.name) == self._gen:
+            if self._empty.get(sink.name) == self._gen or sink.name in self._leasing:
                 continue
             permit, new = br.permit(sink.breaker, now)
             if permit == "no":
@@ -174,7 +185,7 @@ class Dispatcher:
         now = self.clock()
         paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"]
         with contextlib.suppress(Exception):
-            due = await self.store.next_due(exclude=paused)
+            due = await self._next_due(paused)
             if due is not None:
                 timeout = min(timeout, max(MIN_IDLE, due - now))
         for s in self.sinks.values():
@@ -186,6 +197,15 @@ class Dispatcher:
         if not self._stopping:
             self.store.deliveries_ready.clear()
         self._gen += 1
+
+    def _next_due(self, paused: list[str]) -> asyncio.Future[float | None]:
+        """One next_due query for all the workers that wake on the same commit, not one each."""
+        key = tuple(paused)
+        if self._due_query is None or self._due_query[0] != key or self._due_query[1].done():
+            query = asyncio.ensure_future(self.store.next_due(exclude=paused))
+            query.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if all waiters left
+            self._due_query = (key, query)
+        return asyncio.shield(self._due_query[1])
 
     async def _send(
         self, sink: SinkRuntime, rows: Sequence[Leased]

@@ -55,7 +55,8 @@ class Event:
         return asdict(self)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
+        """The same bytes as ``orjson.dumps(self.to_dict())``, without asdict's deep copy (hot path: every enqueue)."""
+        return orjson.dumps(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:

@@ -24,7 +24,7 @@ from .events import Event, content_id
 from .metrics import Metrics
 from .pollpolicy import Decision, Observation, PollPolicy, PollState, budget_wait, observe
 from .routes import Router
-from .store import Store, version_newer
+from .store import EnqueueResult, Store, version_newer
 
 log = logging.getLogger("integrand.poller")
 
@@ -101,7 +101,10 @@ class SourcePoller:
             cursor = await self.store.cursor_get(self.name)
             result = await self.connector.poll(cursor)
             items = [(ev, self.router.sinks_for(ev)) for ev in result.events]
-            res = await self.store.enqueue_with_cursor(items, self.name, result.cursor)
+            if items or result.cursor != cursor:
+                res = await self.store.enqueue_with_cursor(items, self.name, result.cursor)
+            else:
+                res = EnqueueResult(0, 0)  # an empty poll that moved nothing: no write at all
         except (RetryableError, AuthError, StoreUnavailable) as e:
             obs = Observation(started, error=True, retry_after=getattr(e, "retry_after", None))
             self._failed(e, "error")

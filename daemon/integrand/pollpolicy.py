@@ -1,25 +1,27 @@
 """When to poll next: a pure function of what past polls found, so tests and the simulator drive it with a fake clock.
 
-The model (see docs/polling.md): changes arrive as a Poisson process whose rate
-varies. A poll every ``T`` seconds costs ``1/T`` requests per second and makes a
-change wait ``T/2`` on average; minimising requests plus waiting gives the square-root
-rule ``T = sqrt(2c/λ)`` of the crawler-refresh literature (Cho & Garcia-Molina, TODS
-2003). We scale it so that a source with ``aggressiveness`` changes per
-``target_latency`` is polled every ``target_latency``:
+The model (see docs/polling.md): changes arrive as a Poisson process whose rate λ
+varies (quiet nights, busy hours, bursts). The goal is a detection latency target —
+``target_latency`` for 95% of changes — for as few requests as possible. Polling
+every ``target_latency`` makes every change on time; polling faster buys nothing for
+that goal, so ``max(min_interval, target_latency)`` is the floor. When changes are
+rare, most of the requests that polling at the floor would make find nothing; the
+policy then waits until about ``aggressiveness`` changes are expected:
 
-    T = target_latency · sqrt(aggressiveness / (λ · target_latency)),  clamped to [min, max]
+    T = clamp(aggressiveness / λ,  max(min_interval, target_latency),  max_interval)
 
-``λ`` is an exponentially decaying count of the changes found (no division by the
-gap between polls, so multi-page passes and irregular polls need no special case),
-and, as a bonus, the larger of that and what the same hour of the day looked like on
-previous days, so a policy that learnt the working day is already fast when it starts.
+``λ`` is an exponentially decaying count of the changes found (half-life
+``rate_half_life``; no division by the gap between polls, so multi-page passes and
+irregular polls need no special case). Optionally (``seasonal``) it is raised to
+what the same hour of the day looked like on previous days, so the policy is already
+fast when the working day starts.
 
 On top of the rate rule, in this order: more pages waiting → poll again at once;
 errors → exponential backoff with jitter (the rate state is left alone); a
-provider's ``Retry-After`` → at least that long; a configured hourly request budget
-→ never more than ``max_requests_per_hour`` requests in any 3600-second window; a
-budget the provider reports → keep ``budget_reserve`` of it for the sinks' writes
-and spread the rest until it resets.
+provider's ``Retry-After`` → at least that long; a budget the provider reports →
+keep ``budget_reserve`` of it for the sinks' writes and spread the rest until it
+resets; a configured hourly budget → never more than ``max_requests_per_hour``
+requests in any 3600-second window.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ class PollPolicy:
     target_latency: float = 60.0
     max_requests_per_hour: int | None = None
     budget_reserve: float = 0.2
-    aggressiveness: float = 1.0
-    rate_half_life: float = 900.0
-    seasonal: bool = True
+    aggressiveness: float = 0.2
+    rate_half_life: float = 600.0
+    seasonal: bool = False
     error_base: float | None = None
 
     def __post_init__(self) -> None:
@@ -104,9 +106,13 @@ def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
     season = state.season
     if policy.seasonal:
         # Each hour bucket moves half-way to the hour's mean rate per day it is observed.
+        # Rates above the one that already means "poll at the floor" are capped, so one burst does
+        # not make its hour look busy for days.
         b = int((state.updated % DAY) // HOUR)
         w = min(1.0, dt / HOUR) * 0.5
-        season = (*season[:b], season[b] + w * ((state.rate + rate) / 2 - season[b]), *season[b + 1 :])
+        cap = policy.aggressiveness / max(policy.min_interval, policy.target_latency)
+        sample = min(cap, (state.rate + rate) / 2)
+        season = (*season[:b], season[b] + w * (sample - season[b]), *season[b + 1 :])
     return replace(state, rate=rate, updated=now, season=season)
 
 
@@ -120,12 +126,15 @@ def expected_rate(policy: PollPolicy, state: PollState, now: float, horizon: flo
 
 
 def rate_interval(policy: PollPolicy, rate: float) -> float:
-    """The square-root rule, clamped to [min_interval, max_interval]."""
-    L = policy.target_latency
+    """Wait until ``aggressiveness`` changes are expected, but never less than the target latency needs.
+
+    Polling faster than ``target_latency`` cannot make changes any more on time, so
+    the floor is ``max(min_interval, target_latency)``; the ceiling is ``max_interval``.
+    """
+    floor = min(policy.max_interval, max(policy.min_interval, policy.target_latency))
     if rate <= 0:
         return policy.max_interval
-    t = L * math.sqrt(policy.aggressiveness / (rate * L))
-    return min(policy.max_interval, max(policy.min_interval, t))
+    return min(policy.max_interval, max(floor, policy.aggressiveness / rate))
 
 
 def budget_wait(policy: PollPolicy, requests: tuple[float, ...], now: float) -> float:
@@ -133,7 +142,8 @@ def budget_wait(policy: PollPolicy, requests: tuple[float, ...], now: float) -> 
     n = policy.max_requests_per_hour
     if n is None or len(requests) < n:
         return 0.0
-    return max(0.0, requests[-n] + HOUR - now)
+    # A millisecond more than the exact boundary, so float rounding never lets n + 1 into one window.
+    return max(0.0, requests[-n] + HOUR + 0.001 - now)
 
 
 def provider_wait(policy: PollPolicy, obs: Observation) -> float | None:
@@ -169,7 +179,8 @@ def observe(
         if obs.more:
             decision = Decision(0.0, "more")
         else:
-            interval = rate_interval(policy, expected_rate(policy, state, now, state.interval or 0.0))
+            rate = expected_rate(policy, state, now, state.interval or 0.0)
+            interval = rate_interval(policy, rate)
             state = replace(state, interval=interval)
             decision = Decision(interval, "rate")
     if obs.retry_after is not None and obs.retry_after > decision.delay:

@@ -515,8 +515,7 @@ class Store:
                 chunk = id_list[i : i + 500]
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
-                async with conn.execute(sql, (source, *chunk)) as cur:
-                    seen.update((source, r[0]) for r in await cur.fetchall())
+                seen.update((source, r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
         entities = await self._entity_versions_for(conn, [ev for op in ops for ev, _ in op.items])
         now = self.clock()
         event_rows: list[tuple[Any, ...]] = []
@@ -659,8 +658,7 @@ class Store:
                     LIMIT :limit)
                 RETURNING id, event, sink, attempts, created_at
             """  # noqa: S608 - only placeholders are interpolated
-            async with conn.execute(sql, params) as cur:
-                rows = list(await cur.fetchall())
+            rows = list(await conn.execute_fetchall(sql, params))
             if not rows:
                 return []
             bodies: dict[int, bytes] = {}
@@ -668,8 +666,7 @@ class Store:
             for i in range(0, len(event_ids), 500):
                 chunk = event_ids[i : i + 500]
                 sql = f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
-                async with conn.execute(sql, chunk) as cur:
-                    bodies.update({r[0]: r[1] for r in await cur.fetchall()})
+                bodies.update({r[0]: r[1] for r in await conn.execute_fetchall(sql, chunk)})
             rows.sort(key=lambda r: r[0])
             return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]])) for r in rows]
 
