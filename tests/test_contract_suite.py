@@ -88,6 +88,55 @@ class Bad(Connector[ConnectorConfig], WebhookSource, PollingSource, Sink):
 
 class TestBad(ConnectorContract):
     connector_class = Bad
+
+
+import pytest
+from aiohttp import web
+from integrand.connector import RetryableError
+from integrand.testing import fake_api_server
+
+
+class SwallowCfg(ConnectorConfig):
+    url: str
+
+
+class Swallow(Connector[SwallowCfg], Sink):
+    '''Turns every failure into a bare RetryableError: Retry-After and the request id are lost.'''
+    Config = SwallowCfg
+
+    async def deliver(self, event):
+        try:
+            await self.ctx.http.post(self.config.url, json=event.data)
+        except Exception:
+            raise RetryableError("it failed") from None
+
+
+class TestSwallow(ConnectorContract):
+    connector_class = Swallow
+
+    @pytest.fixture
+    async def fake_api(self):
+        self.fault = None
+
+        async def handle(request):
+            if self.fault:
+                return web.json_response({}, status=self.fault[0], headers=self.fault[1])
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_post("/x", handle)
+        async with fake_api_server(app) as url:
+            yield url
+
+    @pytest.fixture
+    def connector_config(self, fake_api):
+        return {"url": fake_api + "/x"}
+
+    @pytest.fixture
+    def api_faults(self):
+        def fail(status, headers):
+            self.fault = None if status is None else (status, headers)
+        return fail
 """
 
 
@@ -95,17 +144,18 @@ def test_a_well_behaved_connector_passes_every_check(pytester: pytest.Pytester) 
     pytester.makeini(INI.replace("auto", "strict"))  # works without asyncio_mode = auto too
     pytester.makepyfile(test_good=GOOD)
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=6, skipped=2)  # no reconcile, no fetch
+    result.assert_outcomes(passed=6, skipped=3)  # no reconcile, no fetch, no api_faults
 
 
 def test_a_misbehaving_connector_fails_and_is_told_why(pytester: pytest.Pytester) -> None:
     pytester.makeini(INI)
     pytester.makepyfile(test_bad=BAD)
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, failed=5, skipped=2)
+    result.assert_outcomes(passed=5, failed=6, skipped=7)
     out = result.stdout.str()
     assert "say in one line what the connector is for" in out  # no docstring
     assert "the connector wrote files of its own (use ctx.state): ['cursor.txt']" in out
     assert "event ids must be stable" in out
     assert "the cursor must survive a JSON round trip" in out
     assert "PermanentError: duplicate" in out  # redelivery of the same key must be harmless
+    assert "Retry-After must reach RetryableError.retry_after" in out  # TestSwallow

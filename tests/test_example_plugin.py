@@ -68,7 +68,7 @@ def test_the_authors_few_line_contract_module_passes(example: tuple[Path, Path])
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "8 passed" in proc.stdout, proc.stdout
+    assert "9 passed" in proc.stdout, proc.stdout
     # The module under test came from the installed distribution, not from the source folder.
     assert (target / "integrand_example_notes" / "connector.py").exists()
 

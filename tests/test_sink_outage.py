@@ -14,7 +14,7 @@ import pytest
 from integrand import signing
 from integrand.app import Daemon
 
-from .helpers import DEMO_SECRET, admin_url, hook_url, post_signed, running, settings_for, wait_for
+from .helpers import DEMO_SECRET, admin_url, hook_url, post_signed, read_jsonl, running, settings_for, wait_for
 from .receiver import Receiver
 
 OUTBOUND_SECRET = "whsec_" + "b3V0Ym91bmQtc2lnbmluZy1rZXktZm9yLXRlc3Rz"
@@ -178,3 +178,29 @@ async def test_outbound_headers_are_signed_standard_webhooks(tmp_path: Path, rec
     assert signing.standard_verify([OUTBOUND_SECRET], h, r.body, time.time()) == "demo:msg_hdr"
     ev = r.event
     assert (ev["id"], ev["source"], ev["entity"], ev["entity_id"]) == ("msg_hdr", "demo", "customer", "7")
+
+
+async def test_a_sink_that_is_down_delays_only_its_own_deliveries(tmp_path: Path, receiver: Receiver) -> None:
+    extra = """
+retry = { base = "30s", cap = "1h" }
+breaker = { failure_threshold = 2, open_for = "300ms", max_open_for = "300ms" }
+
+[sinks.archive]
+connector = "jsonl"
+path = "var/archive.jsonl"
+
+[[routes]]
+from = "demo"
+to = ["archive"]
+"""
+    receiver.status = 503
+    ids = [f"m{i}" for i in range(20)]
+    async with running(settings_for(tmp_path, config(receiver.url, extra))) as d, aiohttp.ClientSession() as s:
+        for i in ids:
+            assert (await post_signed(s, hook_url(d), {"object": "x", "data": {"id": i}}, i))[0] == 200
+        # Same events, two sinks: the archive gets everything while crm is down and its breaker open.
+        await wait_for(lambda: {e["id"] for e in read_jsonl(tmp_path / "var" / "archive.jsonl")} == set(ids))
+        await wait_for(lambda: _is_open(s, d), timeout=10)
+        assert receiver.delivered() == []
+        receiver.status = 200
+        await wait_for(lambda: {e["id"] for e in receiver.delivered()} == set(ids), timeout=10)

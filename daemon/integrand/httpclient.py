@@ -182,6 +182,11 @@ class HttpPool:
         lim = self._limits.setdefault(key, _Limit(AsyncLimiter(1_000_000, 1)))
         lim.blocked_until = max(lim.blocked_until, self.clock() + seconds)
 
+    def clear_pauses(self) -> None:
+        """Forget every Retry-After pause (a test moving on, or an operator who knows the provider recovered)."""
+        for lim in self._limits.values():
+            lim.blocked_until = 0.0
+
     def paused_for(self, key: str) -> float:
         lim = self._limits.get(key)
         return max(0.0, lim.blocked_until - self.clock()) if lim else 0.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -35,14 +35,17 @@ from multidict import CIMultiDict
 from .app import ScopedState
 from .config import parse_config
 from .connector import (
+    AuthError,
     Connector,
     ConnectorConfig,
     ConnectorContext,
     Enricher,
     Event,
     HttpPool,
+    PermanentError,
     PollingSource,
     ReconcilingSource,
+    RetryableError,
     Role,
     SignatureError,
     Sink,
@@ -248,6 +251,16 @@ class ConnectorContract:
         return [Event(id="contract-1", source="contract-src", type="test.created", data={"id": "1", "name": "A"})]
 
     @pytest.fixture
+    def api_faults(self) -> Callable[[int | None, dict[str, str]], None] | None:
+        """``fail(status, headers)``: the fake API answers every request so until ``fail(None, {})``; None skips."""
+        return None
+
+    @pytest.fixture
+    def request_id_header(self) -> str:
+        """The response header in which the provider (and so the fake) sends its request id."""
+        return "X-Request-Id"
+
+    @pytest.fixture
     def thin_event(self) -> Event | None:
         """An event as a webhook would produce it, for ``fetch`` (enrichers); None skips that check."""
         return None
@@ -386,6 +399,42 @@ class ConnectorContract:
         [many] = await connector.fetch_many([thin_event])
         assert isinstance(many, Event), f"fetch_many failed where fetch succeeded: {many!r}"
         assert (many.id, many.source, many.entity, many.entity_id) == identity
+
+    @pytest.mark.asyncio
+    async def test_errors_are_mapped_at_the_edge(
+        self,
+        connector: Connector[Any],
+        api_faults: Callable[[int | None, dict[str, str]], None] | None,
+        request_id_header: str,
+        sink_events: Sequence[Event],
+    ) -> None:
+        if api_faults is None:
+            pytest.skip("no api_faults fixture given")
+        if isinstance(connector, Sink):
+            call: Callable[[], Awaitable[Any]] = lambda: connector.deliver(sink_events[0])  # noqa: E731
+        elif isinstance(connector, PollingSource):
+            call = lambda: connector.poll(None)  # noqa: E731
+        else:
+            pytest.skip("neither a sink nor a polling source")
+        rid = {request_id_header: "contract-rid"}
+        api_faults(429, {"Retry-After": "7", **rid})
+        with pytest.raises(RetryableError) as throttled:
+            await call()
+        assert throttled.value.retry_after == 7, "Retry-After must reach RetryableError.retry_after"
+        connector.ctx.http.pool.clear_pauses()  # the helper honours that 429 for the account; move on now
+        api_faults(503, rid)
+        with pytest.raises(RetryableError) as down:
+            await call()
+        assert down.value.request_id == "contract-rid", "keep the provider's request id in the error"
+        api_faults(400, rid)
+        with pytest.raises(PermanentError) as refused:
+            await call()
+        assert refused.value.request_id == "contract-rid", "keep the provider's request id in the error"
+        api_faults(401, rid)
+        with pytest.raises(AuthError):
+            await call()
+        api_faults(None, {})
+        await call()  # and it recovers once the API does
 
     @pytest.mark.asyncio
     async def test_sink_delivers_and_redelivery_is_harmless(

@@ -340,11 +340,11 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
         return PollResult(events, {"since": restart, "after": None, "max": newest})
 
     async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
-        """integrand's ``ReconcilingSource.reconcile``: objects modified since ``since`` (epoch s), one search page at a time."""
+        """integrand's ``ReconcilingSource.reconcile``: objects modified since ``since`` (epoch s), a search page at a time."""
         pos: dict[str, Any] = cursor if isinstance(cursor, dict) else {}
-        start = int(pos.get("since", int(since * 1000) if since is not None else 0))
-        events, nxt = await self._search_page(start, None, pos.get("after"))
-        return ReconcilePage(events, cursor=nxt, more=nxt is not None)
+        since_ms = int(pos.get("since", int(since * 1000) if since is not None else 0))
+        events, nxt = await self._search_page(since_ms, None, pos.get("after"))
+        return ReconcilePage(events, nxt, more=nxt is not None)
 
     async def _search_page(
         self, since: int, until: int | None, after: str | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -295,10 +296,11 @@ async def test_fetch_completes_webhook_events_and_reconcile_pages(tmp_path: Path
         for i in range(4):
             fake.put("contacts", {"email": f"r{i}@x.com"})
 
+        since = datetime(2020, 1, 1, tzinfo=UTC).timestamp()
         page: Any = None
         got: list[Event] = []
         for _ in range(10):
-            rp = await hs.reconcile(1_577_836_800.0, page)  # since 2020-01-01
+            rp = await hs.reconcile(since, page)
             got += rp.events
             page = rp.cursor
             if not rp.more:

@@ -510,31 +510,32 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         return PollResult(events, _cursor(nxt))
 
     async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
-        """integrand's ``ReconcilingSource.reconcile``: one page of live objects changed since ``since`` (epoch s).
+        """One page of every live object changed since ``since`` (epoch seconds; None = all).
 
-        The query endpoint ordered by ``MetaData.LastUpdatedTime``, ``page_size`` at a time, type
-        after type; the cursor is ``{"entity", "start"}``. Each object comes back as the Event a
-        change to it produces (same ids and versions as CDC), so integrand keeps only what it missed.
-        The query endpoint lists no deleted objects: deletions come from webhooks and CDC.
+        integrand's ``ReconcilingSource.reconcile``: the query endpoint ordered by
+        ``MetaData.LastUpdatedTime``, ``page_size`` at a time, type after type; the cursor is
+        ``{"entity", "start"}``. Each object comes back as the Event a change to it produces
+        (same ids as CDC), so the caller keeps only what it has not seen.
         """
         c = self.config
         pos: dict[str, Any] = cursor if isinstance(cursor, dict) else {"entity": c.entities[0], "start": 1}
         entity, start = str(pos["entity"]), int(pos["start"])
-        clause = ""
+        where = []
         if since is not None:
-            ts = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
-            clause = f" where MetaData.LastUpdatedTime >= '{ts}'"
+            when = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+            where.append(f"MetaData.LastUpdatedTime >= '{when}'")
+        clause = f" where {' and '.join(where)}" if where else ""
         rows = await self.query(
             f"select * from {entity}{clause} ORDERBY MetaData.LastUpdatedTime "
             f"STARTPOSITION {start} MAXRESULTS {c.page_size}"
         )
         events = [self._from_object(entity, o, "query") for o in rows]
         if len(rows) >= c.page_size:
-            return ReconcilePage(events, cursor={"entity": entity, "start": start + len(rows)}, more=True)
+            return ReconcilePage(events, {"entity": entity, "start": start + len(rows)}, more=True)
         later = c.entities[c.entities.index(entity) + 1 :] if entity in c.entities else []
         if later:
-            return ReconcilePage(events, cursor={"entity": later[0], "start": 1}, more=True)
-        return ReconcilePage(events)
+            return ReconcilePage(events, {"entity": later[0], "start": 1}, more=True)
+        return ReconcilePage(events, None, more=False)
 
     def _from_object(self, entity: str, obj: dict[str, Any], via: str) -> Event:
         meta = obj.get("MetaData") or {}

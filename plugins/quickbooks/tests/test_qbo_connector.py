@@ -321,10 +321,11 @@ async def test_beyond_thirty_days_polling_reconciles_through_query(tmp_path: Pat
         assert not any(p.endswith("/cdc") for _, _, p in env.fake.requests)
         await qbo.poll(cursor)
         assert env.fake.requests[-1][2].endswith("/cdc")  # back on CDC once caught up
+        since = (datetime.now(UTC) - timedelta(days=1)).timestamp()
         recon: list[Event] = []
         page: Any = None
         for _ in range(10):
-            got = await qbo.reconcile((datetime.now(UTC) - timedelta(days=1)).timestamp(), page)
+            got = await qbo.reconcile(since, page)
             recon += got.events
             page = got.cursor
             if not got.more:

@@ -36,7 +36,8 @@ to = ["out"]
             if not out.exists():
                 return set()
             lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
-            return {str(n) for e in lines if (n := (e["data"].get("object") or {}).get("DisplayName"))}
+            found = {(e["data"].get("object") or {}).get("DisplayName") for e in lines}
+            return {str(n) for n in found if n is not None}
 
         async with running(cfg) as d:
             env.fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/qbo"

@@ -21,7 +21,7 @@ class FakeNotes:
     access_token: str = ""
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     seq: int = 0
-    throttle: int = 0  # answer the next N API requests with 429
+    fault: tuple[int, dict[str, str]] | None = None  # while set, every API request gets this answer
     idempotency: dict[str, dict[str, Any]] = field(default_factory=dict)
     writes: int = 0
     _tokens: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -38,6 +38,10 @@ class FakeNotes:
         """The thin body the Notes API POSTs when a note changes: what changed, not the new text."""
         note = self.notes[note_id]
         return orjson.dumps({"type": "note.updated", "note": {"id": note_id, "version": note["version"]}})
+
+    def fail(self, status: int | None, headers: dict[str, str] | None = None) -> None:
+        """Answer every API request with ``status`` (429 with Retry-After, 503, 401 …) until ``fail(None)``."""
+        self.fault = None if status is None else (status, dict(headers or {}))
 
     def sign(self, body: bytes) -> str:
         return "sha256=" + hmac.new(self.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
@@ -63,9 +67,9 @@ class FakeNotes:
     def _check(self, request: web.Request) -> web.Response | None:
         if request.headers.get("Authorization") != f"Bearer {self.access_token}" or not self.access_token:
             return web.json_response({"error": "invalid_token"}, status=401, headers={"X-Request-Id": "req-401"})
-        if self.throttle > 0:
-            self.throttle -= 1
-            return web.json_response({"error": "slow down"}, status=429, headers={"Retry-After": "7"})
+        if self.fault is not None:
+            status, headers = self.fault
+            return web.json_response({"error": f"fault {status}"}, status=status, headers=headers)
         return None
 
     async def _list(self, request: web.Request) -> web.Response:

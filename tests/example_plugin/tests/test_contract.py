@@ -1,6 +1,6 @@
 """The integrand contract suite against a local fake of the Notes API: this is the whole test module."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -15,12 +15,20 @@ class TestNotesContract(ConnectorContract):
     connector_class = NotesConnector
 
     @pytest.fixture
-    async def fake_api(self) -> AsyncIterator[str]:
+    def notes(self) -> FakeNotes:
         notes = FakeNotes()
         for i in range(250):  # three pages
             notes.put(f"n{i}", f"note {i}")
+        return notes
+
+    @pytest.fixture
+    async def fake_api(self, notes: FakeNotes) -> AsyncIterator[str]:
         async with fake_api_server(notes.app()) as url:
             yield url
+
+    @pytest.fixture
+    def api_faults(self, notes: FakeNotes) -> Callable[[int | None, dict[str, str]], None]:
+        return notes.fail
 
     @pytest.fixture
     def connector_config(self, fake_api: str) -> dict[str, Any]:
