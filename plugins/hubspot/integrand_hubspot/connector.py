@@ -41,7 +41,7 @@ from integrand.connector import (
 )
 
 from . import signing
-from ._http import RateLimiter
+from ._http import RateLimiter, retry_after_seconds
 from .objects import iso_ms, modified_property, to_ms
 
 API_BASE = "https://api.hubapi.com"
@@ -116,8 +116,11 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
     async def start(self) -> None:
         c = self.config
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=c.timeout))
-        self.limiter = RateLimiter([(c.requests_per_10s, 10.0)])
-        self.search_limiter = RateLimiter([(c.searches_per_second, 1.0)])
+        account = f"hubspot:{c.api_base}"
+        self.limiter = RateLimiter([(c.requests_per_10s, 10.0)], board=self.ctx.http.pool, key=account)
+        self.search_limiter = RateLimiter(
+            [(c.searches_per_second, 1.0)], board=self.ctx.http.pool, key=account + ":search"
+        )
         self._refresh_lock = asyncio.Lock()
 
     async def close(self) -> None:
@@ -198,18 +201,20 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
             except orjson.JSONDecodeError:
                 data = {"message": raw[:300].decode(errors="replace")}
             self._note_headers(headers)
-            cid = data.get("correlationId") if isinstance(data, dict) else None
+            cid = headers.get("X-HubSpot-Correlation-Id") or (
+                data.get("correlationId") if isinstance(data, dict) else None
+            )
             msg = data.get("message") if isinstance(data, dict) else None
             if status == 401 and attempt == 0 and c.refresh_token is not None:
                 await self._token(force=True, stale=token)
                 continue
             if status == 429:
                 policy = data.get("policyName") if isinstance(data, dict) else None
-                wait = retry_after_for(policy, headers, time.time())
+                wait = retry_after_seconds(headers.get("Retry-After")) or retry_after_for(policy, headers, time.time())
                 (self.search_limiter if search and policy != "DAILY" else self.limiter).pause(wait)
                 raise RetryableError(f"HubSpot 429 {policy}: {msg}", retry_after=wait, request_id=cid)
             if status in (401, 403):
-                raise AuthError(f"HubSpot {status}: {msg} (correlationId {cid})")
+                raise AuthError(f"HubSpot {status}: {msg} (correlationId {cid})", request_id=cid)
             if status >= 500:
                 raise RetryableError(f"HubSpot {status}: {msg}", request_id=cid)
             if status >= 400:

@@ -71,6 +71,7 @@ class FakeHubSpot:
         self.pending: list[dict[str, Any]] = []
         self.webhook_url: str | None = None
         self.webhook_statuses: list[int] = []
+        self.failing: tuple[int, dict[str, str]] | None = None
         self._event_ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -87,6 +88,25 @@ class FakeHubSpot:
         """A strictly increasing millisecond timestamp, so search order is deterministic."""
         self._ms = max(self._ms + 1, int(self.now() * 1000))
         return self._ms
+
+    def fail_with(self, status: int | None, headers: dict[str, str] | None = None) -> None:
+        """Every API request (not OAuth) answers ``status`` with HubSpot's error body for it, until ``fail_with(None)``."""
+        self.failing = None if status is None else (status, dict(headers or {}))
+
+    def _failure(self, status: int, headers: dict[str, str]) -> web.Response:
+        extra: dict[str, Any] = {}
+        if status == 429:
+            msg, cat = "You have reached your ten_secondly_rolling limit.", "RATE_LIMITS"
+            extra = {"errorType": "RATE_LIMIT", "policyName": "TEN_SECONDLY_ROLLING"}
+        elif status == 401:
+            msg, cat = "Authentication credentials not found.", "INVALID_AUTHENTICATION"
+        elif status >= 500:
+            msg, cat = "internal error", "INTERNAL_ERROR"
+        else:
+            msg, cat = "Invalid input JSON", "VALIDATION_ERROR"
+        resp = self._error(status, msg, cat, **extra)
+        resp.headers.update(headers)
+        return resp
 
     def issue_refresh_token(self) -> str:
         token = secrets.token_hex(16)
@@ -236,6 +256,8 @@ class FakeHubSpot:
     def _gate(self, request: web.Request, search: bool = False) -> tuple[web.Response | None, dict[str, str]]:
         now = self.now()
         self.requests.append((now, request.method, request.path))
+        if self.failing is not None:
+            return self._failure(*self.failing), {}
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         exp = self.access_tokens.get(token)
         if token != self.private_token and (exp is None or exp < now):

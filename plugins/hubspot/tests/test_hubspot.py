@@ -206,11 +206,11 @@ async def test_429_policy_names_and_headers(tmp_path: Path) -> None:
             await hs.deliver(_ev({"email": "r9@x.com"}, "r9"))
         assert ei.value.retry_after == 10.0
         assert "TEN_SECONDLY_ROLLING" in str(ei.value)
-        assert hs.limiter._paused_until > 0  # and this connector now waits out the window
+        assert hs.limiter.paused_for() > 0  # and this connector now waits out the window
     async with hubspot(tmp_path, {"daily": 1}) as (fake, hs):
         await hs.deliver(_ev({"email": "d@x.com"}, "d"))
-        assert hs.limiter._paused_until > 0  # Daily-Remaining reached 0: paused before HubSpot says 429
-        hs.limiter._paused_until = 0
+        assert hs.limiter.paused_for() > 0  # Daily-Remaining reached 0: paused before HubSpot says 429
+        hs.ctx.http.pool.clear_pauses()
         with pytest.raises(RetryableError) as ei:
             await hs.deliver(_ev({"email": "d2@x.com"}, "d2"))
         assert "DAILY" in str(ei.value)

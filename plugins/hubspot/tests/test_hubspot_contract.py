@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -56,3 +56,11 @@ class TestHubSpotContract(ConnectorContract):
         return Event(
             id="t-1", source="contract", type="contact.propertyChange", data=data, entity="contact", entity_id=oid
         )
+
+    @pytest.fixture
+    def api_faults(self, fake_api: FakeHubSpot) -> Callable[[int | None, dict[str, str]], None]:
+        return fake_api.fail_with
+
+    @pytest.fixture
+    def request_id_header(self) -> str:
+        return "X-HubSpot-Correlation-Id"

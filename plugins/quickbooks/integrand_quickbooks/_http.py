@@ -13,6 +13,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Protocol
+
+
+class PauseBoard(Protocol):
+    """Where pauses after a 429 are kept: integrand's shared HTTP pool (``ctx.http.pool``) fits."""
+
+    def pause(self, key: str, seconds: float) -> None: ...
+
+    def paused_for(self, key: str) -> float: ...
 
 
 class RateLimiter:
@@ -28,8 +37,12 @@ class RateLimiter:
         limits: list[tuple[int, float]],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        board: PauseBoard | None = None,
+        key: str = "",
     ):
         self.limits = [(n, w) for n, w in limits if n > 0]
+        self._board = board
+        self._key = key
         self._clock = clock
         self._sleep = sleep
         self._done: deque[float] = deque()
@@ -39,12 +52,25 @@ class RateLimiter:
         self.waited = 0.0
 
     def pause(self, seconds: float) -> None:
-        """Hold every caller for ``seconds`` (the provider said 429: wait, do not hammer)."""
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        """Hold every caller for ``seconds`` (the provider said 429: wait, do not hammer).
+
+        With a board (integrand's shared HTTP pool) the pause lives there, under this account's key,
+        so every connector of the account and an operator's ``clear_pauses`` see the same one.
+        """
+        if self._board is not None:
+            self._board.pause(self._key, seconds)
+        else:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def paused_for(self) -> float:
+        """Seconds left of the current pause (0 when none)."""
+        if self._board is not None:
+            return self._board.paused_for(self._key)
+        return max(0.0, self._paused_until - self._clock())
 
     def _delay(self, now: float) -> float | None:
         """Seconds to wait before one more request may start; None: wait for one in flight to finish."""
-        delay = max(0.0, self._paused_until - now)
+        delay = self.paused_for()
         longest = max((w for _, w in self.limits), default=0.0)
         while self._done and self._done[0] <= now - longest:
             self._done.popleft()
@@ -84,13 +110,21 @@ class RateLimiter:
 _LIMITERS: weakref.WeakValueDictionary[tuple[str, str], RateLimiter] = weakref.WeakValueDictionary()
 
 
-def limiter_for(key: tuple[str, str], limits: list[tuple[int, float]]) -> RateLimiter:
+def limiter_for(key: tuple[str, str], limits: list[tuple[int, float]], board: PauseBoard | None = None) -> RateLimiter:
     """One limiter per (API base, realm) in this process, shared by the source and the sink of the same company."""
     lim = _LIMITERS.get(key)
     if lim is None or lim.limits != [(n, w) for n, w in limits if n > 0]:
-        lim = RateLimiter(limits)
+        lim = RateLimiter(limits, board=board, key=f"quickbooks:{key[1]}")
         _LIMITERS[key] = lim
     return lim
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` given in seconds (the form APIs use); None when absent or unreadable."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def parse_time(value: str) -> datetime:

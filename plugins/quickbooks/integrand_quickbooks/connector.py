@@ -45,7 +45,7 @@ from integrand.connector import (
     content_id,
 )
 
-from ._http import RateLimiter, limiter_for, parse_time, utc_version
+from ._http import RateLimiter, limiter_for, parse_time, retry_after_seconds, utc_version
 from .tokens import TokenManager, make_cipher, shared_manager
 
 PRODUCTION_API = "https://quickbooks.api.intuit.com"
@@ -118,13 +118,14 @@ class QuickBooksConfig(ConnectorConfig):
 class QuickBooksFault(Exception):
     """A Fault body (inside any HTTP status) before it is sorted into retryable / permanent / auth."""
 
-    def __init__(self, status: int, body: dict[str, Any], tid: str | None):
+    def __init__(self, status: int, body: dict[str, Any], tid: str | None, wait: float | None = None):
         f = body.get("Fault") or {}
         errors = f.get("Error") or [{}]
         self.kind = str(f.get("type", ""))
         self.code = str(errors[0].get("code", ""))
         self.status = status
         self.tid = tid
+        self.wait = wait
         detail = "; ".join(f"{e.get('code')}: {e.get('Message')} ({e.get('Detail')})" for e in errors)
         super().__init__(f"QuickBooks {self.kind} (HTTP {status}, intuit_tid {tid}): {detail}")
 
@@ -133,9 +134,9 @@ def fault_error(f: QuickBooksFault, throttle_wait: float) -> Exception:
     """Sort a Fault: throttling and system faults retry, auth faults re-authenticate, validation gives up."""
     msg = str(f)
     if f.status == 429 or f.code == "3001" or f.kind == "ThrottleExceeded":
-        return RetryableError(msg, retry_after=throttle_wait, request_id=f.tid)
+        return RetryableError(msg, retry_after=f.wait or throttle_wait, request_id=f.tid)
     if f.kind in ("AuthenticationFault", "AuthorizationFault") or f.status in (401, 403) or f.code in ("120", "3200"):
-        return AuthError(msg)
+        return AuthError(msg, request_id=f.tid)
     if f.kind == "SystemFault" or f.status >= 500 or f.code in ("10000", "6000"):
         return RetryableError(msg, request_id=f.tid)
     return PermanentError(msg, request_id=f.tid)
@@ -169,7 +170,11 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 bootstrap_refresh_token=c.refresh_token.reveal() if c.refresh_token else None,
             ),
         )
-        self.limiter = limiter_for((c.base, c.realm_id), [(c.requests_per_second, 1.0), (c.requests_per_minute, 60.0)])
+        self.limiter = limiter_for(
+            (c.base, c.realm_id),
+            [(c.requests_per_second, 1.0), (c.requests_per_minute, 60.0)],
+            board=self.ctx.http.pool,
+        )
 
     async def close(self) -> None:
         for task in list(self._flushes):
@@ -224,19 +229,22 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 data = orjson.loads(raw) if raw else {}
             except orjson.JSONDecodeError:
                 data = {}
+            wait = c.throttle_wait
             if status == 429:
-                # Intuit: "If you see [429], wait 60 seconds before retrying" (limits-and-throttles page).
-                self.limiter.pause(c.throttle_wait)
+                # Intuit: "If you see [429], wait 60 seconds before retrying" (limits-and-throttles page);
+                # a Retry-After, when Intuit sends one, is more precise.
+                wait = retry_after_seconds(resp.headers.get("Retry-After")) or c.throttle_wait
+                self.limiter.pause(wait)
             if status == 401 and attempt == 0:
                 self.log.info("QuickBooks answered 401 (intuit_tid %s); refreshing the access token", tid)
                 await self.tokens.refresh(self._http(), stale=token)
                 continue
             if isinstance(data, dict) and "Fault" in data:
-                raise QuickBooksFault(status, data, tid)
+                raise QuickBooksFault(status, data, tid, wait)
             if status >= 500 or status == 429:
                 raise RetryableError(
                     f"QuickBooks HTTP {status} (intuit_tid {tid})",
-                    retry_after=c.throttle_wait if status == 429 else None,
+                    retry_after=wait if status == 429 else None,
                     request_id=tid,
                 )
             if status != 200 or not isinstance(data, dict):

@@ -128,6 +128,7 @@ class FakeQuickBooks:
         self.refreshes = 0
         self.webhook_statuses: list[int] = []
         self.latency = 0.0  # seconds every read/query waits before answering (a slow API)
+        self.failing: tuple[int, dict[str, str]] | None = None
         self._seq = itertools.count()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -205,6 +206,25 @@ class FakeQuickBooks:
 
     def all(self, entity: str, realm: str | None = None) -> list[dict[str, Any]]:
         return [self._public(o) for o in self._realm(realm).objects.get(entity, {}).values()]
+
+    def fail_with(self, status: int | None, headers: dict[str, str] | None = None) -> None:
+        """Every API request (not OAuth) answers ``status`` with Intuit's Fault body for it, until ``fail_with(None)``."""
+        self.failing = None if status is None else (status, dict(headers or {}))
+
+    def _failure(self, status: int, headers: dict[str, str]) -> web.Response:
+        if status == 429:
+            body = fault("3001", "message=ThrottleExceeded; errorCode=003001; statusCode=429", "ThrottleExceeded")
+        elif status == 401:
+            body = fault(
+                "3200", "message=AuthenticationFailed; errorCode=003200; statusCode=401", "AuthenticationFault"
+            )
+        elif status == 403:
+            body = fault("120", "Authorization Failure", "AuthorizationFault")
+        elif status >= 500:
+            body = fault("10000", "An application error has occurred while processing your request", "SystemFault")
+        else:
+            body = fault("2010", "Request has invalid or unsupported property", "ValidationFault")
+        return self._json(status, body, headers)
 
     def inject(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         """The next API request (not OAuth) answers this instead, e.g. a Fault inside HTTP 200."""
@@ -366,6 +386,8 @@ class FakeQuickBooks:
         r = self._realm(realm_id)
         now = self.now()
         self.requests.append((now, request.method, request.path))
+        if self.failing is not None:
+            return r, self._failure(*self.failing)
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ")
         exp = self.access_tokens.get(token)

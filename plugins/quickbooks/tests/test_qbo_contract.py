@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -56,3 +56,11 @@ class TestQuickBooksContract(ConnectorContract):
     def thin_event(self, fake_api: FakeQuickBooks) -> Event:
         data = {"realm": fake_api.realm_id, "entity": "Customer", "id": "1", "operation": "Update"}
         return Event(id="t-1", source="contract", type="customer.updated", data=data, entity="Customer", entity_id="1")
+
+    @pytest.fixture
+    def api_faults(self, fake_api: FakeQuickBooks) -> Callable[[int | None, dict[str, str]], None]:
+        return fake_api.fail_with
+
+    @pytest.fixture
+    def request_id_header(self) -> str:
+        return "intuit_tid"
