@@ -133,7 +133,7 @@ async def test_permanent_error_dead_letters_at_once_and_replay_delivers(tmp_path
         assert (dead.event_id, dead.attempts, dead.last_error) == ("m1", 1, "PermanentError: HTTP 400: bad field")
         await wait_for(lambda: len(sk.received) == 2)
         sk.fail = lambda e: None
-        assert await d.store.replay([dead.id]) == 1
+        assert (await d.store.replay([dead.id])).replayed == 1
         await wait_for(lambda: len(sk.received) == 3)
 
 

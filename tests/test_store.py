@@ -178,7 +178,7 @@ async def test_dead_letter_replay_purge_with_audit(store: Store) -> None:
         ("1", "k", 1, "PermanentError: 400"),
         ("2", "k", 1, "x"),
     ]
-    assert await store.replay([one.id]) == 1
+    assert (await store.replay([one.id])).replayed == 1
     [again] = await store.lease(10, 60)
     assert (again.id, again.attempts) == (one.id, 0)
     detail = await store.delivery(one.id)
@@ -186,7 +186,7 @@ async def test_dead_letter_replay_purge_with_audit(store: Store) -> None:
     assert [a.action for a in detail.audit] == ["dead", "replayed"]
     assert await store.purge(sink="k") == 1
     assert await store.dead_letters() == []
-    assert await store.replay() == 0
+    assert (await store.replay()).replayed == 0
 
 
 async def test_prune_keeps_undelivered_and_dead(store: Store, clock: Clock) -> None:
@@ -256,3 +256,20 @@ async def test_schema_version_and_refusal_of_newer(tmp_path: Path) -> None:
         c.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StoreUnavailable, match="newer than this integrand"):
         await Store(path).open()
+
+
+async def test_replay_leaves_superseded_versions_dead_when_asked(store: Store) -> None:
+    def v(i: str, version: str | None) -> Event:
+        return Event(id=i, source="s", type="t", data={"v": version}, entity="E", entity_id="A", version=version)
+
+    await store.enqueue([(v("v1", "1"), ["k"])])
+    [d1] = await store.lease(1, 60)
+    await store.complete([Outcome(d1, "dead", error="HTTP 400")])
+    await store.enqueue([(v("v2", "2"), ["k"]), (Event(id="x", source="s", type="t", data={}), ["k"])])
+    leased = await store.lease(10, 60)
+    await store.complete([Outcome(x, "dead", error="e") if x.event.id == "x" else Outcome(x, "done") for x in leased])
+    result = await store.replay(include_superseded=False)
+    assert result.superseded == [d1.id]  # v2 is newer: replaying v1 would put old data over new
+    assert result.replayed == 1  # "x" has no version: never judged superseded
+    assert [d.event_id for d in await store.dead_letters()] == ["v1"]
+    assert (await store.replay([d1.id])).replayed == 1  # explicitly included: it goes

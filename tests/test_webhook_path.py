@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from .helpers import hook_url, post_signed, read_jsonl, running, settings_for, wait_for
 
@@ -53,3 +54,44 @@ async def test_port_in_use_names_the_config_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"daemon.listen: cannot listen on 127.0.0.1:{port}"):
             async with running(settings):
                 pass
+
+
+async def test_a_late_stripe_event_is_still_delivered(tmp_path: Path) -> None:
+    """Stripe events are a log: an older event for the same object arriving late is not 'stale'."""
+    import time
+
+    from integrand import signing
+
+    body_cfg = """
+[sources.stripe]
+connector = "webhook"
+signature = "stripe"
+secret = "whsec_test"
+
+[sinks.out]
+connector = "jsonl"
+path = "var/out.jsonl"
+
+[[routes]]
+from = "stripe"
+to = ["out"]
+"""
+    out = tmp_path / "var" / "out.jsonl"
+    async with running(settings_for(tmp_path, body_cfg)) as d, aiohttp.ClientSession() as s:
+        for evt, created in (("evt_new", 1700000100), ("evt_old", 1700000000)):
+            body = orjson.dumps(
+                {
+                    "id": evt,
+                    "type": "invoice.updated",
+                    "created": created,
+                    "data": {"object": {"id": "in_1", "object": "invoice"}},
+                }
+            )
+            headers = {
+                "Content-Type": "application/json",
+                "Stripe-Signature": signing.stripe_sign("whsec_test", int(time.time()), body),
+            }
+            async with s.post(hook_url(d, "stripe"), data=body, headers=headers) as r:
+                assert (r.status, await r.json()) == (200, {"accepted": 1, "duplicates": 0})
+        await wait_for(lambda: len(read_jsonl(out)) == 2)
+    assert [line["id"] for line in read_jsonl(out)] == ["evt_new", "evt_old"]

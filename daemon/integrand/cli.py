@@ -319,8 +319,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         ids = None if args.all else args.ids
 
         async def do_replay(store: Store) -> int:
-            n = await store.replay(ids, sink=args.sink)
+            res = await store.replay(ids, sink=args.sink, include_superseded=args.include_superseded)
+            n = res.replayed
             print(f"replayed {n} dead-lettered deliver{'y' if n == 1 else 'ies'}")
+            if res.superseded:
+                listed = " ".join(str(i) for i in res.superseded)
+                print(
+                    f"left {len(res.superseded)} dead because a newer version of their entity has been seen "
+                    f"since (replaying would put old data over new): {listed}; "
+                    "add --include-superseded to send them anyway"
+                )
             return 0 if n or args.all else 1
 
         return _with_store(args, do_replay)
@@ -495,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("ids", type=int, nargs="*", metavar="ID")
         d.add_argument("--all", action="store_true", help="every dead-lettered delivery (with --sink: of that sink)")
         d.add_argument("--sink")
+        if name == "replay":
+            d.add_argument(
+                "--include-superseded",
+                action="store_true",
+                help="also replay deliveries whose entity has since been seen at a newer version",
+            )
     dlq.set_defaults(fn=cmd_dlq)
 
     with_config(sub.add_parser("status", help="queue depth per sink and recent refused webhooks")).set_defaults(

@@ -176,6 +176,14 @@ def data_hash(ev: Event) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """How many dead deliveries were made ready, and which were left dead as superseded."""
+
+    replayed: int
+    superseded: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Leased:
     """A delivery leased to this process: deliver it, then report an Outcome."""
 
@@ -878,38 +886,57 @@ class Store:
             audit = [AuditEntry(a[0], a[1], a[2], a[3]) for a in await cur.fetchall()]
         return DeliveryDetail(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], Event.from_json(r[8]), audit)
 
-    async def replay(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
-        """Make dead deliveries ready again with attempts reset; the audit keeps their history."""
+    async def replay(
+        self, ids: Sequence[int] | None = None, sink: str | None = None, *, include_superseded: bool = True
+    ) -> ReplayResult:
+        """Make dead deliveries ready again with attempts reset; the audit keeps their history.
 
-        async def op(conn: Conn) -> int:
+        With ``include_superseded=False`` a delivery whose entity has since been seen at a newer
+        version stays dead (replaying it would put old data over new at the sink); events
+        without a version are never judged superseded."""
+
+        async def op(conn: Conn) -> ReplayResult:
             now = self.clock()
-            sql = "SELECT id, event, attempts, last_error FROM deliveries WHERE state = 'dead'"
+            sql = (
+                "SELECT d.id, d.event, d.attempts, d.last_error, e.body FROM deliveries d "
+                "JOIN events e ON e.id = d.event WHERE d.state = 'dead'"
+            )
             params: list[Any] = []
             if ids is not None:
-                sql += f" AND id IN ({','.join('?' * len(ids))})"
+                sql += f" AND d.id IN ({','.join('?' * len(ids))})"
                 params.extend(ids)
             if sink:
-                sql += " AND sink = ?"
+                sql += " AND d.sink = ?"
                 params.append(sink)
-            async with conn.execute(sql, params) as cur:
-                rows = list(await cur.fetchall())
-            if not rows:
-                return 0
-            await conn.executemany(
-                "UPDATE deliveries SET state = 'ready', attempts = 0, next_attempt_at = ?, updated_at = ?, "
-                "created_at = ? WHERE id = ?",
-                [(now, now, now, r[0]) for r in rows],
-            )
-            await conn.executemany(
-                "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, 'replayed', ?)",
-                [(now, r[1], r[0], f"after {r[2]} attempts; last error: {r[3]}") for r in rows],
-            )
-            return len(rows)
+            rows = list(await conn.execute_fetchall(sql, params))
+            superseded: list[int] = []
+            if not include_superseded and rows:
+                events = {r[0]: Event.from_json(r[4]) for r in rows}
+                known = await self._entity_versions_for(conn, list(events.values()))
+                for r in rows:
+                    ev = events[r[0]]
+                    if ev.entity_id is None or ev.version is None:
+                        continue
+                    k = known.get((ev.source, ev.entity or "", ev.entity_id))
+                    if k is not None and k.version is not None and version_newer(k.version, ev.version):
+                        superseded.append(r[0])
+                rows = [r for r in rows if r[0] not in superseded]
+            if rows:
+                await conn.executemany(
+                    "UPDATE deliveries SET state = 'ready', attempts = 0, next_attempt_at = ?, updated_at = ?, "
+                    "created_at = ? WHERE id = ?",
+                    [(now, now, now, r[0]) for r in rows],
+                )
+                await conn.executemany(
+                    "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, 'replayed', ?)",
+                    [(now, r[1], r[0], f"after {r[2]} attempts; last error: {r[3]}") for r in rows],
+                )
+            return ReplayResult(len(rows), superseded)
 
-        n = await self._submit(op)
-        if n:
+        result = await self._submit(op)
+        if result.replayed:
             self.deliveries_ready.set()
-        return n
+        return result
 
     async def purge(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
         """Drop dead deliveries for good (an audit line records it)."""

@@ -128,7 +128,9 @@ class WebhookConnector(Connector[WebhookConfig], WebhookSource):
             entity_id = _text(dig(data, "data.object.id"))
             created = dig(data, "created")
             if isinstance(created, int):
-                version = str(created)
+                # Not a version: `created` dates the event, not the object, and Stripe events are a log
+                # (invoice.paid after invoice.updated), so none may be dropped as "stale". Ordering per
+                # object still holds through entity/entity_id; set version_field to opt in to versions.
                 occurred = datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
         elif scheme == "github":
             ev_id = h.get("X-GitHub-Delivery")
