@@ -86,7 +86,7 @@ to = ["out"]
         "dispatcher.retry.base: expected seconds or a duration like '30s', '5m', '7d', got 'soon'",
         "sources.demo.secret: environment variable QBO_SECRET is not set",
         "sources.demo.sigature: unknown key (did you mean 'signature'?)",
-        "sources.gh: Value error, signature = 'github' needs a secret",
+        "sources.gh: signature = 'github' needs a secret",
         "sources.bad.connector: no connector named 'nope' is installed",
         "sinks.out.path: required key is missing",
         "sinks.web.retry.max_attempts: Input should be greater than or equal to 1",

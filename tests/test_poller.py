@@ -132,7 +132,7 @@ async def test_nudge_brings_the_next_poll_forward(store: Store) -> None:
     p = SourcePoller("src", src, store, ROUTER, settings(min_interval=30, max_interval=3600, nudge_debounce=0.05))
     task = asyncio.create_task(p.run())
     try:
-        await wait_for(lambda: src.calls == 1)
+        await wait_for(lambda: src.calls == 1 and p.polls == 1)  # called, and the next poll scheduled
         assert p.next_at - p.clock() > 1000  # nothing found: polling slowly
         src.changes.append(("a", 1))
         p.nudge()

@@ -221,10 +221,10 @@ mapping = "missing.toml"
 """,
     )
     assert problems == [
-        "routes[0].map.email.convert: Value error, unknown conversion 'lowr' (did you mean 'lower'?); "
+        "routes[0].map.email.convert: unknown conversion 'lowr' (did you mean 'lower'?); "
         "known: " + ", ".join(CONVERSIONS),
-        "routes[0].map.name: Value error, give exactly one of path, const or template",
-        "routes[0].map.bad.path: Value error, 'data..x' is not a dotted path such as 'data.customer.email'",
+        "routes[0].map.name: give exactly one of path, const or template",
+        "routes[0].map.bad.path: 'data..x' is not a dotted path such as 'data.customer.email'",
         f"routes[1].mapping: cannot read {tmp_path / 'missing.toml'}: No such file or directory",
     ]
     problems = _problems(

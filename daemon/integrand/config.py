@@ -352,7 +352,7 @@ def _format(
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         lines.append(f"{path}: {msg}")
     return lines
 

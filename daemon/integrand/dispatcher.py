@@ -328,7 +328,7 @@ class Dispatcher:
             sink.breaker = br.on_failure(sink.breaker, now)
             if sink.breaker.status == "open" and before != "open":
                 log.warning(
-                    "sink %s: circuit open after %d failures; deliveries wait %.0f s without spending attempts",
+                    "sink %s: circuit open after %d failures; deliveries wait %g s without spending attempts",
                     sink.name,
                     sink.breaker.failures,
                     sink.breaker.current_open_for,
