@@ -105,9 +105,6 @@ api_base = "{fake.url}"
 # versions stale, and this test is about the webhook path.
 poll = {{ enabled = false }}
 
-[sources.hubspot.poll]
-enabled = false  # webhooks only here: polling would add its own events for the same contact
-
 [sinks.out]
 connector = "jsonl"
 path = "var/out.jsonl"
