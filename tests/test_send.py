@@ -31,9 +31,9 @@ async def test_send_signs_and_dedups(tmp_path: Path) -> None:
     async with running(settings_for(tmp_path)) as d:
         url = hook_url(d)
         rc, out, _ = await integrand("send", "demo", str(body), "--config", cfg, "--url", url, "--id", "msg_a")
-        assert (rc, out.strip()) == (0, '200 OK: {"accepted": 1, "duplicates": 0}')
+        assert (rc, out.strip()) == (0, '200 OK: {"accepted":1,"duplicates":0}')
         rc, out, _ = await integrand("send", "demo", "--config", cfg, "--url", url, "--id", "msg_a", stdin=b"{}")
-        assert (rc, out.strip()) == (0, '200 OK: {"accepted": 0, "duplicates": 1}')
+        assert (rc, out.strip()) == (0, '200 OK: {"accepted":0,"duplicates":1}')
         rc, out, _ = await integrand("send", "demo", "--config", cfg, "--url", url, stdin=b"{not json")
         assert rc == 1
         assert out.startswith("400 Bad Request")

@@ -183,6 +183,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
         routes=route_runtime,
+        linger=s.dispatcher.linger,
     )
     return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
 

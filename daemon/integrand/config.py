@@ -66,6 +66,7 @@ class DispatcherSettings(StrictModel):
     workers: int = Field(default=8, ge=1, le=1024)
     lease: Duration = 60.0
     batch_size: int = Field(default=256, ge=1)
+    linger: Duration = 0.005
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
 

@@ -83,6 +83,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         idle_poll: float = 1.0,
+        linger: float = 0.0,
         routes: RouteRuntime | None = None,
     ):
         self.store = store
@@ -94,6 +95,9 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self.idle_poll = idle_poll
+        self.linger = linger
+        self._hold: dict[str, float] = {}  # sink → loop time before which it is not leased again (linger)
+        self._tally: dict[tuple[str, str], int] = {}
         self._stopping = False
         self._gen = 0
         self._empty: dict[str, int] = {}
@@ -153,6 +157,10 @@ class Dispatcher:
                 self._leasing.discard(sink.name)
             if len(rows) < limit:
                 self._empty[sink.name] = gen
+                if rows and self.linger > 0 and limit > 1:
+                    # Under a steady trickle every lease would take a handful; letting deliveries gather
+                    # for a few ms makes batches (one lease, one write, one ack for many) at little latency.
+                    self._hold[sink.name] = asyncio.get_running_loop().time() + self.linger
             else:  # a full batch: there may be more, so wake the workers that skipped this sink meanwhile
                 self.store.deliveries_ready.set()
             if not rows:
@@ -168,6 +176,8 @@ class Dispatcher:
         for _ in range(len(self.sinks)):
             sink = self.sinks[next(self._order)]
             if self._empty.get(sink.name) == self._gen or sink.name in self._leasing:
+                continue
+            if self._hold and self._hold.get(sink.name, 0.0) > asyncio.get_running_loop().time():
                 continue
             permit, new = br.permit(sink.breaker, now)
             if permit == "no":
@@ -191,6 +201,11 @@ class Dispatcher:
         for s in self.sinks.values():
             if s.breaker.status == "open":
                 timeout = min(timeout, max(MIN_IDLE, s.breaker.reopens_at - now))
+        if self._hold:
+            loop_now = asyncio.get_running_loop().time()
+            for until in self._hold.values():
+                if until > loop_now:
+                    timeout = min(timeout, max(MIN_IDLE, until - loop_now))
         if timeout > 0 and not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
@@ -252,6 +267,7 @@ class Dispatcher:
                 outcomes.append(self._route_failed(sink, row, res.error, now))
             else:
                 outcomes.append(self._outcome(sink, row, res, probing, now))
+        self._flush_counts()
         try:
             await self.store.complete(outcomes)
         except Exception as e:
@@ -259,19 +275,19 @@ class Dispatcher:
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
 
     def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
-        self.metrics.deliveries.labels(sink.name, "skipped").inc()
+        self._counted(sink.name, "skipped")
         return Outcome(row, "done")
 
     def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
         """Enrichment or mapping failed: dead-letter or retry on the delivery's own budget; the breaker is untouched."""
         error = describe_error(res)
         if isinstance(res, PermanentError):
-            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            self._counted(sink.name, "dead")
             log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
         if not isinstance(res, RetryableError):
             log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
-        self.metrics.deliveries.labels(sink.name, "retry").inc()
+        self._counted(sink.name, "retry")
         attempts = row.attempts + 1
         policy = sink.retry
         if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
@@ -279,6 +295,16 @@ class Dispatcher:
         retry_after = getattr(res, "retry_after", None)
         delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
+
+    def _counted(self, sink: str, outcome: str) -> None:
+        """Count an outcome; flushed to Prometheus once per batch (labels() per event costs a lock each)."""
+        key = (sink, outcome)
+        self._tally[key] = self._tally.get(key, 0) + 1
+
+    def _flush_counts(self) -> None:
+        for (sink, outcome), n in self._tally.items():
+            self.metrics.deliveries.labels(sink, outcome).inc(n)
+        self._tally.clear()
 
     def _reachable(self, sink: SinkRuntime, before: str) -> None:
         """The sink answered: close its breaker and, if it was open, send its waiting retries now."""
@@ -293,7 +319,7 @@ class Dispatcher:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
-        self.metrics.deliveries.labels(sink.name, "dead").inc()
+        self._counted(sink.name, "dead")
         log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
         return Outcome(row, "dead", error=error)
 
@@ -301,12 +327,12 @@ class Dispatcher:
         before = sink.breaker.status
         if res is None:
             self._reachable(sink, before)
-            self.metrics.deliveries.labels(sink.name, "done").inc()
+            self._counted(sink.name, "done")
             return Outcome(row, "done")
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
-            self.metrics.deliveries.labels(sink.name, "dead").inc()
+            self._counted(sink.name, "dead")
             log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
@@ -321,7 +347,7 @@ class Dispatcher:
                 )
             sink.auth_error = error
             self.metrics.breaker_open.labels(sink.name).set(1)
-            self.metrics.deliveries.labels(sink.name, "auth").inc()
+            self._counted(sink.name, "auth")
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
         outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
         if outage:
@@ -339,7 +365,7 @@ class Dispatcher:
             log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
             if probing and sink.breaker.status == "half_open":
                 sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
-        self.metrics.deliveries.labels(sink.name, "retry").inc()
+        self._counted(sink.name, "retry")
         retry_after = getattr(res, "retry_after", None)
         policy = sink.retry
         age = now - row.created_at

@@ -12,8 +12,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from aiohttp import web
+from prometheus_client import Counter
 
 from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
@@ -41,9 +44,13 @@ def redact_headers(headers: dict[str, str] | object) -> dict[str, str]:
     return {str(k): ("[redacted]" if _SECRET_HEADER.search(k) else str(v)[:500]) for k, v in items}
 
 
+def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response encoded with orjson (aiohttp's json_response goes through the stdlib encoder)."""
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
+
+
 def _error(status: int, reason: str, **headers: str) -> web.Response:
-    resp = web.json_response({"error": reason}, status=status, headers=headers or None)
-    return resp
+    return _json({"error": reason}, status, headers or None)
 
 
 class Listener:
@@ -69,6 +76,7 @@ class Listener:
         self.on_accepted = on_accepted
         self.stopping = False
         self.in_flight = 0
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=max((s.max_body_bytes for s in self.sources.values()), default=1) + 1)
@@ -84,7 +92,7 @@ class Listener:
             resp = await self._handle(request, name, source)
         finally:
             self.in_flight -= 1
-        self.metrics.webhooks.labels(label, str(resp.status)).inc()
+        self._count(self.metrics.webhooks, label, str(resp.status)).inc()
         return resp
 
     async def _handle(self, request: web.Request, name: str, source: SourceRuntime | None) -> web.StreamResponse:
@@ -105,7 +113,8 @@ class Listener:
             wr = WebhookRequest(
                 source=name,
                 method=request.method,
-                url=(self.public_url + request.path_qs) if self.public_url else str(request.url),
+                # The URL as the sender called it (HubSpot signs it); str(request.url) would build a yarl URL.
+                url=(self.public_url or f"{request.scheme}://{request.host}") + request.path_qs,
                 headers=headers,
                 body=body,
                 received_at=received_at,
@@ -133,12 +142,20 @@ class Listener:
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
             )
-        self.metrics.events.labels(name, "accepted").inc(result.accepted)
+        self._count(self.metrics.events, name, "accepted").inc(result.accepted)
         if result.duplicates:
-            self.metrics.events.labels(name, "duplicate").inc(result.duplicates)
+            self._count(self.metrics.events, name, "duplicate").inc(result.duplicates)
         if self.on_accepted is not None and result.accepted:
             self.on_accepted(name, events)
-        return web.json_response({"accepted": result.accepted, "duplicates": result.duplicates})
+        return _json({"accepted": result.accepted, "duplicates": result.duplicates})
+
+    def _count(self, metric: Counter, *labels: str) -> Any:
+        """A metric's child for these labels, looked up once (labels() takes a lock and builds a key)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     @staticmethod
     async def _read_body(request: web.Request, limit: int) -> bytes:

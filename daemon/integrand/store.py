@@ -696,7 +696,6 @@ class Store:
                 d = o.delivery
                 if o.kind == "done":
                     done.append((now, d.id))
-                    audit.append((now, d.event_row, d.id, "delivered", f"sink={d.sink} attempt={d.attempts + 1}"))
                 elif o.kind == "retry":
                     inc = 1 if o.count_attempt else 0
                     retry.append((inc, o.next_attempt_at or now, now, o.error, d.id))
@@ -884,6 +883,10 @@ class Store:
             (r[9], delivery_id),
         ) as cur:
             audit = [AuditEntry(a[0], a[1], a[2], a[3]) for a in await cur.fetchall()]
+        if r[2] == "done" and r[7] is None:  # done with an error is a purge, not a delivery
+            # Success is recorded on the delivery row itself (one write per delivery, not two): the
+            # history shows it from there.
+            audit.append(AuditEntry(r[5], delivery_id, "delivered", f"sink={r[1]} attempts={r[3]}"))
         return DeliveryDetail(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], Event.from_json(r[8]), audit)
 
     async def replay(
