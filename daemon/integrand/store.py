@@ -18,7 +18,8 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -31,7 +32,75 @@ from .events import Event
 
 log = logging.getLogger("integrand.store")
 T = TypeVar("T")
-Conn = aiosqlite.Connection
+ReadConn = aiosqlite.Connection
+
+
+class _Cursor:
+    """A finished sqlite3 cursor dressed as aiosqlite's: awaitable and an async context manager."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur: sqlite3.Cursor):
+        self._cur = cur
+
+    def __await__(self) -> Generator[Any, None, _Cursor]:
+        if False:  # pragma: no cover - makes this a generator that returns at once
+            yield
+        return self
+
+    async def __aenter__(self) -> _Cursor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+    async def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._cur.lastrowid
+
+
+class Conn:
+    """The write connection as store ops see it: aiosqlite's API, run synchronously on the store's thread.
+
+    Ops are coroutines that only ever await this object, so they never suspend: the writer runs a
+    whole transaction (every op in it, BEGIN to COMMIT) in one call on the SQLite thread, instead of
+    one thread round trip per statement, each of which waits for a turn of the busy event loop.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: sqlite3.Connection):
+        self.raw = raw
+
+    def execute(self, sql: str, params: Any = ()) -> _Cursor:
+        return _Cursor(self.raw.execute(sql, params))
+
+    async def execute_fetchall(self, sql: str, params: Any = ()) -> list[Any]:
+        return self.raw.execute(sql, params).fetchall()
+
+    async def executemany(self, sql: str, seq: Iterable[Any]) -> _Cursor:
+        return _Cursor(self.raw.executemany(sql, seq))
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a store op to completion on this thread; it must not suspend (it awaits only ``Conn``)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a store op suspended: ops may await only the connection")
+
 
 MIGRATIONS: list[str] = [
     # 1: the queue
@@ -259,7 +328,7 @@ class _Op:
 
     def __init__(
         self,
-        fn: Callable[[Conn], Awaitable[Any]] | None,
+        fn: Callable[[Conn], Coroutine[Any, Any, Any]] | None,
         rows: int,
         future: asyncio.Future[Any] | None,
         alone: bool = False,
@@ -322,8 +391,9 @@ class Store:
         self.commits = 0
         self.committed_ops = 0
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
-        self._conn: Conn | None = None
-        self._rconn: Conn | None = None
+        self._conn: Conn | None = None  # used only on self._thread
+        self._rconn: ReadConn | None = None
+        self._thread: ThreadPoolExecutor | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._next_event = 0
@@ -334,17 +404,12 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.role == "daemon":
             self._take_lock()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="integrand-store")
         try:
-            self._conn = await self._connect()
-            await self._migrate(self._conn)
-            async with self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM events") as cur:
-                row = await cur.fetchone()
-            self._next_event = int(row[0]) if row else 0
-            if self.role == "daemon":
-                n = await self._release_leases(self._conn, owner=None)
-                if n:
-                    log.info("released %d deliveries leased by a previous run", n)
-            self._rconn = await self._connect(readonly=True)
+            released = await self._in_thread(self._open_writer)
+            if released:
+                log.info("released %d deliveries leased by a previous run", released)
+            self._rconn = await self._connect_reader()
         except BaseException as e:
             await self._close_conns()
             self._drop_lock()
@@ -363,11 +428,57 @@ class Store:
         self._drop_lock()
 
     async def _close_conns(self) -> None:
-        for c in (self._rconn, self._conn):
-            if c is not None:
+        if self._rconn is not None:
+            with contextlib.suppress(Exception):
+                await self._rconn.close()
+            self._rconn = None
+        if self._thread is not None:
+            if self._conn is not None:
                 with contextlib.suppress(Exception):
-                    await c.close()
-        self._conn = self._rconn = None
+                    await self._in_thread(self._conn.raw.close)
+                self._conn = None
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _open_writer(self) -> int:
+        """On the store's thread: connect, migrate, find the last event id, release dead leases."""
+        raw = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._conn = conn = Conn(raw)
+        self._pragmas(raw, readonly=False)
+        _drive(self._migrate(conn))
+        row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        self._next_event = int(row[0]) if row else 0
+        if self.role == "daemon":
+            return _drive(self._release_leases(conn, owner=None))
+        return 0
+
+    def _pragmas(self, raw: sqlite3.Connection, readonly: bool) -> None:
+        raw.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if not readonly:
+            raw.execute("PRAGMA journal_mode = WAL")
+        raw.execute(f"PRAGMA synchronous = {self.synchronous}")
+        raw.execute("PRAGMA temp_store = MEMORY")
+        raw.execute("PRAGMA cache_size = -32000")
+        if self.max_size_mb and not readonly:
+            row = raw.execute("PRAGMA page_size").fetchone()
+            page = int(row[0]) if row else 4096
+            raw.execute(f"PRAGMA max_page_count = {self.max_size_mb * 1024 * 1024 // page}")
+        if readonly:
+            raw.execute("PRAGMA query_only = ON")
+
+    async def _connect_reader(self) -> ReadConn:
+        """Reads (status, DLQ listings, next_due) go through aiosqlite on a connection of their own."""
+        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await conn.execute("PRAGMA temp_store = MEMORY")
+        await conn.execute("PRAGMA cache_size = -32000")
+        await conn.execute("PRAGMA query_only = ON")
+        return conn
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -382,23 +493,6 @@ class Store:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    async def _connect(self, readonly: bool = False) -> Conn:
-        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
-        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        if not readonly:
-            await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        await conn.execute("PRAGMA temp_store = MEMORY")
-        await conn.execute("PRAGMA cache_size = -32000")
-        if self.max_size_mb and not readonly:
-            async with conn.execute("PRAGMA page_size") as cur:
-                row = await cur.fetchone()
-            page = int(row[0]) if row else 4096
-            await conn.execute(f"PRAGMA max_page_count = {self.max_size_mb * 1024 * 1024 // page}")
-        if readonly:
-            await conn.execute("PRAGMA query_only = ON")
-        return conn
 
     async def _migrate(self, conn: Conn) -> None:
         async with conn.execute("PRAGMA user_version") as cur:
@@ -455,40 +549,11 @@ class Store:
                 op.future.set_exception(StoreUnavailable("store is closed"))
 
     async def _commit(self, batch: list[_Op]) -> None:
-        conn = self._conn
-        assert conn is not None
         next_event_before = self._next_event
-        results: list[Any] = []
-        new_deliveries = False
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
-            if enqueues:
-                enq_results, new_deliveries = await self._apply_enqueues(conn, enqueues)
-            it = iter(enq_results) if enqueues else iter(())
-            for op in batch:
-                if isinstance(op, _EnqueueOp):
-                    results.append(next(it))
-                    continue
-                assert op.fn is not None
-                # A savepoint per op: one caller's failing op must not take the others' rows with it.
-                await conn.execute("SAVEPOINT op")
-                try:
-                    results.append(await op.fn(conn))
-                except sqlite3.Error as e:
-                    if any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
-                        raise
-                    await conn.execute("ROLLBACK TO op")
-                    results.append(_Failed(e))
-                except Exception as e:
-                    await conn.execute("ROLLBACK TO op")
-                    results.append(_Failed(e))
-                await conn.execute("RELEASE op")
-            await conn.execute("COMMIT")
+            results, new_deliveries = await self._in_thread(self._commit_sync, batch)
         except Exception as e:
             self._next_event = next_event_before
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
             err: BaseException = e
             if isinstance(e, sqlite3.Error) and any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
                 err = StoreUnavailable(f"store cannot commit: {e}")
@@ -510,6 +575,45 @@ class Store:
                 op.future.set_result(result)
         if new_deliveries:
             self.deliveries_ready.set()
+
+    def _commit_sync(self, batch: list[_Op]) -> tuple[list[Any], bool]:
+        """On the store's thread: one transaction for the whole batch, each op in its own savepoint."""
+        conn = self._conn
+        assert conn is not None
+        raw = conn.raw
+        results: list[Any] = []
+        new_deliveries = False
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
+            enq_results: list[EnqueueResult] = []
+            if enqueues:
+                enq_results, new_deliveries = _drive(self._apply_enqueues(conn, enqueues))
+            it = iter(enq_results)
+            for op in batch:
+                if isinstance(op, _EnqueueOp):
+                    results.append(next(it))
+                    continue
+                assert op.fn is not None
+                # A savepoint per op: one caller's failing op must not take the others' rows with it.
+                raw.execute("SAVEPOINT op")
+                try:
+                    results.append(_drive(op.fn(conn)))
+                except sqlite3.Error as e:
+                    if any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
+                        raise
+                    raw.execute("ROLLBACK TO op")
+                    results.append(_Failed(e))
+                except Exception as e:
+                    raw.execute("ROLLBACK TO op")
+                    results.append(_Failed(e))
+                raw.execute("RELEASE op")
+            raw.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.execute("ROLLBACK")
+            raise
+        return results, new_deliveries
 
     async def _apply_enqueues(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
         by_source: dict[str, set[str]] = {}
@@ -589,7 +693,7 @@ class Store:
         keys = {(ev.source, ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None}
         return await _read_entities(conn, keys)
 
-    async def _submit(self, fn: Callable[[Conn], Awaitable[T]], rows: int = 1) -> T:
+    async def _submit(self, fn: Callable[[Conn], Coroutine[Any, Any, T]], rows: int = 1) -> T:
         if self._writer is None:
             raise StoreUnavailable("store is not open")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -685,7 +789,7 @@ class Store:
         if not outcomes:
             return
 
-        async def op(conn: Conn) -> None:
+        async def op(conn: Conn) -> bool:
             now = self.clock()
             done: list[tuple[Any, ...]] = []
             retry: list[tuple[Any, ...]] = []
@@ -733,10 +837,10 @@ class Store:
                 await conn.executemany(
                     "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, ?, ?)", audit
                 )
-            if release or retry:
-                self.deliveries_ready.set()
+            return bool(release or retry)
 
-        await self._submit(op, rows=len(outcomes))
+        if await self._submit(op, rows=len(outcomes)):
+            self.deliveries_ready.set()  # on the loop: ops run on the store's thread
 
     async def _release_leases(self, conn: Conn, owner: str | None, expired_before: float | None = None) -> int:
         now = self.clock()
@@ -1051,7 +1155,7 @@ class Store:
         except Exception as e:
             raise StoreUnavailable(str(e)) from e
 
-    def _read(self) -> Conn:
+    def _read(self) -> ReadConn:
         if self._rconn is None:
             raise StoreUnavailable("store is not open")
         return self._rconn
@@ -1076,7 +1180,9 @@ _CURSOR_UPSERT = (
 )
 
 
-async def _read_entities(conn: Conn, keys: set[tuple[str, str, str]]) -> dict[tuple[str, str, str], EntityVersion]:
+async def _read_entities(
+    conn: Conn | ReadConn, keys: set[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], EntityVersion]:
     out: dict[tuple[str, str, str], EntityVersion] = {}
     by_group: dict[tuple[str, str], list[str]] = {}
     for source, entity, eid in keys:
