@@ -12,7 +12,7 @@ import orjson
 import pytest
 from integrand_quickbooks import QuickBooksConfig
 from integrand_quickbooks import tokens as tokens_mod
-from integrand_quickbooks._http import RateLimiter, utc_version
+from integrand_quickbooks._time import utc_version
 from integrand_quickbooks.fake import fault
 from pydantic import ValidationError
 from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env, wait_for
@@ -22,6 +22,7 @@ from integrand.connector import (
     Event,
     PayloadError,
     PermanentError,
+    RateLimiter,
     RetryableError,
     SignatureError,
     WebhookRequest,
