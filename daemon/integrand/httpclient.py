@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 import orjson
 from aiohttp_retry import ExponentialRetry
+from multidict import CIMultiDict
 
 from .backoff import parse_retry_after
 from .errors import AuthError, PermanentError, RetryableError
@@ -101,7 +102,7 @@ def error_for_status(
 
 @dataclass(frozen=True)
 class Response:
-    """A fully read response: status, headers, body, and the provider's request id if it sent one."""
+    """A fully read response: status, headers (case-insensitive), body, and the provider's request id if it sent one."""
 
     status: int
     headers: Mapping[str, str]
@@ -383,7 +384,7 @@ class Http:
                 async with self.pool.slot(keys), self.pool.session.request(method, full_url, **kwargs) as resp:
                     raw = await resp.read()
                     status = resp.status
-                    resp_headers = {k: v for k, v in resp.headers.items()}
+                    resp_headers = CIMultiDict(resp.headers)  # case-insensitive, as HTTP/2 lowercases names
             except TimeoutError:
                 limit = timeout if timeout is not None else self.pool.timeout
                 self.log.info("✗ %s %s: no answer within %g s", method, shown, limit)
@@ -417,7 +418,7 @@ class Http:
     def _response(
         self,
         status: int,
-        headers: dict[str, str],
+        headers: CIMultiDict[str],
         raw: bytes,
         shown: str,
         request_id_headers: Iterable[str],
