@@ -13,7 +13,16 @@ import orjson
 import pytest
 from aiohttp import web
 
-from integrand.connector import AuthError, Http, HttpPool, PermanentError, RetryableError, error_for_status
+from integrand.connector import (
+    AuthError,
+    Http,
+    HttpPool,
+    PermanentError,
+    RateLimiter,
+    Response,
+    RetryableError,
+    error_for_status,
+)
 
 from .connectors import registry_with
 from .helpers import BASE, DEMO_SECRET, admin_url, hook_url, post_signed, running, wait_for, write_config
@@ -254,3 +263,85 @@ to = ["crm"]
         st = await status()
         assert st["breakers"]["crm"]["paused"] is None
         assert st["deliveries"]["crm"].get("dead", 0) == 0
+
+
+def test_several_windows_on_one_key_hold_on_a_fake_clock() -> None:
+    now = [0.0]
+
+    async def sleep(d: float) -> None:
+        now[0] += d
+
+    async def run() -> list[float]:
+        lim = RateLimiter([(10, 1.0), (500, 60.0)], clock=lambda: now[0], sleep=sleep)
+        stamps = []
+        for _ in range(1200):
+            async with lim.slot():
+                stamps.append(now[0])
+        return stamps
+
+    stamps = asyncio.run(run())
+    for i in range(len(stamps)):
+        assert sum(1 for t in stamps[i : i + 11] if t < stamps[i] + 1.0) <= 10
+        assert sum(1 for t in stamps[i : i + 501] if t < stamps[i] + 60.0) <= 500
+    assert stamps[-1] >= 120  # 1,200 requests at 500/min take at least two minutes
+
+
+async def test_every_retry_passes_the_accounts_limiter(api: FakeApi, pool: HttpPool) -> None:
+    h = http(pool)
+    h.limit("qbo:1", limits=[(2, 60.0), (100, 3600.0)])
+    api.default = (503, {}, b"{}")
+    task = asyncio.create_task(h.get(api.url + "/flaky", rate_key="qbo:1"))
+    # The pool retries a 503 twice; the third attempt asks the limiter too, and must wait a minute.
+    await wait_for(lambda: pool.limiter("qbo:1").waited > 50)
+    assert not task.done()
+    assert len(api.hits) == 2
+    task.cancel()
+
+
+async def test_retries_can_be_turned_off_per_key_and_per_call(api: FakeApi, pool: HttpPool) -> None:
+    h = http(pool)
+    h.limit("no-retry", 100, 1.0, retries=0)
+    api.default = (503, {"intuit_tid": "t-1"}, b"{}")
+    with pytest.raises(RetryableError) as info:
+        await h.get(api.url + "/a", rate_key="no-retry")
+    assert info.value.request_id == "t-1"
+    assert len(api.hits) == 1  # the caller (the dispatcher, the poller) decides when to try again
+    with pytest.raises(RetryableError):
+        await h.get(api.url + "/b", retries=0)
+    assert len(api.hits) == 2
+    with pytest.raises(RetryableError):
+        await h.get(api.url + "/c", rate_key="no-retry", retries=1)  # the call's own number wins
+    assert len(api.hits) == 4
+
+
+async def test_429_without_retry_after_pauses_the_key_for_its_default(api: FakeApi, pool: HttpPool) -> None:
+    h = http(pool)
+    h.limit("quickbooks:9", limits=[(10, 1.0), (500, 60.0)], pause_429=60.0)
+    api.answers.append((429, {"intuit_tid": "t-429"}, b'{"Fault":{"type":"ThrottleExceeded"}}'))
+    with pytest.raises(RetryableError) as info:
+        await h.get(api.url + "/q", rate_key="quickbooks:9")
+    assert info.value.retry_after == 60.0
+    assert info.value.request_id == "t-429"
+    assert 50 < pool.paused_for("quickbooks:9") <= 60
+    api.answers.append((429, {}, b"{}"))
+    res = await h.get(api.url + "/q", rate_key="other", check=False)
+    assert (res.status, res.retry_after) == (429, 1.0)  # an undeclared key: one second
+
+
+async def test_classify_maps_a_fault_inside_a_200(api: FakeApi, pool: HttpPool) -> None:
+    def fault(res: Response) -> Exception | None:
+        data = res.json()
+        if isinstance(data, dict) and "Fault" in data:
+            return PermanentError(f"Fault {data['Fault']['Error'][0]['code']}", request_id=res.request_id)
+        return None
+
+    api.answers.append((200, {"intuit_tid": "t-200"}, b'{"Fault":{"Error":[{"code":"6240"}]}}'))
+    with pytest.raises(PermanentError, match="6240") as info:
+        await http(pool).post(api.url + "/customer", json={}, classify=fault)
+    assert info.value.request_id == "t-200"
+    api.answers.append((200, {}, b'{"Customer":{"Id":"1"}}'))
+    res = await http(pool).post(api.url + "/customer", json={}, classify=fault)
+    assert res.json() == {"Customer": {"Id": "1"}}
+    api.answers.append((500, {}, b"{}"))
+    with pytest.raises(RetryableError):  # no opinion from classify: the status decides
+        await http(pool).post(api.url + "/customer", json={}, classify=fault)

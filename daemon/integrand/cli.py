@@ -235,6 +235,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
                 return 1
             finally:
                 await inst.close()
+                await ctx.http.pool.close()  # the context's private pool: no unclosed session at exit
             print(message)
             return 0
         finally:
@@ -433,6 +434,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             report = await reconcile_once(args.source, source, store, Router(settings.routes), window=window)
         finally:
             await inst.close()
+            await ctx.http.pool.close()
         print(report)
         return 0
 

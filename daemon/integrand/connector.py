@@ -47,7 +47,7 @@ from .errors import (
     WebhookRejected,
 )
 from .events import Event, content_id, utcnow_iso
-from .httpclient import Http, HttpPool, Response, error_for_status
+from .httpclient import Http, HttpPool, RateLimiter, Response, error_for_status
 from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
 
@@ -66,6 +66,7 @@ __all__ = [
     "PermanentError",
     "PollResult",
     "PollingSource",
+    "RateLimiter",
     "ReconcilePage",
     "ReconcilingSource",
     "RelPath",

@@ -4,7 +4,8 @@ One :class:`HttpPool` per daemon holds the aiohttp session and the rate limiters
 each connector gets an :class:`Http` view of it (``ctx.http``) that logs under the
 connector's own logger. Rate limiters are keyed by a string the connector picks
 (its provider and account, e.g. ``"quickbooks:1185883450"``), so a polling source
-and a sink that talk to the same account share one budget.
+and a sink that talk to the same account share one budget: one or several sliding
+windows, a 429 pause, and how many automatic retries (each of which passes the limiter).
 
 Failures come back already sorted into the error hierarchy (:func:`error_for_status`):
 401/403 → ``AuthError``; 408/425/429/5xx and network errors → ``RetryableError``
@@ -18,15 +19,17 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
-from aiohttp_retry import ExponentialRetry, RetryClient
-from aiolimiter import AsyncLimiter
+from aiohttp_retry import ExponentialRetry
+from multidict import CIMultiDict
 
 from .backoff import parse_retry_after
 from .errors import AuthError, PermanentError, RetryableError
@@ -99,7 +102,7 @@ def error_for_status(
 
 @dataclass(frozen=True)
 class Response:
-    """A fully read response: status, headers, body, and the provider's request id if it sent one."""
+    """A fully read response: status, headers (case-insensitive), body, and the provider's request id if it sent one."""
 
     status: int
     headers: Mapping[str, str]
@@ -123,10 +126,82 @@ class Response:
         return self.body.decode("utf-8", errors="replace")
 
 
-@dataclass
-class _Limit:
-    limiter: AsyncLimiter
-    blocked_until: float = 0.0
+class RateLimiter:
+    """One account's budget: sliding windows counted as the server counts them, and 429 pauses.
+
+    Several limits may hold at once (QuickBooks: 10 per second *and* 500 per minute per realm).
+    A request is counted from when its answer came back (it certainly reached the server by
+    then), and while it is in flight it counts as happening now; so however the network delays
+    requests, the server never sees more than ``n`` arrivals inside any window.
+    """
+
+    def __init__(
+        self,
+        limits: Iterable[tuple[float, float]] = (),
+        *,
+        pause_429: float = 1.0,
+        retries: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.limits = [(int(n), float(w)) for n, w in limits if n > 0]
+        self.pause_429 = pause_429
+        self.retries = retries
+        self._clock = clock
+        self._sleep = sleep
+        self._done: deque[float] = deque()
+        self._in_flight = 0
+        self._changed = asyncio.Event()
+        self._paused_until = 0.0
+        self.waited = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller for ``seconds`` (the provider said 429: wait, do not hammer)."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def clear_pause(self) -> None:
+        self._paused_until = 0.0
+
+    def paused_for(self) -> float:
+        """Seconds left of the current pause (0 when none)."""
+        return max(0.0, self._paused_until - self._clock())
+
+    def _delay(self, now: float) -> float | None:
+        """Seconds to wait before one more request may start; None: wait for one in flight to finish."""
+        delay = self.paused_for()
+        longest = max((w for _, w in self.limits), default=0.0)
+        while self._done and self._done[0] <= now - longest:
+            self._done.popleft()
+        for n, window in self.limits:
+            if self._in_flight >= n:
+                return None
+            inside = [t for t in self._done if t > now - window]
+            if self._in_flight + len(inside) >= n:
+                # The oldest finished request that keeps us at the limit must leave the window first.
+                delay = max(delay, inside[-(n - self._in_flight)] + window - now)
+        return delay
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one request's place in every window from its start until its answer is in."""
+        while True:
+            delay = self._delay(self._clock())
+            if delay is not None and delay <= 0:
+                break
+            self._changed.clear()
+            if delay is None:
+                await self._changed.wait()
+            else:
+                # A pause can be extended by another 429 while we sleep: the loop looks again.
+                self.waited += delay
+                await self._sleep(delay)
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._done.append(self._clock())
+            self._changed.set()
 
 
 @dataclass
@@ -136,70 +211,98 @@ class HttpPool:
     timeout: float = 30.0
     retries: int = 2
     clock: Callable[[], float] = time.monotonic
-    _client: RetryClient | None = field(default=None, init=False)
-    _limits: dict[str, _Limit] = field(default_factory=dict, init=False)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False)
+    _limits: dict[str, RateLimiter] = field(default_factory=dict, init=False)
+    _declared: set[str] = field(default_factory=set, init=False)
 
-    async def start(self) -> None:
-        if self._client is not None:
-            return
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            connector=aiohttp.TCPConnector(limit=100, limit_per_host=20),
-            raise_for_status=False,
-        )
-        # aiohttp-retry repeats only what is safe and transient: a connection that failed or dropped
-        # before an answer, and 502/503/504 on idempotent methods. Everything else (429 included, whose
-        # Retry-After may be an hour) goes back to the caller, whose backoff and breaker see the whole picture.
-        options = ExponentialRetry(
-            attempts=max(1, self.retries + 1),
+    # aiohttp-retry's policy: repeat only what is safe and transient, a connection that failed or
+    # dropped before an answer, and 502/503/504 on idempotent methods. Everything else (429 included,
+    # whose Retry-After may be an hour) goes back to the caller, whose backoff and breaker see the whole
+    # picture. The loop is ours (Http.request) so that every attempt passes the account's limiter.
+    policy: ExponentialRetry = field(
+        init=False,
+        default_factory=lambda: ExponentialRetry(
             start_timeout=0.05,
             max_timeout=1.0,
             statuses={502, 503, 504},
             exceptions={aiohttp.ClientConnectionError},
             methods={"GET", "HEAD", "OPTIONS", "PUT", "DELETE"},
             retry_all_server_errors=False,
+        ),
+    )
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(limit=100, limit_per_host=20),
+            raise_for_status=False,
         )
-        self._client = RetryClient(client_session=session, retry_options=options, raise_for_status=False)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     @property
-    def client(self) -> RetryClient:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise RetryableError("the HTTP pool is not started (or already closed)")
-        return self._client
+        return self._session
 
-    def limit(self, key: str, rate: float, per: float = 1.0) -> None:
-        """Allow at most ``rate`` requests per ``per`` seconds under ``key``; the first caller's numbers win."""
-        if key not in self._limits:
-            self._limits[key] = _Limit(AsyncLimiter(rate, per))
+    def limit(
+        self,
+        key: str,
+        rate: float | None = None,
+        per: float = 1.0,
+        *,
+        limits: Iterable[tuple[float, float]] = (),
+        pause_429: float | None = None,
+        retries: int | None = None,
+    ) -> RateLimiter:
+        """Declare ``key``'s budget: ``rate`` per ``per`` s and/or several ``limits`` as ``(n, seconds)``.
+
+        ``pause_429`` is how long a 429 without ``Retry-After`` holds the key (1 s unless given);
+        ``retries`` overrides the pool's automatic retries for requests under the key (0: none).
+        The first declaration of a key wins: one budget per account, whoever declares it.
+        """
+        lim = self.limiter(key)
+        if key not in self._declared:
+            # In place: requests already in flight under the key (or a 429 seen before) still count.
+            self._declared.add(key)
+            lim.limits = [(int(n), float(w)) for n, w in [*([(rate, per)] if rate else []), *limits] if n > 0]
+            lim.pause_429 = pause_429 if pause_429 is not None else lim.pause_429
+            lim.retries = retries
+        return lim
+
+    def limiter(self, key: str) -> RateLimiter:
+        """The budget under ``key`` (an unlimited one until someone declares it)."""
+        lim = self._limits.get(key)
+        if lim is None:
+            lim = self._limits[key] = RateLimiter(clock=self.clock)
+        return lim
 
     def pause(self, key: str, seconds: float) -> None:
         """Hold every request under ``key`` for ``seconds`` (the provider said 429 with Retry-After)."""
-        lim = self._limits.setdefault(key, _Limit(AsyncLimiter(1_000_000, 1)))
-        lim.blocked_until = max(lim.blocked_until, self.clock() + seconds)
+        self.limiter(key).pause(seconds)
 
     def clear_pauses(self) -> None:
         """Forget every Retry-After pause (a test moving on, or an operator who knows the provider recovered)."""
         for lim in self._limits.values():
-            lim.blocked_until = 0.0
+            lim.clear_pause()
 
     def paused_for(self, key: str) -> float:
         lim = self._limits.get(key)
-        return max(0.0, lim.blocked_until - self.clock()) if lim else 0.0
+        return lim.paused_for() if lim else 0.0
 
-    async def acquire(self, key: str | None) -> None:
-        """Wait for a slot under ``key``: first any pause, then the leaky bucket."""
-        if key is None or key not in self._limits:
-            return
-        lim = self._limits[key]
-        # A pause can be extended by another 429 while we sleep, so look again after waking.
-        while (wait := lim.blocked_until - self.clock()) > 0:  # noqa: ASYNC110 - a deadline, not a flag
-            await asyncio.sleep(wait)
-        await lim.limiter.acquire()
+    @asynccontextmanager
+    async def slot(self, keys: Sequence[str]) -> AsyncIterator[None]:
+        """Hold a place under every key (in order) for one attempt, from sending until the answer is in."""
+        async with AsyncExitStack() as stack:
+            for key in keys:
+                await stack.enter_async_context(self.limiter(key).slot())
+            yield
 
     def for_connector(self, logger: logging.Logger) -> Http:
         return Http(self, logger)
@@ -218,9 +321,18 @@ class Http:
         if value:
             self._secrets.add(value)
 
-    def limit(self, key: str, rate: float, per: float = 1.0) -> None:
-        """Declare the provider's rate limit for one account; shared with every connector using ``key``."""
-        self.pool.limit(key, rate, per)
+    def limit(
+        self,
+        key: str,
+        rate: float | None = None,
+        per: float = 1.0,
+        *,
+        limits: Iterable[tuple[float, float]] = (),
+        pause_429: float | None = None,
+        retries: int | None = None,
+    ) -> RateLimiter:
+        """Declare the provider's rate limits for one account; shared with every connector using ``key``."""
+        return self.pool.limit(key, rate, per, limits=limits, pause_429=pause_429, retries=retries)
 
     async def request(
         self,
@@ -232,19 +344,27 @@ class Http:
         data: bytes | str | Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the HTTP request's own timeout, handed to aiohttp
-        rate_key: str | None = None,
+        rate_key: str | Sequence[str] | None = None,
         check: bool = True,
+        classify: Callable[[Response], Exception | None] | None = None,
+        retries: int | None = None,
         request_id_headers: Iterable[str] = REQUEST_ID_HEADERS,
     ) -> Response:
-        """Send one request and read the whole answer.
+        """Send one request (every attempt through ``rate_key``'s limiter) and read the whole answer.
 
-        With ``check`` (the default) a non-2xx answer raises the matching integrand error;
-        with ``check=False`` the caller classifies it (e.g. a 200 that carries a Fault).
-        A 429 with ``Retry-After`` also pauses ``rate_key`` for that long.
+        ``classify`` sees every answer first and may return the error it means (a Fault inside a 200);
+        then, with ``check`` (the default), a non-2xx answer raises the matching integrand error, and with
+        ``check=False`` the caller gets the response to sort out. A 429 pauses the first ``rate_key`` for
+        its ``Retry-After`` or the key's ``pause_429``. ``retries`` overrides the automatic retries.
         """
-        if self.pool._client is None:
+        if self.pool._session is None:
             await self.pool.start()  # a standalone context's private pool starts on first use
-        await self.pool.acquire(rate_key)
+        keys = [rate_key] if isinstance(rate_key, str) else list(rate_key or ())
+        if retries is None:
+            declared = [self.pool.limiter(k).retries for k in keys]
+            retries = next((r for r in declared if r is not None), self.pool.retries)
+        policy = self.pool.policy
+        attempts = 1 + max(0, retries) if method.upper() in policy.methods else 1
         hdrs = dict(headers or {})
         body: Any = data
         if json is not None:
@@ -254,29 +374,66 @@ class Http:
         if params:
             full_url = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
         shown = redact_text(redact_url(full_url), self._secrets)
-        self.log.debug("→ %s %s headers=%s", method, shown, redact_headers(hdrs))
-        started = time.perf_counter()
         kwargs: dict[str, Any] = {"data": body, "headers": hdrs}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        try:
-            async with self.pool.client.request(method, full_url, **kwargs) as resp:
-                raw = await resp.read()
-                status = resp.status
-                resp_headers = {k: v for k, v in resp.headers.items()}
-        except TimeoutError:
-            limit = timeout if timeout is not None else self.pool.timeout
-            self.log.info("✗ %s %s: no answer within %g s", method, shown, limit)
-            raise RetryableError(f"{shown} did not answer within {limit:g} s") from None
-        except aiohttp.ClientError as e:
-            self.log.info("✗ %s %s: %s", method, shown, type(e).__name__)
-            raise RetryableError(
-                f"cannot reach {shown}: {type(e).__name__}: {redact_text(str(e), self._secrets)}"
-            ) from None
-        lower = {k.lower(): v for k, v in resp_headers.items()}
+        for attempt in range(1, attempts + 1):
+            self.log.debug("→ %s %s headers=%s", method, shown, redact_headers(hdrs))
+            started = time.perf_counter()
+            try:
+                async with self.pool.slot(keys), self.pool.session.request(method, full_url, **kwargs) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                    resp_headers = CIMultiDict(resp.headers)  # case-insensitive, as HTTP/2 lowercases names
+            except TimeoutError:
+                limit = timeout if timeout is not None else self.pool.timeout
+                self.log.info("✗ %s %s: no answer within %g s", method, shown, limit)
+                raise RetryableError(f"{shown} did not answer within {limit:g} s") from None
+            except aiohttp.ClientError as e:
+                self.log.info("✗ %s %s: %s", method, shown, type(e).__name__)
+                if attempt < attempts and isinstance(e, tuple(policy.exceptions)):
+                    await asyncio.sleep(policy.get_timeout(attempt))
+                    continue
+                raise RetryableError(
+                    f"cannot reach {shown}: {type(e).__name__}: {redact_text(str(e), self._secrets)}"
+                ) from None
+            res = self._response(status, resp_headers, raw, shown, request_id_headers, keys, method, started)
+            if attempt < attempts and status in policy.statuses:
+                await asyncio.sleep(policy.get_timeout(attempt))
+                continue
+            break
+        err = classify(res) if classify is not None else None
+        if err is None and check and not res.ok:
+            snippet = redact_text(raw[:LOG_BODY_CHARS].decode("utf-8", errors="replace"), self._secrets)
+            err = error_for_status(
+                status,
+                f"HTTP {status} from {shown}: {snippet.strip() or '(empty body)'}"[:1000],
+                retry_after=res.retry_after,
+                request_id=res.request_id,
+            )
+        if err is not None:
+            raise err
+        return res
+
+    def _response(
+        self,
+        status: int,
+        headers: CIMultiDict[str],
+        raw: bytes,
+        shown: str,
+        request_id_headers: Iterable[str],
+        keys: Sequence[str],
+        method: str,
+        started: float,
+    ) -> Response:
+        """The answer as a Response, logged (redacted); a 429 pauses the first key."""
+        lower = {k.lower(): v for k, v in headers.items()}
         request_id = next((lower[h.lower()] for h in request_id_headers if h.lower() in lower), None)
         retry_after = parse_retry_after(lower.get("retry-after"), time.time())
-        res = Response(status, resp_headers, raw, shown, request_id, retry_after)
+        if status == 429 and keys:
+            if retry_after is None:
+                retry_after = self.pool.limiter(keys[0]).pause_429
+            self.pool.pause(keys[0], retry_after)
         elapsed = (time.perf_counter() - started) * 1000
         snippet = redact_text(raw[:LOG_BODY_CHARS].decode("utf-8", errors="replace"), self._secrets)
         self.log.debug(
@@ -288,16 +445,7 @@ class Http:
             f" (request id {request_id})" if request_id else "",
             snippet,
         )
-        if status == 429 and rate_key is not None:
-            self.pool.pause(rate_key, retry_after if retry_after is not None else 1.0)
-        if check and not res.ok:
-            raise error_for_status(
-                status,
-                f"HTTP {status} from {shown}: {snippet.strip() or '(empty body)'}"[:1000],
-                retry_after=retry_after,
-                request_id=request_id,
-            )
-        return res
+        return Response(status, headers, raw, shown, request_id, retry_after)
 
     async def get(self, url: str, **kw: Any) -> Response:
         """``request("GET", url, …)``."""

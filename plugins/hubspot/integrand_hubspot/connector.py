@@ -7,13 +7,13 @@ pages are cited where a behaviour depends on them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import aiohttp
 import orjson
 from pydantic import Field, model_validator
 
@@ -28,6 +28,7 @@ from integrand.connector import (
     PermanentError,
     PollingSource,
     PollResult,
+    RateLimiter,
     ReconcilePage,
     ReconcilingSource,
     RetryableError,
@@ -41,7 +42,6 @@ from integrand.connector import (
 )
 
 from . import signing
-from ._http import RateLimiter, retry_after_seconds
 from .objects import iso_ms, modified_property, to_ms
 
 API_BASE = "https://api.hubapi.com"
@@ -107,31 +107,38 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
     Config = HubSpotConfig
     batch_size = 100
 
-    _session: aiohttp.ClientSession | None = None
-    limiter: RateLimiter
-    search_limiter: RateLimiter
     _access: str | None = None
     _access_expires = 0.0
 
     async def start(self) -> None:
         c = self.config
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=c.timeout))
-        account = f"hubspot:{c.api_base}"
-        self.limiter = RateLimiter([(c.requests_per_10s, 10.0)], board=self.ctx.http.pool, key=account)
-        self.search_limiter = RateLimiter(
-            [(c.searches_per_second, 1.0)], board=self.ctx.http.pool, key=account + ":search"
+        # One budget per HubSpot account and app in integrand's HTTP helper, shared by every source and
+        # sink using the same credentials (HubSpot counts per app per account: third-party-apis.md). The
+        # key names a digest of the credentials, never the credentials. No automatic retries: the
+        # dispatcher and the poller retry with their own backoff.
+        who = (
+            c.access_token.reveal()
+            if c.access_token
+            else f"{c.client_id}:{c.refresh_token.reveal() if c.refresh_token else ''}"
         )
+        digest = hashlib.sha256(f"{c.api_base.rstrip('/')}\n{who}".encode()).hexdigest()[:16]
+        self.rate_key = f"hubspot:{digest}"
+        self.search_key = self.rate_key + ":search"
+        self.ctx.http.limit(self.rate_key, limits=[(c.requests_per_10s, 10.0)], pause_429=10.0, retries=0)
+        # Search has its own, stricter limit on top of the account's (and no rate-limit headers).
+        self.ctx.http.limit(self.search_key, limits=[(c.searches_per_second, 1.0)], pause_429=1.0, retries=0)
+        if c.access_token is not None:
+            self.ctx.http.add_secret(c.access_token.reveal())
         self._refresh_lock = asyncio.Lock()
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    @property
+    def limiter(self) -> RateLimiter:
+        """This account's budget in the shared helper (the same object for every connector of the account)."""
+        return self.ctx.http.pool.limiter(self.rate_key)
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RetryableError("hubspot connector is not started")
-        return self._session
+    @property
+    def search_limiter(self) -> RateLimiter:
+        return self.ctx.http.pool.limiter(self.search_key)
 
     # --- auth -----------------------------------------------------------------------------------
 
@@ -153,64 +160,59 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
                 "client_secret": c.client_secret.reveal(),
                 "refresh_token": c.refresh_token.reveal(),
             }
+            res = await self.ctx.http.post(c.token_url, data=form, timeout=c.timeout, check=False)
             try:
-                async with self._http().post(c.token_url, data=form) as resp:
-                    status, body = resp.status, await resp.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                raise RetryableError(f"HubSpot token endpoint unreachable: {e}") from None
+                body = orjson.loads(res.body)
+            except orjson.JSONDecodeError:
+                body = None
+            status = res.status
             if status >= 500 or status == 429:
-                raise RetryableError(f"HubSpot token endpoint answered {status}")
-            if status != 200 or "access_token" not in body:
+                raise RetryableError(f"HubSpot token endpoint answered {status}", request_id=res.request_id)
+            if status != 200 or not isinstance(body, dict) or "access_token" not in body:
                 raise AuthError(
-                    f"HubSpot refused the refresh token ({status} {body.get('message') if isinstance(body, dict) else ''})"
+                    f"HubSpot refused the refresh token ({status} {body.get('message') if isinstance(body, dict) else ''})",
+                    request_id=res.request_id,
                 )
             # HubSpot access tokens live 30 minutes; refresh tokens do not rotate, so nothing is stored.
             self._access = str(body["access_token"])
+            self.ctx.http.add_secret(self._access)
             self._access_expires = time.time() + float(body.get("expires_in", 1800))
             return self._access
 
     # --- the API --------------------------------------------------------------------------------
 
     async def api(self, method: str, path: str, body: Any = None, *, search: bool = False) -> dict[str, Any]:
-        """One call: rate-limited (search has its own limit), 401 refreshes once, 429 honours policyName."""
+        """One call: rate-limited (search has its own limit too), 401 refreshes once, 429 honours policyName."""
         c = self.config
         url = c.api_base.rstrip("/") + path
+        # A 429 pauses the first key for Retry-After (or its default); the policy name below may pause more.
+        keys = [self.search_key, self.rate_key] if search else [self.rate_key]
         for attempt in range(2):
             token = await self._token()
-            limiter = self.search_limiter if search else self.limiter
-            try:
-                async with (
-                    self.limiter.slot(),
-                    limiter.slot() if search else _nothing(),
-                    self._http().request(
-                        method,
-                        url,
-                        data=orjson.dumps(body) if body is not None else None,
-                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-                    ) as resp,
-                ):
-                    status = resp.status
-                    headers = resp.headers
-                    raw = await resp.read()
-            except TimeoutError:
-                raise RetryableError(f"HubSpot did not answer {method} {path} within {c.timeout:g} s") from None
-            except aiohttp.ClientError as e:
-                raise RetryableError(f"cannot reach HubSpot: {type(e).__name__}: {e}") from None
+            res = await self.ctx.http.request(
+                method,
+                url,
+                data=orjson.dumps(body) if body is not None else None,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                timeout=c.timeout,
+                rate_key=keys,
+                check=False,  # HubSpot's message, correlationId and policyName come in the body
+            )
+            status, headers, raw = res.status, res.headers, res.body
             try:
                 data = orjson.loads(raw) if raw else {}
             except orjson.JSONDecodeError:
                 data = {"message": raw[:300].decode(errors="replace")}
             self._note_headers(headers)
-            cid = headers.get("X-HubSpot-Correlation-Id") or (
-                data.get("correlationId") if isinstance(data, dict) else None
-            )
+            cid = res.request_id or (data.get("correlationId") if isinstance(data, dict) else None)
             msg = data.get("message") if isinstance(data, dict) else None
             if status == 401 and attempt == 0 and c.refresh_token is not None:
                 await self._token(force=True, stale=token)
                 continue
             if status == 429:
                 policy = data.get("policyName") if isinstance(data, dict) else None
-                wait = retry_after_seconds(headers.get("Retry-After")) or retry_after_for(policy, headers, time.time())
+                given = res.retry_after if "Retry-After" in headers else None
+                wait = given or retry_after_for(policy, headers, time.time())
                 (self.search_limiter if search and policy != "DAILY" else self.limiter).pause(wait)
                 raise RetryableError(f"HubSpot 429 {policy}: {msg}", retry_after=wait, request_id=cid)
             if status in (401, 403):
@@ -520,14 +522,6 @@ def _eq(a: str, b: str) -> bool:
     import hmac
 
     return hmac.compare_digest(a.strip().encode(), b.encode())
-
-
-class _nothing:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 __all__ = ["HubSpotConfig", "HubSpotConnector", "retry_after_for"]

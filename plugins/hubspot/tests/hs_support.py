@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from typing import Any
 from integrand_hubspot import HubSpotConfig, HubSpotConnector
 from integrand_hubspot.fake import FakeHubSpot
 
-from integrand.connector import ConnectorContext
+from integrand.connector import ConnectorContext, HttpPool
 
 
 class _Memory:
@@ -40,15 +41,18 @@ async def hubspot(
         "webhook_url": "https://integrand.example.com/hooks/hubspot",
     }
     config.update(overrides)
+    pool = HttpPool(timeout=10.0)  # what the daemon shares between connectors
+    http = pool.for_connector(logging.getLogger("integrand.source.hubspot.http"))
     conn = HubSpotConnector(
         HubSpotConfig.model_validate(config),
-        ConnectorContext(name="hubspot", role="source", base_dir=tmp_path, state=_Memory()),
+        ConnectorContext(name="hubspot", role="source", base_dir=tmp_path, state=_Memory(), http=http),
     )
     await conn.start()
     try:
         yield fake, conn
     finally:
         await conn.close()
+        await pool.close()
         await fake.stop()
 
 

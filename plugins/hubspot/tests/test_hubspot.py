@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,13 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
-from hs_support import hubspot
-from integrand_hubspot import HubSpotConfig, signing
+from hs_support import hubspot, wait_for
+from integrand_hubspot import HubSpotConfig, HubSpotConnector, signing
 from integrand_hubspot.connector import retry_after_for
 from pydantic import ValidationError
 
 from integrand.connector import (
     AuthError,
+    ConnectorContext,
     Event,
     PayloadError,
     PermanentError,
@@ -309,3 +312,45 @@ async def test_fetch_completes_webhook_events_and_reconcile_pages(tmp_path: Path
             "f@x.com",
             *(f"r{i}@x.com" for i in range(4)),
         ]
+
+
+async def test_a_poller_and_a_sink_of_one_account_share_its_budget(tmp_path: Path) -> None:
+    # HubSpot allows this app 10 requests per 10 s on the account; the poller and the sink each keep to
+    # it alone, and only the budget they share in integrand's HTTP helper keeps them to it together.
+    async with hubspot(tmp_path, {"per_ten_seconds": 10}, page_size=1, requests_per_10s=10) as (fake, poller):
+        for i in range(3):
+            fake.put("contacts", {"email": f"p{i}@x.com"})
+        sink = HubSpotConnector(
+            poller.config,
+            ConnectorContext(
+                name="hubspot-out",
+                role="sink",
+                base_dir=tmp_path,
+                state=poller.ctx.state,
+                http=poller.ctx.http.pool.for_connector(logging.getLogger("integrand.sink.hubspot-out.http")),
+            ),
+        )
+        await sink.start()
+        assert sink.limiter is poller.limiter
+
+        async def poll_six() -> None:
+            cursor: Any = {"since": 0}
+            for _ in range(6):
+                cursor = (await poller.poll(cursor)).cursor
+
+        tasks = [asyncio.create_task(poll_six())] + [
+            asyncio.create_task(sink.deliver(_ev({"email": f"s{i}@x.com"}, f"s{i}"))) for i in range(6)
+        ]
+        try:
+            # Twelve requests wanted, ten allowed: the last two wait for the window to roll.
+            await wait_for(lambda: len(fake.requests) == 10 and poller.limiter.waited > 5)
+            assert not all(t.done() for t in tasks)
+            assert len(fake.requests) == 10
+            assert fake.throttled == []
+            assert {p for _, _, p in fake.requests} >= {"/crm/v3/objects/contacts/search"}
+            assert any(p.endswith("/batch/upsert") for _, _, p in fake.requests)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await sink.close()

@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-import aiohttp
 import orjson
 from pydantic import BeforeValidator, Field, field_validator
 
@@ -33,6 +32,7 @@ from integrand.connector import (
     PermanentError,
     PollingSource,
     PollResult,
+    RateLimiter,
     ReconcilePage,
     ReconcilingSource,
     RetryableError,
@@ -45,7 +45,7 @@ from integrand.connector import (
     content_id,
 )
 
-from ._http import RateLimiter, limiter_for, parse_time, retry_after_seconds, utc_version
+from ._time import parse_time, utc_version
 from .tokens import TokenManager, make_cipher, shared_manager
 
 PRODUCTION_API = "https://quickbooks.api.intuit.com"
@@ -148,16 +148,13 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
     Config = QuickBooksConfig
     batch_size = 1
 
-    _session: aiohttp.ClientSession | None = None
     _flusher: asyncio.Task[None] | None = None
     tokens: TokenManager
-    limiter: RateLimiter
 
     async def start(self) -> None:
         c = self.config
         self._wanted: dict[str, dict[str, list[asyncio.Future[dict[str, Any] | None]]]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=c.timeout))
         self.tokens = shared_manager(
             (c.token_url, c.client_id.reveal(), c.realm_id, *c.keys),
             self.ctx.state,
@@ -170,10 +167,16 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 bootstrap_refresh_token=c.refresh_token.reveal() if c.refresh_token else None,
             ),
         )
-        self.limiter = limiter_for(
-            (c.base, c.realm_id),
-            [(c.requests_per_second, 1.0), (c.requests_per_minute, 60.0)],
-            board=self.ctx.http.pool,
+        # One budget per company in integrand's HTTP helper, shared by every source and sink of the
+        # realm. Intuit: 500 requests per minute and 10 per second per realm; "if you see [429], wait
+        # 60 seconds before retrying" (limits-and-throttles page, third-party-apis.md). No automatic
+        # retries: the dispatcher and the poller retry with their own backoff and see every failure.
+        self.rate_key = f"quickbooks:{c.realm_id}"
+        self.ctx.http.limit(
+            self.rate_key,
+            limits=[(c.requests_per_second, 1.0), (c.requests_per_minute, 60.0)],
+            pause_429=c.throttle_wait,
+            retries=0,
         )
 
     async def close(self) -> None:
@@ -181,14 +184,11 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             task.cancel()
         for by_id in self._wanted.values():
             _settle(by_id, error=RetryableError("quickbooks connector closed before the fetch started"))
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RetryableError("quickbooks connector is not started")
-        return self._session
+    @property
+    def limiter(self) -> RateLimiter:
+        """This realm's budget in the shared helper (the same object for every connector of the realm)."""
+        return self.ctx.http.pool.limiter(self.rate_key)
 
     # --- the API --------------------------------------------------------------------------------
 
@@ -197,47 +197,35 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
     ) -> dict[str, Any]:
         """One API call: rate-limited per realm, token refreshed on 401 once, Fault bodies raised (even in 200)."""
         c = self.config
+        http = self.ctx.http
         url = f"{c.base}/v3/company/{c.realm_id}/{path}"
         query = {**(params or {}), "minorversion": str(c.minorversion)}
         for attempt in range(2):
-            token = await self.tokens.access_token(self._http())
-            try:
-                async with (
-                    self.limiter.slot(),
-                    self._http().request(
-                        method,
-                        url,
-                        params=query,
-                        data=orjson.dumps(body) if body is not None else None,
-                        headers={
-                            "Authorization": f"Bearer {token}",
-                            "Accept": "application/json",
-                            "Content-Type": "application/json",
-                        },
-                    ) as resp,
-                ):
-                    status = resp.status
-                    tid = resp.headers.get("intuit_tid")
-                    raw = await resp.read()
-            except TimeoutError:
-                raise RetryableError(f"QuickBooks did not answer {method} {path} within {c.timeout:g} s") from None
-            except aiohttp.ClientError as e:
-                raise RetryableError(f"cannot reach QuickBooks: {type(e).__name__}: {e}") from None
-            # Intuit asks for intuit_tid in every support case: keep it with each call.
-            self.log.debug("QuickBooks %s %s -> %d (intuit_tid %s)", method, path, status, tid)
+            token = await self.tokens.access_token(http)
+            res = await http.request(
+                method,
+                url,
+                params=query,
+                data=orjson.dumps(body) if body is not None else None,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Accept": "application/json",
+                    "Content-Type": "application/json",
+                },
+                timeout=c.timeout,
+                rate_key=self.rate_key,
+                check=False,  # Faults come inside any status, even 200: sorted here
+            )
+            status, tid, raw = res.status, res.request_id, res.body
             try:
                 data = orjson.loads(raw) if raw else {}
             except orjson.JSONDecodeError:
                 data = {}
-            wait = c.throttle_wait
-            if status == 429:
-                # Intuit: "If you see [429], wait 60 seconds before retrying" (limits-and-throttles page);
-                # a Retry-After, when Intuit sends one, is more precise.
-                wait = retry_after_seconds(resp.headers.get("Retry-After")) or c.throttle_wait
-                self.limiter.pause(wait)
+            # On a 429 the helper has paused the realm for Retry-After, or for throttle_wait without one.
+            wait = res.retry_after if status == 429 and res.retry_after is not None else c.throttle_wait
             if status == 401 and attempt == 0:
                 self.log.info("QuickBooks answered 401 (intuit_tid %s); refreshing the access token", tid)
-                await self.tokens.refresh(self._http(), stale=token)
+                await self.tokens.refresh(http, stale=token)
                 continue
             if isinstance(data, dict) and "Fault" in data:
                 raise QuickBooksFault(status, data, tid, wait)
@@ -648,7 +636,7 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             raise AuthError("the pasted URL carries no code")
         if realm and realm != c.realm_id:
             raise AuthError(f"you connected company {realm}, but this connector is configured for realm {c.realm_id}")
-        tokens = await self.tokens.exchange_code(self._http(), code, c.redirect_uri, realm)
+        tokens = await self.tokens.exchange_code(self.ctx.http, code, c.redirect_uri, realm)
         days = (tokens.refresh_expires_at - time.time()) / 86400
         return (
             f"tokens for realm {c.realm_id} stored (encrypted); refresh token valid for {days:.0f} days, renewed on use"

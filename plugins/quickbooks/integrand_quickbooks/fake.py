@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ._http import parse_time, qbo_time
+from ._time import parse_time, qbo_time
 
 ENTITIES = ("Customer", "Invoice", "Item", "Payment", "Vendor", "Estimate")
 VERBS = {

@@ -22,11 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from integrand.connector import AuthError, RetryableError, StateStore
+from integrand.connector import AuthError, Http, RetryableError, StateStore
 
 STATE_KEY = "oauth_tokens"
 EARLY = 300.0  # refresh this long before the access token's expiry
@@ -110,14 +109,14 @@ class TokenManager:
             await state.set(STATE_KEY, {"v": 1, "enc": enc, "saved_at": self._clock()})
         self._tokens = tokens
 
-    async def access_token(self, session: aiohttp.ClientSession) -> str:
+    async def access_token(self, http: Http) -> str:
         tokens = self._tokens or await self.load()
         self._tokens = tokens
         if tokens is not None and tokens.expires_at - EARLY > self._clock():
             return tokens.access_token
-        return await self.refresh(session, stale=tokens.access_token if tokens else None)
+        return await self.refresh(http, stale=tokens.access_token if tokens else None)
 
-    async def refresh(self, session: aiohttp.ClientSession, stale: str | None = None) -> str:
+    async def refresh(self, http: Http, stale: str | None = None) -> str:
         """Refresh unless another caller already did since ``stale`` was handed out."""
         async with self._lock:
             # Re-read: `integrand auth` or another connector of this realm may have stored a newer pair.
@@ -129,37 +128,44 @@ class TokenManager:
             if not refresh_token:
                 raise AuthError("no QuickBooks tokens yet: run `integrand auth SOURCE_OR_SINK` once")
             realm = tokens.realm_id if tokens else None
-            new = await self._grant(session, {"grant_type": "refresh_token", "refresh_token": refresh_token}, realm)
+            new = await self._grant(http, {"grant_type": "refresh_token", "refresh_token": refresh_token}, realm)
             return new.access_token
 
-    async def exchange_code(
-        self, session: aiohttp.ClientSession, code: str, redirect_uri: str, realm_id: str | None
-    ) -> Tokens:
+    async def exchange_code(self, http: Http, code: str, redirect_uri: str, realm_id: str | None) -> Tokens:
         """The authorization-code grant (``integrand auth``): the first token pair, stored encrypted."""
         async with self._lock:
             return await self._grant(
-                session, {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}, realm_id
+                http, {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}, realm_id
             )
 
-    async def _grant(self, session: aiohttp.ClientSession, form: dict[str, str], realm_id: str | None) -> Tokens:
+    async def _grant(self, http: Http, form: dict[str, str], realm_id: str | None) -> Tokens:
+        """One token request through integrand's HTTP helper (its logs hide the form and the answer's tokens)."""
         now = self._clock()
-        try:
-            async with session.post(
-                self._token_url,
-                data=form,
-                headers={"Authorization": self._basic, "Accept": "application/json"},
-            ) as resp:
-                status = resp.status
-                body: Any = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise RetryableError(f"QuickBooks token endpoint unreachable: {type(e).__name__}: {e}") from None
+        res = await http.post(
+            self._token_url,
+            data=form,
+            headers={"Authorization": self._basic, "Accept": "application/json"},
+            check=False,
+        )
+        status = res.status
         if status >= 500 or status == 429:
             raise RetryableError(
-                f"QuickBooks token endpoint answered {status}", retry_after=60 if status == 429 else None
+                f"QuickBooks token endpoint answered {status}",
+                retry_after=60 if status == 429 else None,
+                request_id=res.request_id,
             )
+        try:
+            body: Any = orjson.loads(res.body)
+        except orjson.JSONDecodeError:
+            body = None
         if status != 200 or not isinstance(body, dict) or "access_token" not in body:
             err = body.get("error") if isinstance(body, dict) else None
-            raise AuthError(f"QuickBooks refused the token request ({status} {err}); run `integrand auth` again")
+            raise AuthError(
+                f"QuickBooks refused the token request ({status} {err}); run `integrand auth` again",
+                request_id=res.request_id,
+            )
+        http.add_secret(str(body["access_token"]))
+        http.add_secret(str(body.get("refresh_token", "")))
         tokens = Tokens(
             access_token=body["access_token"],
             refresh_token=body["refresh_token"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from integrand_quickbooks import QuickBooksConfig, QuickBooksConnector
 from integrand_quickbooks.fake import FakeQuickBooks
 
 from integrand.app import ScopedState
-from integrand.connector import ConnectorContext
+from integrand.connector import ConnectorContext, Http, HttpPool
 from integrand.store import Store
 
 # A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
@@ -27,6 +28,11 @@ class Env:
     fake: FakeQuickBooks
     store: Store
     tmp_path: Path
+    # One pool for every connector of the test, as the daemon shares one: same realm, same budget.
+    pool: HttpPool
+
+    def http(self, name: str) -> Http:
+        return self.pool.for_connector(logging.getLogger(f"integrand.source.{name}.http"))
 
     def config(self, **overrides: Any) -> QuickBooksConfig:
         base: dict[str, Any] = {
@@ -44,7 +50,9 @@ class Env:
         return QuickBooksConfig.model_validate(base)
 
     async def connector(self, name: str = "qbo", **overrides: Any) -> QuickBooksConnector:
-        ctx = ConnectorContext(name=name, role="source", base_dir=self.tmp_path, state=ScopedState(self.store, name))
+        ctx = ConnectorContext(
+            name=name, role="source", base_dir=self.tmp_path, state=ScopedState(self.store, name), http=self.http(name)
+        )
         conn = QuickBooksConnector(self.config(**overrides), ctx)
         await conn.start()
         return conn
@@ -56,9 +64,12 @@ async def qbo_env(tmp_path: Path, **fake_kw: Any) -> AsyncIterator[Env]:
     await fake.start()
     store = Store(tmp_path / "integrand.db")
     await store.open()
+    pool = HttpPool(timeout=10.0)
+    await pool.start()
     try:
-        yield Env(fake, store, tmp_path)
+        yield Env(fake, store, tmp_path, pool)
     finally:
+        await pool.close()
         await store.close()
         await fake.stop()
 

@@ -86,7 +86,7 @@ async def test_integrand_auth_runs_the_code_flow_and_stores_tokens(tmp_path: Pat
         store = Store(tmp_path / "var" / "integrand.db")
         await store.open()
         try:
-            ctx = ConnectorContext("qbo", "source", tmp_path, ScopedState(store, "source:qbo"))
+            ctx = ConnectorContext("qbo", "source", tmp_path, ScopedState(store, "source:qbo"), http=env.http("qbo"))
             conf = QuickBooksConfig.model_validate(
                 {
                     "realm_id": env.fake.realm_id,

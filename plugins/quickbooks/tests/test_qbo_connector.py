@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +14,7 @@ import orjson
 import pytest
 from integrand_quickbooks import QuickBooksConfig
 from integrand_quickbooks import tokens as tokens_mod
-from integrand_quickbooks._http import RateLimiter, utc_version
+from integrand_quickbooks._time import utc_version
 from integrand_quickbooks.fake import fault
 from pydantic import ValidationError
 from qbo_support import OTHER_KEY, TOKEN_KEY, connected, qbo_env, wait_for
@@ -22,6 +24,7 @@ from integrand.connector import (
     Event,
     PayloadError,
     PermanentError,
+    RateLimiter,
     RetryableError,
     SignatureError,
     WebhookRequest,
@@ -535,3 +538,19 @@ async def test_sink_writes_items_and_payments_too(tmp_path: Path) -> None:
         assert item["Name"] == "Widget"
         assert item["SyncToken"] == "1"
         assert env.fake.all("Payment")[0]["TotalAmt"] == 12.5
+
+
+async def test_requests_are_logged_by_the_helper_without_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="integrand")
+    async with qbo_env(tmp_path) as env, connected(env) as qbo:
+        env.fake.create("Customer", {"DisplayName": "Logged"})
+        assert len(await qbo.query("select * from Customer")) == 1
+        basic = base64.b64encode(f"{env.fake.client_id}:{env.fake.client_secret}".encode()).decode()
+        secrets = [*env.fake.access_tokens, *env.fake.refresh_tokens, env.fake.client_secret, basic]
+    assert "→ GET" in caplog.text and "/query?" in caplog.text  # the shared helper sent it
+    assert "(request id " in caplog.text  # intuit_tid, as Intuit support asks for
+    assert secrets
+    for s in secrets:
+        assert s not in caplog.text

@@ -185,3 +185,72 @@ to = ["qbo"]
         db = b"".join(p.read_bytes() for p in (tmp_path / "var").glob("integrand.db*"))
         assert first.encode() not in db
         assert not any(t.encode() in db for t in env.fake.refresh_tokens)  # encrypted at rest
+
+
+async def test_a_poller_and_a_sink_of_one_realm_share_its_budget_in_the_daemon(tmp_path: Path) -> None:
+    # The fake enforces 5 a second and 25 a minute for the realm; so do both connectors. Each alone
+    # keeps to it; only one budget shared through integrand's HTTP helper keeps them to it together.
+    async with qbo_env(tmp_path, per_second=5, per_minute=25) as env:
+        limits = f'requests_per_second = 5{chr(10)}requests_per_minute = 25{chr(10)}refresh_token = "{env.fake.issue_refresh_token()}"'
+        cfg = daemon_config(
+            tmp_path,
+            f"""
+[sources.in]
+connector = "webhook"
+signature = "standard-webhooks"
+secret = "{WHSEC}"
+entity_field = "entity"
+entity_id_field = "DisplayName"
+
+[sources.books]
+{qbo_table(env.fake, limits + chr(10) + 'entities = ["Customer"]' + chr(10) + 'initial_lookback = "1m"')}
+
+[sources.books.poll]
+min_interval = "50ms"
+max_interval = "100ms"
+target_latency = "100ms"
+
+[sinks.books_out]
+batch_size = 1
+{qbo_table(env.fake, limits + chr(10) + 'entity = "Customer"')}
+
+[sinks.seen]
+connector = "jsonl"
+path = "var/seen.jsonl"
+
+[[routes]]
+from = "in"
+to = ["books_out"]
+
+[[routes]]
+from = "books"
+to = ["seen"]
+""",
+        )
+        seen = tmp_path / "var" / "seen.jsonl"
+
+        def polled() -> set[str]:
+            return {str((e["data"].get("object") or {}).get("DisplayName")) for e in _lines(seen)}
+
+        started = time.monotonic()
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/in"
+            statuses = await asyncio.gather(
+                *(_post_signed(s, url, {"DisplayName": f"S{i}", "entity": "Customer"}, f"s{i}") for i in range(10))
+            )
+            assert set(statuses) == {200}
+            want = {f"S{i}" for i in range(10)}
+            await wait_for(lambda: want <= polled(), timeout=30)  # the poller saw every write of the sink
+            # Then the poller spends the rest of the minute's budget and waits in the shared limiter.
+            budget = d.http.limiter(f"quickbooks:{env.fake.realm_id}")
+            await wait_for(lambda: len(env.fake.requests) >= 25 and budget.waited > 30, timeout=30)
+        assert time.monotonic() - started < 60
+        assert env.fake.throttled == 0
+        api = [(t, m, p) for t, m, p in env.fake.requests]
+        writes = [r for r in api if r[1] == "POST" and r[2].endswith("/customer")]
+        polls = [r for r in api if r[2].endswith("/cdc")]
+        assert len(writes) == 10
+        assert polls
+        assert len(api) == 25  # within one minute: never more than the realm's 25, poller and sink together
+        stamps = sorted(t for t, _, _ in api)
+        assert all(sum(1 for u in stamps if t <= u < t + 1.0) <= 5 for t in stamps)
