@@ -129,6 +129,8 @@ async def test_budget_is_never_exceeded(tmp_path: Path) -> None:
             poller = d.pollers["crm"]
             # The fake counts a request when it arrives, the poller once its page is committed: wait for both.
             await wait_for(lambda: len(api.requests) >= 6 and poller.status()["requests_last_hour"] >= 6)
+            # Requests are counted when made; the sixth page's events are stored and delivered after.
+            await wait_for(lambda: len(delivered(tmp_path)) >= 12)
             async with aiohttp.ClientSession() as s, s.get(admin_url(d, "/status")) as r:
                 body = await r.json()
             assert poller.status()["requests_last_hour"] == 6
