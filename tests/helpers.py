@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,10 @@ import aiohttp
 import orjson
 
 from integrand import signing
-from integrand.app import Daemon, run
+from integrand.app import Daemon
 from integrand.config import Settings, load_config
+from integrand.testing import running_daemon
+from integrand.testing import wait_for as wait_for  # re-exported for the tests
 
 DEMO_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -55,26 +55,9 @@ def settings_for(tmp_path: Path, body: str = DEMO, base: str = BASE) -> Settings
     return load_config(write_config(tmp_path, body, base))
 
 
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Daemon]:
+def running(settings: Settings) -> AbstractAsyncContextManager[Daemon]:
     """Run the daemon in this event loop until the block ends, then stop it cleanly."""
-    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
-
-    def on_ready(d: Daemon) -> None:
-        ready.set_result(d)
-
-    task = asyncio.create_task(run(settings, on_ready=on_ready))
-    waiting: list[asyncio.Future[Any]] = [task, ready]
-    done, _ = await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # raises what went wrong at startup
-    assert ready.done(), "daemon did not become ready within 30 s"
-    d = ready.result()
-    try:
-        yield d
-    finally:
-        d.stop()
-        await asyncio.wait_for(task, 30)
+    return running_daemon(settings)
 
 
 def hook_url(d: Daemon, source: str = "demo") -> str:
@@ -101,22 +84,6 @@ async def post_signed(
     body = orjson.dumps(payload)
     async with session.post(url, data=body, headers=signed_headers(body, msg_id, **kw)) as resp:
         return resp.status, await resp.json()
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, interval: float = 0.02
-) -> None:
-    """Poll until ``predicate`` holds or fail after ``timeout`` seconds (never a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        res = predicate()
-        if isinstance(res, Awaitable):
-            res = await res
-        if res:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

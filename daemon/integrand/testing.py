@@ -19,8 +19,10 @@ test once integrand is installed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,8 +66,10 @@ __all__ = [
     "connector_context",
     "fake_api_server",
     "running_connector",
+    "running_daemon",
     "temp_store",
     "validate_config",
+    "wait_for",
 ]
 
 CONTRACT_NAME = "contract"
@@ -175,6 +179,49 @@ async def running_connector(
             await inst.close()
     finally:
         await pool.close()
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool] | bool],
+    timeout: float = 10.0,  # noqa: ASYNC109 - the deadline is the point: it fails the test, it does not cancel
+    interval: float = 0.02,
+) -> None:
+    """Poll ``predicate`` (plain or async) until it holds, failing after ``timeout`` s: waiting without guessing sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = predicate()
+        if isinstance(res, Awaitable):
+            res = await res
+        if res:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def running_daemon(config: Path | Any) -> AsyncIterator[Any]:
+    """A whole integrand on ``config`` (a path, or loaded Settings) in this event loop until the block ends.
+
+    Listen on port 0 in the config; the bound ports are in ``daemon.ports``. Startup errors are raised.
+    """
+    from .app import Daemon, run
+    from .config import load_config
+
+    settings = load_config(config) if isinstance(config, Path) else config
+    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(settings, on_ready=ready.set_result))
+    waiting: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises what went wrong at startup
+    assert ready.done(), "daemon did not become ready within 30 s"
+    d = ready.result()
+    try:
+        yield d
+    finally:
+        d.stop()
+        await asyncio.wait_for(task, 30)
 
 
 # --- fixtures every test gets once integrand is installed ------------------------------------------

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,8 @@ from integrand_hubspot import HubSpotConfig, HubSpotConnector
 from integrand_hubspot.fake import FakeHubSpot
 
 from integrand.connector import ConnectorContext, HttpPool
+from integrand.testing import running_daemon
+from integrand.testing import wait_for as wait_for  # re-exported for the tests
 
 
 class _Memory:
@@ -56,38 +56,9 @@ async def hubspot(
         await fake.stop()
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        res = predicate()
-        if isinstance(res, Awaitable):
-            res = await res
-        if res:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
-@asynccontextmanager
-async def running(config: Path) -> AsyncIterator[Any]:
-    """The daemon in this event loop on ``config`` until the block ends (as tests/helpers.py does for the core)."""
-    from integrand.app import Daemon, run
-    from integrand.config import load_config
-
-    settings = load_config(config)
-    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(settings, on_ready=ready.set_result))
-    waiters: list[asyncio.Future[Any]] = [task, ready]
-    done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    d = ready.result()
-    try:
-        yield d
-    finally:
-        d.stop()
-        await asyncio.wait_for(task, 30)
+def running(config: Path) -> AbstractAsyncContextManager[Any]:
+    """The daemon in this event loop on ``config`` until the block ends."""
+    return running_daemon(config)
 
 
 def daemon_config(tmp_path: Path, body: str) -> Path:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from integrand_quickbooks.fake import FakeQuickBooks
 from integrand.app import ScopedState
 from integrand.connector import ConnectorContext, Http, HttpPool
 from integrand.store import Store
+from integrand.testing import running_daemon
+from integrand.testing import wait_for as wait_for  # re-exported for the tests
 
 # A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
 TOKEN_KEY = "Jm6cgdGn1HBvYBMXFXoYzCAQzUrCBWFSrX8Ko-4f4nw="
@@ -85,38 +85,9 @@ async def connected(env: Env, name: str = "qbo", **overrides: Any) -> AsyncItera
         await conn.close()
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        res = predicate()
-        if isinstance(res, Awaitable):
-            res = await res
-        if res:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
-@asynccontextmanager
-async def running(config: Path) -> AsyncIterator[Any]:
-    """The daemon in this event loop on ``config`` until the block ends (as tests/helpers.py does for the core)."""
-    from integrand.app import Daemon, run
-    from integrand.config import load_config
-
-    settings = load_config(config)
-    ready: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(settings, on_ready=ready.set_result))
-    waiters: list[asyncio.Future[Any]] = [task, ready]
-    done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    d = ready.result()
-    try:
-        yield d
-    finally:
-        d.stop()
-        await asyncio.wait_for(task, 30)
+def running(config: Path) -> AbstractAsyncContextManager[Any]:
+    """The daemon in this event loop on ``config`` until the block ends."""
+    return running_daemon(config)
 
 
 def daemon_config(tmp_path: Path, body: str) -> Path:
