@@ -215,13 +215,12 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         for name, poller in d.pollers.items():
             if poller.settings.enabled:
                 tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
-        router = Router(s.routes)
         for name, cs in s.sources.items():
             inst = d.connectors[f"source:{name}"]
             core = cs.core
             assert isinstance(core, SourceCore)
             if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
-                recon = run_reconciler(name, inst, d.store, router, core.poll, metrics=d.metrics)
+                recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
                 tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
         d.ready = True
         log.info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,9 @@ class SourceRuntime:
     max_body_bytes: int
 
 
-def redact_headers(headers: dict[str, str] | object) -> dict[str, str]:
+def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Headers as an operator may see them: anything that could be a credential is replaced."""
-    items = headers.items() if hasattr(headers, "items") else []
-    return {str(k): ("[redacted]" if _SECRET_HEADER.search(k) else str(v)[:500]) for k, v in items}
+    return {str(k): ("[redacted]" if _SECRET_HEADER.search(k) else str(v)[:500]) for k, v in headers.items()}
 
 
 def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -1004,18 +1004,7 @@ class Store:
 
         async def op(conn: Conn) -> ReplayResult:
             now = self.clock()
-            sql = (
-                "SELECT d.id, d.event, d.attempts, d.last_error, e.body FROM deliveries d "
-                "JOIN events e ON e.id = d.event WHERE d.state = 'dead'"
-            )
-            params: list[Any] = []
-            if ids is not None:
-                sql += f" AND d.id IN ({','.join('?' * len(ids))})"
-                params.extend(ids)
-            if sink:
-                sql += " AND d.sink = ?"
-                params.append(sink)
-            rows = list(await conn.execute_fetchall(sql, params))
+            rows = await _dead_rows(conn, ids, sink)
             superseded: list[int] = []
             if not include_superseded and rows:
                 events = {r[0]: Event.from_json(r[4]) for r in rows}
@@ -1050,16 +1039,7 @@ class Store:
 
         async def op(conn: Conn) -> int:
             now = self.clock()
-            sql = "SELECT id, event FROM deliveries WHERE state = 'dead'"
-            params: list[Any] = []
-            if ids is not None:
-                sql += f" AND id IN ({','.join('?' * len(ids))})"
-                params.extend(ids)
-            if sink:
-                sql += " AND sink = ?"
-                params.append(sink)
-            async with conn.execute(sql, params) as cur:
-                rows = list(await cur.fetchall())
+            rows = await _dead_rows(conn, ids, sink)
             await conn.executemany(
                 "UPDATE deliveries SET state = 'done', updated_at = ?, last_error = 'purged from the DLQ' WHERE id = ?",
                 [(now, r[0]) for r in rows],
@@ -1198,6 +1178,22 @@ async def _read_entities(
                 for r in await cur.fetchall():
                     out[(source, entity, r[0])] = EntityVersion(r[1], r[2], bool(r[3]), r[4], r[5])
     return out
+
+
+async def _dead_rows(conn: Conn, ids: Sequence[int] | None, sink: str | None) -> list[Any]:
+    """Dead deliveries (all, these ids, and/or this sink) as (id, event, attempts, last_error, body)."""
+    sql = (
+        "SELECT d.id, d.event, d.attempts, d.last_error, e.body FROM deliveries d "
+        "JOIN events e ON e.id = d.event WHERE d.state = 'dead'"
+    )
+    params: list[Any] = []
+    if ids is not None:
+        sql += f" AND d.id IN ({','.join('?' * len(ids))})"
+        params.extend(ids)
+    if sink:
+        sql += " AND d.sink = ?"
+        params.append(sink)
+    return list(await conn.execute_fetchall(sql, params))
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
