@@ -193,10 +193,10 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
     d = await build(settings)
     s = settings
     grace = s.daemon.shutdown_grace
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
     tasks: list[asyncio.Task[Any]] = []
     try:
-        hook_runner = web.AppRunner(d.listener.app(), access_log=None, handle_signals=False, shutdown_timeout=grace)
+        hook_runner = web.ServerRunner(d.listener.server(), handle_signals=False, shutdown_timeout=grace)
         await hook_runner.setup()
         runners.append(hook_runner)
         site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
@@ -248,7 +248,7 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         await _shutdown(d, runners, tasks, grace)
 
 
-async def _shutdown(d: Daemon, runners: list[web.AppRunner], tasks: list[asyncio.Task[Any]], grace: float) -> None:
+async def _shutdown(d: Daemon, runners: list[web.BaseRunner], tasks: list[asyncio.Task[Any]], grace: float) -> None:
     log.info("shutting down: refusing new webhooks, finishing in-flight work (grace %.0f s)", grace)
     sd_notify("STOPPING=1")
     d.listener.stopping = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -90,6 +91,44 @@ class Conn:
 
     async def executemany(self, sql: str, seq: Iterable[Any]) -> _Cursor:
         return _Cursor(self.raw.executemany(sql, seq))
+
+    async def insert_rows(self, head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> None:
+        """``head VALUES (…), (…), … tail`` in a few statements rather than executemany's one step per row.
+
+        The sqlite3 module releases and retakes the GIL around every ``sqlite3_step``; with the
+        event loop busy, each of those is a hand-off between threads (two context switches)."""
+        for start, size in _chunks(len(rows)):
+            chunk = rows[start : start + size]
+            self.raw.execute(_values_sql(head, len(chunk[0]), size, tail), [v for row in chunk for v in row])
+
+    async def update_ids(self, head: str, params: Sequence[Any], ids: Sequence[int]) -> None:
+        """``head WHERE id IN (…)`` for many ids in a few statements (see ``insert_rows`` for why)."""
+        for start, size in _chunks(len(ids)):
+            self.raw.execute(_in_sql(head, size), [*params, *ids[start : start + size]])
+
+
+_CHUNK_SIZES = (256, 64, 16, 4, 1)
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    """(start, size) pieces of n rows, sizes from a short fixed list so the statement cache stays small."""
+    out, start = [], 0
+    while start < n:
+        size = next(c for c in _CHUNK_SIZES if c <= n - start)
+        out.append((start, size))
+        start += size
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _values_sql(head: str, width: int, count: int, tail: str) -> str:
+    row = "(" + ",".join("?" * width) + ")"
+    return f"{head} VALUES {','.join([row] * count)}{tail}"
+
+
+@functools.lru_cache(maxsize=256)
+def _in_sql(head: str, count: int) -> str:
+    return f"{head} WHERE id IN ({','.join('?' * count)})"
 
 
 def _drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -391,7 +430,7 @@ class Store:
         self.commits = 0
         self.committed_ops = 0
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
-        self._conn: Conn | None = None  # used only on self._thread
+        self._conn: Conn | None = None  # by the writer only: statements on the loop, COMMIT on self._thread
         self._rconn: ReadConn | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -452,9 +491,10 @@ class Store:
         _drive(self._migrate(conn))
         row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
         self._next_event = int(row[0]) if row else 0
-        if self.role == "daemon":
-            return _drive(self._release_leases(conn, owner=None))
-        return 0
+        released = _drive(self._release_leases(conn, owner=None)) if self.role == "daemon" else 0
+        # Transactions begin on the loop, which must never wait for a lock: see _begin.
+        raw.execute("PRAGMA busy_timeout = 0")
+        return released
 
     def _pragmas(self, raw: sqlite3.Connection, readonly: bool) -> None:
         raw.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -549,9 +589,16 @@ class Store:
                 op.future.set_exception(StoreUnavailable("store is closed"))
 
     async def _commit(self, batch: list[_Op]) -> None:
+        """One transaction for the batch: its statements on the loop, its COMMIT (the fsync) on the store's thread.
+
+        The statements are short (microseconds each) and run where the callers are, so the loop and
+        the store's thread do not trade the GIL around every statement; only the COMMIT, which waits
+        for the disk, leaves the loop, and the loop serves requests meanwhile."""
         next_event_before = self._next_event
         try:
-            results, new_deliveries = await self._in_thread(self._commit_sync, batch)
+            await self._begin()
+            results, new_deliveries = self._apply(batch)
+            await self._in_thread(self._finish)
         except Exception as e:
             self._next_event = next_event_before
             err: BaseException = e
@@ -576,15 +623,45 @@ class Store:
         if new_deliveries:
             self.deliveries_ready.set()
 
-    def _commit_sync(self, batch: list[_Op]) -> tuple[list[Any], bool]:
-        """On the store's thread: one transaction for the whole batch, each op in its own savepoint."""
+    async def _begin(self) -> None:
+        """Take the write lock on the loop when it is free (it nearly always is); when another process
+        holds it (a CLI command), wait for it on the store's thread, up to ``busy_timeout``."""
+        assert self._conn is not None
+        try:
+            self._conn.raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if not any(w in str(e).lower() for w in ("locked", "busy")):
+                raise
+            await self._in_thread(self._begin_waiting)
+
+    def _begin_waiting(self) -> None:
+        assert self._conn is not None
+        raw = self._conn.raw
+        raw.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+        finally:
+            raw.execute("PRAGMA busy_timeout = 0")
+
+    def _finish(self) -> None:
+        """On the store's thread: COMMIT, which writes the WAL and (synchronous=FULL) fsyncs it."""
+        assert self._conn is not None
+        raw = self._conn.raw
+        try:
+            raw.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.execute("ROLLBACK")
+            raise
+
+    def _apply(self, batch: list[_Op]) -> tuple[list[Any], bool]:
+        """On the loop, inside the open transaction: every op of the batch, each in its own savepoint."""
         conn = self._conn
         assert conn is not None
         raw = conn.raw
         results: list[Any] = []
         new_deliveries = False
         try:
-            raw.execute("BEGIN IMMEDIATE")
             enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
             enq_results: list[EnqueueResult] = []
             if enqueues:
@@ -608,7 +685,6 @@ class Store:
                     raw.execute("ROLLBACK TO op")
                     results.append(_Failed(e))
                 raw.execute("RELEASE op")
-            raw.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 raw.execute("ROLLBACK")
@@ -660,29 +736,26 @@ class Store:
                 ekey = ev.entity_key
                 event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, ev.to_json()))
                 for sink in sinks:
-                    delivery_rows.append((row, sink, ekey, now, now, now))
+                    delivery_rows.append((row, sink, ekey, "ready", now, now, now))
             if op.cursor is not None:
                 cursor_rows.append((*op.cursor, now))
             results.append(EnqueueResult(accepted, dup, stale))
         if event_rows:
-            await conn.executemany(
-                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                event_rows,
+            await conn.insert_rows(
+                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body)", event_rows
             )
         if delivery_rows:
-            await conn.executemany(
-                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at) "
-                "VALUES (?, ?, ?, 'ready', ?, ?, ?)",
+            await conn.insert_rows(
+                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at)",
                 delivery_rows,
             )
         if entity_rows:
-            await conn.executemany(
-                "INSERT INTO entity_versions (source, entity, entity_id, version, hash, deleted, event_id, seen_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, entity, entity_id) DO UPDATE SET "
+            await conn.insert_rows(
+                "INSERT INTO entity_versions (source, entity, entity_id, version, hash, deleted, event_id, seen_at)",
+                entity_rows,
+                " ON CONFLICT (source, entity, entity_id) DO UPDATE SET "
                 "version = excluded.version, hash = excluded.hash, deleted = excluded.deleted, "
                 "event_id = excluded.event_id, seen_at = excluded.seen_at",
-                entity_rows,
             )
         if cursor_rows:
             await conn.executemany(_CURSOR_UPSERT, cursor_rows)
@@ -791,7 +864,7 @@ class Store:
 
         async def op(conn: Conn) -> bool:
             now = self.clock()
-            done: list[tuple[Any, ...]] = []
+            done: list[int] = []
             retry: list[tuple[Any, ...]] = []
             dead: list[tuple[Any, ...]] = []
             release: list[tuple[Any, ...]] = []
@@ -799,7 +872,7 @@ class Store:
             for o in outcomes:
                 d = o.delivery
                 if o.kind == "done":
-                    done.append((now, d.id))
+                    done.append(d.id)
                 elif o.kind == "retry":
                     inc = 1 if o.count_attempt else 0
                     retry.append((inc, o.next_attempt_at or now, now, o.error, d.id))
@@ -810,9 +883,10 @@ class Store:
                 else:
                     release.append((now, d.id))
             if done:
-                await conn.executemany(
+                await conn.update_ids(
                     "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, "
-                    "lease_until = NULL, lease_owner = NULL, last_error = NULL WHERE id = ?",
+                    "lease_until = NULL, lease_owner = NULL, last_error = NULL",
+                    (now,),
                     done,
                 )
             if retry:
@@ -834,9 +908,7 @@ class Store:
                     release,
                 )
             if audit:
-                await conn.executemany(
-                    "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, ?, ?)", audit
-                )
+                await conn.insert_rows("INSERT INTO audit (at, event, delivery, action, detail)", audit)
             return bool(release or retry)
 
         if await self._submit(op, rows=len(outcomes)):
