@@ -40,6 +40,8 @@ def permit(b: Breaker, now: float) -> tuple[Permit, Breaker]:
 
 
 def on_success(b: Breaker) -> Breaker:
+    if b.status == "closed" and b.failures == 0 and b.current_open_for == 0.0:
+        return b  # already so: the common case, once per delivered event, skips building a copy
     return replace(b, status="closed", failures=0, current_open_for=0.0)
 
 

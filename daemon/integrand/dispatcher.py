@@ -9,6 +9,7 @@ per-sink circuit breakers keep a sink that is down from burning attempts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -108,6 +109,10 @@ class Dispatcher:
         self._due_query: tuple[tuple[str, ...], asyncio.Future[float | None]] | None = None
         self._order = itertools.cycle(sorted(sinks)) if sinks else None
         self._tasks: list[asyncio.Task[None]] = []
+        # One idle worker watches for commits and due times; the other idle workers wait here until a
+        # worker that found work wakes one of them, so a commit wakes one worker, not all of them.
+        self._watching = False
+        self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -127,6 +132,28 @@ class Dispatcher:
     def stop(self) -> None:
         self._stopping = True
         self.store.deliveries_ready.set()
+        while self._parked:
+            self._unpark()
+
+    def _unpark(self) -> None:
+        """Wake one parked worker, if any: there may be work for another sink, or the next batch."""
+        while self._parked:
+            fut = self._parked.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def _wait_for_work(self) -> None:
+        if self._watching:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._parked.append(fut)
+            await fut
+            return
+        self._watching = True
+        try:
+            await self._idle()
+        finally:
+            self._watching = False
 
     async def _wait_stopping(self) -> None:
         while not self._stopping:
@@ -139,8 +166,9 @@ class Dispatcher:
         while not self._stopping:
             picked = self._pick()
             if picked is None:
-                await self._idle()
+                await self._wait_for_work()
                 continue
+            self._unpark()
             sink, limit, probing = picked
             gen = self._gen
             self._leasing.add(sink.name)

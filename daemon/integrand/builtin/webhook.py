@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -82,19 +83,24 @@ class WebhookConnector(Connector[WebhookConfig], WebhookSource):
 
     Config = WebhookConfig
 
+    @functools.cached_property
+    def _secrets(self) -> list[str]:
+        """Revealed once: the config is immutable for the connector's life."""
+        return self.config.secrets
+
     def verify(self, request: WebhookRequest, now: float) -> None:
-        c, h, body = self.config, request.headers, request.body
+        c, h, body, secrets = self.config, request.headers, request.body, self._secrets
         if c.signature == "standard-webhooks":
-            signing.standard_verify(c.secrets, h, body, now, c.tolerance)
+            signing.standard_verify(secrets, h, body, now, c.tolerance)
         elif c.signature == "stripe":
-            signing.stripe_verify(c.secrets, h, body, now, c.tolerance)
+            signing.stripe_verify(secrets, h, body, now, c.tolerance)
         elif c.signature == "github":
-            signing.github_verify(c.secrets, h, body)
+            signing.github_verify(secrets, h, body)
         elif c.signature == "shopify":
-            signing.hmac_verify(c.secrets, h, body, header="X-Shopify-Hmac-Sha256", encoding="base64")
+            signing.hmac_verify(secrets, h, body, header="X-Shopify-Hmac-Sha256", encoding="base64")
         elif c.signature == "hmac-sha256":
             signing.hmac_verify(
-                c.secrets,
+                secrets,
                 h,
                 body,
                 header=c.header,
