@@ -273,3 +273,57 @@ async def test_replay_leaves_superseded_versions_dead_when_asked(store: Store) -
     assert result.replayed == 1  # "x" has no version: never judged superseded
     assert [d.event_id for d in await store.dead_letters()] == ["v1"]
     assert (await store.replay([d1.id])).replayed == 1  # explicitly included: it goes
+
+
+def _wal_frames(db: Path) -> int:
+    """Frames in the WAL that a checkpoint has not copied yet (read from a connection of our own)."""
+    with sqlite3.connect(db) as c:
+        _busy, log_frames, copied = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(log_frames) - int(copied)
+
+
+async def test_checkpoints_run_beside_the_writer_and_bound_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import integrand.store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHECKPOINT_EVERY", 0.0)
+    monkeypatch.setattr(store_mod, "WAL_MAX_FRAMES", 200)
+    s = Store(tmp_path / "q.db")
+    await s.open()
+    try:
+        raw = s._conn.raw if s._conn else None
+        assert raw is not None
+        # No checkpoint inside COMMIT: that would stall every webhook waiting on the commit.
+        assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        wal = tmp_path / "q.db-wal"
+        sizes = []
+        for round_ in range(40):  # a steady flood: each round is one group commit of 50 x 2 KB
+            await asyncio.gather(*(s.enqueue([(ev(f"r{round_}-{i}", size=2000), ["k"])]) for i in range(50)))
+            sizes.append(wal.stat().st_size)
+        assert s._ckpt_thread is not None  # background checkpoints ran
+        # 4,000 KB went in; with checkpoints held back only by WAL_MAX_FRAMES the WAL file stays far smaller.
+        assert max(sizes) < 4 * 1024 * 1024
+        assert await s.event_count() == 2000
+    finally:
+        await s.close()
+    assert _wal_frames(tmp_path / "q.db") == 0
+
+
+async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(tmp_path: Path) -> None:
+    s = Store(tmp_path / "q.db", busy_timeout=10.0)
+    await s.open()
+    other = sqlite3.connect(tmp_path / "q.db", isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # a CLI command writing beside the daemon
+        pending = asyncio.ensure_future(s.enqueue([(ev("waits"), ["k"])]))
+        ticks = 0
+        while ticks < 20:  # the loop keeps running while the writer waits for the lock
+            await asyncio.sleep(0)
+            ticks += 1
+        assert not pending.done()
+        other.execute("COMMIT")
+        assert (await asyncio.wait_for(pending, 10)).accepted == 1
+    finally:
+        other.close()
+        await s.close()

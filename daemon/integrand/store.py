@@ -108,6 +108,8 @@ class Conn:
 
 
 _CHUNK_SIZES = (256, 64, 16, 4, 1)
+CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints while commits are happening
+WAL_MAX_FRAMES = 8192  # 32 MiB of 4 KiB pages: past this the writer checkpoints in line once
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -436,6 +438,12 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._next_event = 0
+        # Checkpoints run beside the writer (see _maybe_checkpoint), on a thread and connection of their own.
+        self._ckpt_thread: ThreadPoolExecutor | None = None
+        self._ckpt_conn: sqlite3.Connection | None = None
+        self._ckpt_task: asyncio.Future[Any] | None = None
+        self._ckpt_started = 0.0
+        self._ckpt_inline = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -467,6 +475,16 @@ class Store:
         self._drop_lock()
 
     async def _close_conns(self) -> None:
+        if self._ckpt_thread is not None:
+            if self._ckpt_task is not None:
+                with contextlib.suppress(Exception):
+                    await self._ckpt_task
+            if self._ckpt_conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.get_running_loop().run_in_executor(self._ckpt_thread, self._ckpt_conn.close)
+                self._ckpt_conn = None
+            self._ckpt_thread.shutdown(wait=True)
+            self._ckpt_thread = None
         if self._rconn is not None:
             with contextlib.suppress(Exception):
                 await self._rconn.close()
@@ -492,6 +510,10 @@ class Store:
         row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
         self._next_event = int(row[0]) if row else 0
         released = _drive(self._release_leases(conn, owner=None)) if self.role == "daemon" else 0
+        if self.role == "daemon":
+            # A checkpoint inside COMMIT would stall every webhook waiting on that commit (tens to
+            # hundreds of ms on a busy disk); the daemon checkpoints beside the writer instead.
+            raw.execute("PRAGMA wal_autocheckpoint = 0")
         # Transactions begin on the loop, which must never wait for a lock: see _begin.
         raw.execute("PRAGMA busy_timeout = 0")
         return released
@@ -581,6 +603,15 @@ class Store:
                     break
                 batch.append(nxt)
                 rows += nxt.rows
+            if self._ckpt_inline:
+                self._ckpt_inline = False
+                if self._ckpt_task is not None:  # a PASSIVE checkpoint does not wait for another one
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._ckpt_task)
+                try:
+                    await self._in_thread(self._checkpoint_in_line)
+                except sqlite3.Error as e:
+                    log.warning("WAL checkpoint failed: %s", e)
             await self._commit(batch)
         # Fail whatever is still queued rather than leave callers hanging.
         while not self._queue.empty():
@@ -613,6 +644,8 @@ class Store:
             return
         self.commits += 1
         self.committed_ops += len(batch)
+        if self.role == "daemon":
+            self._maybe_checkpoint()
         for op, result in zip(batch, results, strict=True):
             if op.future is None or op.future.done():
                 continue
@@ -622,6 +655,45 @@ class Store:
                 op.future.set_result(result)
         if new_deliveries:
             self.deliveries_ready.set()
+
+    def _maybe_checkpoint(self) -> None:
+        """Start a PASSIVE checkpoint on its own thread and connection, at most one at a time and one
+        per ``CHECKPOINT_EVERY`` seconds: writers go on appending to the WAL while it copies pages."""
+        now = time.monotonic()
+        if self._ckpt_task is not None or now - self._ckpt_started < CHECKPOINT_EVERY:
+            return
+        if self._ckpt_thread is None:
+            self._ckpt_thread = ThreadPoolExecutor(1, thread_name_prefix="integrand-checkpoint")
+        self._ckpt_started = now
+        task = asyncio.get_running_loop().run_in_executor(self._ckpt_thread, self._checkpoint)
+        self._ckpt_task = task
+        task.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint(self) -> tuple[int, int, int]:
+        if self._ckpt_conn is None:
+            self._ckpt_conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._ckpt_conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        row = self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+    def _checkpoint_done(self, task: asyncio.Future[Any]) -> None:
+        self._ckpt_task = None
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("WAL checkpoint failed (retried after the next commit): %s", task.exception())
+            return
+        _busy, wal_frames, _copied = task.result()
+        if wal_frames > WAL_MAX_FRAMES:
+            # Under a steady flood, commits keep adding frames while a checkpoint copies, so the WAL
+            # is never all copied and never restarts: grow no further, checkpoint once in line.
+            self._ckpt_inline = True
+
+    def _checkpoint_in_line(self) -> None:
+        """On the store's thread, between transactions: nothing is appended meanwhile, so the WAL
+        is copied through and the next transaction starts it over from the beginning."""
+        assert self._conn is not None
+        self._conn.raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def _begin(self) -> None:
         """Take the write lock on the loop when it is free (it nearly always is); when another process
