@@ -154,6 +154,18 @@ async def test_unknown_source_is_404_and_recorded(settings: Settings) -> None:
         await wait_for(lambda: _rejections(d.store, 404))
 
 
+async def test_paths_outside_hooks_source_are_404_with_the_right_path(settings: Settings) -> None:
+    async with running(settings) as d, aiohttp.ClientSession() as s:
+        base = f"http://127.0.0.1:{d.ports['webhooks']}"
+        for path in ("/", "/hooks/", "/hooks/demo/extra", "/other"):
+            status, body, _ = await post(s, base + path, b"{}", {"Content-Type": "application/json"})
+            assert (status, body) == (
+                404,
+                {"error": f"no endpoint at {path}; webhooks are POSTed to /hooks/{{source}}"},
+            )
+        assert await d.store.event_count() == 0
+
+
 async def test_content_length_over_the_source_limit_is_413(settings: Settings) -> None:
     big = orjson.dumps({"pad": "x" * 2000})
     async with running(settings) as d, aiohttp.ClientSession() as s:

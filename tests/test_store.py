@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -277,7 +278,7 @@ async def test_replay_leaves_superseded_versions_dead_when_asked(store: Store) -
 
 def _wal_frames(db: Path) -> int:
     """Frames in the WAL that a checkpoint has not copied yet (read from a connection of our own)."""
-    with sqlite3.connect(db) as c:
+    with contextlib.closing(sqlite3.connect(db)) as c:
         _busy, log_frames, copied = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(log_frames) - int(copied)
 

@@ -85,9 +85,9 @@ class Listener:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
-        if not path.startswith(HOOKS_PREFIX) or "/" in path[len(HOOKS_PREFIX) :] or path == HOOKS_PREFIX:
+        name = path[len(HOOKS_PREFIX) :] if path.startswith(HOOKS_PREFIX) else ""
+        if not name or "/" in name:
             return _error(404, f"no endpoint at {path}; webhooks are POSTed to {HOOKS_PREFIX}{{source}}")
-        name = path[len(HOOKS_PREFIX) :]
         source = self.sources.get(name)
         label = name if source is not None else "unknown"
         self.in_flight += 1

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +110,17 @@ class Conn:
 _CHUNK_SIZES = (256, 64, 16, 4, 1)
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints while commits are happening
 WAL_MAX_FRAMES = 8192  # 32 MiB of 4 KiB pages: past this the writer checkpoints in line once
+
+
+@contextlib.contextmanager
+def _rolled_back_on_error(raw: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """The open transaction is rolled back if the block fails (on the loop or on the store's thread)."""
+    try:
+        yield raw
+    except BaseException:
+        with contextlib.suppress(Exception):
+            raw.execute("ROLLBACK")
+        raise
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -509,8 +520,9 @@ class Store:
         _drive(self._migrate(conn))
         row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
         self._next_event = int(row[0]) if row else 0
-        released = _drive(self._release_leases(conn, owner=None)) if self.role == "daemon" else 0
+        released = 0
         if self.role == "daemon":
+            released = _drive(self._release_leases(conn, owner=None))
             # A checkpoint inside COMMIT would stall every webhook waiting on that commit (tens to
             # hundreds of ms on a busy disk); the daemon checkpoints beside the writer instead.
             raw.execute("PRAGMA wal_autocheckpoint = 0")
@@ -718,13 +730,8 @@ class Store:
     def _finish(self) -> None:
         """On the store's thread: COMMIT, which writes the WAL and (synchronous=FULL) fsyncs it."""
         assert self._conn is not None
-        raw = self._conn.raw
-        try:
+        with _rolled_back_on_error(self._conn.raw) as raw:
             raw.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                raw.execute("ROLLBACK")
-            raise
 
     def _apply(self, batch: list[_Op]) -> tuple[list[Any], bool]:
         """On the loop, inside the open transaction: every op of the batch, each in its own savepoint."""
@@ -733,7 +740,7 @@ class Store:
         raw = conn.raw
         results: list[Any] = []
         new_deliveries = False
-        try:
+        with _rolled_back_on_error(raw):
             enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
             enq_results: list[EnqueueResult] = []
             if enqueues:
@@ -757,10 +764,6 @@ class Store:
                     raw.execute("ROLLBACK TO op")
                     results.append(_Failed(e))
                 raw.execute("RELEASE op")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                raw.execute("ROLLBACK")
-            raise
         return results, new_deliveries
 
     async def _apply_enqueues(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
