@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -10,10 +9,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from integrand import signing
 from integrand.app import Daemon
 from integrand.config import Settings, load_config
-from integrand.testing import running_daemon
+from integrand.testing import running_daemon, standard_webhook_headers
 from integrand.testing import wait_for as wait_for  # re-exported for the tests
 
 DEMO_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -69,13 +67,7 @@ def admin_url(d: Daemon, path: str) -> str:
 
 
 def signed_headers(body: bytes, msg_id: str, secret: str = DEMO_SECRET, ts: int | None = None) -> dict[str, str]:
-    ts = int(time.time()) if ts is None else ts
-    return {
-        "Content-Type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(ts),
-        "webhook-signature": signing.standard_sign(secret, msg_id, ts, body),
-    }
+    return standard_webhook_headers(body, msg_id, secret, ts)
 
 
 async def post_signed(

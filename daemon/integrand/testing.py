@@ -57,6 +57,7 @@ from .connector import (
 )
 from .errors import ConfigError
 from .plugins import Registry
+from .signing import standard_sign
 from .store import Store
 
 __all__ = [
@@ -64,9 +65,11 @@ __all__ = [
     "FakeClock",
     "ScopedState",
     "connector_context",
+    "daemon_config",
     "fake_api_server",
     "running_connector",
     "running_daemon",
+    "standard_webhook_headers",
     "temp_store",
     "validate_config",
     "wait_for",
@@ -197,6 +200,40 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def daemon_config(tmp_path: Path, body: str) -> Path:
+    """Write ``tmp_path/config.toml`` for ``running_daemon``: webhooks on a free port, state under
+    ``tmp_path/var``, no admin port, retries in milliseconds; ``body`` adds the sources, sinks and routes."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        """
+[daemon]
+listen = "127.0.0.1:0"
+state_dir = "var"
+shutdown_grace = "5s"
+
+[admin]
+enabled = false
+
+[dispatcher.retry]
+base = "50ms"
+cap = "1s"
+"""
+        + body
+    )
+    return path
+
+
+def standard_webhook_headers(body: bytes, msg_id: str, secret: str, ts: int | None = None) -> dict[str, str]:
+    """The headers a provider using Standard Webhooks sends with a JSON ``body``, signed with ``secret``."""
+    ts = int(time.time()) if ts is None else ts
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": standard_sign(secret, msg_id, ts, body),
+    }
 
 
 @asynccontextmanager

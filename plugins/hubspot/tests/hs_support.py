@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,6 @@ from integrand_hubspot import HubSpotConfig, HubSpotConnector
 from integrand_hubspot.fake import FakeHubSpot
 
 from integrand.connector import ConnectorContext, HttpPool
-from integrand.testing import running_daemon
 from integrand.testing import wait_for as wait_for  # re-exported for the tests
 
 
@@ -54,29 +53,3 @@ async def hubspot(
         await conn.close()
         await pool.close()
         await fake.stop()
-
-
-def running(config: Path) -> AbstractAsyncContextManager[Any]:
-    """The daemon in this event loop on ``config`` until the block ends."""
-    return running_daemon(config)
-
-
-def daemon_config(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        """
-[daemon]
-listen = "127.0.0.1:0"
-state_dir = "var"
-shutdown_grace = "5s"
-
-[admin]
-enabled = false
-
-[dispatcher.retry]
-base = "50ms"
-cap = "1s"
-"""
-        + body
-    )
-    return path

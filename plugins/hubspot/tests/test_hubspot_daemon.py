@@ -8,24 +8,17 @@ from typing import Any
 
 import aiohttp
 import orjson
-from hs_support import daemon_config, running, wait_for
+from hs_support import wait_for
 from integrand_hubspot.fake import FakeHubSpot
 
-from integrand import signing
+from integrand.testing import daemon_config, running_daemon, standard_webhook_headers
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 async def _post_signed(session: aiohttp.ClientSession, url: str, payload: Any, msg_id: str) -> int:
     body = orjson.dumps(payload)
-    ts = int(time.time())
-    headers = {
-        "Content-Type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(ts),
-        "webhook-signature": signing.standard_sign(WHSEC, msg_id, ts, body),
-    }
-    async with session.post(url, data=body, headers=headers) as r:
+    async with session.post(url, data=body, headers=standard_webhook_headers(body, msg_id, WHSEC)) as r:
         return r.status
 
 
@@ -55,7 +48,7 @@ from = "in"
 to = ["hubspot"]
 """,
         )
-        async with running(cfg) as d, aiohttp.ClientSession() as s:
+        async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
             url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/in"
             for i in range(150):
                 payload = {
@@ -115,7 +108,7 @@ to = ["out"]
 """,
         )
         out = tmp_path / "var" / "out.jsonl"
-        async with running(cfg) as d:
+        async with running_daemon(cfg) as d:
             # No webhook_url configured: the signed URI is the one the daemon was called on.
             fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/hubspot"
             c = fake.put("contacts", {"email": "h@x.com"})

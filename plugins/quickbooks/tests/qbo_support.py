@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,6 @@ from integrand_quickbooks.fake import FakeQuickBooks
 from integrand.app import ScopedState
 from integrand.connector import ConnectorContext, Http, HttpPool
 from integrand.store import Store
-from integrand.testing import running_daemon
 from integrand.testing import wait_for as wait_for  # re-exported for the tests
 
 # A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
@@ -83,32 +82,6 @@ async def connected(env: Env, name: str = "qbo", **overrides: Any) -> AsyncItera
         yield conn
     finally:
         await conn.close()
-
-
-def running(config: Path) -> AbstractAsyncContextManager[Any]:
-    """The daemon in this event loop on ``config`` until the block ends."""
-    return running_daemon(config)
-
-
-def daemon_config(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        """
-[daemon]
-listen = "127.0.0.1:0"
-state_dir = "var"
-shutdown_grace = "5s"
-
-[admin]
-enabled = false
-
-[dispatcher.retry]
-base = "50ms"
-cap = "1s"
-"""
-        + body
-    )
-    return path
 
 
 def qbo_table(fake: FakeQuickBooks, extra: str = "") -> str:

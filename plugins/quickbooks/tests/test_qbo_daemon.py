@@ -12,9 +12,9 @@ from typing import Any
 
 import aiohttp
 import orjson
-from qbo_support import daemon_config, qbo_env, qbo_table, running, wait_for
+from qbo_support import qbo_env, qbo_table, wait_for
 
-from integrand import signing
+from integrand.testing import daemon_config, running_daemon, standard_webhook_headers
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -27,14 +27,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 async def _post_signed(session: aiohttp.ClientSession, url: str, payload: Any, msg_id: str) -> int:
     body = orjson.dumps(payload)
-    ts = int(time.time())
-    headers = {
-        "Content-Type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(ts),
-        "webhook-signature": signing.standard_sign(WHSEC, msg_id, ts, body),
-    }
-    async with session.post(url, data=body, headers=headers) as r:
+    async with session.post(url, data=body, headers=standard_webhook_headers(body, msg_id, WHSEC)) as r:
         return r.status
 
 
@@ -59,7 +52,7 @@ to = ["out"]
 """,
         )
         out = tmp_path / "var" / "out.jsonl"
-        async with running(cfg) as d:
+        async with running_daemon(cfg) as d:
             env.fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/qbo"
             a = env.fake.create("Customer", {"DisplayName": "A"})
             first = env.fake.webhook_body(list(env.fake.pending))
@@ -106,7 +99,7 @@ from = "in"
 to = ["qbo"]
 """,
         )
-        async with running(cfg) as d, aiohttp.ClientSession() as s:
+        async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
             url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/in"
             statuses = await asyncio.gather(
                 *(_post_signed(s, url, {"DisplayName": f"C{i}", "entity": "Customer"}, f"m{i}") for i in range(25))
@@ -233,7 +226,7 @@ to = ["seen"]
             return {str((e["data"].get("object") or {}).get("DisplayName")) for e in _lines(seen)}
 
         started = time.monotonic()
-        async with running(cfg) as d, aiohttp.ClientSession() as s:
+        async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
             url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/in"
             statuses = await asyncio.gather(
                 *(_post_signed(s, url, {"DisplayName": f"S{i}", "entity": "Customer"}, f"s{i}") for i in range(10))

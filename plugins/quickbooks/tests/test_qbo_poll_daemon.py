@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-from qbo_support import daemon_config, qbo_env, qbo_table, running, wait_for
+from qbo_support import qbo_env, qbo_table, wait_for
+
+from integrand.testing import daemon_config, running_daemon
 
 
 async def test_missed_webhook_is_caught_by_cdc_polling(tmp_path: Path) -> None:
@@ -39,7 +41,7 @@ to = ["out"]
             found = {(e["data"].get("object") or {}).get("DisplayName") for e in lines}
             return {str(n) for n in found if n is not None}
 
-        async with running(cfg) as d:
+        async with running_daemon(cfg) as d:
             env.fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/qbo"
             env.fake.create("Customer", {"DisplayName": "Heard"})
             assert await env.fake.flush_webhooks() == 200

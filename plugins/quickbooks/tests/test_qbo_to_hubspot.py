@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from integrand_hubspot.fake import FakeHubSpot
-from qbo_support import daemon_config, qbo_env, qbo_table, running, wait_for
+from qbo_support import qbo_env, qbo_table, wait_for
+
+from integrand.testing import daemon_config, running_daemon
 
 ROUTE = """
 [[routes]]
@@ -45,7 +47,7 @@ version_property = "integrand_version"
 """
                 + ROUTE,
             )
-            async with running(cfg) as d:
+            async with running_daemon(cfg) as d:
                 env.fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/qbo"
                 c = env.fake.create(
                     "Customer",

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from integrand_hubspot.fake import FakeHubSpot
-from qbo_support import daemon_config, qbo_env, qbo_table, running, wait_for
+from qbo_support import qbo_env, qbo_table, wait_for
+
+from integrand.testing import daemon_config, running_daemon
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "quickbooks-hubspot"
 PROPS = (
@@ -65,7 +67,7 @@ mapping = "{EXAMPLE / "hubspot-contact-to-qbo-customer.toml"}"
 loop_guard = {{ key = "PrimaryEmailAddr.Address", echo_source = "quickbooks", echo_path = "data.object" }}
 """,
             )
-            async with running(cfg) as d:
+            async with running_daemon(cfg) as d:
                 env.fake.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/quickbooks"
                 hs.webhook_url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/hubspot"
 
