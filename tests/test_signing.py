@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from integrand import signing
 from integrand.errors import SignatureError
@@ -128,3 +132,10 @@ def test_generic_hmac_with_prefix_and_timestamp() -> None:
             timestamp_header="X-Ts",
             now=1000,
         )
+
+
+@given(key=st.binary(max_size=200), msg=st.binary(max_size=3000))
+def test_hmac_from_cached_key_states_equals_hmac_digest(key: bytes, msg: bytes) -> None:
+    """The precomputed-pad HMAC matches the stdlib's for keys shorter than, equal to and longer than a block."""
+    assert signing._hmac(key, msg) == hmac.digest(key, msg, "sha256")
+    assert signing._hmac(key, msg) == hmac.digest(key, msg, "sha256")  # and again, from the cache
