@@ -98,7 +98,6 @@ class Dispatcher:
         self.idle_poll = idle_poll
         self.linger = linger
         self._hold: dict[str, float] = {}  # sink → loop time before which it is not leased again (linger)
-        self._tally: dict[tuple[str, str], int] = {}
         self._stopping = False
         self._gen = 0
         self._empty: dict[str, int] = {}
@@ -295,7 +294,6 @@ class Dispatcher:
                 outcomes.append(self._route_failed(sink, row, res.error, now))
             else:
                 outcomes.append(self._outcome(sink, row, res, probing, now))
-        self._flush_counts()
         try:
             await self.store.complete(outcomes)
         except Exception as e:
@@ -325,14 +323,7 @@ class Dispatcher:
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
 
     def _counted(self, sink: str, outcome: str) -> None:
-        """Count an outcome; flushed to Prometheus once per batch (labels() per event costs a lock each)."""
-        key = (sink, outcome)
-        self._tally[key] = self._tally.get(key, 0) + 1
-
-    def _flush_counts(self) -> None:
-        for (sink, outcome), n in self._tally.items():
-            self.metrics.deliveries.labels(sink, outcome).inc(n)
-        self._tally.clear()
+        self.metrics.deliveries.inc(sink, outcome)
 
     def _reachable(self, sink: SinkRuntime, before: str) -> None:
         """The sink answered: close its breaker and, if it was open, send its waiting retries now."""

@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import Counter
 
 from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
@@ -49,6 +48,12 @@ def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
     return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
+def _content_type(request: web.BaseRequest) -> str:
+    """The media type without parameters; the usual exact ``application/json`` skips aiohttp's header parser."""
+    raw = request.headers.get("Content-Type")
+    return raw if raw == "application/json" else request.content_type
+
+
 def _error(status: int, reason: str, **headers: str) -> web.Response:
     return _json({"error": reason}, status, headers or None)
 
@@ -76,7 +81,6 @@ class Listener:
         self.on_accepted = on_accepted
         self.stopping = False
         self.in_flight = 0
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def server(self) -> web.Server:
         """aiohttp's low-level server: the port has one route, so web.Application's router and
@@ -95,7 +99,7 @@ class Listener:
             resp = await self._handle(request, name, source)
         finally:
             self.in_flight -= 1
-        self._count(self.metrics.webhooks, label, str(resp.status)).inc()
+        self.metrics.webhooks.inc(label, str(resp.status))
         return resp
 
     async def _handle(self, request: web.BaseRequest, name: str, source: SourceRuntime | None) -> web.StreamResponse:
@@ -116,12 +120,12 @@ class Listener:
             wr = WebhookRequest(
                 source=name,
                 method=request.method,
-                # The URL as the sender called it (HubSpot signs it); str(request.url) would build a yarl URL.
-                url=(self.public_url or f"{request.scheme}://{request.host}") + request.path_qs,
+                # The URL as the sender called it (HubSpot signs it): the request target exactly as sent.
+                url=(self.public_url or f"{request.scheme}://{request.host}") + request.raw_path,
                 headers=headers,
                 body=body,
                 received_at=received_at,
-                content_type=request.content_type,
+                content_type=_content_type(request),
                 remote=request.remote,
             )
             source.connector.verify(wr, self.clock())
@@ -145,20 +149,12 @@ class Listener:
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
             )
-        self._count(self.metrics.events, name, "accepted").inc(result.accepted)
+        self.metrics.events.inc(name, "accepted", amount=result.accepted)
         if result.duplicates:
-            self._count(self.metrics.events, name, "duplicate").inc(result.duplicates)
+            self.metrics.events.inc(name, "duplicate", amount=result.duplicates)
         if self.on_accepted is not None and result.accepted:
             self.on_accepted(name, events)
         return _json({"accepted": result.accepted, "duplicates": result.duplicates})
-
-    def _count(self, metric: Counter, *labels: str) -> Any:
-        """A metric's child for these labels, looked up once (labels() takes a lock and builds a key)."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     @staticmethod
     async def _read_body(request: web.BaseRequest, limit: int) -> bytes:

@@ -124,9 +124,9 @@ class SourcePoller:
             )
             self.last_error = None
             self.metrics.polls.labels(self.name, "ok").inc()
-            self.metrics.events.labels(self.name, "accepted").inc(res.accepted)
+            self.metrics.events.inc(self.name, "accepted", amount=res.accepted)
             if res.duplicates or res.stale:
-                self.metrics.events.labels(self.name, "duplicate").inc(res.duplicates + res.stale)
+                self.metrics.events.inc(self.name, "duplicate", amount=res.duplicates + res.stale)
             log.debug(
                 "source %s: poll got %d event(s): %d new, %d duplicate, %d stale%s",
                 self.name,

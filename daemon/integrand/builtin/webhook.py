@@ -64,6 +64,8 @@ def dig(data: Any, path: str | None) -> Any:
     """Follow a dotted path (``data.object.id``) into parsed JSON; None where it leads nowhere."""
     if path is None:
         return None
+    if type(data) is dict and "." not in path:  # the usual case, taken on every webhook: one key
+        return data.get(path)
     for part in path.split("."):
         if isinstance(data, dict):
             data = data.get(part)
@@ -153,13 +155,18 @@ class WebhookConnector(Connector[WebhookConfig], WebhookSource):
             occurred = h.get("X-Shopify-Triggered-At")
         if c.id_header:
             ev_id = h.get(c.id_header) or ev_id
-        type_ = _text(dig(data, c.type_field)) or type_
-        entity = _text(dig(data, c.entity_field)) or entity
-        entity_id = _text(dig(data, c.entity_id_field)) or entity_id
-        version = _text(dig(data, c.version_field)) or version
+        if c.type_field:
+            type_ = _text(dig(data, c.type_field)) or type_
+        if c.entity_field:
+            entity = _text(dig(data, c.entity_field)) or entity
+        if c.entity_id_field:
+            entity_id = _text(dig(data, c.entity_id_field)) or entity_id
+        if c.version_field:
+            version = _text(dig(data, c.version_field)) or version
         if not ev_id:
             ev_id = content_id(request.source, request.body)
-        meta = {k: v for k, v in meta.items() if v is not None}
+        if meta:
+            meta = {k: v for k, v in meta.items() if v is not None}
         return [
             Event(
                 id=ev_id,
