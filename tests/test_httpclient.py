@@ -23,6 +23,9 @@ from integrand.connector import (
     RetryableError,
     error_for_status,
 )
+from integrand.httpclient import redact_headers
+from integrand.listener import redact_headers as listener_redact
+from integrand.secrets import REDACTED, is_credential_name
 
 from .connectors import registry_with
 from .helpers import BASE, DEMO_SECRET, admin_url, hook_url, post_signed, running, wait_for, write_config
@@ -345,3 +348,42 @@ async def test_classify_maps_a_fault_inside_a_200(api: FakeApi, pool: HttpPool) 
     api.answers.append((500, {}, b"{}"))
     with pytest.raises(RetryableError):  # no opinion from classify: the status decides
         await http(pool).post(api.url + "/customer", json={}, classify=fault)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "Proxy-Authorization",
+        "webhook-signature",
+        "Stripe-Signature",
+        "X-Hub-Signature-256",
+        "X-HubSpot-Signature-v3",
+        "intuit-signature",
+        "X-Shopify-Hmac-Sha256",
+        "X-Api-Key",
+        "apikey",
+        "X-Auth-Token",
+        "access_token",
+        "client_secret",
+        "password",
+        "Cookie",
+        "Set-Cookie",
+        "auth_code",
+        "key",
+        "X-Sig",
+    ],
+)
+def test_credential_names_are_redacted_everywhere(name: str) -> None:
+    """One rule for the listener's rejections and the HTTP helper's logs: a name hidden in one is hidden in both."""
+    assert is_credential_name(name)
+    assert redact_headers({name: "s3cr3t"}) == {name: REDACTED}
+    assert listener_redact({name: "s3cr3t"}) == {name: REDACTED}
+
+
+@pytest.mark.parametrize(
+    "name", ["webhook-id", "X-Request-Id", "Content-Type", "author", "design", "monkey", "User-Agent"]
+)
+def test_ordinary_names_stay_visible(name: str) -> None:
+    assert not is_credential_name(name)
+    assert listener_redact({name: "v"}) == {name: "v"}

@@ -288,9 +288,9 @@ async def test_refused_webhooks_are_recorded_with_secrets_redacted(
         await wait_for(lambda: _rejections(d.store, 401))
         [r] = await d.store.rejections(source="demo")
         assert (r.source, r.status, r.reason, r.remote) == ("demo", 401, "signature does not match", "127.0.0.1")
-        assert r.headers["webhook-signature"] == "[redacted]"
-        assert r.headers["Authorization"] == "[redacted]"
-        assert r.headers["X-Api-Key"] == "[redacted]"
+        assert r.headers["webhook-signature"] == "***"
+        assert r.headers["Authorization"] == "***"
+        assert r.headers["X-Api-Key"] == "***"
         assert r.headers["X-Trace"] == "trace-1"
         assert r.headers["webhook-id"] == "msg_x"
         assert leaked not in orjson.dumps(r.headers).decode()

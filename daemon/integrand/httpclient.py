@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 
 from .backoff import parse_retry_after
 from .errors import AuthError, PermanentError, RetryableError
+from .secrets import REDACTED, is_credential_name
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 AUTH_STATUS = frozenset({401, 403})
@@ -41,18 +42,7 @@ AUTH_STATUS = frozenset({401, 403})
 # QuickBooks: intuit_tid (third-party-apis.md); HubSpot: X-HubSpot-Correlation-Id; generic: X-Request-Id.
 REQUEST_ID_HEADERS = ("intuit_tid", "X-HubSpot-Correlation-Id", "X-Request-Id", "X-Correlation-Id", "Request-Id")
 
-# Header, query and JSON key names whose values never reach a log line.
-_SECRET_NAME = re.compile(
-    r"(authorization|token|secret|password|passwd|api[-_]?key|signature|cookie|session|credential|auth_code|authorization_code)",
-    re.I,
-)
-REDACTED = "***"
 LOG_BODY_CHARS = 500
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether a header, query parameter or JSON key name looks like it holds a credential."""
-    return bool(_SECRET_NAME.search(name))
 
 
 def redact_url(url: str) -> str:
@@ -63,13 +53,13 @@ def redact_url(url: str) -> str:
         netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
     query = parts.query
     if query:
-        pairs = [(k, REDACTED if is_secret_name(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        pairs = [(k, REDACTED if is_credential_name(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
         query = urlencode(pairs, safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if is_secret_name(k) else v) for k, v in headers.items()}
+    return {k: (REDACTED if is_credential_name(k) else v) for k, v in headers.items()}
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
@@ -79,12 +69,12 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
             text = text.replace(s, REDACTED)
     text = re.sub(
         r'("([^"]*)"\s*:\s*)"([^"]*)"',
-        lambda m: f'{m.group(1)}"{REDACTED}"' if is_secret_name(m.group(2)) else m.group(0),
+        lambda m: f'{m.group(1)}"{REDACTED}"' if is_credential_name(m.group(2)) else m.group(0),
         text,
     )
     return re.sub(
         r"(^|[&?])([^=&\s]+)=([^&\s]*)",
-        lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}" if is_secret_name(m.group(2)) else m.group(0),
+        lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}" if is_credential_name(m.group(2)) else m.group(0),
         text,
     )
 

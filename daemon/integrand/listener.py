@@ -8,7 +8,6 @@ timestamp (401; nothing unauthenticated is parsed) → content type and JSON
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ from .errors import StoreUnavailable, WebhookRejected
 from .events import Event, utcnow_iso
 from .metrics import Metrics
 from .routes import Router
+from .secrets import REDACTED, is_credential_name
 from .store import Store
 
 log = logging.getLogger("integrand.listener")
 
-_SECRET_HEADER = re.compile(r"sig|auth|token|secret|cookie|hmac|key|password", re.IGNORECASE)
 RETRY_AFTER_UNAVAILABLE = "5"
 HOOKS_PREFIX = "/hooks/"
 
@@ -40,7 +39,7 @@ class SourceRuntime:
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Headers as an operator may see them: anything that could be a credential is replaced."""
-    return {str(k): ("[redacted]" if _SECRET_HEADER.search(k) else str(v)[:500]) for k, v in headers.items()}
+    return {str(k): (REDACTED if is_credential_name(k) else str(v)[:500]) for k, v in headers.items()}
 
 
 def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import GetCoreSchemaHandler, ValidationInfo
 from pydantic_core import PydanticCustomError, core_schema
+
+# Header, query-parameter and JSON key names whose values never reach a log line or the rejections
+# table. One list for every place that redacts (the listener's rejections, the HTTP helper's logs), so
+# a credential header hidden in one is hidden in all. Whole words where a bare substring would catch
+# ordinary names ("key" in "monkey", "sig" in "design", "auth" in "author").
+_CREDENTIAL_NAME = re.compile(
+    r"authorization|token|secret|passw|credential|cookie|session|signature|hmac|api[-_]?key"
+    r"|auth_code|(?:^|[-_])(?:auth|key|sig)(?:$|[-_])",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a header, query parameter or JSON key name looks like it holds a credential."""
+    return _CREDENTIAL_NAME.search(name) is not None
 
 
 class SecretValue:
