@@ -240,7 +240,27 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_SQLITE_UNAVAILABLE = ("full", "locked", "busy", "disk i/o", "readonly", "unable to open", "no such table")
+# Primary result codes that mean "the store cannot commit right now" (the listener answers 503 and the
+# sender retries) rather than "this op is wrong": disk or size limit full, locked past busy_timeout,
+# I/O error, read-only, cannot open.
+_UNAVAILABLE_CODES = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR}
+    | {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+)
+
+
+def _sqlite_code(e: BaseException) -> int | None:
+    """The primary SQLite result code of an error (extended codes carry it in their low byte)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _unavailable(e: BaseException) -> bool:
+    """Whether a SQLite error means the store is unavailable, not that the op failed on its own.
+
+    "no such table" is SQLITE_ERROR like any bad statement; here it means the file was replaced
+    or truncated under the daemon, so it is matched by its text."""
+    return isinstance(e, sqlite3.Error) and (_sqlite_code(e) in _UNAVAILABLE_CODES or "no such table" in str(e))
 
 
 class EnqueueResult(NamedTuple):
@@ -676,7 +696,7 @@ class Store:
         except Exception as e:
             self._next_event = next_event_before
             err: BaseException = e
-            if isinstance(e, sqlite3.Error) and any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
+            if _unavailable(e):
                 err = StoreUnavailable(f"store cannot commit: {e}")
                 log.error("store cannot commit %d operations: %s", len(batch), e)
             elif not isinstance(e, StoreUnavailable):
@@ -745,7 +765,7 @@ class Store:
         try:
             self._conn.raw.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            if not any(w in str(e).lower() for w in ("locked", "busy")):
+            if _sqlite_code(e) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise
             await self._in_thread(self._begin_waiting)
 
@@ -787,7 +807,7 @@ class Store:
                 try:
                     results.append(_drive(op.fn(conn)))
                 except sqlite3.Error as e:
-                    if any(w in str(e).lower() for w in _SQLITE_UNAVAILABLE):
+                    if _unavailable(e):
                         raise
                     raw.execute("ROLLBACK TO op")
                     results.append(_Failed(e))
