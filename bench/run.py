@@ -100,11 +100,16 @@ def bench_ingest(runs: int, seconds: float) -> dict[str, Any]:
 def bench_e2e(runs: int, seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs, "seconds": seconds, "connections": 64, "results": []}
     for r in range(runs):
+        # The bare baseline just before, in the same run: the machine's speed moves by a third between
+        # minutes here, and the ratio is what stays comparable with the target's own machine.
+        bare = http_bench.ingest_once("bare", 64, seconds, f"e2eb{r}x{int(time.time())}")
         res = http_bench.e2e_once(64, seconds, f"e2e{r}x{int(time.time())}")
+        res["bare_rps"] = bare["rps"]
         out["results"].append(res)
         print(
             f"e2e run={r + 1}/{runs} {res['lines']} events in {res['e2e_seconds']:.2f} s = "
-            f"{res['e2e_eps']:.0f} events/s (sink finished {res['drain_after_load_s']:.2f} s after the load)",
+            f"{res['e2e_eps']:.0f} events/s (sink finished {res['drain_after_load_s']:.2f} s after the load); "
+            f"bare {bare['rps']:.0f} req/s just before",
             flush=True,
         )
     return out
