@@ -38,6 +38,10 @@ async def test_admin_endpoints(tmp_path: Path) -> None:
         async with s.get(admin_url(d, "/metrics")) as r:
             text = await r.text()
         assert 'integrand_webhooks_total{source="demo",status="200"} 1.0' in text
+        # The webhook's group commit, at least, was timed and counted.
+        commits = float(text.split("\nintegrand_store_commit_seconds_count ")[1].split()[0])
+        assert commits >= 1
+        assert float(text.split("\nintegrand_store_commit_ops_sum ")[1].split()[0]) >= commits
         assert 'integrand_webhooks_total{source="demo",status="401"} 1.0' in text
         assert 'integrand_deliveries_total{outcome="done",sink="out"} 1.0' in text
         assert 'integrand_deliveries_current{sink="out",state="done"} 1.0' in text

@@ -92,6 +92,12 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
     )
     await store.open()
     metrics = Metrics()
+
+    def on_commit(seconds: float, ops: int) -> None:
+        metrics.commit_seconds.observe(seconds)
+        metrics.commit_ops.observe(ops)
+
+    store.on_commit = on_commit
     connectors: dict[str, Connector[Any]] = {}
     source_instances: dict[str, object] = {}  # filled below; routes call the sources' fetch()
     try:

@@ -57,6 +57,18 @@ class Metrics:
         )
         self.commits = Gauge("integrand_store_commits", "Transactions committed by the store writer", registry=r)
         self.committed_ops = Gauge("integrand_store_ops", "Operations committed by the store writer", registry=r)
+        self.commit_seconds = Histogram(
+            "integrand_store_commit_seconds",
+            "Time of one group commit, BEGIN to fsynced COMMIT: every webhook in it waited this long",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+        )
+        self.commit_ops = Histogram(
+            "integrand_store_commit_ops",
+            "Operations per group commit (webhooks, leases, acks merged into one transaction)",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
+        )
         self.polls = Counter(
             "integrand_polls", "Poll requests by source and outcome", ["source", "outcome"], registry=r
         )

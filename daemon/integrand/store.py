@@ -493,6 +493,9 @@ class Store:
         self.deliveries_ready = asyncio.Event()
         self.commits = 0
         self.committed_ops = 0
+        # Told the seconds from BEGIN to COMMIT returned and the ops in it, after each group commit:
+        # every caller in the group waited that long for its answer (the daemon exports it).
+        self.on_commit: Callable[[float, int], None] | None = None
         self._queue = _Inbox()
         self._conn: Conn | None = None  # by the writer only: statements on the loop, COMMIT on self._thread
         self._rconn: ReadConn | None = None
@@ -689,6 +692,7 @@ class Store:
         the store's thread do not trade the GIL around every statement; only the COMMIT, which waits
         for the disk, leaves the loop, and the loop serves requests meanwhile."""
         next_event_before = self._next_event
+        started = time.perf_counter()
         try:
             await self._begin()
             results, new_deliveries = self._apply(batch)
@@ -707,6 +711,8 @@ class Store:
             return
         self.commits += 1
         self.committed_ops += len(batch)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
         if self.role == "daemon":
             self._maybe_checkpoint()
         for op, result in zip(batch, results, strict=True):
