@@ -328,3 +328,43 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(tmp_path: 
     finally:
         other.close()
         await s.close()
+
+
+async def test_migration_3_keeps_entity_lines_across_the_upgrade(tmp_path: Path, clock: Clock) -> None:
+    """A store written by schema 2 (order kept by `state`) opens under 3 (order kept by `active`) with
+    the same lines: an open delivery still holds back the next one of its entity, a dead one does not."""
+    path = tmp_path / "q.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.execute("PRAGMA journal_mode = WAL")
+        c.execute("BEGIN")
+        for script in MIGRATIONS[:2]:
+            for stmt in (x.strip() for x in script.split(";")):
+                if stmt:
+                    c.execute(stmt)
+        c.execute("PRAGMA user_version = 2")
+        for n, (entity, state) in enumerate(
+            [("A", "dead"), ("A", "ready"), ("B", "leased"), ("B", "ready"), ("C", "done"), ("C", "ready")], 1
+        ):
+            body = ev(str(n), entity).to_json()
+            c.execute(
+                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body) "
+                "VALUES (?, 's', ?, 't', ?, 0, ?)",
+                (n, str(n), f"s/E:{entity}", body),
+            )
+            c.execute(
+                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at, "
+                "lease_until, lease_owner) VALUES (?, 'k', ?, ?, 0, 0, 0, ?, ?)",
+                (n, f"s/E:{entity}", state, 1e12 if state == "leased" else None, "gone" if state == "leased" else None),
+            )
+        c.execute("COMMIT")
+    s = Store(path, clock=clock)
+    await s.open()  # migrates, and releases the lease of the run that is gone
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            assert c.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+            active = dict(c.execute("SELECT event, active FROM deliveries"))
+        assert active == {1: None, 2: 1, 3: 1, 4: 1, 5: None, 6: 1}
+        # A's dead head and C's done head no longer hold their lines; B's released head still does.
+        assert sorted(x.event.id for x in await s.lease(10, 60)) == ["2", "3", "6"]
+    finally:
+        await s.close()

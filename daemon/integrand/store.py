@@ -238,6 +238,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (source, entity, entity_id)
     ) WITHOUT ROWID;
     """,
+    # 3: per-entity order keyed on a column that leasing does not touch. The old index's WHERE named
+    # `state`, so leasing (ready -> leased) rewrote each delivery's entry, and a lease of 100 dirtied
+    # up to 100 pages scattered by entity key. `active` is 1 while a delivery is ready or leased and
+    # NULL once it is done or dead: only those two final changes touch the index now.
+    """
+    ALTER TABLE deliveries ADD COLUMN active INTEGER DEFAULT 1;
+    UPDATE deliveries SET active = NULL WHERE state IN ('done', 'dead');
+    DROP INDEX deliveries_active;
+    CREATE INDEX deliveries_active ON deliveries (sink, entity_key, id) WHERE active = 1;
+    """,
 ]
 
 # Primary result codes that mean "the store cannot commit right now" (the listener answers 503 and the
@@ -970,7 +980,7 @@ class Store:
                       AND NOT EXISTS (
                         SELECT 1 FROM deliveries p
                         WHERE p.sink = d.sink AND p.entity_key = d.entity_key
-                          AND p.state IN ('ready', 'leased') AND p.id < d.id)
+                          AND p.active = 1 AND p.id < d.id)
                     ORDER BY d.next_attempt_at, d.id
                     LIMIT :limit)
                 RETURNING id, event, sink, attempts, created_at
@@ -1016,7 +1026,7 @@ class Store:
                     release.append((now, d.id))
             if done:
                 await conn.update_ids(
-                    "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, "
+                    "UPDATE deliveries SET state = 'done', active = NULL, attempts = attempts + 1, updated_at = ?, "
                     "lease_until = NULL, lease_owner = NULL, last_error = NULL",
                     (now,),
                     done,
@@ -1029,7 +1039,7 @@ class Store:
                 )
             if dead:
                 await conn.executemany(
-                    "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, updated_at = ?, "
+                    "UPDATE deliveries SET state = 'dead', active = NULL, attempts = attempts + 1, updated_at = ?, "
                     "last_error = ?, lease_until = NULL, lease_owner = NULL WHERE id = ?",
                     dead,
                 )
@@ -1096,7 +1106,7 @@ class Store:
         sql = f"""
             SELECT d.next_attempt_at FROM deliveries d WHERE d.state = 'ready' {not_in}
             AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.sink = d.sink AND p.entity_key = d.entity_key
-                            AND p.state IN ('ready', 'leased') AND p.id < d.id)
+                            AND p.active = 1 AND p.id < d.id)
             ORDER BY d.next_attempt_at LIMIT 1
         """  # noqa: S608 - only placeholders are interpolated
         async with self._read().execute(sql, excluded) as cur:
@@ -1223,7 +1233,7 @@ class Store:
                 rows = [r for r in rows if r[0] not in superseded]
             if rows:
                 await conn.executemany(
-                    "UPDATE deliveries SET state = 'ready', attempts = 0, next_attempt_at = ?, updated_at = ?, "
+                    "UPDATE deliveries SET state = 'ready', active = 1, attempts = 0, next_attempt_at = ?, updated_at = ?, "
                     "created_at = ? WHERE id = ?",
                     [(now, now, now, r[0]) for r in rows],
                 )
@@ -1245,7 +1255,8 @@ class Store:
             now = self.clock()
             rows = await _dead_rows(conn, ids, sink)
             await conn.executemany(
-                "UPDATE deliveries SET state = 'done', updated_at = ?, last_error = 'purged from the DLQ' WHERE id = ?",
+                "UPDATE deliveries SET state = 'done', active = NULL, updated_at = ?, last_error = 'purged from the DLQ' "
+                "WHERE id = ?",
                 [(now, r[0]) for r in rows],
             )
             await conn.executemany(
