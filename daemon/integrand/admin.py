@@ -70,3 +70,5 @@ class Admin:
             self.metrics.queue.labels(sink, state).set(n)
         self.metrics.commits.set(self.store.commits)
         self.metrics.committed_ops.set(self.store.committed_ops)
+        self.metrics.inline_checkpoints.set(self.store.inline_checkpoints)
+        self.metrics.inline_checkpoint_seconds.set(self.store.inline_checkpoint_seconds)

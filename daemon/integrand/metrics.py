@@ -57,6 +57,16 @@ class Metrics:
         )
         self.commits = Gauge("integrand_store_commits", "Transactions committed by the store writer", registry=r)
         self.committed_ops = Gauge("integrand_store_ops", "Operations committed by the store writer", registry=r)
+        self.inline_checkpoints = Gauge(
+            "integrand_store_inline_checkpoints",
+            "WAL checkpoints the writer ran between commits because the background ones fell behind",
+            registry=r,
+        )
+        self.inline_checkpoint_seconds = Gauge(
+            "integrand_store_inline_checkpoint_seconds",
+            "Total time of those checkpoints: every webhook queued meanwhile waited for them",
+            registry=r,
+        )
         self.commit_seconds = Histogram(
             "integrand_store_commit_seconds",
             "Time of one group commit, BEGIN to fsynced COMMIT: every webhook in it waited this long",

@@ -503,6 +503,8 @@ class Store:
         self.deliveries_ready = asyncio.Event()
         self.commits = 0
         self.committed_ops = 0
+        self.inline_checkpoints = 0  # WAL checkpoints the writer had to run between commits (see _run_writer)
+        self.inline_checkpoint_seconds = 0.0
         # Told the seconds from BEGIN to COMMIT returned and the ops in it, after each group commit:
         # every caller in the group waited that long for its answer (the daemon exports it).
         self.on_commit: Callable[[float, int], None] | None = None
@@ -684,10 +686,14 @@ class Store:
                 if self._ckpt_task is not None:  # a PASSIVE checkpoint does not wait for another one
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self._ckpt_task)
+                started = time.perf_counter()
                 try:
                     await self._in_thread(self._checkpoint_in_line)
                 except sqlite3.Error as e:
                     log.warning("WAL checkpoint failed: %s", e)
+                # Every caller queued meanwhile waited for it: worth seeing beside the commit times.
+                self.inline_checkpoints += 1
+                self.inline_checkpoint_seconds += time.perf_counter() - started
             await self._commit(batch)
         # Fail whatever is still queued rather than leave callers hanging.
         while not self._queue.empty():
