@@ -72,11 +72,11 @@ class _Cursor:
 
 
 class Conn:
-    """The write connection as store ops see it: aiosqlite's API, run synchronously on the store's thread.
+    """The write connection as store ops see it: aiosqlite's API, each statement run synchronously.
 
     Ops are coroutines that only ever await this object, so they never suspend: the writer runs a
-    whole transaction (every op in it, BEGIN to COMMIT) in one call on the SQLite thread, instead of
-    one thread round trip per statement, each of which waits for a turn of the busy event loop.
+    transaction's ops to completion on the loop (see ``Store._commit``) and hands only its COMMIT
+    to the store's thread.
     """
 
     __slots__ = ("raw",)
@@ -582,7 +582,7 @@ class Store:
         """On the store's thread: connect, migrate, find the last event id, release dead leases."""
         raw = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._conn = conn = Conn(raw)
-        self._pragmas(raw, readonly=False)
+        self._writer_pragmas(raw)
         _drive(self._migrate(conn))
         row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
         self._next_event = int(row[0]) if row else 0
@@ -596,28 +596,29 @@ class Store:
         raw.execute("PRAGMA busy_timeout = 0")
         return released
 
-    def _pragmas(self, raw: sqlite3.Connection, readonly: bool) -> None:
-        raw.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+    def _pragma_statements(self, readonly: bool) -> list[str]:
+        """The settings every connection of this store gets (the writer's size limit aside)."""
+        out = [f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}"]
         if not readonly:
-            raw.execute("PRAGMA journal_mode = WAL")
-        raw.execute(f"PRAGMA synchronous = {self.synchronous}")
-        raw.execute("PRAGMA temp_store = MEMORY")
-        raw.execute("PRAGMA cache_size = -32000")
-        if self.max_size_mb and not readonly:
+            out.append("PRAGMA journal_mode = WAL")
+        out += [f"PRAGMA synchronous = {self.synchronous}", "PRAGMA temp_store = MEMORY", "PRAGMA cache_size = -32000"]
+        if readonly:
+            out.append("PRAGMA query_only = ON")
+        return out
+
+    def _writer_pragmas(self, raw: sqlite3.Connection) -> None:
+        for stmt in self._pragma_statements(readonly=False):
+            raw.execute(stmt)
+        if self.max_size_mb:
             row = raw.execute("PRAGMA page_size").fetchone()
             page = int(row[0]) if row else 4096
             raw.execute(f"PRAGMA max_page_count = {self.max_size_mb * 1024 * 1024 // page}")
-        if readonly:
-            raw.execute("PRAGMA query_only = ON")
 
     async def _connect_reader(self) -> ReadConn:
         """Reads (status, DLQ listings, next_due) go through aiosqlite on a connection of their own."""
         conn = await aiosqlite.connect(str(self.path), isolation_level=None)
-        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        await conn.execute("PRAGMA temp_store = MEMORY")
-        await conn.execute("PRAGMA cache_size = -32000")
-        await conn.execute("PRAGMA query_only = ON")
+        for stmt in self._pragma_statements(readonly=True):
+            await conn.execute(stmt)
         return conn
 
     def _take_lock(self) -> None:
@@ -1060,7 +1061,7 @@ class Store:
             return bool(release or retry)
 
         if await self._submit(op, rows=len(outcomes)):
-            self.deliveries_ready.set()  # on the loop: ops run on the store's thread
+            self.deliveries_ready.set()  # after the commit, not inside the op: a rolled-back retry is no news
 
     async def _release_leases(self, conn: Conn, owner: str | None, expired_before: float | None = None) -> int:
         now = self.clock()
