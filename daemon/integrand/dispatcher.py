@@ -301,19 +301,19 @@ class Dispatcher:
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
 
     def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
-        self._counted(sink.name, "skipped")
+        self.metrics.deliveries.inc(sink.name, "skipped")
         return Outcome(row, "done")
 
     def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
         """Enrichment or mapping failed: dead-letter or retry on the delivery's own budget; the breaker is untouched."""
         error = describe_error(res)
         if isinstance(res, PermanentError):
-            self._counted(sink.name, "dead")
+            self.metrics.deliveries.inc(sink.name, "dead")
             log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
         if not isinstance(res, RetryableError):
             log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
-        self._counted(sink.name, "retry")
+        self.metrics.deliveries.inc(sink.name, "retry")
         attempts = row.attempts + 1
         policy = sink.retry
         if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
@@ -321,9 +321,6 @@ class Dispatcher:
         retry_after = getattr(res, "retry_after", None)
         delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
-
-    def _counted(self, sink: str, outcome: str) -> None:
-        self.metrics.deliveries.inc(sink, outcome)
 
     def _reachable(self, sink: SinkRuntime, before: str) -> None:
         """The sink answered: close its breaker and, if it was open, send its waiting retries now."""
@@ -338,7 +335,7 @@ class Dispatcher:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
-        self._counted(sink.name, "dead")
+        self.metrics.deliveries.inc(sink.name, "dead")
         log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
         return Outcome(row, "dead", error=error)
 
@@ -346,12 +343,12 @@ class Dispatcher:
         before = sink.breaker.status
         if res is None:
             self._reachable(sink, before)
-            self._counted(sink.name, "done")
+            self.metrics.deliveries.inc(sink.name, "done")
             return Outcome(row, "done")
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
-            self._counted(sink.name, "dead")
+            self.metrics.deliveries.inc(sink.name, "dead")
             log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
@@ -366,7 +363,7 @@ class Dispatcher:
                 )
             sink.auth_error = error
             self.metrics.breaker_open.labels(sink.name).set(1)
-            self._counted(sink.name, "auth")
+            self.metrics.deliveries.inc(sink.name, "auth")
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
         outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
         if outage:
@@ -384,7 +381,7 @@ class Dispatcher:
             log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
             if probing and sink.breaker.status == "half_open":
                 sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
-        self._counted(sink.name, "retry")
+        self.metrics.deliveries.inc(sink.name, "retry")
         retry_after = getattr(res, "retry_after", None)
         policy = sink.retry
         age = now - row.created_at

@@ -25,9 +25,6 @@ class Tally(Collector):
     def inc(self, *labels: str, amount: float = 1) -> None:
         self.values[labels] = self.values.get(labels, 0) + amount
 
-    def value(self, *labels: str) -> float:
-        return self.values.get(labels, 0)
-
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for labels, n in list(self.values.items()):  # a copy: a scrape may run while the loop counts
