@@ -271,6 +271,11 @@ def parse_config(
         f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
         for name in sources
         if not any(r.from_ == name for r in routes)
+    ) + tuple(  # a connector's own "accepted, but know this" (e.g. an unsigned webhook source)
+        f"{cs.role}s.{name}: {w}"
+        for table in (sources, sinks)
+        for name, cs in table.items()
+        for w in getattr(cs.options, "warnings", list)()
     )
     return Settings(
         path=path,
