@@ -22,6 +22,7 @@ from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSo
 from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
 from .events import Event
+from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
@@ -142,6 +143,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             name,
             inst if isinstance(inst, WebhookSource) else None,
             core.max_body_bytes or s.daemon.max_body_bytes,
+            core.max_json_depth or s.daemon.max_json_depth,
         )
     sinks = {}
     for name, cs in s.sinks.items():
@@ -180,6 +182,14 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
         on_accepted=nudge,
+        limits=PortLimits(
+            max_connections=s.daemon.max_connections,
+            max_connections_per_ip=s.daemon.max_connections_per_ip,
+            header_timeout=s.daemon.header_timeout,
+            body_timeout=s.daemon.body_timeout,
+            keepalive_timeout=s.daemon.keepalive_timeout,
+        ),
+        rejections_per_second=s.daemon.rejections_per_second,
     )
     dispatcher = Dispatcher(
         store,
