@@ -26,6 +26,7 @@ from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .store import Store
@@ -83,6 +84,8 @@ class Daemon:
 
 async def build(settings: Settings, clock: Callable[[], float] = time.time) -> Daemon:
     s = settings
+    private_dir(s.daemon.state_dir)
+    private_database(s.db_path)
     store = Store(
         s.db_path,
         synchronous=s.store.synchronous,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import IO
 
 from integrand.connector import Connector, ConnectorConfig, Event, RelPath, RetryableError, Sink
+from integrand.permissions import private_dir, private_file
 
 
 class JsonlConfig(ConnectorConfig):
@@ -26,7 +27,8 @@ class JsonlSink(Connector[JsonlConfig], Sink):
     async def start(self) -> None:
         self._lock = asyncio.Lock()
         path = self.config.path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        private_file(path)  # event bodies: 0600 whatever the umask
         self._file = open(path, "ab")  # noqa: SIM115, ASYNC230 - opened once at start, held for the daemon's lifetime
 
     async def close(self) -> None:
