@@ -339,3 +339,38 @@ async def test_refusal_flood_writes_a_bounded_number_of_rows(tmp_path: Path, cap
         assert 50 <= len(rows) <= 150, len(rows)
     refusals = [r for r in caplog.records if "refused webhook" in r.getMessage()]
     assert len(refusals) <= 10
+
+
+CHUNKED = b"POST /hooks/demo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+
+
+async def test_a_chunk_declaring_more_than_the_limit_is_refused_before_its_bytes(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path, SOURCES)) as d:
+        started = time.monotonic()
+        # 16 MiB declared, 10 bytes sent, and the client waits: only the declaration can end this.
+        answer = await exchange(d.ports["webhooks"], CHUNKED + b"\r\n" + b"1000000\r\n" + b'{"type":"x', timeout=5)
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        assert b"body exceeds the limit of 1048576 bytes" in answer
+        assert time.monotonic() - started < 2
+
+
+async def test_chunked_bodies_within_the_limit_and_keep_alive_after_them_still_work(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path, SOURCES)) as d:
+        requests = b""
+        for i in range(3):
+            body = orjson.dumps({"type": "ok", "n": i})
+            hs = signed_headers(body, f"c{i}")
+            extra = "".join(f"{k}: {v}\r\n" for k, v in hs.items() if k.lower() != "content-type").encode()
+            half = len(body) // 2
+            chunks = b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n" % (
+                half,
+                body[:half],
+                len(body) - half,
+                body[half:],
+            )
+            last = b"Connection: close\r\n" if i == 2 else b""
+            requests += CHUNKED + extra + last + b"\r\n" + chunks
+        # Then a Content-Length request on the same connection would follow; pipelined all at once.
+        answer = await exchange(d.ports["webhooks"], requests, timeout=5)
+        assert answer.count(b"HTTP/1.1 200") == 3, answer
+        assert await d.store.event_count() == 3

@@ -151,6 +151,88 @@ def _raw_response(status: int, phrase: str, reason: str, extra: str = "") -> byt
     return head.encode() + body
 
 
+class ChunkWatch:
+    """Follows a connection's request framing to refuse a chunk that declares more than the body limit
+    the moment its size line arrives (aiohttp's parser would wait for the bytes and hand them over).
+
+    It only reads framing (head end, Content-Length, chunk-size lines) and stops following at the first
+    thing it does not understand, leaving the request to aiohttp's parser, which is the authority."""
+
+    MAX_HEAD = 64 * 1024
+
+    def __init__(self, limit_for: Callable[[bytes], int | None]):
+        self.limit_for = limit_for
+        self.state = "head"
+        self.buf = b""
+        self.skip = 0  # body or chunk bytes still to pass over
+        self.limit = 0
+        self.seen = 0  # chunk bytes declared so far in this body
+
+    def feed(self, data: bytes) -> str | None:
+        """The reason to refuse the current request now, or None."""
+        pos, size = 0, len(data)
+        if self.buf:
+            data, self.buf = self.buf + data, b""
+            size = len(data)
+        while pos < size and self.state != "off":
+            if self.skip:
+                n = min(self.skip, size - pos)
+                self.skip -= n
+                pos += n
+            elif self.state == "crlf":
+                self.state, self.skip = "size", 2
+            else:
+                sep = b"\r\n\r\n" if self.state == "head" else b"\r\n"
+                end = data.find(sep, pos)
+                if end < 0:
+                    self.buf = data[pos:]
+                    if len(self.buf) > (self.MAX_HEAD if self.state == "head" else 1024):
+                        self.state, self.buf = "off", b""
+                    return None
+                why = self._item(data[pos:end])
+                if why is not None:
+                    return why
+                pos = end + len(sep)
+        return None
+
+    def _item(self, item: bytes) -> str | None:
+        if self.state == "head":
+            low = item.lower()  # one C-speed pass; no header dict (this runs on every request)
+            if b"chunked" in low and b"\ntransfer-encoding:" in low:
+                parts = item.lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
+                limit = self.limit_for(parts[1]) if len(parts) == 3 else None
+                if limit is None:
+                    self.state = "off"
+                    return None
+                self.state, self.limit, self.seen = "size", limit, 0
+                return None
+            at = low.find(b"\ncontent-length:")
+            if at >= 0:
+                end = low.find(b"\r", at + 16)
+                try:
+                    self.skip = int(low[at + 16 : end if end >= 0 else None])
+                except ValueError:
+                    self.state = "off"
+            return None
+        if self.state == "size":
+            try:
+                size = int(item.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.state = "off"
+                return None
+            if size == 0:
+                self.state = "trailer"
+                return None
+            self.seen += size
+            if self.seen > self.limit:
+                return f"body exceeds the limit of {self.limit} bytes"  # declared by a chunk size, not yet sent
+            self.state, self.skip = "crlf", size
+            return None
+        if item == b"":  # the blank line after the trailers: the next request's head follows
+            self.state = "head"
+        return None
+
+
 class GuardedServer(web.Server):
     """aiohttp's low-level server with per-connection limits; see GuardedHandler."""
 
@@ -161,6 +243,7 @@ class GuardedServer(web.Server):
         limits: PortLimits,
         quiet: QuietLog,
         on_refused: Callable[[str], None] | None = None,
+        body_limit: Callable[[bytes], int | None] | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -176,6 +259,7 @@ class GuardedServer(web.Server):
         self.cap = connection_cap(limits.max_connections)
         self.quiet = quiet
         self.on_refused = on_refused
+        self.body_limit = body_limit
         self.open = 0
         self.per_ip: Counter[str] = Counter()
 
@@ -200,6 +284,7 @@ class GuardedHandler(RequestHandler):
     def __init__(self, manager: GuardedServer, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._guard = manager
+        self._chunks = ChunkWatch(manager.body_limit) if manager.body_limit is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         g = self._guard
@@ -237,6 +322,9 @@ class GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._chunks is not None and (why := self._chunks.feed(data)) is not None:
+            self._refuse_now(413, "Content Too Large", why)
+            return
         super().data_received(data)
         if self._head_timer is None and self._current_request is None and not self._messages:
             self._arm_head_timer()  # the first bytes of a new request head: its clock starts now
@@ -255,6 +343,16 @@ class GuardedHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _refuse_now(self, status: int, phrase: str, reason: str) -> None:
+        """Answer and close without waiting for the request's handler (which then sees the connection gone)."""
+        self._guard.refuse(reason, self._peer)
+        transport = self.transport
+        if isinstance(transport, asyncio.Transport):
+            transport.write(_raw_response(status, phrase, reason))
+        self.force_close()
+        if transport is not None:
+            transport.close()
+
     def _head_timeout(self) -> None:
         """No complete request head since the connection opened or since bytes of a new one arrived."""
         self._head_timer = None
@@ -262,12 +360,9 @@ class GuardedHandler(RequestHandler):
         if transport is None or self._current_request is not None or self._messages:
             return
         t = self._guard.limits.header_timeout
-        self._guard.refuse(f"no complete request head within {t:g} s", self._peer)
-        if isinstance(transport, asyncio.Transport):
-            reason = f"the request head did not arrive within {t:g} s (daemon.header_timeout)"
-            transport.write(_raw_response(408, "Request Timeout", reason))
-        self.force_close()
-        transport.close()
+        self._refuse_now(
+            408, "Request Timeout", f"the request head did not arrive within {t:g} s (daemon.header_timeout)"
+        )
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")

@@ -159,7 +159,16 @@ class Listener:
             limits=self.limits,
             quiet=self.quiet,
             on_refused=lambda why: self.metrics.webhooks.inc("-", "refused-connection"),
+            body_limit=self._body_limit,
         )
+
+    def _body_limit(self, target: bytes) -> int | None:
+        """The body limit for a raw request target, as the connection guard sees it before aiohttp."""
+        path = target.split(b"?", 1)[0]
+        if not path.startswith(b"/hooks/"):
+            return None
+        source = self.sources.get(path[7:].decode("latin-1"))
+        return source.max_body_bytes if source is not None else None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         protocol = request.protocol
