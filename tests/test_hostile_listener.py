@@ -212,17 +212,25 @@ async def test_per_ip_cap_refuses_with_503_and_other_addresses_still_get_through
                 w.close()
 
 
-async def test_total_cap_refuses_with_503(tmp_path: Path) -> None:
-    base = LIMITS.replace("max_connections_per_ip = 8", "max_connections = 20")
+async def test_total_cap_refuses_with_503_when_every_connection_is_busy(tmp_path: Path) -> None:
+    base = LIMITS.replace("max_connections_per_ip = 8", "max_connections = 20").replace(
+        'body_timeout = "0.5s"', 'body_timeout = "30s"'
+    )
     async with running(settings_for(tmp_path, SOURCES, base)) as d:
         port = d.ports["webhooks"]
-        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        busy = []
+        for i in range(20):  # each in the middle of a request: none can be closed to make room
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{10 + i % 5}", 0))
+            w.write(head("/hooks/demo", length=100) + b'{"type":')
+            await w.drain()
+            busy.append((r, w))
+        await wait_for(lambda: d.listener.in_flight == 20, timeout=5)
         try:
             answer = await exchange(port, b"", local="127.0.0.3")
             assert answer.startswith(b"HTTP/1.1 503"), answer
             assert b"the limit (daemon.max_connections) is 20" in answer
         finally:
-            for _, w in idle:
+            for _, w in busy:
                 w.close()
 
 
@@ -374,3 +382,26 @@ async def test_chunked_bodies_within_the_limit_and_keep_alive_after_them_still_w
         answer = await exchange(d.ports["webhooks"], requests, timeout=5)
         assert answer.count(b"HTTP/1.1 200") == 3, answer
         assert await d.store.event_count() == 3
+
+
+async def test_a_full_port_makes_room_by_closing_the_oldest_connection_without_a_request(tmp_path: Path) -> None:
+    base = LIMITS.replace("max_connections_per_ip = 8", "max_connections = 20").replace(
+        'header_timeout = "0.5s"', 'header_timeout = "30s"'
+    )
+    async with running(settings_for(tmp_path, SOURCES, base)) as d:
+        port = d.ports["webhooks"]
+        idle = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{10 + i % 5}", 0)) for i in range(20)
+        ]
+        try:
+            body = orjson.dumps({"type": "ok"})
+            hs = signed_headers(body, "room")
+            conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+            async with aiohttp.ClientSession(connector=conn) as s, s.post(hook_url(d), data=body, headers=hs) as r:
+                assert r.status == 200
+            # The first idle connection was the one closed, with a reason.
+            first = await asyncio.wait_for(idle[0][0].read(), 5)
+            assert first.startswith(b"HTTP/1.1 503") and b"closed to make room" in first
+        finally:
+            for _, w in idle:
+                w.close()

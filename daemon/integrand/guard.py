@@ -262,14 +262,18 @@ class GuardedServer(web.Server):
         self.body_limit = body_limit
         self.open = 0
         self.per_ip: Counter[str] = Counter()
+        # Connections with no request in progress, oldest first: when the port is full the oldest of these
+        # makes room, so a flood of idle or slow-loris connections cannot lock out a sender with a request.
+        self.idle: dict[GuardedHandler, None] = {}
+        self.evicted = 0
 
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, loop=self._loop, **self._kwargs)
 
-    def refuse(self, why: str, peer: str) -> None:
+    def refuse(self, kind: str, why: str, peer: str) -> None:
         if self.on_refused is not None:
-            self.on_refused(why)
-        self.quiet.event(f"connection refused ({why})", logging.WARNING, "connection from %s refused: %s", peer, why)
+            self.on_refused(kind)
+        self.quiet.event(kind, logging.WARNING, "connection from %s closed: %s", peer, why)
 
 
 class GuardedHandler(RequestHandler):
@@ -291,12 +295,18 @@ class GuardedHandler(RequestHandler):
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         why = None
-        if g.open >= g.cap:
-            why = f"{g.open} connections open, the limit (daemon.max_connections) is {g.cap}"
-        elif g.per_ip[self._peer] >= g.limits.max_connections_per_ip:
+        if g.per_ip[self._peer] >= g.limits.max_connections_per_ip:
             why = f"{g.per_ip[self._peer]} connections open from this address, the limit is {g.limits.max_connections_per_ip}"
+            kind = "per-address connection limit"
+        elif g.open >= g.cap:
+            victim = next(iter(g.idle), None)
+            if victim is not None:
+                victim._evict()
+            else:
+                why = f"{g.open} connections open, the limit (daemon.max_connections) is {g.cap}"
+                kind = "connection limit"
         if why is not None:
-            g.refuse(why, self._peer)
+            g.refuse(kind, why, self._peer)
             assert isinstance(transport, asyncio.Transport)
             transport.write(
                 _raw_response(503, "Service Unavailable", f"too many connections: {why}", "Retry-After: 1\r\n")
@@ -312,6 +322,10 @@ class GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_timer()
+        self._uncount()
+        super().connection_lost(exc)
+
+    def _uncount(self) -> None:
         if self._counted:
             self._counted = False
             g = self._guard
@@ -319,7 +333,17 @@ class GuardedHandler(RequestHandler):
             g.per_ip[self._peer] -= 1
             if g.per_ip[self._peer] <= 0:
                 del g.per_ip[self._peer]
-        super().connection_lost(exc)
+
+    def _evict(self) -> None:
+        """Make room for a new connection: this one has been waiting longest without sending a request."""
+        self._guard.evicted += 1
+        self._refuse_now(
+            503,
+            "Service Unavailable",
+            "the port is full and this connection sent no request; it was closed to make room",
+            kind="evicted idle connection",
+        )
+        self._uncount()
 
     def data_received(self, data: bytes) -> None:
         if self._chunks is not None and (why := self._chunks.feed(data)) is not None:
@@ -329,23 +353,33 @@ class GuardedHandler(RequestHandler):
         if self._head_timer is None and self._current_request is None and not self._messages:
             self._arm_head_timer()  # the first bytes of a new request head: its clock starts now
 
+    async def finish_response(self, request: Any, resp: Any, start_time: Any) -> Any:
+        result = await super().finish_response(request, resp, start_time)
+        if self.transport is not None and not self._force_close and self._counted:
+            self._guard.idle[self] = None  # kept alive between requests: evictable when the port is full
+        return result
+
     def request_started(self) -> None:
         """Called by the listener when a request's head has been parsed: the head deadline is met."""
         self._disarm_head_timer()
 
     def _arm_head_timer(self) -> None:
         t = self._guard.limits.header_timeout
-        if t > 0 and self.transport is not None:
-            self._head_timer = self._loop.call_later(t, self._head_timeout)
+        if self.transport is not None:
+            self._guard.idle[self] = None
+            if t > 0:
+                self._head_timer = self._loop.call_later(t, self._head_timeout)
 
     def _disarm_head_timer(self) -> None:
+        self._guard.idle.pop(self, None)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse_now(self, status: int, phrase: str, reason: str) -> None:
+    def _refuse_now(self, status: int, phrase: str, reason: str, kind: str | None = None) -> None:
         """Answer and close without waiting for the request's handler (which then sees the connection gone)."""
-        self._guard.refuse(reason, self._peer)
+        self._guard.idle.pop(self, None)
+        self._guard.refuse(kind or f"{status} {phrase}", reason, self._peer)
         transport = self.transport
         if isinstance(transport, asyncio.Transport):
             transport.write(_raw_response(status, phrase, reason))
