@@ -7,7 +7,7 @@ PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
 LINT_DIRS = $(wildcard daemon tests bench plugins)
 
-.PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot
+.PHONY: install run test lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot
 
 install: $(STAMP)
 
@@ -34,6 +34,22 @@ test: install lint typecheck
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
+
+# Coverage-guided fuzzing from the kept corpus (tests/fuzz_corpus); FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 120
+fuzz: install
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python bench/fuzz.py --seconds $(FUZZ_SECONDS)
+
+# kill -9 loop for ROUNDS rounds, then a steady soak of SOAK_SECONDS; figures into docs/reliability.md.
+ROUNDS ?= 200
+SOAK_SECONDS ?= 3600
+soak: install
+	$(BIN)/python bench/soak.py --rounds $(ROUNDS) --seconds $(SOAK_SECONDS)
+
+# Hostile clients against a daemon limited to 1,024 fds; a well-behaved sender measured throughout.
+hostile: install
+	$(BIN)/python bench/hostile.py
 
 # Both fakes and a real integrand: a customer created in the QuickBooks fake appears in the HubSpot fake.
 demo-quickbooks-hubspot: install

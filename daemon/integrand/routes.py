@@ -346,7 +346,7 @@ class FieldMapping:
         for name in f.convert:
             try:
                 value = CONVERSIONS[name](value)
-            except (ValueError, TypeError, OverflowError) as e:
+            except (ValueError, TypeError, OverflowError, OSError) as e:  # OSError: an epoch the C library refuses
                 raise MappingError(f"map.{target}: cannot convert {value!r} with {name!r}: {e}") from None
         if f.lookup is not None:
             table = self.lookups[f.lookup]
