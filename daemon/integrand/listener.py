@@ -251,7 +251,14 @@ class Listener:
         try:
             result = await self.store.enqueue(items)
         except StoreUnavailable as e:
-            log.error("source %s: webhook refused with 503, store unavailable: %s", name, e)
+            # One line per interval, not per request: during an outage every sender retries.
+            self.quiet.event(
+                "503 store unavailable",
+                logging.ERROR,
+                "source %s: webhook refused with 503, store unavailable: %s",
+                name,
+                e,
+            )
             return _error(
                 503,
                 "the event store cannot commit right now; retry later",
