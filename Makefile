@@ -7,7 +7,7 @@ PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
 LINT_DIRS = $(wildcard daemon tests bench plugins)
 
-.PHONY: install run test lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot
+.PHONY: install run test test-tools lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot
 
 install: $(STAMP)
 
@@ -28,8 +28,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install lint typecheck
+test: install lint typecheck test-tools
 	$(BIN)/pytest
+
+# System tools the tests build with (the fault-injection shim is compiled with gcc); installed only if missing.
+test-tools:
+	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc)
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

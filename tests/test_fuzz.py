@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from integrand.connector import Event
+from integrand.routes import MappingError
 
 from . import fuzz_targets as t
 from .helpers import running, settings_for
@@ -222,3 +226,13 @@ async def test_raw_http_corpus_and_mutations_never_5xx_never_hang(tmp_path: Path
                 b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
             )
         ] == [200]
+
+
+def test_a_huge_exponent_is_refused_not_computed() -> None:
+    """Found by atheris: "1e890994" with convert = "int" built an 890,994-digit integer (seconds of CPU on
+    the event loop per delivery); a number that large is now a MappingError at once."""
+    started = time.monotonic()
+    for value in ("1e890994", "-1e890994", "1e-890994", 10**400):
+        with pytest.raises(MappingError, match="out of range"):
+            t._mapping().apply(Event(id="e", source="src", type="t", data={"email": "a@b", "age": value}))
+    assert time.monotonic() - started < 1
