@@ -89,7 +89,20 @@ def main() -> int:
     args = ap.parse_args()
     results = campaign(args.targets, args.seconds)
     out = ROOT / "bench" / "results-fuzz.json"
-    out.write_text(json.dumps({"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "targets": results}, indent=2))
+    at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out.write_text(json.dumps({"at": at, "targets": results}, indent=2))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from reliability_doc import put_block
+
+    rows = "\n".join(
+        f"| {t} | {r['executions']:,} | {r['seconds']:.0f} | {r['corpus_found']} | {len(r['findings'])} |"  # type: ignore[str-format]
+        for t, r in results.items()
+    )
+    put_block(
+        "fuzz",
+        f"`bench/fuzz.py --seconds {args.seconds}` at {at} (2 shared cores, nice 10):\n\n"
+        "| target | executions | seconds | new corpus inputs | findings |\n|---|---|---|---|---|\n" + rows,
+    )
     return 1 if any(r["findings"] for r in results.values()) else 0
 
 

@@ -38,9 +38,11 @@ from aiohttp import web  # noqa: E402
 
 from integrand.testing import standard_webhook_headers  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from reliability_doc import put_block  # noqa: E402
+
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 READY = re.compile(r"ready: webhooks on [^:]+:(\d+)")
-DOC = ROOT / "docs" / "reliability.md"
 
 
 # --- crash loop ---------------------------------------------------------------------------------------
@@ -267,17 +269,6 @@ async def steady(seconds: float, fraction: float, window: float, seed: int) -> d
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-
-def put_block(name: str, text: str) -> None:
-    """Replace what lies between ``<!-- soak:NAME -->`` and ``<!-- /soak:NAME -->`` in docs/reliability.md."""
-    doc = DOC.read_text()
-    start, end = f"<!-- soak:{name} -->", f"<!-- /soak:{name} -->"
-    if start not in doc:
-        return
-    head, rest = doc.split(start, 1)
-    _, tail = rest.split(end, 1)
-    DOC.write_text(f"{head}{start}\n{text.strip()}\n{end}{tail}")
 
 
 def crashloop_block(r: dict[str, Any], cmd: str) -> str:

@@ -158,7 +158,7 @@ class Listener:
             access_log=None,
             limits=self.limits,
             quiet=self.quiet,
-            on_refused=lambda why: self.metrics.webhooks.inc("-", "refused-connection"),
+            on_refused=lambda kind: self.metrics.webhooks.inc("-", kind),  # source "-": before any source is known
             body_limit=self._body_limit,
         )
 
