@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -29,7 +30,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import aiosqlite
 import orjson
 
-from .errors import StoreUnavailable
+from .errors import PermanentError, StoreUnavailable
 from .events import Event
 
 log = logging.getLogger("integrand.store")
@@ -101,6 +102,23 @@ class Conn:
         for start, size in _chunks(len(rows)):
             chunk = rows[start : start + size]
             self.raw.execute(_values_sql(head, len(chunk[0]), size, tail), [v for row in chunk for v in row])
+
+    async def insert_returning(self, head: str, rows: Sequence[Sequence[Any]], returning: str) -> list[Any]:
+        """``insert_rows`` that gives back ``RETURNING returning`` of every row inserted (in no set order)."""
+        out: list[Any] = []
+        for start, size in _chunks(len(rows)):
+            chunk = rows[start : start + size]
+            sql = _values_sql(head, len(chunk[0]), size, f" RETURNING {returning}")
+            out.extend(self.raw.execute(sql, [v for row in chunk for v in row]).fetchall())
+        return out
+
+    async def select_ids(self, head: str, params: Sequence[Any], ids: Sequence[int]) -> list[Any]:
+        """``head AND id IN (…)`` (head ends in a WHERE clause) for many ids in a few statements."""
+        out: list[Any] = []
+        for start, size in _chunks(len(ids)):
+            sql = _in_sql(head, size).replace(" WHERE id IN", " AND id IN", 1)
+            out.extend(self.raw.execute(sql, [*params, *ids[start : start + size]]).fetchall())
+        return out
 
     async def update_ids(self, head: str, params: Sequence[Any], ids: Sequence[int]) -> None:
         """``head WHERE id IN (…)`` for many ids in a few statements (see ``insert_rows`` for why)."""
@@ -346,6 +364,7 @@ class Leased:
     attempts: int
     created_at: float
     event: Event
+    token: str = ""  # the lease's fencing token: complete() ignores an outcome whose lease is no longer held
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,12 +442,39 @@ class _Op:
         self.alone = alone  # committed in a transaction of its own: its failure must not fail anyone else's op
 
 
+class UnstorableEvent(PermanentError):
+    """An event the store cannot hold (its data is not JSON-serialisable): a connector bug, refused alone."""
+
+
+class _Prepared(NamedTuple):
+    """An event serialised before it is queued, so a bad one fails its own caller, not a group commit."""
+
+    event: Event
+    sinks: Sequence[str]
+    body: bytes
+    hash: str | None  # content hash, for events with an entity only
+
+
+def _prepare(items: Sequence[tuple[Event, Sequence[str]]]) -> list[_Prepared]:
+    out = []
+    for ev, sinks in items:
+        try:
+            body = ev.to_json()
+            h = data_hash(ev) if ev.entity_id is not None else None
+        except TypeError as e:  # orjson.JSONEncodeError is a TypeError
+            raise UnstorableEvent(
+                f"event {ev.id!r} of source {ev.source!r} cannot be stored: it is not JSON-serialisable ({e})"
+            ) from e
+        out.append(_Prepared(ev, sinks, body, h))
+    return out
+
+
 class _EnqueueOp(_Op):
     __slots__ = ("cursor", "items")
 
     def __init__(
         self,
-        items: Sequence[tuple[Event, Sequence[str]]],
+        items: Sequence[_Prepared],
         future: asyncio.Future[Any],
         cursor: tuple[str, str, bytes] | None = None,
     ):
@@ -500,6 +546,7 @@ class Store:
         self.clock = clock
         self.role = role
         self.owner = uuid.uuid4().hex[:12]
+        self._leases = itertools.count(1)  # with ``owner``, a fencing token unique to each lease
         self.deliveries_ready = asyncio.Event()
         self.commits = 0
         self.committed_ops = 0
@@ -514,7 +561,6 @@ class Store:
         self._thread: ThreadPoolExecutor | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
-        self._next_event = 0
         # Checkpoints run beside the writer (see _maybe_checkpoint), on a thread and connection of their own.
         self._ckpt_thread: ThreadPoolExecutor | None = None
         self._ckpt_conn: sqlite3.Connection | None = None
@@ -584,8 +630,6 @@ class Store:
         self._conn = conn = Conn(raw)
         self._writer_pragmas(raw)
         _drive(self._migrate(conn))
-        row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-        self._next_event = int(row[0]) if row else 0
         released = 0
         if self.role == "daemon":
             released = _drive(self._release_leases(conn, owner=None))
@@ -708,14 +752,12 @@ class Store:
         The statements are short (microseconds each) and run where the callers are, so the loop and
         the store's thread do not trade the GIL around every statement; only the COMMIT, which waits
         for the disk, leaves the loop, and the loop serves requests meanwhile."""
-        next_event_before = self._next_event
         started = time.perf_counter()
         try:
             await self._begin()
             results, new_deliveries = self._apply(batch)
             await self._in_thread(self._finish)
         except Exception as e:
-            self._next_event = next_event_before
             err: BaseException = e
             if _unavailable(e):
                 err = StoreUnavailable(f"store cannot commit: {e}")
@@ -816,9 +858,9 @@ class Store:
         new_deliveries = False
         with _rolled_back_on_error(raw):
             enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
-            enq_results: list[EnqueueResult] = []
+            enq_results: list[Any] = []
             if enqueues:
-                enq_results, new_deliveries = _drive(self._apply_enqueues(conn, enqueues))
+                enq_results, new_deliveries = self._apply_enqueues_isolated(conn, enqueues)
             it = iter(enq_results)
             for op in batch:
                 if isinstance(op, _EnqueueOp):
@@ -840,11 +882,49 @@ class Store:
                 raw.execute("RELEASE op")
         return results, new_deliveries
 
+    def _apply_enqueues_isolated(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[Any], bool]:
+        """The group's enqueues merged (one dedup query, multi-row inserts) in a savepoint; if that
+        fails, each enqueue again in a savepoint of its own, so only the bad one fails."""
+        raw = conn.raw
+        raw.execute("SAVEPOINT enq")
+        try:
+            merged = _drive(self._apply_enqueues(conn, ops))
+        except Exception as e:
+            if _unavailable(e) or len(ops) == 1:
+                raw.execute("ROLLBACK TO enq")
+                raw.execute("RELEASE enq")
+                if _unavailable(e):
+                    raise
+                return [_Failed(e)], False
+            raw.execute("ROLLBACK TO enq")
+        else:
+            raw.execute("RELEASE enq")
+            return list(merged[0]), merged[1]
+        raw.execute("RELEASE enq")
+        results: list[Any] = []
+        new_deliveries = False
+        for op in ops:
+            raw.execute("SAVEPOINT enq")
+            try:
+                [res], new = _drive(self._apply_enqueues(conn, [op]))
+            except Exception as e:
+                raw.execute("ROLLBACK TO enq")
+                raw.execute("RELEASE enq")
+                if _unavailable(e):
+                    raise
+                log.error("an enqueue failed alone in its group commit: %s", e)
+                results.append(_Failed(e))
+                continue
+            raw.execute("RELEASE enq")
+            results.append(res)
+            new_deliveries |= new
+        return results, new_deliveries
+
     async def _apply_enqueues(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
         by_source: dict[str, set[str]] = {}
         for op in ops:
-            for ev, _ in op.items:
-                by_source.setdefault(ev.source, set()).add(ev.id)
+            for it in op.items:
+                by_source.setdefault(it.event.source, set()).add(it.event.id)
         seen: set[tuple[str, str]] = set()
         for source, ids in by_source.items():
             id_list = list(ids)
@@ -853,16 +933,17 @@ class Store:
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
                 seen.update((source, r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
-        entities = await self._entity_versions_for(conn, [ev for op in ops for ev, _ in op.items])
+        entities = await self._entity_versions_for(conn, [it.event for op in ops for it in op.items])
         now = self.clock()
         event_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
         entity_rows: list[tuple[Any, ...]] = []
         cursor_rows: list[tuple[Any, ...]] = []
+        fanout: list[tuple[str, str, str, Sequence[str]]] = []
         results = []
         for op in ops:
             accepted = dup = stale = 0
-            for ev, sinks in op.items:
+            for ev, sinks, body, h in op.items:
                 k = (ev.source, ev.id)
                 if k in seen:
                     dup += 1
@@ -870,7 +951,7 @@ class Store:
                 seen.add(k)
                 if ev.entity_id is not None:
                     ek = (ev.source, ev.entity or "", ev.entity_id)
-                    h = data_hash(ev)
+                    assert h is not None
                     known = entities.get(ek)
                     # An older version never overwrites a newer one; the same version with the
                     # same content is a repeat (look-back overlap, a webhook then a poll).
@@ -880,19 +961,25 @@ class Store:
                     entities[ek] = EntityVersion(ev.version, h, is_delete(ev), ev.id, now)
                     entity_rows.append((*ek, ev.version, h, int(is_delete(ev)), ev.id, now))
                 accepted += 1
-                self._next_event += 1
-                row = self._next_event
-                ekey = ev.entity_key
-                event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, ev.to_json()))
-                for sink in sinks:
-                    delivery_rows.append((row, sink, ekey, "ready", now, now, now))
+                event_rows.append((ev.source, ev.id, ev.type, ev.entity_key, now, body))
+                fanout.append((ev.source, ev.id, ev.entity_key, sinks))
             if op.cursor is not None:
                 cursor_rows.append((*op.cursor, now))
             results.append(EnqueueResult(accepted, dup, stale))
         if event_rows:
-            await conn.insert_rows(
-                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body)", event_rows
-            )
+            # SQLite assigns the ids (another process may have inserted events since we last looked).
+            row_of = {
+                (r[1], r[2]): r[0]
+                for r in await conn.insert_returning(
+                    "INSERT INTO events (source, event_id, type, entity_key, received_at, body)",
+                    event_rows,
+                    "id, source, event_id",
+                )
+            }
+            for source, event_id, ekey, sinks in fanout:
+                row = row_of[(source, event_id)]
+                for sink in sinks:
+                    delivery_rows.append((row, sink, ekey, "ready", now, now, now))
         if delivery_rows:
             await conn.insert_rows(
                 "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at)",
@@ -931,7 +1018,7 @@ class Store:
         if not items:
             return EnqueueResult(0, 0)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_EnqueueOp(items, fut))
+        self._queue.put_nowait(_EnqueueOp(_prepare(items), fut))
         return await fut
 
     async def enqueue_with_cursor(
@@ -940,8 +1027,9 @@ class Store:
         """Store a poll's events and its new cursor in one transaction: both or neither survive a crash."""
         if self._writer is None:
             raise StoreUnavailable("store is not open")
+        prepared, blob = _prepare(items), orjson.dumps(cursor)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_EnqueueOp(items, fut, (source, kind, orjson.dumps(cursor))))
+        self._queue.put_nowait(_EnqueueOp(prepared, fut, (source, kind, blob)))
         return await fut
 
     async def lease(
@@ -961,13 +1049,14 @@ class Store:
 
         async def op(conn: Conn) -> list[Leased]:
             now = self.clock()
+            token = f"{self.owner}.{next(self._leases)}"
             where = ["d.state = 'ready'"]
             if due_only:
                 where.append("d.next_attempt_at <= :now")
             params: dict[str, Any] = {
                 "now": now,
                 "until": now + lease_seconds,
-                "owner": self.owner,
+                "owner": token,
                 "limit": limit,
             }
             if only is not None:
@@ -1002,7 +1091,7 @@ class Store:
                 sql = f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
                 bodies.update({r[0]: r[1] for r in await conn.execute_fetchall(sql, chunk)})
             rows.sort(key=lambda r: r[0])
-            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]])) for r in rows]
+            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
 
         return await self._submit(op, rows=limit)
 
@@ -1013,6 +1102,7 @@ class Store:
 
         async def op(conn: Conn) -> bool:
             now = self.clock()
+            held = await _still_held(conn, outcomes)
             done: list[int] = []
             retry: list[tuple[Any, ...]] = []
             dead: list[tuple[Any, ...]] = []
@@ -1020,6 +1110,8 @@ class Store:
             audit: list[tuple[Any, ...]] = []
             for o in outcomes:
                 d = o.delivery
+                if d.id not in held:
+                    continue
                 if o.kind == "done":
                     done.append(d.id)
                 elif o.kind == "retry":
@@ -1068,9 +1160,9 @@ class Store:
         sql = "UPDATE deliveries SET state = 'ready', lease_until = NULL, lease_owner = NULL, updated_at = ? "
         sql += "WHERE state = 'leased'"
         params: list[Any] = [now]
-        if owner is not None:
-            sql += " AND lease_owner = ?"
-            params.append(owner)
+        if owner is not None:  # every token of this run is ``owner.n``
+            sql += " AND substr(lease_owner, 1, ?) = ?"
+            params += [len(owner) + 1, owner + "."]
         if expired_before is not None:
             sql += " AND lease_until < ?"
             params.append(expired_before)
@@ -1416,6 +1508,31 @@ async def _dead_rows(conn: Conn, ids: Sequence[int] | None, sink: str | None) ->
         sql += " AND d.sink = ?"
         params.append(sink)
     return list(await conn.execute_fetchall(sql, params))
+
+
+async def _still_held(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
+    """The deliveries whose lease the outcome's token still holds; the others are logged and ignored.
+
+    A worker whose lease expired may report after its delivery was reclaimed and leased again (or
+    finished) by another: applying its outcome would put the delivery back without its place in line."""
+    by_token: dict[str, list[int]] = {}
+    for o in outcomes:
+        by_token.setdefault(o.delivery.token, []).append(o.delivery.id)
+    held: set[int] = set()
+    for token, ids in by_token.items():
+        rows = await conn.select_ids(
+            "SELECT id FROM deliveries WHERE state = 'leased' AND lease_owner = ?", [token], ids
+        )
+        held.update(r[0] for r in rows)
+    stale = [o for o in outcomes if o.delivery.id not in held]
+    for o in stale:
+        log.warning(
+            "stale %s for delivery %d ignored: its lease (%s) expired and was taken over",
+            o.kind,
+            o.delivery.id,
+            o.delivery.token or "no token",
+        )
+    return held
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
