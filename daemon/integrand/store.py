@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -524,8 +525,23 @@ class _Failed:
         self.error = error
 
 
+class StoreLocked(StoreUnavailable):
+    """Another process holds the store's writer lock (a running daemon, or a CLI command writing)."""
+
+
+Role = Literal["daemon", "writer", "reader", "client"]
+
+
 class Store:
-    """The SQLite queue; ``role="daemon"`` owns the file, ``role="client"`` is a CLI working beside it."""
+    """The SQLite queue, opened in one of four roles.
+
+    ``daemon`` owns the file: it takes the writer lock, releases a dead run's leases and checkpoints.
+    ``writer`` is a CLI write command with no daemon running: it takes the same lock (``StoreLocked``
+    if a daemon holds it: the command must then go through the daemon). ``reader`` opens the file
+    read-only (``mode=ro``): no writer task, no migration, no lock; every write raises. ``client``
+    writes beside a running daemon without the lock (kept for compatibility; ids and fencing make
+    it safe, but one writer per store is the rule: prefer ``writer`` or the daemon's admin API).
+    """
 
     def __init__(
         self,
@@ -536,7 +552,7 @@ class Store:
         max_size_mb: int | None = None,
         commit_max_rows: int = 4000,
         clock: Callable[[], float] = time.time,
-        role: Literal["daemon", "client"] = "daemon",
+        role: Role = "daemon",
     ):
         self.path = Path(path)
         self.synchronous = synchronous.upper()
@@ -571,8 +587,11 @@ class Store:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self.role == "reader":
+            await self._open_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.role == "daemon":
+        if self.role in ("daemon", "writer"):
             self._take_lock()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="integrand-store")
         try:
@@ -665,13 +684,46 @@ class Store:
             await conn.execute(stmt)
         return conn
 
+    async def _open_read_only(self) -> None:
+        """A reader: the file opened ``mode=ro``, nothing created, migrated or released."""
+        if not self.path.exists():
+            raise StoreUnavailable(f"no store at {self.path} (the daemon creates it when it first starts)")
+        try:
+            conn = await aiosqlite.connect(
+                f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open store {self.path} read-only: {e}") from e
+        try:
+            for stmt in self._pragma_statements(readonly=True):
+                await conn.execute(stmt)
+            async with conn.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+        except sqlite3.Error as e:
+            await conn.close()
+            raise StoreUnavailable(f"cannot read store {self.path}: {e}") from e
+        if version != len(MIGRATIONS):
+            await conn.close()
+            raise StoreUnavailable(
+                f"store {self.path} has schema version {version}, this integrand reads version {len(MIGRATIONS)}"
+                + ("; start the daemon once to migrate it" if version < len(MIGRATIONS) else "; upgrade integrand")
+            )
+        self._rconn = conn
+
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreUnavailable(f"another integrand is already running on {self.path}") from None
+            if self.role == "daemon":
+                raise StoreLocked(
+                    f"another integrand is already running on {self.path} (a daemon, or a CLI command writing)"
+                ) from None
+            raise StoreLocked(
+                f"an integrand daemon holds {self.path}: write commands must go through it (or stop it first)"
+            ) from None
         self._lock_fd = fd
 
     def _drop_lock(self) -> None:
@@ -1002,9 +1054,14 @@ class Store:
         keys = {(ev.source, ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None}
         return await _read_entities(conn, keys)
 
+    def _unwritable(self) -> StoreUnavailable:
+        if self.role == "reader":
+            return StoreUnavailable(f"store {self.path} is opened read-only")
+        return StoreUnavailable("store is not open")
+
     async def _submit(self, fn: Callable[[Conn], Coroutine[Any, Any, T]], rows: int = 1) -> T:
         if self._writer is None:
-            raise StoreUnavailable("store is not open")
+            raise self._unwritable()
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Op(fn, rows, fut))
         return await fut
@@ -1014,7 +1071,7 @@ class Store:
     async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
         """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
         if self._writer is None:
-            raise StoreUnavailable("store is not open")
+            raise self._unwritable()
         if not items:
             return EnqueueResult(0, 0)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
@@ -1026,7 +1083,7 @@ class Store:
     ) -> EnqueueResult:
         """Store a poll's events and its new cursor in one transaction: both or neither survive a crash."""
         if self._writer is None:
-            raise StoreUnavailable("store is not open")
+            raise self._unwritable()
         prepared, blob = _prepare(items), orjson.dumps(cursor)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_EnqueueOp(prepared, fut, (source, kind, blob)))
