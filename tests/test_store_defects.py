@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from integrand.events import Event
-from integrand.store import Outcome, Store
+from integrand.store import Leased, Outcome, Store
 
 
 class Clock:
@@ -159,3 +159,77 @@ async def test_an_enqueue_failing_in_sql_fails_alone(store: Store) -> None:
     assert getattr(results[4], "accepted", None) == 1
     assert await store.cursor_get("s") == {"page": 2}
     assert await store.event_count() == 4
+
+
+# --- also found: blocked rows, and a replayed delivery beside its successor --------------------------------
+
+
+async def test_a_replayed_dead_delivery_waits_for_its_successor_in_flight(store: Store) -> None:
+    await store.enqueue([(ev("e1", "A"), ["k"])])  # no version: replay cannot judge it superseded
+    [one] = await store.lease(10, 60)
+    await store.complete([Outcome(one, "dead", error="bad")])
+    await store.enqueue([(ev("e2", "A"), ["k"])])
+    [two] = await store.lease(10, 60)
+    assert two.event.id == "e2"
+    assert (await store.replay([one.id])).replayed == 1
+    assert await store.lease(10, 60) == []  # before: e1 was leased beside e2, in flight together
+    await store.complete([Outcome(two, "done")])
+    assert [x.event.id for x in await store.lease(10, 60)] == ["e1"]
+
+
+async def test_a_replayed_delivery_goes_before_a_waiting_successor(store: Store) -> None:
+    await store.enqueue([(ev("e1", "A"), ["k"])])
+    [one] = await store.lease(10, 60)
+    await store.complete([Outcome(one, "dead", error="bad")])
+    await store.enqueue([(ev("e2", "A"), ["k"]), (ev("e3", "A"), ["k"])])
+    await store.replay([one.id])
+    for want in ("e1", "e2", "e3"):
+        [d] = await store.lease(10, 60)
+        assert d.event.id == want
+        await store.complete([Outcome(d, "done")])
+
+
+async def test_random_operations_keep_one_head_per_entity_line(tmp_path: Path) -> None:
+    import random
+
+    rnd = random.Random(9)
+    clock = Clock()
+    store = Store(tmp_path / "q.db", clock=clock)
+    await store.open()
+    try:
+        n = 0
+        held: list[Leased] = []
+        for _ in range(300):
+            op = rnd.random()
+            if op < 0.35:
+                batch = []
+                for _ in range(rnd.randint(1, 5)):
+                    n += 1
+                    batch.append(
+                        (ev(f"e{n}", rnd.choice(["A", "B", "C", None])), rnd.sample(["k1", "k2"], rnd.randint(1, 2)))
+                    )
+                await store.enqueue(batch)
+            elif op < 0.6:
+                got = await store.lease(rnd.randint(1, 4), 60, due_only=rnd.random() < 0.8)
+                held += got
+            elif op < 0.85 and held:
+                d = held.pop(rnd.randrange(len(held)))
+                kind = rnd.choice(["done", "done", "retry", "dead", "release"])
+                await store.complete([Outcome(d, kind, error="x", next_attempt_at=clock.now + rnd.choice([0, 5]))])  # type: ignore[arg-type]
+            elif op < 0.9:
+                dead = await store.dead_letters()
+                if dead:
+                    await store.replay([rnd.choice(dead).id])
+            else:
+                clock.now += 3
+            lines = await store._read().execute_fetchall(
+                "SELECT sink, entity_key, SUM(head = 1), SUM(state = 'leased') FROM deliveries WHERE active = 1 "
+                "GROUP BY sink, entity_key"
+            )
+            for sink, key, heads, leased in lines:
+                assert heads == 1, (sink, key, heads)
+                assert leased <= 1, (sink, key, leased)
+            in_flight = [(d.sink, d.event.entity_key) for d in held]
+            assert len(in_flight) == len(set(in_flight))
+    finally:
+        await store.close()
