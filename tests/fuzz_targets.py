@@ -188,10 +188,21 @@ def _one(source: WebhookSource, name: str, ct: str, headers: CIMultiDict[str], b
         return  # the listener answers 400 "a header the signature covers is not valid UTF-8"
     if not isinstance(events, list) or not all(isinstance(e, Event) for e in events):
         raise Finding(f"{name}: parse returned {type(events).__name__}, not a list of events")
-    problem = unstorable(events, body, 64)
-    if problem is None:
+    if unstorable(events, body, 64) is None:
         for ev in events:
-            ev.to_json()  # what the store will do: must not raise when the listener said storable
+            try:
+                ev.to_json()  # what the store does before queueing; a TypeError there is its UnstorableEvent (400)
+            except TypeError:
+                if not any(isinstance(v, str) and not _utf8(v) for v in (ev.id, ev.type, ev.entity, ev.entity_id)):
+                    raise
+
+
+def _utf8(v: str) -> bool:
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def webhook(data: bytes) -> None:
