@@ -31,6 +31,7 @@ import orjson
 
 from .errors import StoreUnavailable
 from .events import Event
+from .store_views import OperatorViews
 
 log = logging.getLogger("integrand.store")
 T = TypeVar("T")
@@ -478,7 +479,7 @@ class _Failed:
         self.error = error
 
 
-class Store:
+class Store(OperatorViews):
     """The SQLite queue; ``role="daemon"`` owns the file, ``role="client"`` is a CLI working beside it."""
 
     def __init__(
