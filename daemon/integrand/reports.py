@@ -221,7 +221,8 @@ async def dlq_show(store: Store, ident: str) -> list[dict[str, Any]]:
                     found.append(d)
     if not found:
         raise NotFound(f"no delivery {ident}")
-    return [delivery_json(d) for d in found]
+    dead = [d for d in found if d.state == "dead"]
+    return [delivery_json(d) for d in dead or found]  # the DLQ's view: an event's dead deliveries, if any
 
 
 def _ids(body: dict[str, Any]) -> list[int] | None:

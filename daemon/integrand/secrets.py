@@ -49,6 +49,11 @@ class SecretValue:
         s._value, s._ref, s._base = None, ref, base_dir
         return s
 
+    @property
+    def resolved(self) -> bool:
+        """Whether the value has been read (always, unless loaded with ``lazy_secrets``)."""
+        return self._value is not None
+
     def reveal(self) -> str:
         if self._value is None:
             try:

@@ -51,8 +51,9 @@ class WebhookConfig(ConnectorConfig):
         elif self.secret is None:
             raise ValueError(f"signature = {self.signature!r} needs a secret")
         if self.signature == "standard-webhooks":
-            for s in self.secrets:
-                signing.standard_key(s)  # raises ValueError with the expected format
+            for s in self.secret or ():
+                if s.resolved:  # a lazily loaded one (the CLI's) is not read just to check it
+                    signing.standard_key(s.reveal())  # raises ValueError with the expected format
         return self
 
     @property
