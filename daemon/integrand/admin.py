@@ -126,7 +126,7 @@ class Admin:
         given = str(form.get("token", ""))
         if not hmac.compare_digest(given.encode(), self._token):
             return web.Response(text="wrong token", status=401)
-        resp = web.HTTPSeeOther("/")
+        resp = web.Response(status=303, headers={"Location": "/"})
         resp.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="Strict", path="/")
         return resp
 

@@ -15,12 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from . import __version__
 from .config import Settings, config_path, load_config
 from .connector import ConnectorContext, WebhookSource
 from .errors import ConfigError, StoreUnavailable
+from .logs import setup_logging
 from .opcmds import cmd_auth, cmd_cursor, cmd_dlq, cmd_events, cmd_reconcile, cmd_status
 from .plugins import Registry
 from .types import parse_duration
@@ -37,31 +36,6 @@ def _load(args: argparse.Namespace) -> Settings:
     return load_config(config_path(args.config))
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": record.created,
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data).decode()
-
-
 # --- run ----------------------------------------------------------------------------------------
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see cmd_run
@@ -69,7 +43,7 @@ GIL_SWITCH_INTERVAL = 0.0005  # seconds; see cmd_run
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
-    setup_logging(settings.daemon.log_level, settings.daemon.log_format)
+    setup_logging(settings.daemon.log_level, settings.daemon.log_format, settings.daemon.log_levels)
     for w in settings.warnings:
         log.warning("%s", w)
     try:

@@ -31,6 +31,8 @@ class DaemonSettings(StrictModel):
     state_dir: RelPath = Path("var")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # Levels for named loggers, e.g. {aiosqlite = "debug"}: libraries' loggers stay at warning otherwise.
+    log_levels: dict[str, Literal["debug", "info", "warning", "error"]] = {}
     public_url: str | None = None
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     shutdown_grace: Duration = 10.0

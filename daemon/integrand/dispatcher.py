@@ -61,6 +61,11 @@ class SinkRuntime:
     auth_error: str | None = None  # set while the sink is paused because its credentials were refused
 
 
+def _about(row: Leased) -> dict[str, str]:
+    """The event a log line is about, as JSON-log fields (integrand.logs)."""
+    return {"event_id": row.event.id, "source": row.event.source}
+
+
 def describe_error(e: BaseException) -> str:
     """One string for the DLQ and the audit: the class, the message, the provider's request id."""
     text = f"{type(e).__name__}: {e}"
@@ -309,7 +314,9 @@ class Dispatcher:
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res, extra=_about(row)
+            )
             return Outcome(row, "dead", error=error)
         if not isinstance(res, RetryableError):
             log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
@@ -336,7 +343,14 @@ class Dispatcher:
 
     def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
         self.metrics.deliveries.inc(sink.name, "dead")
-        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        log.error(
+            "sink %s: delivery %d dead-lettered after %d attempts: %s",
+            sink.name,
+            row.id,
+            attempts,
+            res,
+            extra=_about(row),
+        )
         return Outcome(row, "dead", error=error)
 
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
@@ -349,7 +363,9 @@ class Dispatcher:
         if isinstance(res, PermanentError):
             self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res, extra=_about(row)
+            )
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
             sink.breaker = br.trip(sink.breaker, now)

@@ -286,12 +286,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 async def _reconcile_here(settings: Settings, args: argparse.Namespace, store: Any) -> Any:
     from .app import ScopedState
-    from .cli import setup_logging
     from .config import SourceCore
+    from .logs import setup_logging
     from .poller import reconcile_once
     from .routes import Router
 
-    setup_logging(settings.daemon.log_level, settings.daemon.log_format)
+    setup_logging(settings.daemon.log_level, settings.daemon.log_format, settings.daemon.log_levels)
     cs = settings.sources[args.source]
     core = cs.core
     assert isinstance(core, SourceCore)

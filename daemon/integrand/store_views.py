@@ -112,7 +112,8 @@ class OperatorViews:
         ) as cur:
             audit = [StoryEntry(*a) for a in await cur.fetchall()]
         history = [StoryEntry(event.received_at, None, "received", f"source={event.source}")]
-        history += [StoryEntry(d.created_at, d.id, "routed", f"to sink {d.sink}") for d in deliveries]
+        # Deliveries are made in the event's own transaction (a replay resets created_at, so not that).
+        history += [StoryEntry(event.received_at, d.id, "routed", f"to sink {d.sink}") for d in deliveries]
         history += audit
         for d in deliveries:
             # Success is kept on the delivery row itself (one write per delivery); a purge is 'done' with an error.

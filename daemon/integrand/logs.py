@@ -1,0 +1,77 @@
+"""Logging setup: text or one JSON object per line with the event's fields, third-party chatter held back.
+
+JSON lines carry ``event_id``, ``source``, ``sink``, ``delivery_id`` and ``request_id`` as fields when a
+log call names them (``extra={...}``) or when its message follows the code base's ``"sink %s: …"`` /
+``"source %s: …"`` / ``"delivery %d"`` convention, so a log pipeline can filter by them without parsing
+prose. Libraries' loggers (aiosqlite logs every query at debug) stay at warning unless
+``daemon.log_levels`` names them."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections.abc import Mapping
+
+import orjson
+
+FIELDS = ("event_id", "source", "sink", "delivery_id", "request_id", "count", "scope")
+# Loggers of libraries, held at warning whatever log_level says: debug means integrand's debug.
+THIRD_PARTY = ("aiosqlite", "aiohttp", "asyncio", "urllib3", "croniter", "multipart")
+_PREFIX = re.compile(r"^(sink|source) %[sr]\b")
+_DELIVERY = re.compile(r"\bdelivery %d\b")
+_REQUEST_ID = re.compile(r"\(request id ([^)\s]+)\)")
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def setup_logging(level: str, fmt: str, levels: Mapping[str, str] | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in (*THIRD_PARTY, "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, lvl in (levels or {}).items():
+        logging.getLogger(name).setLevel(lvl.upper())
+
+
+def fields(record: logging.LogRecord) -> dict[str, object]:
+    """The structured fields of a record: explicit extras first, then what its message template names."""
+    out: dict[str, object] = {}
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            out[key] = value
+    template = record.msg if isinstance(record.msg, str) else ""
+    args = record.args if isinstance(record.args, tuple) else ()
+    m = _PREFIX.match(template)
+    if m and args:
+        out.setdefault(m.group(1), args[0])
+    d = _DELIVERY.search(template)
+    if d and args:
+        # The argument's position: how many %-placeholders precede "delivery %d" in the template.
+        i = len(re.findall(r"%[sdrgf]", template[: d.start()]))
+        if i < len(args):
+            out.setdefault("delivery_id", args[i])
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        data: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": msg,
+        }
+        data.update(fields(record))
+        if "request_id" not in data and (rid := _REQUEST_ID.search(msg)):
+            data["request_id"] = rid.group(1)
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(data, default=str).decode()
