@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .admin import start_admin
+from .alerts import run_alerts
 from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
@@ -221,6 +222,8 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
                 recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
                 tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
+        if s.alerts.webhook_url is not None:
+            tasks.append(asyncio.create_task(run_alerts(d), name="alerts"))  # alerts.py: [alerts] to a chat webhook
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",

@@ -49,15 +49,17 @@ class AdminSettings(StrictModel):
 
 
 class AlertSettings(StrictModel):
-    """``[alerts]``: post the alert rules' conditions to a chat webhook, once per change of state."""
+    """``[alerts]``: post docs/alerts.yml's conditions to a chat webhook, once per change of state."""
 
-    webhook_url: str | None = None
+    # A Slack-compatible incoming-webhook URL, by secret reference (the URL is the credential).
+    webhook_url: SecretValue | None = None
     check_every: Duration = 30.0
-    # Thresholds (the same as docs/alerts.yml's defaults).
-    dlq_growth: int = Field(default=1, ge=1)
+    # The thresholds, the same as the shipped Prometheus rules'.
+    dlq_window: Duration = 900.0
     breaker_open_for: Duration = 300.0
     oldest_pending: Duration = 900.0
     poll_lag_factor: float = Field(default=2.0, gt=0)
+    reconcile_window: Duration = 3600.0
 
 
 class StoreSettings(StrictModel):
@@ -311,8 +313,9 @@ def parse_config(
             problems.append(
                 f"admin.socket: {sock} is too long for a unix socket (at most 100 bytes); give a shorter path"
             )
-    if alerts.webhook_url is not None and not alerts.webhook_url.startswith(("http://", "https://")):
-        problems.append(f"alerts.webhook_url: expected an http:// or https:// URL, got {alerts.webhook_url!r}")
+    hook = alerts.webhook_url
+    if hook is not None and hook.resolved and not hook.reveal().startswith(("http://", "https://")):
+        problems.append(f"alerts.webhook_url: expected an http:// or https:// URL (from {hook.origin})")
 
     if problems:
         raise ConfigError(problems)

@@ -29,6 +29,7 @@ from . import __version__
 
 if TYPE_CHECKING:
     from .app import Daemon
+    from .breaker import Breaker
 
 
 class Tally(Collector):
@@ -84,6 +85,7 @@ class Metrics:
         )
         self.start_time = Gauge("integrand_start_time_seconds", "When this daemon started (Unix time)", registry=r)
         self.started = time.time()
+        self.open_since: dict[str, float] = {}  # per sink: when its breaker first opened in this outage
         self.start_time.set(self.started)
         self.backlog = Gauge(
             "integrand_sink_backlog", "Deliveries waiting for a sink (ready or leased)", ["sink"], registry=r
@@ -216,8 +218,8 @@ async def refresh(d: Daemon, now: Callable[[], float] = time.time) -> None:
         m.backlog.labels(name).set(n)
         m.oldest_pending.labels(name).set(max(0.0, t - oldest))
         m.dead_letters.labels(name).set(counts.get((name, "dead"), 0))
-        b = rt.breaker
-        m.breaker_open_seconds.labels(name).set(max(0.0, t - b.opened_at) if b.status != "closed" else 0.0)
+        since = breaker_open_since(m, name, rt.breaker)
+        m.breaker_open_seconds.labels(name).set(0.0 if since is None else max(0.0, t - since))
         m.auth_paused.labels(name).set(1 if rt.auth_error is not None else 0)
     for name in d.settings.sources:
         m.source_lag.labels(name).set(max(0.0, t - by_source.get(name, t)))
@@ -225,3 +227,11 @@ async def refresh(d: Daemon, now: Callable[[], float] = time.time) -> None:
         m.target_latency.labels(name).set(p.settings.target_latency)
         since = p.last_ok_at if p.last_ok_at is not None else m.started
         m.poll_lag.labels(name).set(max(0.0, t - since))
+
+
+def breaker_open_since(m: Metrics, sink: str, b: Breaker) -> float | None:
+    """When the sink's breaker opened, across the reopenings of failed probes (which restart ``opened_at``)."""
+    if b.status == "closed":
+        m.open_since.pop(sink, None)
+        return None
+    return m.open_since.setdefault(sink, b.opened_at)
