@@ -61,9 +61,13 @@ class SinkRuntime:
     auth_error: str | None = None  # set while the sink is paused because its credentials were refused
 
 
-def _about(row: Leased) -> dict[str, str]:
-    """The event a log line is about, as JSON-log fields (integrand.logs)."""
-    return {"event_id": row.event.id, "source": row.event.source}
+def _about(row: Leased, e: BaseException) -> dict[str, str]:
+    """The event a log line is about and the provider's request id, as JSON-log fields (integrand.logs)."""
+    out = {"event_id": row.event.id, "source": row.event.source}
+    rid = getattr(e, "request_id", None)
+    if rid:
+        out["request_id"] = str(rid)
+    return out
 
 
 def describe_error(e: BaseException) -> str:
@@ -315,7 +319,11 @@ class Dispatcher:
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
             log.error(
-                "sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res, extra=_about(row)
+                "sink %s: delivery %d cannot be prepared, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
             )
             return Outcome(row, "dead", error=error)
         if not isinstance(res, RetryableError):
@@ -349,7 +357,7 @@ class Dispatcher:
             row.id,
             attempts,
             res,
-            extra=_about(row),
+            extra=_about(row, res),
         )
         return Outcome(row, "dead", error=error)
 
@@ -364,7 +372,11 @@ class Dispatcher:
             self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
             self.metrics.deliveries.inc(sink.name, "dead")
             log.error(
-                "sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res, extra=_about(row)
+                "sink %s: delivery %d failed permanently, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
             )
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):

@@ -19,7 +19,7 @@ import orjson
 FIELDS = ("event_id", "source", "sink", "delivery_id", "request_id", "count", "scope")
 # Loggers of libraries, held at warning whatever log_level says: debug means integrand's debug.
 THIRD_PARTY = ("aiosqlite", "aiohttp", "asyncio", "urllib3", "croniter", "multipart")
-_PREFIX = re.compile(r"^(sink|source) %[sr]\b")
+_PREFIX = re.compile(r"^(?:ALERT )?(sink|source) %[sr]\b")
 _DELIVERY = re.compile(r"\bdelivery %d\b")
 _REQUEST_ID = re.compile(r"\(request id ([^)\s]+)\)")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
