@@ -23,12 +23,15 @@ from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSo
 from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
 from .events import Event
+from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .store import Store
+from .streamer import Streamer, streamers_for
 
 log = logging.getLogger("integrand")
 
@@ -73,6 +76,7 @@ class Daemon:
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
     http: HttpPool = field(default_factory=HttpPool)
     pollers: dict[str, SourcePoller] = field(default_factory=dict)
+    streamers: dict[str, Streamer] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -83,6 +87,8 @@ class Daemon:
 
 async def build(settings: Settings, clock: Callable[[], float] = time.time) -> Daemon:
     s = settings
+    private_dir(s.daemon.state_dir)
+    private_database(s.db_path)
     store = Store(
         s.db_path,
         synchronous=s.store.synchronous,
@@ -143,6 +149,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             name,
             inst if isinstance(inst, WebhookSource) else None,
             core.max_body_bytes or s.daemon.max_body_bytes,
+            core.max_json_depth or s.daemon.max_json_depth,
         )
     sinks = {}
     for name, cs in s.sinks.items():
@@ -181,6 +188,14 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
         on_accepted=nudge,
+        limits=PortLimits(
+            max_connections=s.daemon.max_connections,
+            max_connections_per_ip=s.daemon.max_connections_per_ip,
+            header_timeout=s.daemon.header_timeout,
+            body_timeout=s.daemon.body_timeout,
+            keepalive_timeout=s.daemon.keepalive_timeout,
+        ),
+        rejections_per_second=s.daemon.rejections_per_second,
     )
     dispatcher = Dispatcher(
         store,
@@ -192,7 +207,8 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
+    streamers = streamers_for(s, connectors, store, router, metrics)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers)
 
 
 async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
@@ -215,6 +231,8 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         for name, poller in d.pollers.items():
             if poller.settings.enabled:
                 tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+        for name, streamer in d.streamers.items():
+            tasks.append(asyncio.create_task(streamer.run(), name=f"stream:{name}"))
         for name, cs in s.sources.items():
             inst = d.connectors[f"source:{name}"]
             core = cs.core

@@ -19,7 +19,7 @@ import orjson
 from . import reports
 from .config import Settings
 from .errors import StoreUnavailable
-from .store import Store
+from .store import Store, StoreLocked
 from .types import parse_duration
 
 
@@ -225,23 +225,22 @@ async def open_ops(settings: Settings, *, write: bool) -> AsyncIterator[Ops | Re
 
 @contextlib.asynccontextmanager
 async def local_store(settings: Settings, *, write: bool) -> AsyncIterator[Store]:
+    """The store opened by this process: read-only, or as its one writer (the daemon's lock)."""
     path = settings.db_path
     if not write and not path.exists():  # a write (auth before the first run) may create it
         raise StoreUnavailable(f"no store at {path} yet (has `integrand run` been started?)")
     # A writer takes the daemon's lock: no daemon can start beside it, and a running daemon whose
     # admin socket is off or unreachable is reported instead of written beside.
-    store = Store(path, busy_timeout=settings.store.busy_timeout, role="daemon" if write else "client")
+    store = Store(path, busy_timeout=settings.store.busy_timeout, role="writer" if write else "reader")
     try:
         await store.open()
-    except StoreUnavailable as e:
-        if "already running" in str(e):
-            where = settings.admin_socket
-            raise StoreUnavailable(
-                f"a daemon is running on {path}, but its admin socket "
-                + (f"{where} does not answer" if where else "is turned off ([admin] socket)")
-                + "; write commands go through the running daemon"
-            ) from None
-        raise
+    except StoreLocked:
+        where = settings.admin_socket
+        raise StoreUnavailable(
+            f"a daemon is running on {path}, but its admin socket "
+            + (f"{where} does not answer" if where else "is turned off ([admin] socket)")
+            + "; write commands go through the running daemon"
+        ) from None
     try:
         yield store
     finally:

@@ -74,6 +74,7 @@ async def status(store: Store, settings: Settings, daemon: Daemon | None = None)
     }
     if daemon is not None:  # the compact shapes /status had before the admin API (kept for scripts using them)
         out["pollers"] = {name: p.status() for name, p in daemon.pollers.items()}
+        out["streams"] = {name: st.status() for name, st in daemon.streamers.items()}
         out["breakers"] = {
             name: {
                 "status": rt.breaker.status,
