@@ -52,6 +52,7 @@ async def post(s: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tupl
 
 async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     receiver = Receiver(per_event={"e1": [(503, {}), (400, {"X-Request-Id": "crm-req-9"})]})
+    receiver.gate = asyncio.Event()  # the first attempt waits until the provider's retry has come in
     await receiver.start()
     cfg = write_config(tmp_path, story_config(receiver))
     cli = Cli(cfg, capsys)
@@ -60,6 +61,7 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert (await post_signed(s, hook_url(d), {"type": "customer.updated", "n": 1}, "e1"))[0] == 200
             assert (await post_signed(s, hook_url(d), {"type": "customer.updated", "n": 1}, "e1"))[0] == 200  # dup
             assert (await post_signed(s, hook_url(d), {"type": "other"}, "e2"))[0] == 200
+            receiver.gate.set()
             await wait_for(lambda: _dead_count(d, 1), timeout=10)
             status, dlq = await get(s, admin_url(d, "/api/dlq"))
             assert status == 200 and [x["event_id"] for x in dlq] == ["e1"]
@@ -76,7 +78,7 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             story = stories[0]
             assert story["event"]["source"] == "demo" and story["event"]["id"] == "e1"
             actions = [h["action"] for h in story["history"]]
-            assert actions == ["received", "routed", "retry", "dead", "replayed", "delivered"]
+            assert actions == ["received", "routed", "deduplicated", "retry", "dead", "replayed", "delivered"]
             details = {h["action"]: h["detail"] for h in story["history"]}
             assert "HTTP 503" in details["retry"]
             assert "HTTP 400" in details["dead"] and "request id crm-req-9" in details["dead"]

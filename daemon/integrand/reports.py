@@ -110,6 +110,9 @@ async def sources(store: Store, settings: Settings, daemon: Daemon | None = None
             "target_latency": core.poll.target_latency if "poll" in caps else None,
             "owner": store.owner if daemon is not None else None,
         }
+        streamer = daemon.streamers.get(name) if daemon is not None else None
+        if streamer is not None:
+            item["stream"] = streamer.status()
         poller = daemon.pollers.get(name) if daemon is not None else None
         if poller is not None:
             item.update(

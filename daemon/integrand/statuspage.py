@@ -122,11 +122,16 @@ def _sources(sources: list[dict[str, Any]]) -> str:
     rows = []
     for s in sources:
         kinds = ", ".join(k for k, on in (("webhooks", s["webhooks"]), ("polling", s["polling"])) if on) or "—"
-        healthy = not s.get("last_error")
+        stream = s.get("stream") or {}
+        if stream:
+            kinds += f" (stream {stream.get('state')})"
+        healthy = not s.get("last_error") and not stream.get("last_error")
         lag, target = s.get("poll_lag"), s.get("target_latency")
         if s["polling"] and lag is not None and target is not None and lag > 2 * target:
             healthy = False
-        health = _health(healthy, "ok" if healthy else (s.get("last_error") or "polls late"))
+        health = _health(
+            healthy, "ok" if healthy else (s.get("last_error") or stream.get("last_error") or "polls late")
+        )
         cursor = "—" if s["cursor"] is None else escape(orjson.dumps(s["cursor"]).decode()[:80])
         rows.append(
             [
