@@ -329,3 +329,44 @@ async def test_metrics_types_and_values_move_as_events_flow(tmp_path: Path) -> N
     finally:
         receiver.gate.set()
         await receiver.stop()
+
+
+async def test_cursor_set_waits_for_a_poll_in_flight(tmp_path: Path) -> None:
+    """A poll that started from the old cursor must not commit its own over the one an operator just set."""
+    api = FakeRest(seed=6, page_size=50)
+    base = await api.start()
+    entered, release = asyncio.Event(), asyncio.Event()
+    plain = api.list_records
+
+    async def held(request: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await plain(request)
+
+    cfg = write_config(tmp_path, poll_config(base))
+    try:
+        for i in range(3):
+            await api.change(f"c{i}")
+        async with running(load_config(cfg)) as d, aiohttp.ClientSession() as s:
+            poller = d.pollers["crm"]
+            await wait_for(lambda: poller.polls >= 1)
+            api.list_records = held  # type: ignore[method-assign]
+            await wait_for(entered.is_set)  # a poll is in flight, holding the old cursor
+            url = admin_url(d, "/api/cursors/crm")
+            later = {"since": "2030-01-01T00:00:00.000000Z", "page": None, "high": None}  # http-poll's cursor shape
+            put = asyncio.create_task(s.put(url, json={"value": later}))
+            await wait_for(lambda: poller.cursor_lock.locked() and len(poller.cursor_lock._waiters or ()) == 1)
+            assert not put.done()  # it waits for the poll
+            api.list_records = plain  # type: ignore[method-assign]
+            release.set()
+            resp = await put
+            assert resp.status == 200
+            body = await resp.json()
+            assert body["new"] == later and body["old"] is not None and body["old"] != later
+            resp.release()
+            n = poller.polls
+            await wait_for(lambda: poller.polls >= n + 2)  # later polls start from the cursor set
+            assert (await d.store.cursor_get("crm"))["since"] >= later["since"]
+    finally:
+        release.set()
+        await api.close()

@@ -232,9 +232,11 @@ class Admin:
             if "value" not in body or body["value"] is None:
                 raise reports.BadRequest('give {"value": …} (DELETE resets the cursor)')
             value = body["value"]
-        old = await self.d.store.cursor_get(name)
-        await self.d.store.cursor_set(name, value)
         poller = self.d.pollers.get(name)
+        # Between polls: a poll in flight would commit the cursor it started from, over this one.
+        async with poller.cursor_lock if poller is not None else contextlib.nullcontext():
+            old = await self.d.store.cursor_get(name)
+            await self.d.store.cursor_set(name, value)
         if poller is not None:
             poller.nudge()
         log.info("admin: cursor of %s %s", name, "reset" if value is None else "set", extra={"source": name})

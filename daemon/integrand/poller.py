@@ -73,6 +73,7 @@ class SourcePoller:
         self.polls = 0
         self.last_poll_at: float | None = None  # when the last poll started, and the last that succeeded
         self.last_ok_at: float | None = None
+        self.cursor_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -83,7 +84,8 @@ class SourcePoller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue  # a nudge may have moved next_at; look again
-            await self.poll_once()
+            async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
+                await self.poll_once()
 
     def nudge(self) -> None:
         """A webhook arrived for this source: poll soon (debounced), within the request budget."""
