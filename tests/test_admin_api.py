@@ -233,6 +233,16 @@ token = {env = "INTEGRAND_TEST_ADMIN_TOKEN"}
             sock = aiohttp.UnixConnector(path=str(tmp_path / "var" / "admin.sock"))
             async with aiohttp.ClientSession(connector=sock) as local:
                 assert (await get(local, "http://integrand/api/status"))[0] == 200
+                # A connector's state, as `integrand auth` writes it beside the daemon.
+                state = "http://integrand/api/state/sink:crm/tokens"
+                async with local.put(state, json={"value": {"refresh": "r1"}}) as r:
+                    assert r.status == 200
+                assert (await get(local, state)) == (200, {"value": {"refresh": "r1"}})
+                assert await d.store.state_get("sink:crm", "tokens") == {"refresh": "r1"}
+                async with local.put("http://integrand/api/state/sink:nope/tokens", json={"value": 1}) as r:
+                    assert r.status == 404
+                async with local.put(state, json={"other": 1}) as r:
+                    assert r.status == 400
     finally:
         await receiver.stop()
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
 from .config import Settings, SourceCore
-from .store import DeliveryDetail, Store
+from .store import CursorRow, DeliveryDetail, Store
 from .store_views import STATES, Backlog, EventStory
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ def fold_backlog(rows: Sequence[Backlog], by: Literal["sink", "source"]) -> dict
 
 async def status(store: Store, settings: Settings, daemon: Daemon | None = None) -> dict[str, Any]:
     counts = await store.counts()
+    backlog = await store.backlog()  # one scan of the pending deliveries for sources and sinks both
+    cursors = await store.cursors()
     deliveries: dict[str, dict[str, int]] = {}
     for (sink, state), n in sorted(counts.items()):
         deliveries.setdefault(sink, {})[state] = n
@@ -64,12 +66,11 @@ async def status(store: Store, settings: Settings, daemon: Daemon | None = None)
         "events": await store.event_count(),
         "deliveries": deliveries,
         "dead_letters": sum(n for (_, st), n in counts.items() if st == "dead"),
-        "sources": await sources(store, settings, daemon),
-        "sinks": await sinks(store, settings, daemon),
+        "sources": await sources(store, settings, daemon, backlog=backlog, cursors=cursors),
+        "sinks": await sinks(store, settings, daemon, backlog=backlog, counts=counts),
         "recent_rejections": await rejections(store, limit=10),
         "cursors": [
-            {"source": c.source, "kind": c.kind, "value": c.value, "updated_at": iso(c.updated_at)}
-            for c in await store.cursors()
+            {"source": c.source, "kind": c.kind, "value": c.value, "updated_at": iso(c.updated_at)} for c in cursors
         ],
     }
     if daemon is not None:  # the compact shapes /status had before the admin API (kept for scripts using them)
@@ -87,17 +88,24 @@ async def status(store: Store, settings: Settings, daemon: Daemon | None = None)
     return out
 
 
-async def sources(store: Store, settings: Settings, daemon: Daemon | None = None) -> list[dict[str, Any]]:
+async def sources(
+    store: Store,
+    settings: Settings,
+    daemon: Daemon | None = None,
+    *,
+    backlog: Sequence[Backlog] | None = None,
+    cursors: Sequence[CursorRow] | None = None,
+) -> list[dict[str, Any]]:
     now = time.time()
-    pending = fold_backlog(await store.backlog(), "source")
-    cursors = {c.source: c for c in await store.cursors() if c.kind == "poll"}
+    pending = fold_backlog(await store.backlog() if backlog is None else backlog, "source")
+    polls = {c.source: c for c in (await store.cursors() if cursors is None else cursors) if c.kind == "poll"}
     out = []
     for name, cs in sorted(settings.sources.items()):
         core = cs.core
         assert isinstance(core, SourceCore)
         caps = cs.cls.capabilities()
         n, oldest = pending.get(name, (0, None))
-        cur = cursors.get(name)
+        cur = polls.get(name)
         item: dict[str, Any] = {
             "name": name,
             "connector": cs.connector,
@@ -129,10 +137,17 @@ async def sources(store: Store, settings: Settings, daemon: Daemon | None = None
     return out
 
 
-async def sinks(store: Store, settings: Settings, daemon: Daemon | None = None) -> list[dict[str, Any]]:
+async def sinks(
+    store: Store,
+    settings: Settings,
+    daemon: Daemon | None = None,
+    *,
+    backlog: Sequence[Backlog] | None = None,
+    counts: dict[tuple[str, str], int] | None = None,
+) -> list[dict[str, Any]]:
     now = time.time()
-    counts = await store.counts()
-    pending = fold_backlog(await store.backlog(), "sink")
+    counts = await store.counts() if counts is None else counts
+    pending = fold_backlog(await store.backlog() if backlog is None else backlog, "sink")
     out = []
     for name, cs in sorted(settings.sinks.items()):
         n, oldest = pending.get(name, (0, None))
