@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from html import escape
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import orjson
 
@@ -61,7 +62,7 @@ async def render(d: Daemon, query: str = "", fragment: bool = False) -> str:
     parts.append(_queues(st))
     parts.append(_sources(st["sources"]))
     parts.append(_sinks(st["sinks"]))
-    parts.append(_dlq(dlq))
+    parts.append(_dlq(dlq, st["dead_letters"]))
     parts.append(_refused(refused))
     main = "\n".join(parts)
     if fragment:
@@ -186,7 +187,7 @@ def _sinks(sinks: list[dict[str, Any]]) -> str:
     return '<section id="sinks"><h2>Sinks</h2>' + _table(head, rows, "no sinks", "sink-table") + "</section>"
 
 
-def _dlq(dlq: list[dict[str, Any]]) -> str:
+def _dlq(dlq: list[dict[str, Any]], total: int) -> str:
     rows = []
     for x in dlq:
         err = (x["last_error"] or "").splitlines()[0] if x["last_error"] else ""
@@ -194,7 +195,7 @@ def _dlq(dlq: list[dict[str, Any]]) -> str:
             [
                 f'<input type="checkbox" class="pick" value="{x["id"]}" aria-label="select {x["id"]}">',
                 str(x["id"]),
-                f'<a href="/?q={escape(x["source"])}:{escape(x["event_id"])}">{escape(x["event_id"])}</a>',
+                f'<a href="/?q={escape(quote(x["source"] + ":" + x["event_id"], safe=""))}">{escape(x["event_id"])}</a>',
                 escape(x["source"]),
                 escape(x["sink"]),
                 str(x["attempts"]),
@@ -211,7 +212,12 @@ def _dlq(dlq: list[dict[str, Any]]) -> str:
     )
     head = ["", "id", "event", "source", "sink", "tries", "when", "last error", ""]
     return (
-        f'<section id="dlq"><h2>Dead-letter queue ({len(dlq)})</h2>'
+        f'<section id="dlq"><h2>Dead-letter queue ({total})</h2>'
+        + (
+            f"<p>showing the oldest {len(dlq)}; <code>integrand dlq list</code> lists them all</p>"
+            if total > len(dlq)
+            else ""
+        )
         + bulk
         + _table(head, rows, "the dead-letter queue is empty", "dlq-table")
         + "</section>"
