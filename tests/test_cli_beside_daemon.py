@@ -112,6 +112,25 @@ async def test_cli_with_credential_secrets_beside_a_daemon_under_load(tmp_path: 
             rc, text, err = await integrand("dlq", "list", "-c", c)
             assert rc == 0, err
             assert "bad-1" in text and "HTTP 400" in text
+            # A command that does need a secret says which one it cannot read, in one line per problem.
+            body = tmp_path / "body.json"
+            body.write_text('{"type": "from.shell"}')
+            rc, text, err = await integrand("send", "demo", str(body), "-c", c, "--id", "from-shell")
+            assert rc == 1 and "Traceback" not in err
+            assert "secret credential:demo-secret: credential demo-secret needs $CREDENTIALS_DIRECTORY" in err
+            rc, text, err = await integrand(
+                "send",
+                "demo",
+                str(body),
+                "-c",
+                c,
+                "--id",
+                "from-shell",
+                "--url",
+                hook_url(d),
+                env={"CREDENTIALS_DIRECTORY": str(credentials)},
+            )
+            assert (rc, text.split(":")[0]) == (0, "200 OK"), err
 
             stop = asyncio.Event()
             load = asyncio.create_task(steady_load(hook_url(d), stop))
@@ -133,7 +152,9 @@ async def test_cli_with_credential_secrets_beside_a_daemon_under_load(tmp_path: 
             assert await d.store.cursor_get("crm") == "2026-01-01T00:00:00Z"
             await wait_for(lambda: any(e["id"] == "bad-1" for e in receiver.delivered()), timeout=60)
             await wait_for(lambda: ids <= set(jsonl_ids(out)), timeout=60)
-            await wait_for(lambda: len(jsonl_ids(out)) == len(ids) + 1 + 12, timeout=60)  # + bad-1 + reconciled
+            await wait_for(
+                lambda: len(jsonl_ids(out)) == len(ids) + 2 + 12, timeout=60
+            )  # + bad-1, from-shell, reconciled
         # The socket goes with the daemon.
         assert not (tmp_path / "var" / "admin.sock").exists()
 

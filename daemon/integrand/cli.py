@@ -20,7 +20,7 @@ from .config import Settings, config_path, load_config
 from .connector import ConnectorContext, WebhookSource
 from .errors import ConfigError, StoreUnavailable
 from .logs import setup_logging
-from .opcmds import cmd_auth, cmd_cursor, cmd_dlq, cmd_events, cmd_reconcile, cmd_status
+from .opcmds import cmd_auth, cmd_cursor, cmd_dlq, cmd_events, cmd_reconcile, cmd_status, load_lazily
 from .plugins import Registry
 from .types import parse_duration
 
@@ -128,7 +128,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load_lazily(args)  # only this source's secret is read (to sign), not every secret
     cs = settings.sources.get(args.source)
     if cs is None:
         print(f"error: no source named {args.source!r} in {settings.path}", file=sys.stderr)
