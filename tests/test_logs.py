@@ -68,6 +68,9 @@ to = ["crm"]
             leak = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
             async with s.post(proc.url(), data=orjson.dumps({"k": SINK_SECRET}), headers=leak) as r:
                 assert r.status == 401
+            for _ in range(30):  # a flood of refusals is one line, not thirty
+                async with s.post(proc.url(), data=b"{}", headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == 401
             await wait_for(lambda: {e["id"] for e in receiver.delivered()} >= set(ids) - {"poison"}, timeout=20)
             await wait_for(lambda: "dead-lettered" in proc.output(), timeout=10)
         proc.signal(signal.SIGTERM)
@@ -90,9 +93,37 @@ to = ["crm"]
     assert isinstance(dead["delivery_id"], int)
     alert = next(ln for ln in lines if ln["msg"].startswith("ALERT sink crm"))
     assert alert["sink"] == "crm" and alert["level"] == "CRITICAL"
-    refused = next(ln for ln in lines if "refused webhook" in ln["msg"])
-    assert refused["source"] == "demo"
+    refused = [ln for ln in lines if "refused webhook" in ln["msg"]]
+    assert len(refused) == 1 and refused[0]["source"] == "demo"
     # At info and above: lines for state changes (ready, refusal, dead letter, pause, stop), not one per event.
     info = [ln for ln in lines if ln["level"] != "DEBUG"]
     assert not [ln for ln in info if re.search(r"\bok-\d", ln["msg"]) or str(ln.get("event_id", "")).startswith("ok-")]
     assert len(info) < 25, [ln["msg"] for ln in info]  # 40 good events, a handful of state changes
+
+
+def test_repeats_are_collapsed_per_subject_and_counted() -> None:
+    import logging
+
+    from integrand.logs import Repeats
+
+    now = [0.0]
+    f = Repeats(window=60, clock=lambda: now[0])
+
+    def rec(level: int, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("integrand.x", level, __file__, 1, msg, args, None)
+
+    kept = [f.filter(rec(logging.INFO, "source %s: refused webhook from %s", "demo", f"10.0.0.{i}")) for i in range(50)]
+    assert kept == [True] + [False] * 49
+    assert f.filter(rec(logging.INFO, "source %s: refused webhook from %s", "other", "10.0.0.1"))  # another subject
+    assert f.filter(rec(logging.DEBUG, "source %s: refused webhook from %s", "demo", "x"))  # debug: all of it
+    assert f.filter(rec(logging.CRITICAL, "ALERT sink %s", "demo")) and f.filter(
+        rec(logging.CRITICAL, "ALERT sink %s", "demo")
+    )
+    now[0] = 61.0
+    r = rec(logging.INFO, "source %s: refused webhook from %s", "demo", "10.0.0.99")
+    assert f.filter(r)
+    assert r.repeats == 49  # type: ignore[attr-defined]
+    assert r.getMessage() == (
+        "source demo: refused webhook from 10.0.0.99 [and 49 more like this in the 60 s before, not logged]"
+    )
+    assert not f.filter(rec(logging.INFO, "source %s: refused webhook from %s", "demo", "10.0.0.100"))

@@ -12,11 +12,10 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 
-FIELDS = ("event_id", "source", "sink", "delivery_id", "request_id", "count", "scope")
 # Loggers of libraries, held at warning whatever log_level says: debug means integrand's debug.
 THIRD_PARTY = ("aiosqlite", "aiohttp", "asyncio", "urllib3", "croniter", "multipart")
 _PREFIX = re.compile(r"^(?:ALERT )?(sink|source) %[sr]\b")
@@ -27,6 +26,7 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 
 def setup_logging(level: str, fmt: str, levels: Mapping[str, str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Repeats())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -58,6 +58,45 @@ def fields(record: logging.LogRecord) -> dict[str, object]:
         if i < len(args):
             out.setdefault("delivery_id", args[i])
     return out
+
+
+class Repeats(logging.Filter):
+    """One line per kind of happening per subject per ``window``, not one per event.
+
+    Records at info to error with the same logger, message template and subject (the first
+    argument: a sink's or source's name) are collapsed: the first in a window is logged, the rest
+    are counted, and the next one logged after the window says how many were left out
+    (``repeats`` in JSON). A flood of refused webhooks or a sink dead-lettering every delivery is
+    a few lines a minute; each event's own story stays in the store (``integrand events show``).
+    Debug lines (asked for) and critical ones (alerts) are never collapsed."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        self._seen: dict[tuple[str, str, object], list[float]] = {}  # key -> [window start, left out]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not logging.INFO <= record.levelno < logging.CRITICAL:
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        subject = args[0] if args and isinstance(args[0], str) else None
+        key = (record.name, str(record.msg), subject)
+        now = self.clock()
+        slot = self._seen.get(key)
+        if slot is not None and now - slot[0] < self.window:
+            slot[1] += 1
+            return False
+        if slot is not None and slot[1]:
+            n = int(slot[1])
+            record.repeats = n
+            record.msg = f"{record.msg} [and {n} more like this in the {self.window:.0f} s before, not logged]"
+        if len(self._seen) >= self.MAX_KEYS:
+            self._seen.clear()
+        self._seen[key] = [now, 0]
+        return True
 
 
 class JsonFormatter(logging.Formatter):
