@@ -20,6 +20,8 @@ import orjson
 THIRD_PARTY = ("aiosqlite", "aiohttp", "asyncio", "urllib3", "croniter", "multipart")
 _PREFIX = re.compile(r"^(?:ALERT )?(sink|source) %[sr]\b")
 _DELIVERY = re.compile(r"\bdelivery %d\b")
+# Lines about a single request or delivery; lines about a sink's or source's state are never collapsed.
+_PER_EVENT = re.compile(r"\bdelivery %d\b|refused webhook")
 _REQUEST_ID = re.compile(r"\(request id ([^)\s]+)\)")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -61,10 +63,11 @@ def fields(record: logging.LogRecord) -> dict[str, object]:
 
 
 class Repeats(logging.Filter):
-    """One line per kind of happening per subject per ``window``, not one per event.
+    """One line per kind of per-event happening per subject per ``window``, not one per event.
 
-    Records at info to error with the same logger, message template and subject (the first
-    argument: a sink's or source's name) are collapsed: the first in a window is logged, the rest
+    Lines about one event (a refused webhook, a delivery's failure: ``_PER_EVENT``) at info to
+    error with the same logger, message template and subject (the first argument: a sink's or
+    source's name) are collapsed: the first in a window is logged, the rest
     are counted, and the next one logged after the window says how many were left out
     (``repeats`` in JSON). A flood of refused webhooks or a sink dead-lettering every delivery is
     a few lines a minute; each event's own story stays in the store (``integrand events show``).
@@ -79,8 +82,10 @@ class Repeats(logging.Filter):
         self._seen: dict[tuple[str, str, object], list[float]] = {}  # key -> [window start, left out]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not logging.INFO <= record.levelno < logging.CRITICAL:
+        if not logging.INFO <= record.levelno < logging.CRITICAL or not isinstance(record.msg, str):
             return True
+        if not _PER_EVENT.search(record.msg):
+            return True  # a sink's or source's own state change (breaker open, closed): always said
         args = record.args if isinstance(record.args, tuple) else ()
         subject = args[0] if args and isinstance(args[0], str) else None
         key = (record.name, str(record.msg), subject)
