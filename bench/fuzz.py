@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["webhook", "config", "mapping"]
+TARGETS = ["webhook", "config", "mapping", "listing"]
 
 
 def run_one(target: str) -> None:

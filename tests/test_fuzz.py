@@ -282,3 +282,11 @@ def test_chunk_watch_never_refuses_traffic_within_the_limit(case: tuple[bytes, i
     assert w.state != "off"
     over = b"POST /hooks/demo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1)
     assert w.feed(over) == f"body exceeds the limit of {limit} bytes"
+
+
+@FAST
+@given(
+    st.dictionaries(st.sampled_from(["id", "updated_at", "archived", "x"]), json_leaf), st.lists(json_leaf, max_size=3)
+)
+def test_a_listing_page_yields_events_or_says_why(item: dict[str, object], extra: list[object]) -> None:
+    t.listing(orjson.dumps({"results": [item, *extra], "next": extra[0] if extra else None}))
