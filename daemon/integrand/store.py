@@ -32,7 +32,8 @@ import aiosqlite
 import orjson
 
 from .errors import PermanentError, StoreUnavailable
-from .events import Event
+from .events import Event, VersionError, canonical_version, version_key
+from .events import version_newer as version_newer  # re-exported: the poller and tests import it from here
 
 log = logging.getLogger("integrand.store")
 T = TypeVar("T")
@@ -338,18 +339,26 @@ class CursorRow:
     updated_at: float
 
 
-def version_newer(a: str, b: str) -> bool:
-    """Whether version ``a`` is newer than ``b``: numerically when both are numbers, else as strings (ISO times)."""
-    try:
-        return float(a) > float(b)
-    except ValueError:
-        return a > b
+def judge(known: EntityVersion | None, version: str | None, h: str, deleted: bool) -> tuple[bool, str | None]:
+    """THE rule for a change to an entity: (is it stale, the version to record for the entity).
 
-
-def _superseded(known: EntityVersion | None, version: str | None, h: str) -> bool:
-    if known is None or version is None or known.version is None:
-        return False
-    return version_newer(known.version, version) or (known.version == version and known.hash == h)
+    Stale: an older version than the last seen; the same version with the same content (a repeat:
+    look-back overlap, a webhook then a poll); the same version as a delete but not itself a delete
+    (at one version, the delete wins). A change without a version is never stale (it cannot be
+    judged) and keeps the entity's last version as the floor, so a delete without one (a
+    reconciliation's, most webhooks') does not switch the guard off for a late older change.
+    ``VersionError`` if the forms differ (a number after a time, or the reverse)."""
+    if known is None:
+        return False, version
+    if version is None:
+        return False, known.version
+    if known.version is None:
+        return False, version
+    if version_newer(known.version, version):
+        return True, known.version
+    if canonical_version(known.version) == version:
+        return known.hash == h or (known.deleted and not deleted), version
+    return False, version
 
 
 def is_delete(ev: Event) -> bool:
@@ -471,19 +480,25 @@ class _Prepared(NamedTuple):
     sinks: Sequence[str]
     body: bytes
     hash: str | None  # content hash, for events with an entity only
+    version: str | None  # canonical (events.canonical_version), for events with an entity only
 
 
 def _prepare(items: Sequence[tuple[Event, Sequence[str]]]) -> list[_Prepared]:
     out = []
     for ev, sinks in items:
+        h = version = None
         try:
             body = ev.to_json()
-            h = data_hash(ev) if ev.entity_id is not None else None
+            if ev.entity_id is not None:
+                h = data_hash(ev)
+                version = None if ev.version is None else canonical_version(ev.version)
         except TypeError as e:  # orjson.JSONEncodeError is a TypeError
             raise UnstorableEvent(
                 f"event {ev.id!r} of source {ev.source!r} cannot be stored: it is not JSON-serialisable ({e})"
             ) from e
-        out.append(_Prepared(ev, sinks, body, h))
+        except VersionError as e:
+            raise UnstorableEvent(f"event {ev.id!r} of source {ev.source!r} cannot be stored: {e}") from e
+        out.append(_Prepared(ev, sinks, body, h, version))
     return out
 
 
@@ -1014,7 +1029,7 @@ class Store:
         results = []
         for op in ops:
             accepted = dup = stale = 0
-            for ev, sinks, body, h in op.items:
+            for ev, sinks, body, h, version in op.items:
                 k = (ev.source, ev.id)
                 if k in seen:
                     dup += 1
@@ -1024,13 +1039,22 @@ class Store:
                     ek = (ev.source, ev.entity or "", ev.entity_id)
                     assert h is not None
                     known = entities.get(ek)
-                    # An older version never overwrites a newer one; the same version with the
-                    # same content is a repeat (look-back overlap, a webhook then a poll).
-                    if _superseded(known, ev.version, h):
+                    deleted = is_delete(ev)
+                    try:
+                        is_stale, keep = judge(known, version, h, deleted)
+                    except VersionError as e:
+                        assert known is not None and known.version is not None and version is not None
+                        raise UnstorableEvent(
+                            f"event {ev.id!r} of source {ev.source!r} cannot be stored: its version {ev.version!r} "
+                            f"is a {version_key(version)[0]} but entity {ev.entity or ''}:{ev.entity_id} was last "
+                            f"seen at version {known.version!r}, a {version_key(known.version)[0]}: a source must "
+                            "give one form of version"
+                        ) from e
+                    if is_stale:
                         stale += 1
                         continue
-                    entities[ek] = EntityVersion(ev.version, h, is_delete(ev), ev.id, now)
-                    entity_rows.append((*ek, ev.version, h, int(is_delete(ev)), ev.id, now))
+                    entities[ek] = EntityVersion(keep, h, deleted, ev.id, now)
+                    entity_rows.append((*ek, keep, h, int(deleted), ev.id, now))
                 accepted += 1
                 event_rows.append((ev.source, ev.id, ev.type, ev.entity_key, now, body))
                 fanout.append((ev.source, ev.id, ev.entity_key, sinks, ev.entity_id is not None))
@@ -1419,8 +1443,11 @@ class Store:
                     if ev.entity_id is None or ev.version is None:
                         continue
                     k = known.get((ev.source, ev.entity or "", ev.entity_id))
-                    if k is not None and k.version is not None and version_newer(k.version, ev.version):
-                        superseded.append(r[0])
+                    try:
+                        if k is not None and k.version is not None and version_newer(k.version, ev.version):
+                            superseded.append(r[0])
+                    except VersionError as e:  # cannot be judged: replayed, as asked
+                        log.warning("replay: cannot tell whether delivery %d is superseded: %s", r[0], e)
                 rows = [r for r in rows if r[0] not in superseded]
             if rows:
                 await conn.executemany(
