@@ -129,6 +129,7 @@ class Conn:
 
 
 _CHUNK_SIZES = (256, 64, 16, 4, 1)
+REJECTIONS_BUFFERED = 1000  # refused webhooks waiting to be recorded; beyond this the oldest are dropped
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints while commits are happening
 WAL_MAX_FRAMES = 8192  # 32 MiB of 4 KiB pages: past this the writer checkpoints in line once
 
@@ -544,6 +545,11 @@ class _Inbox:
     def get_nowait(self) -> _Op:
         return self._items.popleft()
 
+    def drain(self) -> list[_Op]:
+        out = list(self._items)
+        self._items.clear()
+        return out
+
     def empty(self) -> bool:
         return not self._items
 
@@ -609,6 +615,12 @@ class Store:
         self._thread: ThreadPoolExecutor | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
+        self._rejection_buffer: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=REJECTIONS_BUFFERED)
+        self._rejection_flush_queued = False
+        self._rejections_keep = 0
+        self.rejections_dropped = 0  # refused webhooks not recorded because a flood outran the writer
+        self._inflight: list[_Op] = []  # the batch being committed, failed by the watchdog if the writer dies
+        self._died: BaseException | None = None
         self._prune_at: tuple[str, Any] = (_PRUNE_PHASES[0], None)  # where the retention pass resumes
         self.pruned = dict.fromkeys(_PRUNE_PHASES, 0)  # rows deleted by retention, by kind
         # Checkpoints run beside the writer (see _maybe_checkpoint), on a thread and connection of their own.
@@ -640,11 +652,12 @@ class Store:
                 raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
             raise
         self._writer = asyncio.create_task(self._run_writer(), name="store-writer")
+        self._writer.add_done_callback(self._writer_ended)
 
     async def close(self) -> None:
         if self._writer is not None:
             self._queue.put_nowait(_STOP)
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a writer that died was logged
                 await self._writer
             self._writer = None
         await self._close_conns()
@@ -794,6 +807,23 @@ class Store:
 
     # --- the writer -------------------------------------------------------------------------
 
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """The watchdog: if the writer died (a bug), fail its batch and everything queued, and every
+        later op at once, with StoreUnavailable (webhooks get 503, readiness fails) instead of hanging."""
+        if task.cancelled():
+            err: BaseException = asyncio.CancelledError()
+        elif task.exception() is None:
+            return  # closed
+        else:
+            err = task.exception()  # type: ignore[assignment]
+        log.critical("the store's writer task died; every write now fails until integrand is restarted: %r", err)
+        self._died = err
+        failure = StoreUnavailable(f"the store's writer stopped: {err!r}")
+        for op in [*self._inflight, *self._queue.drain()]:
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(failure)
+        self._inflight = []
+
     async def _run_writer(self) -> None:
         stopping = False
         held: _Op | None = None
@@ -825,7 +855,9 @@ class Store:
                 # Every caller queued meanwhile waited for it: worth seeing beside the commit times.
                 self.inline_checkpoints += 1
                 self.inline_checkpoint_seconds += time.perf_counter() - started
+            self._inflight = batch
             await self._commit(batch)
+            self._inflight = []
         # Fail whatever is still queued rather than leave callers hanging.
         while not self._queue.empty():
             op = self._queue.get_nowait()
@@ -1107,13 +1139,18 @@ class Store:
         keys = {(ev.source, ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None}
         return await _read_entities(conn, keys)
 
+    def _writing(self) -> bool:
+        return self._writer is not None and not self._writer.done()
+
     def _unwritable(self) -> StoreUnavailable:
+        if self._died is not None:
+            return StoreUnavailable(f"the store's writer stopped: {self._died!r}")
         if self.role == "reader":
             return StoreUnavailable(f"store {self.path} is opened read-only")
         return StoreUnavailable("store is not open")
 
     async def _submit(self, fn: Callable[[Conn], Coroutine[Any, Any, T]], rows: int = 1) -> T:
-        if self._writer is None:
+        if not self._writing():
             raise self._unwritable()
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Op(fn, rows, fut))
@@ -1123,7 +1160,7 @@ class Store:
 
     async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
         """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
-        if self._writer is None:
+        if not self._writing():
             raise self._unwritable()
         if not items:
             return EnqueueResult(0, 0)
@@ -1135,7 +1172,7 @@ class Store:
         self, items: Sequence[tuple[Event, Sequence[str]]], source: str, cursor: Any, kind: str = "poll"
     ) -> EnqueueResult:
         """Store a poll's events and its new cursor in one transaction: both or neither survive a crash."""
-        if self._writer is None:
+        if not self._writing():
             raise self._unwritable()
         prepared, blob = _prepare(items), orjson.dumps(cursor)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
@@ -1354,18 +1391,30 @@ class Store:
     def record_rejection(
         self, source: str, status: int, reason: str, remote: str | None, headers: dict[str, str], keep: int
     ) -> None:
-        """Remember a refused webhook (without waiting); only the newest ``keep`` are kept."""
-        if self._writer is None or keep <= 0:
+        """Remember a refused webhook (without waiting); only the newest ``keep`` are kept.
+
+        Rejections wait in a bounded buffer and are written by one op per commit, however many
+        arrive meanwhile: under a flood of bad requests the oldest unwritten ones are dropped (and
+        counted in ``rejections_dropped``) rather than growing memory or the writer's queue."""
+        if not self._writing() or keep <= 0:
             return
+        if len(self._rejection_buffer) == self._rejection_buffer.maxlen:
+            self.rejections_dropped += 1
+        self._rejection_buffer.append((self.clock(), source, status, reason, remote, orjson.dumps(headers).decode()))
+        self._rejections_keep = keep
+        if self._rejection_flush_queued:
+            return
+        self._rejection_flush_queued = True
 
         async def op(conn: Conn) -> None:
-            cur = await conn.execute(
-                "INSERT INTO rejections (at, source, status, reason, remote, headers) VALUES (?, ?, ?, ?, ?, ?)",
-                (self.clock(), source, status, reason, remote, orjson.dumps(headers).decode()),
-            )
-            last = cur.lastrowid or 0
-            if last % 100 == 0:
-                await conn.execute("DELETE FROM rejections WHERE id <= ?", (last - keep,))
+            self._rejection_flush_queued = False
+            rows = list(self._rejection_buffer)
+            self._rejection_buffer.clear()
+            if not rows:
+                return
+            await conn.insert_rows("INSERT INTO rejections (at, source, status, reason, remote, headers)", rows)
+            last = await conn.execute_fetchall("SELECT MAX(id) FROM rejections")
+            await conn.execute("DELETE FROM rejections WHERE id <= ?", ((last[0][0] or 0) - self._rejections_keep,))
 
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_log_failure)
@@ -1558,8 +1607,8 @@ class Store:
         An empty transaction commits even when the store is full, so the probe writes
         PROBE_BYTES and rolls them back, in a transaction of its own.
         """
-        if self._writer is None:
-            raise StoreUnavailable("store is not open")
+        if not self._writing():
+            raise self._unwritable()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Op(_probe_write, 1, fut, alone=True))
         try:
