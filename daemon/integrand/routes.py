@@ -26,6 +26,7 @@ filters and wildcards are not needed to pick one value per target field.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import logging
@@ -495,12 +496,11 @@ class RouteRuntime:
                 fetched = [e] * len(idxs)
             for i, res in zip(idxs, fetched, strict=True):
                 out[i] = self._enrich_error(source, events[i], res) if isinstance(res, BaseException) else res
-        for i, item in enumerate(out):
-            if isinstance(item, Event):
-                try:
-                    out[i] = await self._route(sink, item)
-                except Exception as e:
-                    out[i] = e
+        # Concurrently, so the loop guard's state writes for the whole batch share one group commit.
+        todo = [(i, item) for i, item in enumerate(out) if isinstance(item, Event)]
+        routed = await asyncio.gather(*(self._route(sink, item) for _, item in todo), return_exceptions=True)
+        for (i, _), outcome in zip(todo, routed, strict=True):
+            out[i] = outcome
         return out
 
     async def _route(self, sink: str, event: Event) -> Event | None:
