@@ -19,10 +19,11 @@ from aiohttp import web
 from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
 from .events import Event, utcnow_iso
+from .intake import intake
 from .metrics import Metrics
 from .routes import Router
 from .secrets import REDACTED, is_credential_name
-from .store import Store
+from .store import Store, UnstorableEvent
 
 log = logging.getLogger("integrand.listener")
 
@@ -138,9 +139,13 @@ class Listener:
             log.exception("source %s: connector failed on a webhook", name)
             return _error(500, f"source {name!r} failed to process the webhook; it was not stored")
 
-        items = [(ev, self.router.sinks_for(ev)) for ev in events]
         try:
-            result = await self.store.enqueue(items)
+            result = await intake(
+                self.store, self.router, name, events, metrics=self.metrics, on_accepted=self.on_accepted
+            )
+        except UnstorableEvent as e:
+            log.error("source %s: webhook refused with 500, the connector produced an unstorable event: %s", name, e)
+            return _error(500, f"source {name!r} produced an event that cannot be stored; it was not stored: {e}")
         except StoreUnavailable as e:
             log.error("source %s: webhook refused with 503, store unavailable: %s", name, e)
             return _error(
@@ -148,11 +153,6 @@ class Listener:
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
             )
-        self.metrics.events.inc(name, "accepted", amount=result.accepted)
-        if result.duplicates:
-            self.metrics.events.inc(name, "duplicate", amount=result.duplicates)
-        if self.on_accepted is not None and result.accepted:
-            self.on_accepted(name, events)
         return _json({"accepted": result.accepted, "duplicates": result.duplicates})
 
     @staticmethod
