@@ -45,6 +45,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from .connector import Enricher
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
+from .keypaths import format_errors
 from .types import RelPath, StrictModel
 
 log = logging.getLogger("integrand.routes")
@@ -251,7 +252,6 @@ class RouteSettings(StrictModel):
 
 def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None, list[str]]:
     """The route's compiled mapping, or the problems with it as ``key.path: message`` lines."""
-    from .config import _format  # the one formatter of key-path errors
 
     spec: dict[str, FieldSpec] | None = route.map
     lookups = dict(route.lookups)
@@ -266,7 +266,7 @@ def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None,
         try:
             mf = MappingFile.model_validate(raw)
         except ValidationError as e:
-            return None, _format(e, f"{where}.mapping({path.name})", MappingFile)
+            return None, format_errors(e, f"{where}.mapping({path.name})", MappingFile)
         spec = mf.map
         lookups = {**mf.lookups, **lookups}
     if spec is None:
