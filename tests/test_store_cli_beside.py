@@ -109,7 +109,9 @@ async def test_cli_writes_beside_a_daemon_under_load_fail_no_webhook(tmp_path: P
                 runs.append(await cli(config_path, "cursor", "set", "crm", f'{{"n": {n}}}'))
             await producers
             assert [r[0] for r in runs] == [0] * len(runs), runs
-            assert all("missed=5" in out for out in (r[1] for r in runs[::3])), runs[::3]  # each stored 5 events
+            # The first reconcile stored the 5 changes the daemon had not polled (a `cursor set` may
+            # make the daemon poll again, so later ones may find less to store).
+            assert "missed=5" in runs[0][1], runs[0]
             assert statuses == [200] * 400, sorted(set(statuses))
             await wait_for(
                 lambda: {e["id"] for e in read_jsonl(tmp_path / "var" / "out.jsonl")} >= {f"m{i}" for i in range(400)},

@@ -61,6 +61,15 @@ class SinkRuntime:
     auth_error: str | None = None  # set while the sink is paused because its credentials were refused
 
 
+def _about(row: Leased, e: BaseException) -> dict[str, str]:
+    """The event a log line is about and the provider's request id, as JSON-log fields (integrand.logs)."""
+    out = {"event_id": row.event.id, "source": row.event.source}
+    rid = getattr(e, "request_id", None)
+    if rid:
+        out["request_id"] = str(rid)
+    return out
+
+
 def describe_error(e: BaseException) -> str:
     """One string for the DLQ and the audit: the class, the message, the provider's request id."""
     text = f"{type(e).__name__}: {e}"
@@ -446,7 +455,13 @@ class Dispatcher:
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d cannot be prepared, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
+            )
             return Outcome(row, "dead", error=error)
         policy = sink.retry
         source = self.source_breakers.get(row.event.source)
@@ -479,7 +494,14 @@ class Dispatcher:
 
     def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
         self.metrics.deliveries.inc(sink.name, "dead")
-        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        log.error(
+            "sink %s: delivery %d dead-lettered after %d attempts: %s",
+            sink.name,
+            row.id,
+            attempts,
+            res,
+            extra=_about(row, res),
+        )
         return Outcome(row, "dead", error=error)
 
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
@@ -490,7 +512,13 @@ class Dispatcher:
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d failed permanently, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
+            )
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
             self.metrics.deliveries.inc(sink.name, "auth")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..events import version_newer
+from ..store_views import OperatorViews
 from .backend import StoreBackend
 from .deadletters import REJECTIONS_BUFFERED, DeadLetters
 from .engine import CHECKPOINT_EVERY, PROBE_BYTES, WAL_MAX_FRAMES, Conn, Engine, Role, StoreLocked
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 
-class Store(Queue, DeadLetters, Retention, ConnectorState):
+class Store(Queue, DeadLetters, Retention, ConnectorState, OperatorViews):
     """The SQLite store, opened in one of four roles.
 
     ``daemon`` owns the file: it takes the writer lock, releases a dead run's leases and checkpoints.

@@ -93,13 +93,16 @@ class Queue(Engine):
             for it in op.items:
                 by_source.setdefault(it.event.source, set()).add(it.event.id)
         seen: set[tuple[str, str]] = set()
+        stored: dict[tuple[str, str], int] = {}  # already in the store: (source, event id) -> row
         for source, ids in by_source.items():
             id_list = list(ids)
             for i in range(0, len(id_list), 500):
                 chunk = id_list[i : i + 500]
                 marks = ",".join("?" * len(chunk))
-                sql = f"SELECT event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
-                seen.update((source, r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
+                sql = f"SELECT id, event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
+                stored.update(((source, r[1]), r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
+        seen.update(stored)
+        repeats: list[tuple[str, str]] = []  # pushed again (a provider's retry): the event's story says so
         entities = await self._entity_versions_for(conn, [it.event for op in ops for it in op.items])
         now = self.clock()
         event_rows: list[tuple[Any, ...]] = []
@@ -114,6 +117,8 @@ class Queue(Engine):
                 k = (ev.source, ev.id)
                 if k in seen:
                     dup += 1
+                    if op.cursor is None:  # not a poll's look-back overlap, which repeats by design
+                        repeats.append(k)
                     continue
                 seen.add(k)
                 if ev.entity_id is not None:
@@ -172,6 +177,12 @@ class Queue(Engine):
                 "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at, head)",
                 delivery_rows,
             )
+        if repeats:
+            rows = {**stored, **(row_of if event_rows else {})}  # a repeat of a stale event has no row: no line
+            note = "received again; acknowledged, not stored twice"
+            dup_rows = [(now, rows[k], None, "deduplicated", note) for k in repeats if k in rows]
+            if dup_rows:
+                await conn.insert_rows("INSERT INTO audit (at, event, delivery, action, detail)", dup_rows)
         if entity_rows:
             await conn.insert_rows(
                 "INSERT INTO entity_versions (source, entity, entity_id, version, hash, deleted, event_id, seen_at)",
