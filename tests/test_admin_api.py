@@ -215,6 +215,8 @@ token = {env = "INTEGRAND_TEST_ADMIN_TOKEN"}
                 200,
                 {"replayed": 0, "superseded": []},
             )
+            async with s.get(admin_url(d, "/api/state/sink:crm/tokens"), headers=good) as r:
+                assert r.status == 403  # connector state (OAuth tokens) never over TCP, token or not
             async with s.get(admin_url(d, "/healthz")) as r:  # probes need no token
                 assert r.status == 200
             # The page asks for the token; a right one becomes a same-site, HttpOnly cookie.

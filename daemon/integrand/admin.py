@@ -93,6 +93,9 @@ class Admin:
                 content_type="application/json",
                 headers={"WWW-Authenticate": 'Bearer realm="integrand"'},
             )
+        if request.path.startswith("/api/state/") and not _on_unix_socket(request):
+            # Connector state holds OAuth tokens: only the service's own user (the 0600 socket) may touch it.
+            return _problem(403, "connector state is served on the admin unix socket only")
         if (
             request.method in ("POST", "PUT")
             and request.path != "/login"
