@@ -113,6 +113,11 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
                 assert r.status == 415
             assert (await post(s, admin_url(d, "/api/dlq/replay"), {"ids": "all"}))[0] == 400
             assert (await post(s, admin_url(d, "/api/dlq/purge"), ["x"]))[0] == 400
+            # DNS rebinding: a page whose own name now points at 127.0.0.1 is refused, whatever it asks.
+            rebound = {"Host": "evil.example:8081"}
+            assert (await post(s, admin_url(d, "/api/dlq/purge"), {"all": True}, headers=rebound))[0] == 403
+            assert (await get(s, admin_url(d, "/api/dlq"), headers=rebound))[0] == 403
+            assert (await get(s, admin_url(d, "/api/dlq"), headers={"Host": "localhost"}))[0] == 200
     finally:
         await receiver.stop()
 
