@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -95,6 +96,12 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert lines[0] == f"event {row}: demo:e1 (customer.updated)"
             steps = [ln.split()[2] for ln in lines[lines.index("  story:") + 1 :]]
             assert steps == actions
+            rc, out, _ = await cli("events", "show", "e1", "--json")  # for scripts: the API's answer
+            assert rc == 0 and orjson.loads(out) == stories
+            rc, out, _ = await cli("status", "--json")
+            assert rc == 0 and orjson.loads(out)["daemon"] is True
+            rc, out, _ = await cli("dlq", "list", "--json")
+            assert (rc, orjson.loads(out)) == (0, [])
             rc, out, err = await cli("events", "show", "nope")
             assert (rc, out) == (1, "") and err.startswith("error: no event nope")
 
