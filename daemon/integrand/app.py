@@ -211,9 +211,15 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
     return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers)
 
 
-async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
-    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly."""
-    d = await build(settings)
+async def run(
+    settings: Settings,
+    on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly.
+
+    ``clock`` is for tests that simulate hours of retries and breaker cycles in seconds."""
+    d = await build(settings, clock)
     s = settings
     grace = s.daemon.shutdown_grace
     runners: list[web.BaseRunner] = []
