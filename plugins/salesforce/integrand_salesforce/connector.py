@@ -152,12 +152,13 @@ class SalesforceConnector(Connector[SalesforceConfig], PollingSource, Reconcilin
     async def poll(self, cursor: Any) -> PollResult:
         """integrand's ``PollingSource.poll``: one page of one object's changes since its cursor.
 
-        ``SELECT … FROM obj WHERE SystemModstamp >= since - overlap ORDER BY SystemModstamp, Id``
+        ``SELECT … FROM obj WHERE SystemModstamp > since ORDER BY SystemModstamp, Id``
         (``queryAll`` with ``include_deleted``, so deletions arrive in order with the changes), paged
         by ``nextRecordsUrl``; the locator is in the cursor, so a restart resumes mid-query (a locator
         that expired restarts the object's query). SystemModstamp is set when a transaction starts,
-        so a long transaction can commit a row older than one already seen: the ``overlap`` re-reads
-        that margin and the stable event ids make the re-read free. Every ``deleted_check`` seconds
+        so a long transaction can commit a row older than one already seen: ``since`` advances only to
+        the query's start minus ``overlap``, so the last seconds are read again (stable event ids make
+        that free) and settled rows never are. Every ``deleted_check`` seconds
         ``getDeleted`` catches hard deletes and purges; a window it can no longer cover means a
         logged full resync of that object, not a silent gap.
         """
@@ -175,21 +176,21 @@ class SalesforceConnector(Connector[SalesforceConfig], PollingSource, Reconcilin
             obj = str(page["object"])
         else:
             obj = str(cur["focus"]) if cur.get("focus") in c.objects else c.objects[0]
-        body = await self._poll_page(obj, since, page if isinstance(page, dict) else None)
+        paging = page if isinstance(page, dict) and page.get("object") == obj else None
+        body, started = await self._poll_page(obj, since, paging, now)
         events = [self.record_event(obj, r, "poll") for r in body["records"]]
-        high = page.get("high") if isinstance(page, dict) and page.get("object") == obj else None
-        for r in body["records"]:
-            stamp = r.get("SystemModstamp")
-            if stamp and (high is None or parse_time(stamp) > parse_time(high)):
-                high = soql_time(parse_time(stamp))
         nxt: dict[str, Any] = {"since": since, "deleted": dict(cur.get("deleted") or {})}
         if "deleted_checked" in cur:
             nxt["deleted_checked"] = cur["deleted_checked"]
+        if "resyncs" in cur:
+            nxt["resyncs"] = cur["resyncs"]
         if not body.get("done", True) and body.get("nextRecordsUrl"):
-            nxt["page"] = {"object": obj, "url": body["nextRecordsUrl"], "high": high}
+            nxt["page"] = {"object": obj, "url": body["nextRecordsUrl"], "started": started}
             return self._result(events, nxt, more=True)
-        if high is not None:
-            since[obj] = high
+        # Rows older than the query's start minus the overlap were committed when it ran: settled.
+        settled = datetime.fromtimestamp(started, UTC) - timedelta(seconds=c.overlap)
+        prev = since.get(obj)
+        since[obj] = soql_time(max(parse_time(prev), settled) if prev else settled)
         later = c.objects[c.objects.index(obj) + 1 :]
         if later:
             nxt["focus"] = later[0]
@@ -197,21 +198,22 @@ class SalesforceConnector(Connector[SalesforceConfig], PollingSource, Reconcilin
         events += await self._check_deleted(nxt, now)
         return self._result(events, nxt, more=False)
 
-    async def _poll_page(self, obj: str, since: dict[str, str | None], page: dict[str, Any] | None) -> dict[str, Any]:
+    async def _poll_page(
+        self, obj: str, since: dict[str, str | None], page: dict[str, Any] | None, now: datetime
+    ) -> tuple[dict[str, Any], float]:
+        """The next page of ``obj``'s query (from the cursor's locator, or a new query) and when that query began."""
         c = self.config
-        if page is not None and page.get("object") == obj and page.get("url"):
+        if page is not None and page.get("url"):
             try:
-                return await self.query_page(None, str(page["url"]), all_rows=c.include_deleted)
+                body = await self.query_page(None, str(page["url"]), all_rows=c.include_deleted)
+                return body, float(page.get("started") or now.timestamp())
             except PermanentError as e:
                 if "INVALID_QUERY_LOCATOR" not in str(e):
                     raise
                 self.log.info("query locator for %s expired; restarting that object's query from its cursor", obj)
-        where = ""
-        if since.get(obj):
-            start = parse_time(str(since[obj])) - timedelta(seconds=c.overlap)
-            where = f" WHERE SystemModstamp >= {soql_time(start)}"
+        where = f" WHERE SystemModstamp > {since[obj]}" if since.get(obj) else ""
         soql = f"SELECT {self.select(obj)} FROM {obj}{where} ORDER BY SystemModstamp, Id"
-        return await self.query_page(soql, None, all_rows=c.include_deleted)
+        return await self.query_page(soql, None, all_rows=c.include_deleted), now.timestamp()
 
     async def _check_deleted(self, cur: dict[str, Any], now: datetime) -> list[Event]:
         """``getDeleted`` per object, every ``deleted_check`` s, from where the last check ended."""

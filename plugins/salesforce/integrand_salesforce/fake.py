@@ -315,9 +315,9 @@ class FakeSalesforce:
             if sess is None or sess.expires_at <= self.clock():
                 self.sessions.pop(token, None)
                 return self._json(sf_error("INVALID_SESSION_ID", "Session expired or invalid"), 401, counted=False)
-            self.api_usage += 1
-            if self.api_usage > self.api_limit:
+            if self.api_usage >= self.api_limit:
                 return self._json(sf_error("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."), 403)
+            self.api_usage += 1
             if self.faults:
                 f = self.faults[0]
                 f.remaining -= 1
@@ -370,6 +370,8 @@ class FakeSalesforce:
                     return self._read(sobject, parts[2], version, request.query.get("fields"))
                 if len(parts) == 3 and m == "DELETE":
                     return self._delete(sobject, parts[2])
+                if len(parts) == 4 and m == "DELETE":
+                    return self._delete_by_external_id(sobject, parts[2], parts[3], version)
                 if len(parts) == 4 and m == "PATCH":
                     return await self._upsert_one(request, sobject, parts[2], parts[3], version)
         except SoqlError as e:
@@ -411,6 +413,16 @@ class FakeSalesforce:
             return self._json(sf_error("NOT_FOUND", "The requested resource does not exist"), 404)
         self.delete(sobject, rid)
         return web.Response(status=204, headers={"Sforce-Limit-Info": f"api-usage={self.api_usage}/{self.api_limit}"})
+
+    def _delete_by_external_id(self, sobject: str, ext_field: str, value: str, version: str) -> web.Response:
+        matches = [r["Id"] for r in self.records.get(sobject, {}).values() if str(r.get(ext_field)) == value]
+        if not matches:
+            return self._json(
+                sf_error("NOT_FOUND", "Provided external ID field does not exist or is not accessible: " + value), 404
+            )
+        if len(matches) > 1:
+            return self._json([f"/services/data/{version}/sobjects/{sobject}/{rid}" for rid in matches], 300)
+        return self._delete(sobject, matches[0])
 
     def _rule_error(self, sobject: str, rec: dict[str, Any]) -> tuple[str, str] | None:
         for rule in self.record_rules:
