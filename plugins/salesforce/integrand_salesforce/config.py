@@ -38,6 +38,8 @@ class SalesforceConfig(ConnectorConfig):
     api_version: str = Field(default=API_VERSION, pattern=r"^\d{2,3}\.0$")
     org_id: str | None = Field(default=None, pattern=r"^00D[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?$")
     # --- source ---
+    outbound_token: SecretValue | None = None
+    outbound_actions: list[str] = []
     objects: list[str] = Field(default=["Account", "Contact"], min_length=1)
     fields: dict[str, list[str]] = {}
     include_deleted: bool = True

@@ -6,10 +6,11 @@ Salesforce pages are cited where a behaviour depends on them.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import orjson
 
@@ -23,7 +24,12 @@ from integrand.connector import (
     ReconcilePage,
     ReconcilingSource,
     RetryableError,
+    SignatureError,
     Sink,
+    WebhookOutcome,
+    WebhookReply,
+    WebhookRequest,
+    WebhookSource,
     content_id,
 )
 
@@ -31,13 +37,14 @@ from ._time import parse_time, record_time, soql_time, version_of
 from .auth import AuthSettings, SessionManager, shared_manager
 from .client import RETRYABLE_CODES, SalesforceApiError, SalesforceClient, shared_client
 from .config import SalesforceConfig
+from .outbound import OutboundMessage, ack, fault, parse_notifications
 
 SYSTEM_FIELDS = frozenset({"Id", "IsDeleted", "CreatedDate", "LastModifiedDate", "SystemModstamp", "attributes"})
 DELETED_WINDOW = timedelta(days=15)  # getDeleted reaches 15 days back (less if the recycle bin was purged)
 
 
-class SalesforceConnector(Connector[SalesforceConfig], PollingSource, ReconcilingSource, Enricher, Sink):
-    """Salesforce: SOQL polling on SystemModstamp with deletes, reconciliation, record fetches, and upserts."""
+class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSource, ReconcilingSource, Enricher, Sink):
+    """Salesforce: Outbound Messages, SOQL polling with deletes, reconciliation, record fetches, and upserts."""
 
     Config = SalesforceConfig
     batch_size = 200
@@ -146,6 +153,65 @@ class SalesforceConnector(Connector[SalesforceConfig], PollingSource, Reconcilin
             occurred_at=version,
             meta={"via": via, "deleted": True},
         )
+
+    # --- Outbound Messages (a webhook) ---------------------------------------------------------------
+
+    def verify(self, request: WebhookRequest, now: float) -> None:
+        """Outbound Messages carry no signature: the URL token (if configured), then the organization id."""
+        c = self.config
+        if c.outbound_token is not None:
+            given = parse_qs(urlsplit(request.url).query).get("token", [""])[0]
+            if not hmac.compare_digest(given.encode(), c.outbound_token.reveal().encode()):
+                raise SignatureError("missing or wrong ?token= in the Outbound Message endpoint URL")
+        if c.org_id is None:
+            raise SignatureError("this salesforce source has no org_id to check Outbound Messages against")
+        msg = self._message(request)
+        # Ids compare on their 15 case-sensitive characters; the 18-character form adds a checksum.
+        if msg.organization_id[:15] != c.org_id[:15]:
+            raise SignatureError(f"Outbound Message from organization {msg.organization_id}, not {c.org_id}")
+        if c.outbound_actions and msg.action_id not in c.outbound_actions:
+            raise SignatureError(f"Outbound Message action {msg.action_id} is not in outbound_actions")
+
+    def _message(self, request: WebhookRequest) -> OutboundMessage:
+        return parse_notifications(request.body, request.content_type)
+
+    def parse(self, request: WebhookRequest) -> list[Event]:
+        """One thin event per notification (route with ``enrich = true``: the record is fetched before delivery).
+
+        The id is the record version's (object, Id, SystemModstamp) when the message carries
+        SystemModstamp, so a notification and a poll of the same change are one event; otherwise the
+        notification Id, which Salesforce keeps across its retries.
+        """
+        msg = self._message(request)
+        events = []
+        for n in msg.notifications:
+            rid = str(n.fields["Id"])
+            stamp = n.fields.get("SystemModstamp") or n.fields.get("LastModifiedDate")
+            version = version_of(parse_time(str(stamp))) if stamp else None
+            ev_id = content_id("sf", n.sobject, rid, "", version) if version else "om_" + n.id
+            created = stamp and n.fields.get("CreatedDate") == stamp
+            events.append(
+                Event(
+                    id=ev_id,
+                    source=request.source,
+                    type=f"{n.sobject.lower()}.{'created' if created else 'updated'}",
+                    data=n.fields,
+                    received_at=request.received_at,
+                    entity=n.sobject,
+                    entity_id=rid,
+                    version=version,
+                    occurred_at=version,
+                    meta={"via": "outbound", "notification": n.id, "action": msg.action_id, "thin": True},
+                )
+            )
+        return events
+
+    def reply(self, outcome: WebhookOutcome) -> WebhookReply:
+        """``<Ack>true</Ack>`` once the notifications are committed (duplicates too); a SOAP Fault otherwise."""
+        if outcome.committed:
+            return WebhookReply(200, ack(True), "text/xml")
+        reason = outcome.reason or f"HTTP {outcome.status}"
+        return WebhookReply(outcome.status, fault(reason, client=outcome.status < 500), "text/xml")
 
     # --- polling ------------------------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ It follows /work/shared/reference/third-party-apis.md (Salesforce section) and S
   collection errors ``{"statusCode","message","fields"}``;
 - ``Sforce-Limit-Info: api-usage=N/LIMIT`` on every API answer and the rolling daily allocation:
   past it, 403 ``REQUEST_LIMIT_EXCEEDED`` (no Retry-After), until ``reset_usage()``;
-- injectable faults (a status for the next N requests, per-record errors by rule).
+- injectable faults (a status for the next N requests, per-record errors by rule);
+- Outbound Messages sent as Salesforce sends them: unsigned SOAP, up to 100 notifications, kept and
+  re-sent (same notification ids, the records' *latest* data) until the answer is ``<Ack>true</Ack>``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import jwt
 import orjson
 from aiohttp import web
 
 from ._time import parse_time, record_time
+from .outbound import envelope
 
 PREFIXES = {"Account": "001", "Contact": "003", "Opportunity": "006", "Lead": "00Q", "Case": "500"}
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -118,6 +122,10 @@ class FakeSalesforce:
         self._runners: list[web.AppRunner] = []
         self.login_url = ""
         self.my_domain_url = ""
+        # Outbound Messages not yet acknowledged: (url, action id, [(notification id, sObject, record id)]).
+        self.outbound_pending: list[tuple[str, str, list[tuple[str, str, str]]]] = []
+        self.outbound_sent = 0
+        self.last_answer = ""
 
     # --- test controls --------------------------------------------------------------------------
 
@@ -181,6 +189,60 @@ class FakeSalesforce:
 
     def find(self, sobject: str, field_name: str, value: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in self.records.get(sobject, {}).values() if r.get(field_name) == value]
+
+    # --- Outbound Messages ---------------------------------------------------------------------------
+
+    async def send_outbound(
+        self,
+        url: str,
+        sobject: str,
+        ids: list[str],
+        *,
+        action_id: str = "04k5g000000FAKEAAA",
+        fields: list[str] | None = None,
+        drop: bool = False,
+        duplicate: bool = False,
+    ) -> int | None:
+        """Send one message for ``ids`` to ``url``; a message not acked stays pending. ``drop``: it never
+        arrives; ``duplicate``: it arrives twice (the first ack was lost on its way back)."""
+        notes = [("04l5g" + secrets.token_hex(6).upper() + "AAA", sobject, rid) for rid in ids]
+        self.outbound_pending.append((url, action_id, notes))
+        if drop:
+            return None
+        if duplicate:
+            self.outbound_pending.append((url, action_id, notes))
+            await self._post_outbound(len(self.outbound_pending) - 1, fields)
+        return await self._post_outbound(len(self.outbound_pending) - 1, fields)
+
+    async def retry_outbound(self, fields: list[str] | None = None) -> list[int | None]:
+        """Salesforce's retry: every pending message again, same notification ids, the records' latest data."""
+        return [await self._post_outbound(i, fields) for i in range(len(self.outbound_pending) - 1, -1, -1)]
+
+    async def _post_outbound(self, index: int, fields: list[str] | None) -> int | None:
+        url, action_id, notes = self.outbound_pending[index]
+        items = []
+        for nid, sobject, rid in notes:
+            rec = self.records.get(sobject, {}).get(rid) or {"Id": rid}
+            shown = {k: rec.get(k) for k in (fields or list(rec))}
+            shown["Id"] = rid
+            items.append((nid, sobject, shown))
+        body = envelope(
+            self.org_id, action_id, items, enterprise_url=self.my_domain_url, partner_url=self.my_domain_url
+        )
+        self.outbound_sent += 1
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(url, data=body, headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}) as r,
+            ):
+                text = await r.text()
+                status = r.status
+                self.last_answer = text
+        except aiohttp.ClientError:
+            return None
+        if status == 200 and "<Ack>true</Ack>" in text:
+            del self.outbound_pending[index]
+        return status
 
     # --- serving --------------------------------------------------------------------------------
 
