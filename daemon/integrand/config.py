@@ -20,6 +20,7 @@ from .routes import FilterSettings as FilterSettings  # re-exported: routes own 
 from .routes import RouteSettings as RouteSettings
 from .routes import load_mapping
 from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
+from .validate import compile_validator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -278,6 +279,7 @@ def parse_config(
                 "cannot fetch records"
             )
         problems.extend(load_mapping(route, f"routes[{i}]")[1])
+        problems.extend(compile_validator(route.validate_, f"routes[{i}]")[1])
         routes.append(route)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
