@@ -218,7 +218,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
                 name=args.name,
                 role=role,  # type: ignore[arg-type]
                 base_dir=settings.base_dir,
-                state=ScopedState(store, f"{role}:{args.name}"),
+                state=ScopedState(store, cs.state_scope),
                 public_url=settings.daemon.public_url,
             )
             inst = cs.cls(cs.options, ctx)
@@ -431,7 +431,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             name=args.source,
             role="source",
             base_dir=settings.base_dir,
-            state=ScopedState(store, f"source:{args.source}"),
+            state=ScopedState(store, cs.state_scope),
         )
         inst = cs.cls(cs.options, ctx)
         source: ReconcilingSource = inst

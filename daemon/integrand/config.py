@@ -7,13 +7,14 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from . import connections
 from .errors import ConfigError
 from .plugins import PluginError, Registry
 from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
@@ -171,6 +172,12 @@ class ConnectorSettings:
     cls: type[Any]
     options: BaseModel
     core: SourceCore | SinkCore
+    connection: str | None = None  # the [connections.NAME] it shares credentials and state with
+
+    @property
+    def state_scope(self) -> str:
+        """Where its durable state (tokens, cursors) lives: shared by everything on one connection."""
+        return connections.scope(self.role, self.name, self.connection)
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,7 @@ def parse_config(
     registry = registry or Registry.default()
     problems: list[str] = []
     ctx = {"base_dir": base_dir}
-    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes"}
+    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "connections"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -242,8 +249,11 @@ def parse_config(
     store = section("store", StoreSettings)
     dispatcher = section("dispatcher", DispatcherSettings)
 
+    raw, shared = connections.expand(raw, {"sources": SOURCE_CORE_KEYS, "sinks": SINK_CORE_KEYS}, problems)
     sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
     sinks = _connectors(raw.get("sinks", {}), "sink", registry, ctx, problems)
+    sources = {n: replace(s, connection=shared.get(("sources", n))) for n, s in sources.items()}
+    sinks = {n: replace(s, connection=shared.get(("sinks", n))) for n, s in sinks.items()}
 
     routes: list[RouteSettings] = []
     raw_routes = raw.get("routes", [])

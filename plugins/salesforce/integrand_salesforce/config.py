@@ -45,7 +45,8 @@ class SalesforceConfig(ConnectorConfig):
     include_deleted: bool = True
     deleted_check: Duration = 300.0
     overlap: Duration = 30.0
-    initial_lookback: Duration | None = 0.0
+    # Where the first poll starts: this long before now, or "all" (a full initial sync).
+    initial_lookback: Literal["all"] | Duration = 0.0
     page_size: int = Field(default=2000, ge=200, le=2000)
     # --- sink ---
     object: str | None = None

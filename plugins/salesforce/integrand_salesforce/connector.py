@@ -235,7 +235,7 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
         for obj in c.objects:
             if obj not in since:
                 since[obj] = (
-                    None if c.initial_lookback is None else soql_time(now - timedelta(seconds=c.initial_lookback))
+                    None if c.initial_lookback == "all" else soql_time(now - timedelta(seconds=c.initial_lookback))
                 )
         page = cur.get("page")
         if isinstance(page, dict) and page.get("object") in c.objects:

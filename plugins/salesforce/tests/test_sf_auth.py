@@ -19,7 +19,7 @@ from integrand.testing import validate_config
 async def test_each_grant_gets_a_session_and_calls_go_to_its_instance_url(tmp_path: Path, grant: str) -> None:
     async with sf_env(tmp_path) as env:
         env.fake.create("Account", Name="Acme")
-        conn = await env.connector(auth=grant, initial_lookback=None)
+        conn = await env.connector(auth=grant, initial_lookback="all")
         res = await conn.poll(None)
         assert [e.data["Name"] for e in res.events] == ["Acme"]
         # The token came from the login host (or My Domain for client credentials), the query from
@@ -33,7 +33,7 @@ async def test_each_grant_gets_a_session_and_calls_go_to_its_instance_url(tmp_pa
 async def test_an_expired_session_is_renewed_once_and_the_call_retried(tmp_path: Path) -> None:
     async with sf_env(tmp_path, session_lifetime=60) as env:
         env.fake.create("Account", Name="Acme")
-        conn = await env.connector(initial_lookback=None)
+        conn = await env.connector(initial_lookback="all")
         await conn.poll(None)
         assert conn.sessions.grants == 1
         env.fake.expire_sessions()
