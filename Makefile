@@ -7,7 +7,7 @@ PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
 LINT_DIRS = $(wildcard daemon tests bench plugins)
 
-.PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot
+.PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot pubsub-stubs
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 # Both fakes and a real integrand: a customer created in the QuickBooks fake appears in the HubSpot fake.
 demo-quickbooks-hubspot: install
 	$(BIN)/python plugins/demo_quickbooks_hubspot.py
+
+# Regenerate the committed Salesforce Pub/Sub API messages from the committed proto (a test checks they match).
+PUBSUB = plugins/salesforce/integrand_salesforce/pubsub
+pubsub-stubs: install
+	$(BIN)/python -m grpc_tools.protoc -I$(PUBSUB) --python_out=$(PUBSUB) --pyi_out=$(PUBSUB) $(PUBSUB)/pubsub_api.proto
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -48,6 +48,12 @@ class SalesforceConfig(ConnectorConfig):
     # Where the first poll starts: this long before now, or "all" (a full initial sync).
     initial_lookback: Literal["all"] | Duration = 0.0
     page_size: int = Field(default=2000, ge=200, le=2000)
+    # --- Change Data Capture (connector "salesforce-cdc") ---
+    cdc_topic: str = Field(default="/data/ChangeEvents", pattern=r"^/data/\w+$")
+    pubsub_url: str = "api.pubsub.salesforce.com:7443"
+    pubsub_tls: bool = True
+    cdc_batch: int = Field(default=100, ge=1, le=100)
+    cdc_start: Literal["latest", "earliest"] = "latest"
     # --- sink ---
     object: str | None = None
     external_id_field: str | None = None

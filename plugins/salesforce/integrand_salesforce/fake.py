@@ -27,6 +27,7 @@ It follows /work/shared/reference/third-party-apis.md (Salesforce section) and S
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import re
 import secrets
@@ -47,6 +48,12 @@ from .outbound import envelope
 PREFIXES = {"Account": "001", "Contact": "003", "Opportunity": "006", "Lead": "00Q", "Case": "500"}
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SYSTEM_FIELDS = ("Id", "IsDeleted", "CreatedDate", "LastModifiedDate", "SystemModstamp")
+# Who is writing: "" for a user in the UI, "com/salesforce/api/rest/62.0;client=X" for an API client
+# that sent Sforce-Call-Options: client=X (what CDC reports as changeOrigin).
+CHANGE_ORIGIN: contextvars.ContextVar[str] = contextvars.ContextVar("change_origin", default="")
+
+# A change listener: (sObject, record id, change type, record after the change, changed fields, nulled fields).
+ChangeListener = Callable[[str, str, str, dict[str, Any], list[str], list[str]], None]
 
 
 def sf_error(code: str, message: str, fields: list[str] | None = None) -> list[dict[str, Any]]:
@@ -126,6 +133,7 @@ class FakeSalesforce:
         self.outbound_pending: list[tuple[str, str, list[tuple[str, str, str]]]] = []
         self.outbound_sent = 0
         self.last_answer = ""
+        self.on_change: list[ChangeListener] = []  # the Pub/Sub fake subscribes here
 
     # --- test controls --------------------------------------------------------------------------
 
@@ -161,20 +169,31 @@ class FakeSalesforce:
         rec = {"Id": rid, "IsDeleted": False, "CreatedDate": now, "LastModifiedDate": now, "SystemModstamp": now}
         rec.update(fields)
         self.records.setdefault(sobject, {})[rid] = rec
+        self._notify(sobject, rid, "CREATE", rec, [k for k, v in rec.items() if v is not None], [])
         return dict(rec)
 
     def update(self, sobject: str, rid: str, **fields: Any) -> dict[str, Any]:
         rec = self.records[sobject][rid]
+        changed = [k for k, v in fields.items() if rec.get(k) != v]
         rec.update(fields)
         now = record_time(self.now())
         rec["LastModifiedDate"] = rec["SystemModstamp"] = now
+        nulled = [k for k in changed if fields[k] is None]
+        self._notify(sobject, rid, "UPDATE", rec, [*changed, "LastModifiedDate"], nulled)
         return dict(rec)
+
+    def _notify(
+        self, sobject: str, rid: str, ctype: str, rec: dict[str, Any], changed: list[str], nulled: list[str]
+    ) -> None:
+        for listener in self.on_change:
+            listener(sobject, rid, ctype, dict(rec), changed, nulled)
 
     def delete(self, sobject: str, rid: str) -> None:
         rec = self.records.get(sobject, {}).pop(rid)
         now = record_time(self.now())
         rec.update(IsDeleted=True, SystemModstamp=now, LastModifiedDate=now)
         self.recycle.setdefault(sobject, {})[rid] = rec
+        self._notify(sobject, rid, "DELETE", {"Id": rid}, [], [])
 
     def purge(self, before: datetime) -> None:
         """Empty the recycle bin of what was deleted before ``before`` (getDeleted can no longer list it)."""
@@ -366,6 +385,10 @@ class FakeSalesforce:
         if not request.path.startswith("/services/data/"):
             return await handler(request)  # type: ignore[no-any-return]
         self.requests.append((request.method, request.path_qs))
+        opts = request.headers.get("Sforce-Call-Options", "")
+        client = next((p.split("=", 1)[1] for p in opts.split(",") if p.strip().startswith("client=")), None)
+        version = request.path.split("/")[3] if request.path.count("/") >= 3 else ""
+        CHANGE_ORIGIN.set(f"com/salesforce/api/rest/{version.lstrip('v')};client={client}" if client else "")
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

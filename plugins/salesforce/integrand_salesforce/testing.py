@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .fake import FakeSalesforce
+from .fake_pubsub import FakePubSub
 
 # A fixed Fernet key for tests (32 url-safe base64 bytes), never used anywhere real.
 TEST_TOKEN_KEY = "Jm6cgdGn1HBvYBMXFXoYzCAQzUrCBWFSrX8Ko-4f4nw="
@@ -49,6 +50,12 @@ def shared_key_pair() -> tuple[str, str]:
 class RunningFake:
     fake: FakeSalesforce
     private_key: str
+    pubsub: FakePubSub | None = None
+
+    def cdc_table(self, topic: str = "/data/ChangeEvents", auth: str = "jwt", **extra: Any) -> dict[str, Any]:
+        """A ``salesforce-cdc`` table subscribing to this org's fake Pub/Sub API."""
+        assert self.pubsub is not None, "start the fake with fake_salesforce(pubsub=True)"
+        return self.table(auth, pubsub_url=self.pubsub.target, pubsub_tls=False, cdc_topic=topic, **extra)
 
     def table(self, auth: str = "jwt", **extra: Any) -> dict[str, Any]:
         """A ``salesforce`` connector table for this org (secrets inline, as tests may give them)."""
@@ -72,10 +79,11 @@ class RunningFake:
         base.update(extra)
         return base
 
-    def toml(self, auth: str = "jwt", **extra: Any) -> str:
-        """The same table as TOML lines (for a daemon config file)."""
-        lines = ['connector = "salesforce"']
-        for k, v in self.table(auth, **extra).items():
+    def toml(self, auth: str = "jwt", *, cdc: bool = False, **extra: Any) -> str:
+        """The same table as TOML lines (for a daemon config file); ``cdc``: a ``salesforce-cdc`` source."""
+        table = self.cdc_table(auth=auth, **extra) if cdc else self.table(auth, **extra)
+        lines = [f'connector = "{"salesforce-cdc" if cdc else "salesforce"}"']
+        for k, v in table.items():
             lines.append(f"{k} = {_toml(v)}")
         return "\n".join(lines) + "\n"
 
@@ -96,13 +104,18 @@ def _toml(v: Any) -> str:
 
 
 @asynccontextmanager
-async def fake_salesforce(**kw: Any) -> AsyncIterator[RunningFake]:
-    """A started fake org (login host and My Domain host), stopped after the block."""
+async def fake_salesforce(*, pubsub: bool = False, keepalive: float = 0.5, **kw: Any) -> AsyncIterator[RunningFake]:
+    """A started fake org (login host and My Domain host, and with ``pubsub`` its gRPC Pub/Sub API)."""
     private, public = shared_key_pair()
     kw.setdefault("public_key_pem", public)
     fake = FakeSalesforce(**kw)
     await fake.start()
+    bus = FakePubSub(fake, keepalive=keepalive) if pubsub else None
+    if bus is not None:
+        await bus.start()
     try:
-        yield RunningFake(fake, private)
+        yield RunningFake(fake, private, bus)
     finally:
+        if bus is not None:
+            await bus.stop()
         await fake.stop()
