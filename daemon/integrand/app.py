@@ -22,9 +22,11 @@ from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSo
 from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
 from .events import Event
+from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .store import Store
@@ -84,6 +86,8 @@ class Daemon:
 
 async def build(settings: Settings, clock: Callable[[], float] = time.time) -> Daemon:
     s = settings
+    private_dir(s.daemon.state_dir)
+    private_database(s.db_path)
     store = Store(
         s.db_path,
         synchronous=s.store.synchronous,
@@ -144,6 +148,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             name,
             inst if isinstance(inst, WebhookSource) else None,
             core.max_body_bytes or s.daemon.max_body_bytes,
+            core.max_json_depth or s.daemon.max_json_depth,
         )
     sinks = {}
     for name, cs in s.sinks.items():
@@ -182,6 +187,14 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
         on_accepted=nudge,
+        limits=PortLimits(
+            max_connections=s.daemon.max_connections,
+            max_connections_per_ip=s.daemon.max_connections_per_ip,
+            header_timeout=s.daemon.header_timeout,
+            body_timeout=s.daemon.body_timeout,
+            keepalive_timeout=s.daemon.keepalive_timeout,
+        ),
+        rejections_per_second=s.daemon.rejections_per_second,
     )
     dispatcher = Dispatcher(
         store,

@@ -35,6 +35,15 @@ class DaemonSettings(StrictModel):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     shutdown_grace: Duration = 10.0
     rejections_kept: int = Field(default=1000, ge=0)
+    # Refused webhooks written to the store at most this many a second (the rest are counted in metrics).
+    rejections_per_second: float = Field(default=10.0, ge=0)
+    # Limits a hostile client cannot exceed (docs/reliability.md). orjson cannot store JSON nested 255 deep.
+    max_json_depth: int = Field(default=64, ge=1, le=200)
+    max_connections: int = Field(default=4096, ge=1)
+    max_connections_per_ip: int = Field(default=256, ge=1)
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 30.0
+    keepalive_timeout: Duration = 15.0
 
 
 class AdminSettings(StrictModel):
@@ -145,6 +154,7 @@ class SourceCore(StrictModel):
 
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
+    max_json_depth: int | None = Field(default=None, ge=1, le=200)
     poll: PollSettings = PollSettings()
     stream: StreamSettings = StreamSettings()
 
@@ -301,6 +311,11 @@ def parse_config(
         f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
         for name in sources
         if not any(r.from_ == name for r in routes)
+    ) + tuple(  # a connector's own "accepted, but know this" (e.g. an unsigned webhook source)
+        f"{cs.role}s.{name}: {w}"
+        for table in (sources, sinks)
+        for name, cs in table.items()
+        for w in getattr(cs.options, "warnings", list)()
     )
     return Settings(
         path=path,
