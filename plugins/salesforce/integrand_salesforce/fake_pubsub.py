@@ -261,7 +261,6 @@ class FakePubSub:
         self, requests: AsyncIterator[pb.FetchRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.FetchResponse]:
         await self._auth(context)
-        self.subscribes += 1
         first = await requests.__anext__()
         entities = self._topic_entities(first.topic_name)
         if entities is None:
@@ -284,6 +283,7 @@ class FakePubSub:
             after = retained[-1].replay if retained else 0
         pending = [min(first.num_requested, 100)]
         self.requested.append(first.num_requested)
+        self.subscribes += 1  # established: its start position is fixed (tests wait on this, not on the call)
         wake = asyncio.Event()
         dropped = asyncio.Event()
         self._streams.add(dropped)

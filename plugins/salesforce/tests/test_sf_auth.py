@@ -30,16 +30,20 @@ async def test_each_grant_gets_a_session_and_calls_go_to_its_instance_url(tmp_pa
         await conn.close()
 
 
-async def test_an_expired_session_is_renewed_once_and_the_call_retried(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grant", ["jwt", "client_credentials", "refresh_token"])
+async def test_an_expired_session_is_renewed_once_and_the_call_retried(tmp_path: Path, grant: str) -> None:
     async with sf_env(tmp_path, session_lifetime=60) as env:
         env.fake.create("Account", Name="Acme")
-        conn = await env.connector(initial_lookback="all")
+        conn = await env.connector(f"sf-{grant}", auth=grant, initial_lookback="all")
         await conn.poll(None)
         assert conn.sessions.grants == 1
         env.fake.expire_sessions()
         res = await conn.poll(None)  # 401 INVALID_SESSION_ID → one new session → the same query again
         assert len(res.events) == 1
         assert conn.sessions.grants == 2
+        assert [r["grant_type"].rsplit(":", 1)[-1] for r in env.fake.token_requests] == [
+            {"jwt": "jwt-bearer"}.get(grant, grant)
+        ] * 2
         await conn.close()
 
 
