@@ -295,7 +295,9 @@ class Admin:
             cs.connection == name for cs in (*self.d.settings.sources.values(), *self.d.settings.sinks.values())
         )  # a [connections.NAME] keeps one state for all its sources and sinks
         if name not in table and not shared:
-            raise reports.NotFound(f"no {role or 'source or sink'} {name!r} (scope is source:NAME, sink:NAME or connection:NAME)")
+            raise reports.NotFound(
+                f"no {role or 'source or sink'} {name!r} (scope is source:NAME, sink:NAME or connection:NAME)"
+            )
         body = await self._body(request)
         if "value" not in body:
             raise reports.BadRequest('give {"value": …}')
