@@ -311,7 +311,7 @@ async def _reconcile_here(settings: Settings, args: argparse.Namespace, store: A
         name=args.source,
         role="source",
         base_dir=settings.base_dir,
-        state=ScopedState(store, f"source:{args.source}"),
+        state=ScopedState(store, cs.state_scope),
     )
     inst = cs.cls(cs.options, ctx)
     await inst.start()
@@ -356,7 +356,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
                 name=args.name,
                 role=role,  # type: ignore[arg-type]
                 base_dir=settings.base_dir,
-                state=_OpsState(ops, f"{role}:{args.name}"),
+                state=_OpsState(ops, cs.state_scope),
                 public_url=settings.daemon.public_url,
             )
             inst = cs.cls(cs.options, ctx)
