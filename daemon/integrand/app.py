@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .store import Store
+from .streamer import Streamer, streamers_for
 
 log = logging.getLogger("integrand")
 
@@ -72,6 +73,7 @@ class Daemon:
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
     http: HttpPool = field(default_factory=HttpPool)
     pollers: dict[str, SourcePoller] = field(default_factory=dict)
+    streamers: dict[str, Streamer] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -191,7 +193,8 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
+    streamers = streamers_for(s, connectors, store, router, metrics)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers)
 
 
 async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
@@ -221,6 +224,8 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         for name, poller in d.pollers.items():
             if poller.settings.enabled:
                 tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+        for name, streamer in d.streamers.items():
+            tasks.append(asyncio.create_task(streamer.run(), name=f"stream:{name}"))
         for name, cs in s.sources.items():
             inst = d.connectors[f"source:{name}"]
             core = cs.core
@@ -312,6 +317,7 @@ def _status(d: Daemon) -> dict[str, Any]:
     return {
         "sources": sorted(d.settings.sources),
         "pollers": {name: p.status() for name, p in d.pollers.items()},
+        "streams": {name: st.status() for name, st in d.streamers.items()},
         "breakers": {
             name: {
                 "status": s.breaker.status,

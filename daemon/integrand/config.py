@@ -121,12 +121,30 @@ def reconcile_schedule(spec: str) -> float | str:
     return spec
 
 
+class StreamSettings(StrictModel):
+    """``[sources.NAME.stream]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
+
+    # Reconnect after a retryable error (or a refused commit) with full-jitter backoff from base to cap.
+    backoff_base: Duration = 0.5
+    backoff_cap: Duration = 30.0
+    # After an error that needs a human (AuthError, PermanentError) the stream alerts and waits this long
+    # before trying again (fix the credentials or the upstream meanwhile; a restart retries at once).
+    alert_retry: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> StreamSettings:
+        if not 0 < self.backoff_base <= self.backoff_cap:
+            raise ValueError("stream: need 0 < backoff_base <= backoff_cap")
+        return self
+
+
 class SourceCore(StrictModel):
     """Keys every source table accepts whatever its connector."""
 
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
     poll: PollSettings = PollSettings()
+    stream: StreamSettings = StreamSettings()
 
 
 class SinkCore(StrictModel):
