@@ -6,8 +6,10 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -175,3 +177,56 @@ def logical_cluster() -> Iterator[Cluster]:
             timeout=60,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- integrand as a real subprocess (for kill -9) --------------------------------------------------
+
+
+class Daemon:
+    """``integrand run`` as a child process, its log in a file; ``kill`` is SIGKILL."""
+
+    def __init__(self, config: Path):
+        self.config = config
+        self.log = config.parent / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._from = 0
+
+    def start(self) -> None:
+        self._from = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "integrand.cli", "run", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def output(self) -> str:
+        return self.log.read_bytes()[self._from :].decode(errors="replace") if self.log.exists() else ""
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"integrand exited with {self.proc.returncode}:\n{self.output()}")
+        return "ready: webhooks on" in self.output()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "integrand.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
