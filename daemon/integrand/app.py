@@ -233,6 +233,10 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
                 recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
                 tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
+        if s.syncs:  # [[syncs]]: full / incremental syncs on a schedule (integrand.sync)
+            from .sync import run_schedules
+
+            tasks.append(asyncio.create_task(run_schedules(s, d.connectors, d.store), name="syncs"))
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",

@@ -376,6 +376,12 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
             self.pool = await create_pool(self.config, self.ctx.base_dir, self.app_name)
             return self.pool
 
+    async def begin_load(self, source: str) -> Any:
+        """A full load for ``integrand sync --full`` (integrand.sync's BulkLoadSink): staged, merged at the end."""
+        from .load import PgLoad
+
+        return await PgLoad.begin(self, source)
+
     async def deliver(self, event: Event) -> None:
         [res] = await self.deliver_batch([event])
         if res is not None:
