@@ -311,6 +311,10 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
     def app_name(self) -> str:
         return f"integrand source {self.ctx.name}"
 
+    def stream_lag(self) -> float | None:
+        """The slot's lag in bytes of WAL (logical mode), read every ``lag_every``: integrand's stream lag metric."""
+        return None if self.lag_bytes is None else float(self.lag_bytes)
+
     async def _connect(self) -> asyncpg.Connection:
         return await connect(self.config, self.ctx.base_dir, self.app_name)
 

@@ -114,10 +114,12 @@ async def test_changes_while_down_arrive_in_commit_order_and_the_slot_follows_th
                 await con.execute("INSERT INTO customers VALUES (2, 'Grace', NULL, false, NULL)")
         finally:
             await con.close()
-        async with running_daemon(cfg):
+        async with running_daemon(cfg) as d:
             await wait_for(lambda: len(lines(tmp_path)) == 5, timeout=20)
             events, position = await stored(tmp_path)
             await wait_for(lambda: _equals(confirmed(schema, slot), position), timeout=10)
+            lag = d.metrics.registry.get_sample_value("integrand_stream_lag", {"source": "app"})
+            assert lag is not None and lag >= 0  # the slot's unconfirmed WAL, as a metric
         assert [(e["type"], e["entity_id"]) for e in events] == [
             ("customers.created", "1"),
             ("orders.created", "10"),
