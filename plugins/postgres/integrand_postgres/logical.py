@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from .source import PostgresSource, PostgresSourceConfig
 
 
+# While nothing of ours is in the WAL, the slot is still moved up to the server's position this often.
+IDLE_ADVANCE = 1.0
+
+
 def lsn_version(lsn: int, seq: int) -> str:
     """Transactions in commit order, changes in order within one; not a number, so compared as fixed-width text."""
     return f"{lsn:016X}/{seq:06d}"
@@ -115,7 +119,7 @@ async def stream_logical(src: PostgresSource, position: Any) -> AsyncIterator[St
                     "'proto_version', '1', 'publication_names', $4)",
                     n.slot,
                     lsn_text(upto),
-                    cfg.batch_size,
+                    cfg.batch_size * 3,  # rows, not changes: a one-row transaction is Begin, Insert, Commit
                     n.publication,
                 )
             except asyncpg.ObjectNotInPrerequisiteStateError as e:  # the slot was invalidated meanwhile
@@ -167,16 +171,16 @@ async def stream_logical(src: PostgresSource, position: Any) -> AsyncIterator[St
                 pos = txs[-1].end_lsn
                 last_advance = now
                 yield StreamBatch(events, position=pos, token=pos)
-                if len(rows) >= cfg.batch_size:
+                if len(rows) >= cfg.batch_size * 3:
                     continue
-            elif rows == [] and upto > pos and now - last_advance >= cfg.lag_every:
+            elif rows == [] and upto > pos and now - last_advance >= IDLE_ADVANCE:
                 # Nothing for us up to `upto`: move the slot there (through the store, like any position),
                 # so it neither holds WAL back nor decodes the same stretch on every peek.
                 pos = upto
                 last_advance = now
                 yield StreamBatch([], position=pos, token=pos)
                 continue
-            await asyncio.sleep(cfg.poll_interval)
+            await asyncio.sleep(cfg.interval)
     finally:
         src._con = None
         with contextlib.suppress(Exception):

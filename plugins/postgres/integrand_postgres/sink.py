@@ -22,7 +22,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from integrand.connector import AuthError, Connector, ConnectorConfig, Event, PermanentError, RetryableError, Sink
 from integrand.errors import ConfigError
-from integrand.routes import FieldMapping, FieldSpecIn, MappingError
+from integrand.routes import CONVERSIONS, FieldMapping, FieldSpec, FieldSpecIn, MappingError, dig, envelope
 
 from .pg import (
     ConnectionConfig,
@@ -140,10 +140,17 @@ class Plan:
         self.version = cfg.version
         self.loaded_at = meta.loaded_at or None
         self.deleted_at = cfg.deleted_at if cfg.deletes == "soft" else None
-        self.mapping = FieldMapping(cfg.columns, cfg.lookups)
+        # A column that is a bare path with conversions is read with the mapping engine's own dig() and
+        # CONVERSIONS, per column; the rest (templates, lookups, defaults, required) go through FieldMapping.
+        self.simple = {c: f for c, f in cfg.columns.items() if _is_simple(f)}
+        rest = {c: f for c, f in cfg.columns.items() if c not in self.simple}
+        self.mapping = FieldMapping(rest, cfg.lookups) if rest else None
         # A delete carries the record's identity, maybe not its fields: map only the key and the version.
-        ident = [c for c in self.mapped if c in self.key or c == self.version]
-        self.delete_mapping = FieldMapping({c: cfg.columns[c] for c in ident}, cfg.lookups)
+        ident = [c for c in rest if c in self.key or c == self.version]
+        self.delete_mapping = FieldMapping({c: cfg.columns[c] for c in ident}, cfg.lookups) if ident else None
+        self.delete_simple = {c: f for c, f in self.simple.items() if c in self.key or c == self.version}
+        self._getters = {c: _getter(f.path or "") for c, f in self.simple.items()}
+        self._deletes: dict[str, bool] = {}  # event type → whether it means a delete (globs, matched once)
         self.converters: list[Callable[[Any], Any] | None] = [None] * len(self.data_cols)
 
     # --- the table the sink needs ------------------------------------------------------------------
@@ -290,14 +297,34 @@ class Plan:
         return values[: len(self.key)]
 
     def is_delete(self, event: Event) -> bool:
-        return any(fnmatchcase(event.type, p) for p in self.cfg.delete_types)
+        found = self._deletes.get(event.type)
+        if found is None:
+            found = self._deletes[event.type] = any(fnmatchcase(event.type, p) for p in self.cfg.delete_types)
+        return found
+
+    def _simple(self, col: str, f: FieldSpec, root: dict[str, Any], event: Event) -> Any:
+        v = self._getters[col](root)
+        if v is None or v == "":
+            return None
+        for name in f.convert:
+            try:
+                v = CONVERSIONS[name](v)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise MappingError(
+                    f"{self.where}.columns.{col}: cannot convert {v!r} with {name!r} for event {event.id}: {e}"
+                ) from None
+        return v
 
     def row(self, index: int, event: Event) -> Row | None:
         """The row for ``event`` in ``data_cols`` order, converted to the column types; None if it is ignored."""
         delete = self.is_delete(event)
         if delete and self.cfg.deletes == "ignore":
             return None
-        mapped = (self.delete_mapping if delete else self.mapping).apply(event)
+        mapping = self.delete_mapping if delete else self.mapping
+        root = envelope(event)
+        mapped = mapping.apply(event) if mapping is not None else {}
+        for c, f in (self.delete_simple if delete else self.simple).items():
+            mapped[c] = self._simple(c, f, root, event)
         values: list[Any] = [mapped.get(c) for c in self.mapped]
         for _col, attr in self.meta_cols:
             values.append(getattr(event, attr))
@@ -313,8 +340,9 @@ class Plan:
                         f"{self.where}.{key}: cannot store {v!r} in column {col} ({self.types[col]}) "
                         f"for event {event.id}: {e}"
                     ) from None
-        for k in self.key:
-            if values[self.data_cols.index(k)] is None:
+        for i in self._kidx:
+            if values[i] is None:
+                k = self.data_cols[i]
                 raise PermanentError(f"{self.where}.columns.{k}: key column {k} is empty for event {event.id}")
         return Row(index, delete, tuple(values), event)
 
@@ -461,6 +489,28 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
                 await con.executemany(self.plan.upsert_sql, upserts)
             if deletes:
                 await con.executemany(self.plan.delete_sql, deletes)
+
+
+def _getter(path: str) -> Callable[[Any], Any]:
+    """``dig(root, path)`` with the common case (nested dicts) inlined: it runs once per column per row."""
+    parts = path.split(".")
+
+    def get(root: Any) -> Any:
+        v = root
+        for i, p in enumerate(parts):
+            if type(v) is dict:
+                v = v.get(p)
+                if v is None:
+                    return None
+            else:
+                return dig(v, ".".join(parts[i:]))
+        return v
+
+    return get
+
+
+def _is_simple(f: FieldSpec) -> bool:
+    return f.path is not None and f.lookup is None and not f.required and "default" not in f.model_fields_set
 
 
 def _newest_per_key(rows: Sequence[Row], plan: Plan) -> list[tuple[Any, ...]]:

@@ -50,8 +50,9 @@ class PostgresSourceConfig(ConnectionConfig):
     # Key columns per table (the entity id of its events); default: the table's primary key.
     keys: dict[str, list[str]] = {}
     batch_size: int = Field(default=500, ge=1, le=100_000)
-    # outbox: re-read this often even without a NOTIFY (a safety net); logical: the idle peek interval.
-    poll_interval: Duration = 1.0
+    # outbox: re-read this often even without a NOTIFY (a safety net; default 1 s); logical: how often an
+    # idle slot is peeked (default 50 ms: there is no push, so this bounds the added latency).
+    poll_interval: Duration | None = None
     # outbox mode: the outbox table (default integrand_outbox_<source>, in the first table's schema).
     outbox: str | None = None
     # logical mode: slot and publication names (default integrand_<source>).
@@ -59,6 +60,12 @@ class PostgresSourceConfig(ConnectionConfig):
     publication: str | None = None
     # logical mode: how often the slot's lag is read for the metric and the log.
     lag_every: Duration = 10.0
+
+    @property
+    def interval(self) -> float:
+        if self.poll_interval is not None:
+            return self.poll_interval
+        return 0.05 if self.mode == "logical" else 1.0
 
     @field_validator("tables")
     @classmethod
@@ -364,7 +371,7 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
                     if len(rows) == self.config.batch_size:
                         continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                    await asyncio.wait_for(self._wake.wait(), self.config.interval)
         finally:
             self._con = None
             with contextlib.suppress(Exception):

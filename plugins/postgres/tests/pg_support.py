@@ -230,3 +230,21 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+async def acli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cli`` without blocking the event loop (a command that calls a fake served by this test's loop)."""
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "integrand.cli",
+        *args,
+        "--config",
+        str(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return subprocess.CompletedProcess(list(args), proc.returncode or 0, out.decode(), err.decode())
