@@ -345,3 +345,43 @@ def test_config_errors_name_their_keys(tmp_path: Path) -> None:
     text = "\n".join(e.value.problems)
     assert "sinks.contract.dsn: environment variable NO_SUCH_VAR_PG is not set" in text
     assert "sinks.contract.table: expected 'table' or 'schema.table'" in text
+
+
+def test_the_schema_command_prints_the_create_table(tmp_path: Path) -> None:
+    from pg_support import cli
+
+    from integrand.testing import daemon_config
+
+    cfg = daemon_config(
+        tmp_path,
+        """
+[sinks.warehouse]
+connector = "postgres"
+dsn = "postgresql://nowhere.invalid/x"
+table = "sales.invoices"
+key = "id"
+column_types = { amount = "numeric(12,2)" }
+[sinks.warehouse.columns]
+id = "entity_id"
+amount = { path = "data.TotalAmt", convert = "number" }
+due = { path = "data.DueDate", convert = "date" }
+""",
+    )
+    done = cli(cfg, "postgres", "schema", "warehouse")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "-- what sinks.warehouse writes",
+        'CREATE TABLE "sales"."invoices" (',
+        '    "id"            text NOT NULL,',
+        '    "amount"        numeric(12,2),',
+        '    "due"           date,',
+        '    "etl_source"    text,',
+        '    "etl_version"   text,',
+        '    "etl_event_id"  text,',
+        '    "etl_loaded_at" timestamptz NOT NULL DEFAULT now(),',
+        '    "deleted_at"    timestamptz,',
+        '    PRIMARY KEY ("id")',
+        ");",
+    ]
+    wrong = cli(cfg, "postgres", "schema", "nope")
+    assert wrong.returncode == 1 and wrong.stderr.strip() == f"error: no sink named 'nope' in {cfg}"
