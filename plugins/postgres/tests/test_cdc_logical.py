@@ -205,3 +205,34 @@ async def test_kill9_mid_stream_loses_nothing_and_stores_nothing_twice(logical_s
         assert d.stop() == 0
         await cleanup(schema, slot)
     assert [e["entity_id"] for e in events] == [str(i) for i in range(n)]  # once each, in commit order
+
+
+async def test_a_slot_whose_wal_is_lost_is_reported_and_resynced(
+    logical_schema: Schema, tmp_path: Path, caplog: Any
+) -> None:
+    schema, slot = logical_schema, logical_schema.name
+    await schema.execute(APP)
+    cfg = config(tmp_path, schema, slot)
+    assert cli(cfg, "postgres", "install", "app").returncode == 0
+    con = await schema.connect()
+    try:
+        # While integrand is stopped the slot falls more than max_slot_wal_keep_size behind and a checkpoint
+        # removes the WAL it needed (this private server's setting; reset below).
+        await con.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        await con.execute("SELECT pg_reload_conf()")
+        for i in range(4):
+            await con.execute("INSERT INTO customers VALUES ($1, 'while down')", i)
+            await con.execute("SELECT pg_switch_wal()")
+        await con.execute("CHECKPOINT")
+        await con.execute("CHECKPOINT")
+        status = await con.fetchval("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", slot)
+        assert status == "lost"
+        async with running_daemon(cfg):
+            await wait_for(lambda: sum(e["data"]["op"] == "r" for e in lines(tmp_path)) == 4, timeout=30)
+        assert "wal_status = lost" in caplog.text and "running the full resync" in caplog.text
+        assert {e["entity_id"] for e in lines(tmp_path)} == {"0", "1", "2", "3"}
+    finally:
+        await con.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        await con.execute("SELECT pg_reload_conf()")
+        await con.close()
+        await cleanup(schema, slot)
