@@ -69,7 +69,7 @@ BATCHES = (1, 100, 1000, 10_000)
 
 
 def rows_for(batch: int) -> int:
-    return 2000 if batch == 1 else 20_000
+    return 300 if batch == 1 else 20_000
 
 
 class _State:

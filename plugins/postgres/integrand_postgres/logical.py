@@ -35,8 +35,9 @@ IDLE_ADVANCE = 1.0
 
 
 def lsn_version(lsn: int, seq: int) -> str:
-    """Transactions in commit order, changes in order within one; not a number, so compared as fixed-width text."""
-    return f"{lsn:016X}/{seq:06d}"
+    """Transactions in commit order (LSN), changes in order within one: a number (integrand orders versions that
+    are numbers or times), zero-padded to a fixed width so that it also orders as text (the sink's etl_version)."""
+    return f"{lsn * 1_000_000 + seq:026d}"
 
 
 async def install_logical(con: asyncpg.Connection, cfg: PostgresSourceConfig, source: str) -> list[str]:

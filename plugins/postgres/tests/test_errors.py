@@ -3,6 +3,8 @@ with the way out, refused credentials pause the sink, and which errors send a ba
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 from integrand_postgres.pg import classify, is_connection_error, is_row_error
@@ -56,3 +58,28 @@ def test_refused_credentials_are_an_auth_error() -> None:
 )
 def test_a_refused_row_is_found_by_bisection(error: Exception) -> None:
     assert is_row_error(error) and not is_connection_error(error)
+
+
+def test_tls_options_reach_the_driver(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    from integrand_postgres.pg import ConnectionConfig, connect_kwargs
+
+    def kw(**table: object) -> dict[str, object]:
+        cfg = ConnectionConfig.model_validate({"dsn": "postgresql://db.example/x", **table})
+        return connect_kwargs(cfg, tmp_path, "t")
+
+    assert "ssl" not in kw()  # the DSN's sslmode decides
+    assert kw(ssl="require")["ssl"] == "require"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test-ca", "-days", "1"]
+        + ["-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem")],
+        check=True,
+        capture_output=True,
+    )
+    ctx = kw(ssl="verify-full", ssl_root_cert="ca.pem")["ssl"]  # relative to the config's folder
+    assert isinstance(ctx, ssl.SSLContext) and ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    ctx = kw(ssl="verify-ca", ssl_root_cert="ca.pem")["ssl"]
+    assert isinstance(ctx, ssl.SSLContext) and not ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert kw(statement_timeout="5s")["server_settings"] == {"application_name": "t", "statement_timeout": "5000"}

@@ -385,3 +385,13 @@ due = { path = "data.DueDate", convert = "date" }
     ]
     wrong = cli(cfg, "postgres", "schema", "nope")
     assert wrong.returncode == 1 and wrong.stderr.strip() == f"error: no sink named 'nope' in {cfg}"
+
+
+async def test_tls_required_against_a_server_without_it_is_refused_not_downgraded(
+    schema: Schema, tmp_path: Path
+) -> None:
+    await schema.execute(INVOICES)
+    async with sink(tmp_path, sink_table(schema, ssl="require")) as s:
+        res = await s.deliver_batch([invoice(1, 1)])
+    assert isinstance(res[0], RetryableError) and "SSL" in str(res[0])
+    assert await schema.fetchval("SELECT count(*) FROM invoices") == 0
