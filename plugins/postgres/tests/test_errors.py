@@ -72,9 +72,9 @@ def test_tls_options_reach_the_driver(tmp_path: Path) -> None:
 
     assert "ssl" not in kw()  # the DSN's sslmode decides
     assert kw(ssl="require")["ssl"] == "require"
+    req = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test-ca", "-days", "1"]
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test-ca", "-days", "1"]
-        + ["-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem")],
+        [*req, "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem")],
         check=True,
         capture_output=True,
     )
