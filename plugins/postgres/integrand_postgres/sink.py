@@ -22,7 +22,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from integrand.connector import AuthError, Connector, ConnectorConfig, Event, PermanentError, RetryableError, Sink
 from integrand.errors import ConfigError
-from integrand.routes import CONVERSIONS, FieldMapping, FieldSpec, FieldSpecIn, MappingError, dig, envelope
+from integrand.routes import CONVERSIONS, FieldMapping, FieldSpec, FieldSpecIn, MappingError, dig
 
 from .pg import (
     ConnectionConfig,
@@ -149,7 +149,6 @@ class Plan:
         ident = [c for c in rest if c in self.key or c == self.version]
         self.delete_mapping = FieldMapping({c: cfg.columns[c] for c in ident}, cfg.lookups) if ident else None
         self.delete_simple = {c: f for c, f in self.simple.items() if c in self.key or c == self.version}
-        self._getters = {c: _getter(f.path or "") for c, f in self.simple.items()}
         self._deletes: dict[str, bool] = {}  # event type → whether it means a delete (globs, matched once)
         self.converters: list[Callable[[Any], Any] | None] = [None] * len(self.data_cols)
 
@@ -230,6 +229,7 @@ class Plan:
         self.table = qualified(info.name)  # as found on the search_path when the config left the schema out
         self.types = {c: info.columns[c].display for c in self.data_cols}
         self.converters = [converter(info.columns[c]) for c in self.data_cols]
+        self._compile()
         q = quote_ident
         cols = [*self.data_cols]
         tail_vals = []
@@ -302,18 +302,24 @@ class Plan:
             found = self._deletes[event.type] = any(fnmatchcase(event.type, p) for p in self.cfg.delete_types)
         return found
 
-    def _simple(self, col: str, f: FieldSpec, root: dict[str, Any], event: Event) -> Any:
-        v = self._getters[col](root)
-        if v is None or v == "":
-            return None
-        for name in f.convert:
-            try:
-                v = CONVERSIONS[name](v)
-            except (ValueError, TypeError, OverflowError) as e:
-                raise MappingError(
-                    f"{self.where}.columns.{col}: cannot convert {v!r} with {name!r} for event {event.id}: {e}"
-                ) from None
-        return v
+    def _compile(self) -> None:
+        """One function per column (event, FieldMapping output) → its typed value: the row loop does nothing else."""
+        self._fns: list[Callable[[Event, dict[str, Any]], Any]] = []
+        self._delete_fns: list[Callable[[Event, dict[str, Any]], Any]] = []
+        ident = {*self.key, self.version}
+        for i, col in enumerate(self.data_cols):
+            tconv = self.converters[i]
+            where = f"{self.where}.columns.{col}" if col in self.cfg.columns else f"{self.where}.metadata"
+            f = self.simple.get(col)
+            if f is not None:
+                fn = _path_column(col, f, tconv, where, self.types[col])
+            elif col in self.cfg.columns:
+                fn = _mapped_column(col, tconv, where, self.types[col])
+            else:
+                attr = dict(self.meta_cols)[col]
+                fn = _meta_column(attr, tconv, where, col, self.types[col])
+            self._fns.append(fn)
+            self._delete_fns.append(fn if col in ident or col not in self.cfg.columns else _none)
 
     def row(self, index: int, event: Event) -> Row | None:
         """The row for ``event`` in ``data_cols`` order, converted to the column types; None if it is ignored."""
@@ -321,30 +327,13 @@ class Plan:
         if delete and self.cfg.deletes == "ignore":
             return None
         mapping = self.delete_mapping if delete else self.mapping
-        root = envelope(event)
-        mapped = mapping.apply(event) if mapping is not None else {}
-        for c, f in (self.delete_simple if delete else self.simple).items():
-            mapped[c] = self._simple(c, f, root, event)
-        values: list[Any] = [mapped.get(c) for c in self.mapped]
-        for _col, attr in self.meta_cols:
-            values.append(getattr(event, attr))
-        for i, conv in enumerate(self.converters):
-            v = values[i]
-            if v is not None and conv is not None:
-                try:
-                    values[i] = conv(v)
-                except (ValueRejected, ValueError, TypeError, OverflowError) as e:
-                    col = self.data_cols[i]
-                    key = f"columns.{col}" if col in self.cfg.columns else "metadata"
-                    raise PermanentError(
-                        f"{self.where}.{key}: cannot store {v!r} in column {col} ({self.types[col]}) "
-                        f"for event {event.id}: {e}"
-                    ) from None
+        out = mapping.apply(event) if mapping is not None else _EMPTY
+        values = tuple([fn(event, out) for fn in (self._delete_fns if delete else self._fns)])
         for i in self._kidx:
             if values[i] is None:
                 k = self.data_cols[i]
                 raise PermanentError(f"{self.where}.columns.{k}: key column {k} is empty for event {event.id}")
-        return Row(index, delete, tuple(values), event)
+        return Row(index, delete, values, event)
 
 
 class PostgresSink(Connector[PostgresSinkConfig], Sink):
@@ -491,20 +480,67 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
                 await con.executemany(self.plan.delete_sql, deletes)
 
 
-def _getter(path: str) -> Callable[[Any], Any]:
-    """``dig(root, path)`` with the common case (nested dicts) inlined: it runs once per column per row."""
-    parts = path.split(".")
+_EMPTY: dict[str, Any] = {}
+_FIELDS = frozenset(
+    ("id", "source", "type", "data", "received_at", "entity", "entity_id", "version", "occurred_at", "meta")
+)
+_Convert = Callable[[Any], Any] | None
 
-    def get(root: Any) -> Any:
-        v = root
-        for i, p in enumerate(parts):
+
+def _none(event: Event, out: dict[str, Any]) -> Any:
+    return None
+
+
+def _stored(v: Any, tconv: _Convert, where: str, col: str, sql_type: str, event: Event) -> Any:
+    if v is None or tconv is None:
+        return v
+    try:
+        return tconv(v)
+    except (ValueRejected, ValueError, TypeError, OverflowError) as e:
+        raise PermanentError(
+            f"{where}: cannot store {v!r} in column {col} ({sql_type}) for event {event.id}: {e}"
+        ) from None
+
+
+def _path_column(col: str, f: FieldSpec, tconv: _Convert, where: str, sql_type: str) -> Callable[..., Any]:
+    """A bare path with conversions, read as the mapping engine reads it (``dig``, ``CONVERSIONS``), inlined for
+    the common case of nested objects: it runs once per column per row."""
+    head, *rest = (f.path or "").split(".")
+    convs = [(name, CONVERSIONS[name]) for name in f.convert]
+    known = head in _FIELDS
+
+    def get(event: Event, out: dict[str, Any]) -> Any:
+        v: Any = getattr(event, head) if known else None
+        for i, p in enumerate(rest):
             if type(v) is dict:
                 v = v.get(p)
-                if v is None:
-                    return None
-            else:
-                return dig(v, ".".join(parts[i:]))
-        return v
+            elif v is not None:
+                v = dig(v, ".".join(rest[i:]))
+                break
+            if v is None:
+                return None
+        if v is None or v == "":
+            return None
+        for name, conv in convs:
+            try:
+                v = conv(v)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise MappingError(f"{where}: cannot convert {v!r} with {name!r} for event {event.id}: {e}") from None
+        return _stored(v, tconv, where, col, sql_type, event)
+
+    return get
+
+
+def _mapped_column(col: str, tconv: _Convert, where: str, sql_type: str) -> Callable[..., Any]:
+    def get(event: Event, out: dict[str, Any]) -> Any:
+        return _stored(out.get(col), tconv, where, col, sql_type, event)
+
+    return get
+
+
+def _meta_column(attr: str, tconv: _Convert, where: str, col: str, sql_type: str) -> Callable[..., Any]:
+    def get(event: Event, out: dict[str, Any]) -> Any:
+        return _stored(getattr(event, attr), tconv, where, col, sql_type, event)
 
     return get
 
