@@ -344,10 +344,12 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
                 )
 
 
-async def bench_cdc(runs: int, seconds: float) -> dict[str, Any]:
+async def bench_cdc(runs: int, seconds: float, modes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with logical_cluster() as cluster:
         for mode, dsn in (("outbox", None), ("logical", cluster.dsn)):
+            if mode not in modes:
+                continue
             from pg_support import base_dsn
 
             target = dsn or base_dsn()
@@ -429,12 +431,13 @@ def main() -> None:
     ap.add_argument("what", nargs="?", default="all", choices=("sink", "cdc", "all"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--modes", default="outbox,logical", help="CDC modes to measure (comma-separated)")
     a = ap.parse_args()
     results: dict[str, Any] = orjson.loads(RESULTS.read_bytes()) if RESULTS.exists() else {}
     if a.what in ("sink", "all"):
         results["sink"] = asyncio.run(bench_sink(a.runs))
     if a.what in ("cdc", "all"):
-        results["cdc"] = asyncio.run(bench_cdc(a.runs, a.seconds))
+        results["cdc"] = {**results.get("cdc", {}), **asyncio.run(bench_cdc(a.runs, a.seconds, a.modes.split(",")))}
     results["when"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["machine"] = machine()
     results["runs"] = a.runs
