@@ -71,6 +71,9 @@ class SourcePoller:
         self.last: Decision | None = None
         self.last_error: str | None = None
         self.polls = 0
+        self.last_poll_at: float | None = None  # when the last poll started, and the last that succeeded
+        self.last_ok_at: float | None = None
+        self.cursor_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -81,7 +84,8 @@ class SourcePoller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue  # a nudge may have moved next_at; look again
-            await self.poll_once()
+            async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
+                await self.poll_once()
 
     def nudge(self) -> None:
         """A webhook arrived for this source: poll soon (debounced), within the request budget."""
@@ -123,6 +127,7 @@ class SourcePoller:
                 budget_reset=result.budget_reset,
             )
             self.last_error = None
+            self.last_ok_at = started
             self.metrics.polls.labels(self.name, "ok").inc()
             self.metrics.events.inc(self.name, "accepted", amount=res.accepted)
             if res.duplicates or res.stale:
@@ -137,6 +142,7 @@ class SourcePoller:
                 "; more waiting" if result.more else "",
             )
         self.polls += 1
+        self.last_poll_at = started
         now = self.clock()
         self.state, decision = observe(self.policy, self.state, now, obs, self.rand())
         self.last = decision

@@ -83,7 +83,13 @@ def _decimal(v: Any) -> Decimal:
         raise ValueError(f"{v!r} is not a number") from None
     if not d.is_finite():
         raise ValueError(f"{v!r} is not a finite number")
+    # "1e890994" would become an 890,994-digit int (seconds of CPU on the loop): nothing real is that large.
+    if d and abs(d.adjusted()) > MAX_EXPONENT:
+        raise ValueError(f"{str(v)[:40]!r} is out of range (beyond 1e{MAX_EXPONENT})")
     return d
+
+
+MAX_EXPONENT = 308  # a double's range: what every sink's JSON can hold anyway
 
 
 def _to_int(v: Any) -> int:
@@ -353,7 +359,7 @@ class FieldMapping:
         for name in f.convert:
             try:
                 value = CONVERSIONS[name](value)
-            except (ValueError, TypeError, OverflowError) as e:
+            except (ValueError, TypeError, OverflowError, OSError) as e:  # OSError: an epoch the C library refuses
                 raise MappingError(f"map.{target}: cannot convert {value!r} with {name!r}: {e}") from None
         if f.lookup is not None:
             table = self.lookups[f.lookup]
