@@ -274,17 +274,22 @@ class Dispatcher:
             raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
         results = iter(sent)
         out: list[BaseException | _Skipped | _RouteFailure | None] = []
+        written: list[Event] = []
         for p in prepared:
             if isinstance(p, Event):
                 res = next(results)
                 out.append(res)
-                if res is None and self.routes is not None:
-                    try:
-                        await self.routes.delivered(sink.name, p)
-                    except Exception as e:  # only costs a redundant write later
-                        log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
+                if res is None:
+                    written.append(p)
             else:
                 out.append(SKIPPED if p is None else _RouteFailure(p))
+        if written and self.routes is not None:
+            # Together, so the loop guard's records of a batch share one group commit, not one each.
+            routes = self.routes
+            done = await asyncio.gather(*(routes.delivered(sink.name, p) for p in written), return_exceptions=True)
+            for e in done:
+                if isinstance(e, Exception):  # only costs a redundant write later
+                    log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
         return out
 
     def _enriches(self, sink: str, event: Event) -> bool:

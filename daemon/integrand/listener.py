@@ -25,6 +25,7 @@ from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
 from .events import Event, utcnow_iso
 from .guard import GuardedHandler, GuardedServer, PortLimits, QuietLog, TokenBucket
+from .intake import intake
 from .metrics import Metrics
 from .routes import Router
 from .secrets import REDACTED, is_credential_name
@@ -251,9 +252,10 @@ class Listener:
             log.exception("source %s: connector failed on a webhook", name)
             return _error(500, f"source {name!r} failed to process the webhook; it was not stored")
 
-        items = [(ev, self.router.sinks_for(ev)) for ev in events]
         try:
-            result = await self.store.enqueue(items)
+            result = await intake(
+                self.store, self.router, name, events, metrics=self.metrics, on_accepted=self.on_accepted
+            )
         except UnstorableEvent as e:  # refused before it was queued: nobody else's commit is affected
             return self._reject(request, name, 400, unstorable_reason(events, e))
         except StoreUnavailable as e:
@@ -270,11 +272,6 @@ class Listener:
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
             )
-        self.metrics.events.inc(name, "accepted", amount=result.accepted)
-        if result.duplicates:
-            self.metrics.events.inc(name, "duplicate", amount=result.duplicates)
-        if self.on_accepted is not None and result.accepted:
-            self.on_accepted(name, events)
         return _json({"accepted": result.accepted, "duplicates": result.duplicates})
 
     @staticmethod

@@ -49,6 +49,12 @@ def _run(fn: Callable[[], Awaitable[int]]) -> int:
     return asyncio.run(go())
 
 
+def _json(data: Any) -> int:
+    """``--json``: the admin API's answer as it is, for scripts."""
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    return 0
+
+
 def _ops(settings: Settings, write: bool) -> Any:
     from .cliops import open_ops
 
@@ -64,6 +70,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def do() -> int:
         async with _ops(settings, write=False) as ops:
             st = await ops.status()
+        if args.json:
+            return _json(st)
         out = [f"store {st['store']}: {st['events']} event(s)" + ("" if st["daemon"] else " (no daemon running)")]
         sinks = st["deliveries"]
         if not sinks:
@@ -117,9 +125,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     async def do() -> int:
         async with _ops(settings, write=action in ("replay", "purge")) as ops:
             if action == "list":
-                return _print_dlq(await ops.dlq_list(args.sink, args.limit))
+                rows = await ops.dlq_list(args.sink, args.limit)
+                return _json(rows) if args.json else _print_dlq(rows)
             if action == "show":
-                return _print_deliveries(await ops.dlq_show(args.id))
+                found = await ops.dlq_show(args.id)
+                return _json(found) if args.json else _print_deliveries(found)
             body: dict[str, Any] = {"sink": args.sink}
             body.update({"all": True} if args.all else {"ids": args.ids})
             if action == "replay":
@@ -187,6 +197,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                 stories = await ops.events_show(args.id)
             else:
                 rows = await ops.events_list(args.source, args.since, args.state, args.limit)
+        if args.json:
+            return _json(stories if args.events_action == "show" else rows)
         if args.events_action == "list":
             return _print_events(rows)
         out: list[str] = []

@@ -21,6 +21,7 @@ from .config import PollSettings, reconcile_schedule
 from .connector import PollingSource, ReconcilingSource
 from .errors import AuthError, RetryableError, StoreUnavailable
 from .events import Event, content_id
+from .intake import intake
 from .metrics import Metrics
 from .pollpolicy import Decision, Observation, PollPolicy, PollState, budget_wait, observe
 from .routes import Router
@@ -104,9 +105,8 @@ class SourcePoller:
         try:
             cursor = await self.store.cursor_get(self.name)
             result = await self.connector.poll(cursor)
-            items = [(ev, self.router.sinks_for(ev)) for ev in result.events]
-            if items or result.cursor != cursor:
-                res = await self.store.enqueue_with_cursor(items, self.name, result.cursor)
+            if result.events or result.cursor != cursor:
+                res = await intake(self.store, self.router, self.name, result.events, cursor=result.cursor)
             else:
                 res = EnqueueResult(0, 0)  # an empty poll that moved nothing: no write at all
         except (RetryableError, AuthError, StoreUnavailable) as e:
@@ -135,7 +135,7 @@ class SourcePoller:
             log.debug(
                 "source %s: poll got %d event(s): %d new, %d duplicate, %d stale%s",
                 self.name,
-                len(items),
+                len(result.events),
                 res.accepted,
                 res.duplicates,
                 res.stale,
@@ -261,7 +261,7 @@ async def reconcile_once(
         if not page.more:
             run["done"] = True
             run["finished"] = clock()
-        await store.enqueue_with_cursor([(ev, router.sinks_for(ev)) for ev in picked], name, run, kind="reconcile")
+        await intake(store, router, name, picked, cursor=run, kind="reconcile")
         if run["done"]:
             break
         if max_pages is not None and pages >= max_pages:

@@ -26,6 +26,7 @@ filters and wildcards are not needed to pick one value per target field.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import logging
@@ -44,6 +45,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from .connector import Enricher
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
+from .keypaths import format_errors
 from .types import RelPath, StrictModel
 
 log = logging.getLogger("integrand.routes")
@@ -256,7 +258,6 @@ class RouteSettings(StrictModel):
 
 def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None, list[str]]:
     """The route's compiled mapping, or the problems with it as ``key.path: message`` lines."""
-    from .config import _format  # the one formatter of key-path errors
 
     spec: dict[str, FieldSpec] | None = route.map
     lookups = dict(route.lookups)
@@ -271,7 +272,7 @@ def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None,
         try:
             mf = MappingFile.model_validate(raw)
         except ValidationError as e:
-            return None, _format(e, f"{where}.mapping({path.name})", MappingFile)
+            return None, format_errors(e, f"{where}.mapping({path.name})", MappingFile)
         spec = mf.map
         lookups = {**mf.lookups, **lookups}
     if spec is None:
@@ -508,12 +509,11 @@ class RouteRuntime:
                 fetched = [e] * len(idxs)
             for i, res in zip(idxs, fetched, strict=True):
                 out[i] = self._enrich_error(source, events[i], res) if isinstance(res, BaseException) else res
-        for i, item in enumerate(out):
-            if isinstance(item, Event):
-                try:
-                    out[i] = await self._route(sink, item)
-                except Exception as e:
-                    out[i] = e
+        # Concurrently, so the loop guard's state writes for the whole batch share one group commit.
+        todo = [(i, item) for i, item in enumerate(out) if isinstance(item, Event)]
+        routed = await asyncio.gather(*(self._route(sink, item) for _, item in todo), return_exceptions=True)
+        for (i, _), outcome in zip(todo, routed, strict=True):
+            out[i] = outcome
         return out
 
     async def _route(self, sink: str, event: Event) -> Event | None:
