@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +16,18 @@ from aiohttp import web
 from . import __version__
 from .admin import Admin
 from .breaker import Breaker
-from .config import Settings, SinkCore, SourceCore
+from .config import ConnectorSettings, Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
 from .events import Event
+from .frontdoor import front_door
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
+from .sdnotify import Notifier, listen_fds
 from .store import Store
 
 log = logging.getLogger("integrand")
@@ -48,21 +49,16 @@ class ScopedState:
         await self._store.state_set(self._scope, key, value)
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about READY/STOPPING; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
+class DaemonFailed(Exception):
+    """A task the daemon cannot run without has failed: the process exits non-zero so systemd restarts it."""
+
+
+STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates (queue depth)
 
 
 @dataclass
 class Daemon:
-    """A running integrand; ``stop`` begins a graceful shutdown."""
+    """A running integrand; ``stop`` begins a graceful shutdown, ``request_reload`` re-reads the config."""
 
     settings: Settings
     store: Store
@@ -75,12 +71,123 @@ class Daemon:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
+    notifier: Notifier = field(default_factory=Notifier)
+    clock: Callable[[], float] = time.time
+    # Every background task by name ("dispatcher", "poll:NAME", …); reload starts and cancels some.
+    tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    # Why the daemon is stopping when it is not because it was asked to (then the exit is non-zero).
+    fatal: str | None = None
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reloads: int = 0  # successful reloads, for tests and the status
 
     def stop(self) -> None:
         self.stop_event.set()
 
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as the task ``name``; its failure (or the dispatcher ending early) stops the daemon."""
+        old = self.tasks.get(name)
+        if old is not None and not old.done():
+            old.cancel()
+        task = asyncio.create_task(coro, name=name)
+        self.tasks[name] = task
+        task.add_done_callback(self._task_done)
+        return task
 
-async def build(settings: Settings, clock: Callable[[], float] = time.time) -> Daemon:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and (task.get_name() != "dispatcher" or self.stop_event.is_set()):
+            return
+        if self.fatal is None:
+            what = f"{type(exc).__name__}: {exc}" if exc is not None else "returned while the daemon was running"
+            self.fatal = f"{task.get_name()} failed ({what})"
+            log.error("%s failed; shutting down (exit status 1)", task.get_name(), exc_info=exc)
+        self.stop_event.set()
+
+    def request_reload(self) -> None:
+        """Re-read the config file (SIGHUP, ``systemctl reload``); a bad one is logged and the old one kept."""
+        from .reload import reload
+
+        task = asyncio.create_task(reload(self), name="reload")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def start_connector(
+    s: Settings, role: str, name: str, cs: ConnectorSettings, store: Store, http: HttpPool, clock: Callable[[], float]
+) -> Connector[Any]:
+    """Construct and start one configured source or sink; a failure names its config table in one line."""
+    ctx = ConnectorContext(
+        name=name,
+        role=role,  # type: ignore[arg-type]
+        base_dir=s.base_dir,
+        state=ScopedState(store, f"{role}:{name}"),
+        public_url=s.daemon.public_url,
+        logger=logging.getLogger(f"integrand.{role}.{name}"),
+        http=http.for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
+        clock=clock,
+    )
+    try:
+        inst: Connector[Any] = cs.cls(cs.options, ctx)
+        await inst.start()
+    except ConfigError:
+        raise
+    except Exception as e:
+        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e) or type(e).__name__
+        raise ConfigError([f"{role}s.{name}: connector {cs.connector!r} cannot start: {detail}"]) from e
+    return inst
+
+
+def source_runtime(s: Settings, name: str, inst: Connector[Any]) -> SourceRuntime:
+    core = s.sources[name].core
+    assert isinstance(core, SourceCore)
+    return SourceRuntime(
+        name, inst if isinstance(inst, WebhookSource) else None, core.max_body_bytes or s.daemon.max_body_bytes
+    )
+
+
+def sink_runtime(s: Settings, name: str, inst: Connector[Any]) -> SinkRuntime:
+    assert isinstance(inst, Sink)
+    core = s.sinks[name].core
+    assert isinstance(core, SinkCore)
+    b = s.breaker_for(name)
+    return SinkRuntime(
+        name=name,
+        connector=inst,
+        batch_size=core.batch_size or min(type(inst).batch_size, s.dispatcher.batch_size),
+        retry=s.retry_for(name),
+        breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
+    )
+
+
+def make_poller(d: Daemon, name: str) -> SourcePoller | None:
+    inst = d.connectors[f"source:{name}"]
+    core = d.settings.sources[name].core
+    assert isinstance(core, SourceCore)
+    if not isinstance(inst, PollingSource):
+        return None
+    return SourcePoller(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, clock=d.clock)
+
+
+def start_source_tasks(d: Daemon, names: Iterable[str]) -> None:
+    """The poll and reconcile tasks of these sources (their pollers already in ``d.pollers``)."""
+    for name in names:
+        poller = d.pollers.get(name)
+        if poller is not None and poller.settings.enabled:
+            d.spawn(f"poll:{name}", poller.run())
+        start_reconciler(d, name)
+
+
+def start_reconciler(d: Daemon, name: str) -> None:
+    inst = d.connectors[f"source:{name}"]
+    core = d.settings.sources[name].core
+    assert isinstance(core, SourceCore)
+    if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
+        recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
+        d.spawn(f"reconcile:{name}", recon)
+
+
+async def build(settings: Settings, clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> Daemon:
     s = settings
     store = Store(
         s.db_path,
@@ -110,18 +217,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         await http.start()
         for role, table in (("source", s.sources), ("sink", s.sinks)):
             for name, cs in table.items():
-                ctx = ConnectorContext(
-                    name=name,
-                    role=role,  # type: ignore[arg-type]
-                    base_dir=s.base_dir,
-                    state=ScopedState(store, f"{role}:{name}"),
-                    public_url=s.daemon.public_url,
-                    logger=logging.getLogger(f"integrand.{role}.{name}"),
-                    http=http.for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
-                    clock=clock,
-                )
-                inst = cs.cls(cs.options, ctx)
-                await inst.start()
+                inst = await start_connector(s, role, name, cs, store, http, clock)
                 connectors[f"{role}:{name}"] = inst
                 if role == "source":
                     source_instances[name] = inst
@@ -133,38 +229,10 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         await store.close()
         raise
 
-    sources = {}
-    for name, cs in s.sources.items():
-        inst = connectors[f"source:{name}"]
-        core = cs.core
-        assert isinstance(core, SourceCore)
-        sources[name] = SourceRuntime(
-            name,
-            inst if isinstance(inst, WebhookSource) else None,
-            core.max_body_bytes or s.daemon.max_body_bytes,
-        )
-    sinks = {}
-    for name, cs in s.sinks.items():
-        inst = connectors[f"sink:{name}"]
-        assert isinstance(inst, Sink)
-        core = cs.core
-        assert isinstance(core, SinkCore)
-        b = s.breaker_for(name)
-        sinks[name] = SinkRuntime(
-            name=name,
-            connector=inst,
-            batch_size=core.batch_size or min(type(inst).batch_size, s.dispatcher.batch_size),
-            retry=s.retry_for(name),
-            breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
-        )
+    sources = {name: source_runtime(s, name, connectors[f"source:{name}"]) for name in s.sources}
+    sinks = {name: sink_runtime(s, name, connectors[f"sink:{name}"]) for name in s.sinks}
     router = Router(s.routes)
     pollers: dict[str, SourcePoller] = {}
-    for name, cs in s.sources.items():
-        inst = connectors[f"source:{name}"]
-        core = cs.core
-        assert isinstance(core, SourceCore)
-        if isinstance(inst, PollingSource):
-            pollers[name] = SourcePoller(name, inst, store, router, core.poll, metrics=metrics, clock=clock)
 
     def nudge(source: str, events: Sequence[Event]) -> None:
         p = pollers.get(source)
@@ -191,22 +259,65 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
+    d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, clock=clock)
+    if notifier is not None:
+        d.notifier = notifier
+    for name in s.sources:
+        p = make_poller(d, name)
+        if p is not None:
+            pollers[name] = p
+    try:
+        await _note_unconfigured_sinks(d)
+    except Exception as e:
+        log.warning("cannot look for deliveries to sinks no longer configured: %s", e)
+    return d
 
 
-async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
-    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly."""
-    d = await build(settings)
+async def _note_unconfigured_sinks(d: Daemon) -> None:
+    """Deliveries waiting for a sink the config no longer has stay in the store: say so, and keep the
+    dispatcher from waking for them."""
+    counts = await d.store.counts()
+    gone: dict[str, int] = {}
+    for (sink, state), n in counts.items():
+        if sink not in d.settings.sinks and state in ("ready", "leased"):
+            gone[sink] = gone.get(sink, 0) + n
+    for sink, n in sorted(gone.items()):
+        log.warning(
+            "sink %s is not configured: its %d pending deliveries stay in the store and go out if it is configured again",
+            sink,
+            n,
+        )
+    d.dispatcher.absent = set(gone)
+
+
+async def run(
+    settings: Settings,
+    on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly.
+
+    Raises DaemonFailed after the shutdown when a task the daemon needs failed (exit status 1)."""
+    d = await build(settings, notifier=notifier)
     s = settings
     grace = s.daemon.shutdown_grace
     runners: list[web.BaseRunner] = []
-    tasks: list[asyncio.Task[Any]] = []
     try:
-        hook_runner = web.ServerRunner(d.listener.server(), handle_signals=False, shutdown_timeout=grace)
+        handler = front_door(d.listener.handle, s.daemon.trusted_proxies)
+        hook_runner = web.ServerRunner(
+            web.Server(handler, access_log=None), handle_signals=False, shutdown_timeout=grace
+        )
         await hook_runner.setup()
         runners.append(hook_runner)
-        site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
-        await _start_site(site, "daemon.listen", str(s.daemon.listen))
+        inherited = listen_fds()
+        site: web.BaseSite
+        if inherited:
+            # Socket activation: systemd holds the port open across restarts; daemon.listen is not used.
+            site = web.SockSite(hook_runner, socket.socket(fileno=inherited[0]), backlog=4096)
+            await site.start()
+        else:
+            site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
+            await _start_site(site, "daemon.listen", str(s.daemon.listen))
         d.ports["webhooks"] = _bound_port(site)
         if s.admin.enabled:
             admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
@@ -216,47 +327,38 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
             await _start_site(asite, "admin.listen", str(s.admin.listen))
             d.ports["admin"] = _bound_port(asite)
-        tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
-        tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
-        for name, poller in d.pollers.items():
-            if poller.settings.enabled:
-                tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
-        for name, cs in s.sources.items():
-            inst = d.connectors[f"source:{name}"]
-            core = cs.core
-            assert isinstance(core, SourceCore)
-            if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
-                recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
-                tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
+        d.spawn("dispatcher", d.dispatcher.run())
+        d.spawn("maintenance", _maintenance(d))
+        start_source_tasks(d, s.sources)
+        d.spawn("watchdog", d.notifier.watchdog())
         d.ready = True
         log.info(
-            "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",
+            "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s%s",
             __version__,
-            s.daemon.listen.host,
+            _sockname_host(site) if inherited else s.daemon.listen.host,
             d.ports["webhooks"],
             f"{s.admin.listen.host}:{d.ports['admin']}" if "admin" in d.ports else "off",
             len(s.sources),
             len(s.sinks),
             d.store.path,
+            "; webhook socket from systemd" if inherited else "",
         )
-        sd_notify("READY=1\nSTATUS=accepting webhooks")
+        d.notifier.ready(await status_line(d))
+        d.spawn("status", _report_status(d))
         if on_ready is not None:
             res = on_ready(d)
             if res is not None:
                 await res
-        stop_wait = asyncio.create_task(d.stop_event.wait())
-        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not stop_wait and t.exception() is not None:
-                log.error("%s failed; shutting down", t.get_name(), exc_info=t.exception())
-        stop_wait.cancel()
+        await d.stop_event.wait()
     finally:
-        await _shutdown(d, runners, tasks, grace)
+        await _shutdown(d, runners, grace)
+    if d.fatal is not None:
+        raise DaemonFailed(d.fatal)
 
 
-async def _shutdown(d: Daemon, runners: list[web.BaseRunner], tasks: list[asyncio.Task[Any]], grace: float) -> None:
+async def _shutdown(d: Daemon, runners: list[web.BaseRunner], grace: float) -> None:
     log.info("shutting down: refusing new webhooks, finishing in-flight work (grace %.0f s)", grace)
-    sd_notify("STOPPING=1")
+    d.notifier.stopping()
     d.listener.stopping = True
     d.ready = False
     deadline = time.monotonic() + grace
@@ -264,8 +366,9 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], tasks: list[asynci
         # Closes the webhook port after in-flight requests (awaiting their commit) have been answered.
         await runners[0].cleanup()
     d.dispatcher.stop()
+    tasks = list(d.tasks.values())
     for t in tasks:
-        if t.get_name() != "dispatcher":
+        if t.get_name() not in ("dispatcher", "watchdog"):
             t.cancel()
     dispatcher = [t for t in tasks if t.get_name() == "dispatcher" and not t.done()]
     if dispatcher:
@@ -289,6 +392,30 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], tasks: list[asynci
         await r.cleanup()
     await d.store.close()
     log.info("stopped")
+
+
+async def status_line(d: Daemon) -> str:
+    """What ``systemctl status`` shows: the queue depth, and whether the daemon is taking webhooks."""
+    try:
+        counts = await d.store.counts()
+    except Exception as e:
+        return f"store unreadable: {e}"
+    by_state: dict[str, int] = {}
+    for (_sink, state), n in counts.items():
+        by_state[state] = by_state.get(state, 0) + n
+    head = "stopping" if d.listener.stopping else "accepting webhooks"
+    return (
+        f"{head}; queue: {by_state.get('ready', 0)} ready, {by_state.get('leased', 0)} in flight, "
+        f"{by_state.get('dead', 0)} dead-lettered"
+    )
+
+
+async def _report_status(d: Daemon) -> None:
+    if not d.notifier.enabled:
+        return
+    while True:
+        await asyncio.sleep(STATUS_EVERY)
+        d.notifier.status(await status_line(d))
 
 
 async def _maintenance(d: Daemon) -> None:
@@ -332,8 +459,14 @@ async def _start_site(site: web.TCPSite, key: str, addr: str) -> None:
         raise ConfigError([f"{key}: cannot listen on {addr}: {e.strerror or e}"]) from None
 
 
-def _bound_port(site: web.TCPSite) -> int:
+def _sockname_host(site: web.BaseSite) -> str:
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return str(sockets[0].getsockname()[0]) if sockets else "?"
+
+
+def _bound_port(site: web.BaseSite) -> int:
     server = site._server  # aiohttp keeps the asyncio server here; needed when port 0 was asked for
     assert server is not None
     sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1]) if sockets else site._port
+    return int(sockets[0].getsockname()[1]) if sockets else 0

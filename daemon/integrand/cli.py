@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # loop gives it up only when the switch interval forces it (5 ms by default), so each hand-off waited
     # about a millisecond, twice per group commit; at 0.5 ms ingest-only throughput rose ~14% (docs/benchmarks.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    from .app import Daemon, run
+    from .app import Daemon, DaemonFailed, run
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -102,12 +102,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 logging.shutdown()
                 os._exit(130)
 
+        def on_hup() -> None:
+            if "d" in holder:
+                log.info("SIGHUP received; reloading %s", settings.path)
+                holder["d"].request_reload()
+            else:
+                log.warning("SIGHUP received while starting; not reloaded (send it again once ready)")
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        # SIGHUP would otherwise end the process; reloading config is not built yet.
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: log.warning("SIGHUP ignored: config reload is not supported yet; restart to apply")
-        )
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
 
         def ready(d: Daemon) -> None:
             holder["d"] = d
@@ -116,11 +120,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         await run(settings, on_ready=ready)
 
+    # Every way out of a running daemon that is not a requested stop is one line and a non-zero status,
+    # so systemd's Restart=on-failure restarts it.
     try:
         asyncio.run(main())
-    except StoreUnavailable as e:
-        log.error("%s", e)
+    except (StoreUnavailable, DaemonFailed) as e:
+        log.error("exiting with status 1: %s", e)
         return 1
+    except ConfigError as e:
+        log.error("cannot start: %s", "; ".join(e.problems))
+        return 1
+    finally:
+        logging.shutdown()
     return 0
 
 
