@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -68,10 +69,16 @@ GIL_SWITCH_INTERVAL = 0.0005  # seconds; see cmd_run
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .paths import check_paths
+
     settings = _load(args)
     setup_logging(settings.daemon.log_level, settings.daemon.log_format)
-    for w in settings.warnings:
+    paths = check_paths(settings)
+    for w in (*settings.warnings, *paths.warnings):
         log.warning("%s", w)
+    if paths.errors:
+        log.error("cannot start: %s", "; ".join(paths.errors))
+        return 1
     try:
         import uvloop
 
@@ -139,6 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from .paths import check_paths, relative_keys
+
     path = config_path(args.config)
     try:
         s = load_config(path)
@@ -147,8 +158,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    for w in s.warnings:
+    paths = check_paths(s, raw_relative=relative_keys(tomllib.loads(path.read_text(encoding="utf-8"))))
+    for w in (*s.warnings, *paths.warnings):
         print(f"warning: {w}", file=sys.stderr)
+    if paths.errors:
+        print(f"{path}: {len(paths.errors)} problem(s):", file=sys.stderr)
+        for p in paths.errors:
+            print(f"  {p}", file=sys.stderr)
+        return 1
     print(
         f"{path}: OK — {len(s.sources)} source(s), {len(s.sinks)} sink(s), {len(s.routes)} route(s); "
         f"webhooks on {s.daemon.listen}, store {s.db_path}"
@@ -186,6 +203,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - we connect, we do not bind
         host = "127.0.0.1"
     url = args.url or f"http://{host}:{settings.daemon.listen.port}/hooks/{args.source}"
+    if args.url and not urlsplit(args.url).path.rstrip("/").endswith(f"/hooks/{args.source}"):
+        print(
+            f"error: --url needs the full webhook URL of the source, ending in /hooks/{args.source} "
+            f"(e.g. http://{host}:{settings.daemon.listen.port}/hooks/{args.source}); got {args.url}",
+            file=sys.stderr,
+        )
+        return 2
 
     async def post() -> int:
         import aiohttp
@@ -497,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("send", help="sign a JSON body with a source's scheme and POST it"))
     sp.add_argument("source", help="the source to send to (a [sources.NAME] table)")
     sp.add_argument("file", nargs="?", help="JSON file to send (default: standard input)")
-    sp.add_argument("--url", help="where to POST (default: the daemon's listen address)")
+    sp.add_argument(
+        "--url",
+        help="the full webhook URL to POST to, http://HOST:PORT/hooks/SOURCE (default: the daemon's listen address)",
+    )
     sp.add_argument("--id", help="delivery id (default: a new random one)")
     sp.add_argument("--content-type", default="application/json")
     sp.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="extra header (repeatable)")

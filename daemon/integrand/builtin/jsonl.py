@@ -20,6 +20,7 @@ class JsonlSink(Connector[JsonlConfig], Sink):
 
     Config = JsonlConfig
     batch_size = 512
+    writes_paths = ("path",)
 
     _file: IO[bytes] | None = None
 
