@@ -30,12 +30,14 @@ class DaemonProcess:
         *,
         env: dict[str, str] | None = None,
         python: Sequence[str] = ("-m", "integrand.cli"),
+        pass_fds: Sequence[int] = (),
     ):
         self.config = config
         self.log = log
         self.env = env or {}
         # What runs `integrand run`: the module by default; a wrapper script (``-c …``) for fault injection.
         self.python = tuple(python)
+        self.pass_fds = tuple(pass_fds)
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.admin_port: int | None = None
@@ -55,6 +57,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 env=env,
+                pass_fds=self.pass_fds,
             )
         await wait_for(self._ready, timeout=timeout, interval=0.05)
 
