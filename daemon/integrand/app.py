@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -33,6 +34,8 @@ from .store import Store
 log = logging.getLogger("integrand")
 
 MAINTENANCE_EVERY = 30.0
+# After this long without a commit the store is idle: the WAL a burst grew is truncated back to 0 bytes.
+WAL_IDLE_AFTER = 10.0
 
 
 class ScopedState:
@@ -54,6 +57,14 @@ class DaemonFailed(Exception):
 
 
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates (queue depth)
+
+
+@dataclass
+class Activity:
+    """When the store last committed (monotonic), so idle-time work knows the store is idle."""
+
+    last_commit: float = field(default_factory=time.monotonic)
+    wal_truncated_at: float = 0.0
 
 
 @dataclass
@@ -79,6 +90,7 @@ class Daemon:
     fatal: str | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reloads: int = 0  # successful reloads, for tests and the status
+    activity: Activity = field(default_factory=lambda: Activity())
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -200,9 +212,12 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
     await store.open()
     metrics = Metrics()
 
+    activity = Activity()
+
     def on_commit(seconds: float, ops: int) -> None:
         metrics.commit_seconds.observe(seconds)
         metrics.commit_ops.observe(ops)
+        activity.last_commit = time.monotonic()
 
     store.on_commit = on_commit
     connectors: dict[str, Connector[Any]] = {}
@@ -259,7 +274,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
-    d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, clock=clock)
+    d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, clock=clock, activity=activity)
     if notifier is not None:
         d.notifier = notifier
     for name in s.sources:
@@ -329,6 +344,7 @@ async def run(
             d.ports["admin"] = _bound_port(asite)
         d.spawn("dispatcher", d.dispatcher.run())
         d.spawn("maintenance", _maintenance(d))
+        d.spawn("wal", _truncate_wal_when_idle(d))
         start_source_tasks(d, s.sources)
         d.spawn("watchdog", d.notifier.watchdog())
         d.ready = True
@@ -433,6 +449,30 @@ async def _maintenance(d: Daemon) -> None:
                 log.info("retention: pruned %d delivered events", total)
         except Exception as e:
             log.warning("maintenance failed (will retry): %s", e)
+
+
+async def _truncate_wal_when_idle(d: Daemon) -> None:
+    """Once per quiet spell, give back the disk a burst's WAL took: the background checkpoints copy pages
+    but never shrink the file, so after 20,000 webhooks it stayed at ~30 MB until shutdown."""
+    wal = f"{d.store.path}-wal"
+    while True:
+        await asyncio.sleep(WAL_IDLE_AFTER / 2)
+        a = d.activity
+        if time.monotonic() - a.last_commit < WAL_IDLE_AFTER or a.wal_truncated_at > a.last_commit:
+            continue
+        try:
+            size = os.stat(wal).st_size  # one stat every few seconds: not worth a thread
+        except OSError:
+            continue
+        if size == 0:
+            a.wal_truncated_at = time.monotonic()
+            continue
+        try:
+            if await d.store.truncate_wal():
+                a.wal_truncated_at = time.monotonic()
+                log.debug("store idle: WAL of %d bytes checkpointed and truncated", size)
+        except Exception as e:
+            log.warning("WAL truncation failed (retried when idle again): %s", e)
 
 
 def _status(d: Daemon) -> dict[str, Any]:
