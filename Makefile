@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
-LINT_DIRS = $(wildcard daemon tests bench plugins)
+LINT_DIRS = $(wildcard daemon tests bench plugins tools)
 
 # Exact versions of every dependency (core, plugins, dev tools): `make lock` refreshes it after any
 # pyproject.toml change; install, CI and `make dist` use it as constraints. pyproject.toml keeps ranges.
@@ -13,6 +13,8 @@ LOCK = requirements.lock
 BUILD_TOOLS = 'shiv>=1.0' 'uv>=0.4'
 # Third-party connectors to build into dist/integrand: pip requirement specs or paths, space-separated.
 EXTRA_PLUGINS ?=
+# CPython versions besides the building one whose compiled modules dist/integrand also carries.
+DIST_PYTHONS ?= 3.12 3.13
 
 .PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot dist lock systemd-tools
 
@@ -38,10 +40,10 @@ lock:
 	grep -v '^-e ' build/requirements.lock > $(LOCK)
 
 # A single executable zipapp (shiv): integrand, its locked dependencies and the first-party plugins.
-# It runs with the python3 on PATH, of the minor version that built it (3.11 here).
+# It runs with the python3 on PATH: 3.11 (the building one) and the DIST_PYTHONS.
 dist: dist/integrand
 
-dist/integrand: $(STAMP) $(LOCK) $(shell find daemon plugins -name '*.py' -o -name pyproject.toml -o -name '*.toml')
+dist/integrand: $(STAMP) $(LOCK) tools/dist_abis.py $(shell find daemon plugins -name '*.py' -o -name pyproject.toml -o -name '*.toml')
 	$(BIN)/python -m pip install --quiet $(BUILD_TOOLS)
 	rm -rf build/dist-site build/src && mkdir -p build/src dist
 	# Built from a copy: setuptools leaves build/ folders in the projects it builds, which mypy would see twice.
@@ -50,6 +52,7 @@ dist/integrand: $(STAMP) $(LOCK) $(shell find daemon plugins -name '*.py' -o -na
 	rm -rf build/src/plugins/*/build build/src/plugins/*/tests build/src/plugins/*/*.egg-info
 	$(BIN)/python -m pip install --quiet --no-compile --target build/dist-site -c $(LOCK) \
 		./build/src $(foreach p,$(PLUGIN_PROJECTS),./build/src/$(dir $(p))) $(EXTRA_PLUGINS)
+	$(BIN)/python tools/dist_abis.py build/dist-site $(DIST_PYTHONS)
 	$(BIN)/shiv --site-packages build/dist-site --reproducible --compressed -p '/usr/bin/env python3' \
 		-e integrand.cli:main -o dist/integrand.tmp
 	mv dist/integrand.tmp dist/integrand

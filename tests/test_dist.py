@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -19,14 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist" / "integrand"
 
 
-def bare_python() -> str:
-    """A python3 outside the project's venv, without integrand or its dependencies."""
-    for candidate in ("/usr/bin/python3", shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
-        if candidate and Path(candidate).exists():
-            probe = subprocess.run([candidate, "-c", "import aiohttp"], capture_output=True, check=False)
-            if probe.returncode != 0:
-                return candidate
-    raise AssertionError("no python3 without aiohttp found to prove the zipapp carries its dependencies")
+def bare_pythons() -> list[str]:
+    """Interpreters outside the project's venv, without integrand or its dependencies: the system's
+    python3 (3.11, required) and any other CPython 3.12 or 3.13 this machine has (pyenv's)."""
+    found = ["/usr/bin/python3"]
+    for candidate in sorted(Path.home().glob(".pyenv/versions/3.1[23].*/bin/python3")):
+        found.append(str(candidate))
+    return found
+
+
+def assert_bare(python: str) -> None:
+    probe = subprocess.run([python, "-c", "import aiohttp"], capture_output=True, check=False)
+    assert probe.returncode != 0, f"{python} has aiohttp installed: it cannot prove the zipapp carries its own"
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +66,9 @@ to = ["events"]
 """
 
 
-async def test_dist_runs_the_end_to_end_path_with_only_python3(dist: Path, tmp_path: Path) -> None:
-    python = bare_python()
+@pytest.mark.parametrize("python", bare_pythons())
+async def test_dist_runs_the_end_to_end_path_with_only_python3(dist: Path, tmp_path: Path, python: str) -> None:
+    assert_bare(python)
     config = tmp_path / "config.toml"
     config.write_text(CONFIG)
     env = env_for(tmp_path)
