@@ -23,13 +23,16 @@ from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
 from .events import Event
 from .frontdoor import front_door
+from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .sdnotify import Notifier, listen_fds
 from .store import Store
+from .streamer import Streamer, streamers_for
 
 log = logging.getLogger("integrand")
 
@@ -79,6 +82,7 @@ class Daemon:
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
     http: HttpPool = field(default_factory=HttpPool)
     pollers: dict[str, SourcePoller] = field(default_factory=dict)
+    streamers: dict[str, Streamer] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -154,7 +158,10 @@ def source_runtime(s: Settings, name: str, inst: Connector[Any]) -> SourceRuntim
     core = s.sources[name].core
     assert isinstance(core, SourceCore)
     return SourceRuntime(
-        name, inst if isinstance(inst, WebhookSource) else None, core.max_body_bytes or s.daemon.max_body_bytes
+        name,
+        inst if isinstance(inst, WebhookSource) else None,
+        core.max_body_bytes or s.daemon.max_body_bytes,
+        core.max_json_depth or s.daemon.max_json_depth,
     )
 
 
@@ -182,11 +189,14 @@ def make_poller(d: Daemon, name: str) -> SourcePoller | None:
 
 
 def start_source_tasks(d: Daemon, names: Iterable[str]) -> None:
-    """The poll and reconcile tasks of these sources (their pollers already in ``d.pollers``)."""
+    """The poll, stream and reconcile tasks of these sources (their pollers and streamers already made)."""
     for name in names:
         poller = d.pollers.get(name)
         if poller is not None and poller.settings.enabled:
             d.spawn(f"poll:{name}", poller.run())
+        streamer = d.streamers.get(name)
+        if streamer is not None:
+            d.spawn(f"stream:{name}", streamer.run())
         start_reconciler(d, name)
 
 
@@ -201,6 +211,8 @@ def start_reconciler(d: Daemon, name: str) -> None:
 
 async def build(settings: Settings, clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> Daemon:
     s = settings
+    private_dir(s.daemon.state_dir)
+    private_database(s.db_path)
     store = Store(
         s.db_path,
         synchronous=s.store.synchronous,
@@ -263,6 +275,14 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         metrics=metrics,
         clock=clock,
         on_accepted=nudge,
+        limits=PortLimits(
+            max_connections=s.daemon.max_connections,
+            max_connections_per_ip=s.daemon.max_connections_per_ip,
+            header_timeout=s.daemon.header_timeout,
+            body_timeout=s.daemon.body_timeout,
+            keepalive_timeout=s.daemon.keepalive_timeout,
+        ),
+        rejections_per_second=s.daemon.rejections_per_second,
     )
     dispatcher = Dispatcher(
         store,
@@ -274,7 +294,10 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
-    d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, clock=clock, activity=activity)
+    streamers = streamers_for(s, connectors, store, router, metrics)
+    d = Daemon(
+        s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers, clock=clock, activity=activity
+    )
     if notifier is not None:
         d.notifier = notifier
     for name in s.sources:
@@ -318,10 +341,8 @@ async def run(
     grace = s.daemon.shutdown_grace
     runners: list[web.BaseRunner] = []
     try:
-        handler = front_door(d.listener.handle, s.daemon.trusted_proxies)
-        hook_runner = web.ServerRunner(
-            web.Server(handler, access_log=None), handle_signals=False, shutdown_timeout=grace
-        )
+        server = d.listener.server(wrap=lambda handle: front_door(handle, s.daemon.trusted_proxies))
+        hook_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=grace)
         await hook_runner.setup()
         runners.append(hook_runner)
         inherited = listen_fds()
@@ -479,6 +500,7 @@ def _status(d: Daemon) -> dict[str, Any]:
     return {
         "sources": sorted(d.settings.sources),
         "pollers": {name: p.status() for name, p in d.pollers.items()},
+        "streams": {name: st.status() for name, st in d.streamers.items()},
         "breakers": {
             name: {
                 "status": s.breaker.status,

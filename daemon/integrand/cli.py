@@ -71,6 +71,7 @@ GIL_SWITCH_INTERVAL = 0.0005  # seconds; see cmd_run
 def cmd_run(args: argparse.Namespace) -> int:
     from .paths import check_paths
 
+    os.umask(0o077)  # everything the daemon creates (database, WAL, sink files) is its user's alone
     settings = _load(args)
     setup_logging(settings.daemon.log_level, settings.daemon.log_format)
     paths = check_paths(settings)
@@ -79,6 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if paths.errors:
         log.error("cannot start: %s", "; ".join(paths.errors))
         return 1
+    from .guard import raise_nofile_limit
+
+    soft, _ = raise_nofile_limit()  # idle clients must not run the port out of fds at systemd's soft 1,024
+    log.debug("open-file limit %d", soft)
     try:
         import uvloop
 

@@ -48,6 +48,16 @@ class DaemonSettings(StrictModel):
                 raise ValueError(f"{item!r} is not an IP address or network (e.g. '10.0.0.0/8')") from None
         return v
 
+    # Refused webhooks written to the store at most this many a second (the rest are counted in metrics).
+    rejections_per_second: float = Field(default=10.0, ge=0)
+    # Limits a hostile client cannot exceed (docs/reliability.md). orjson cannot store JSON nested 255 deep.
+    max_json_depth: int = Field(default=64, ge=1, le=200)
+    max_connections: int = Field(default=4096, ge=1)
+    max_connections_per_ip: int = Field(default=256, ge=1)
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 30.0
+    keepalive_timeout: Duration = 15.0
+
 
 class AdminSettings(StrictModel):
     enabled: bool = True
@@ -135,12 +145,31 @@ def reconcile_schedule(spec: str) -> float | str:
     return spec
 
 
+class StreamSettings(StrictModel):
+    """``[sources.NAME.stream]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
+
+    # Reconnect after a retryable error (or a refused commit) with full-jitter backoff from base to cap.
+    backoff_base: Duration = 0.5
+    backoff_cap: Duration = 30.0
+    # After an error that needs a human (AuthError, PermanentError) the stream alerts and waits this long
+    # before trying again (fix the credentials or the upstream meanwhile; a restart retries at once).
+    alert_retry: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> StreamSettings:
+        if not 0 < self.backoff_base <= self.backoff_cap:
+            raise ValueError("stream: need 0 < backoff_base <= backoff_cap")
+        return self
+
+
 class SourceCore(StrictModel):
     """Keys every source table accepts whatever its connector."""
 
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
+    max_json_depth: int | None = Field(default=None, ge=1, le=200)
     poll: PollSettings = PollSettings()
+    stream: StreamSettings = StreamSettings()
 
 
 class SinkCore(StrictModel):
@@ -285,6 +314,11 @@ def parse_config(
         f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
         for name in sources
         if not any(r.from_ == name for r in routes)
+    ) + tuple(  # a connector's own "accepted, but know this" (e.g. an unsigned webhook source)
+        f"{cs.role}s.{name}: {w}"
+        for table in (sources, sinks)
+        for name, cs in table.items()
+        for w in getattr(cs.options, "warnings", list)()
     )
     return Settings(
         path=path,

@@ -19,6 +19,7 @@ from .config import ConnectorSettings, Settings, load_config
 from .connector import Connector
 from .errors import ConfigError
 from .routes import Router, RouteRuntime
+from .streamer import streamers_for
 
 if TYPE_CHECKING:
     from .app import Daemon
@@ -140,19 +141,25 @@ async def _reload(d: Daemon) -> bool:
     d.dispatcher.replace_sinks(sinks, d.dispatcher.absent | set(sink_removed))
 
     for name in src_removed + src_changed:
-        for prefix in ("poll:", "reconcile:"):
+        # A streaming source is stopped like at shutdown: what it had not committed is not acked, so
+        # the broker redelivers it to the new connector.
+        for prefix in ("poll:", "stream:", "reconcile:"):
             task = d.tasks.pop(prefix + name, None)
             if task is not None:
                 task.cancel()
         d.pollers.pop(name, None)
+        d.streamers.pop(name, None)
+    fresh = streamers_for(new, d.connectors, d.store, router, d.metrics)
     for name in src_added + src_changed:
         poller = make_poller(d, name)
         if poller is not None:
             d.pollers[name] = poller
+        if name in fresh:
+            d.streamers[name] = fresh[name]
     for name in src_same:
-        kept = d.pollers.get(name)
-        if kept is not None:
-            kept.router = router
+        for runner in (d.pollers.get(name), d.streamers.get(name)):
+            if runner is not None:
+                runner.router = router
         start_reconciler(d, name)  # a reconciler holds the router it was started with; a pass resumes
     start_source_tasks(d, src_added + src_changed)
 

@@ -15,10 +15,12 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import aiosqlite
 import orjson
 
-from .errors import StoreUnavailable
+from .errors import PermanentError, StoreUnavailable
 from .events import Event
 
 log = logging.getLogger("integrand.store")
@@ -101,6 +103,23 @@ class Conn:
         for start, size in _chunks(len(rows)):
             chunk = rows[start : start + size]
             self.raw.execute(_values_sql(head, len(chunk[0]), size, tail), [v for row in chunk for v in row])
+
+    async def insert_returning(self, head: str, rows: Sequence[Sequence[Any]], returning: str) -> list[Any]:
+        """``insert_rows`` that gives back ``RETURNING returning`` of every row inserted (in no set order)."""
+        out: list[Any] = []
+        for start, size in _chunks(len(rows)):
+            chunk = rows[start : start + size]
+            sql = _values_sql(head, len(chunk[0]), size, f" RETURNING {returning}")
+            out.extend(self.raw.execute(sql, [v for row in chunk for v in row]).fetchall())
+        return out
+
+    async def select_ids(self, head: str, params: Sequence[Any], ids: Sequence[int]) -> list[Any]:
+        """``head AND id IN (…)`` (head ends in a WHERE clause) for many ids in a few statements."""
+        out: list[Any] = []
+        for start, size in _chunks(len(ids)):
+            sql = _in_sql(head, size).replace(" WHERE id IN", " AND id IN", 1)
+            out.extend(self.raw.execute(sql, [*params, *ids[start : start + size]]).fetchall())
+        return out
 
     async def update_ids(self, head: str, params: Sequence[Any], ids: Sequence[int]) -> None:
         """``head WHERE id IN (…)`` for many ids in a few statements (see ``insert_rows`` for why)."""
@@ -248,6 +267,23 @@ MIGRATIONS: list[str] = [
     DROP INDEX deliveries_active;
     CREATE INDEX deliveries_active ON deliveries (sink, entity_key, id) WHERE active = 1;
     """,
+    # 4: the head of each entity line is marked, so leasing reads only heads. Finding heads with NOT
+    # EXISTS walked every blocked row behind a head in backoff (213 ms for 100,000 changes to one
+    # entity). `head` is 1 on the one active delivery of a (sink, entity key) line that may be leased
+    # (the oldest, or the one in flight), NULL otherwise; it moves when the head is done or dead.
+    """
+    ALTER TABLE deliveries ADD COLUMN head INTEGER;
+    UPDATE deliveries SET head = 1 WHERE active = 1 AND NOT EXISTS (
+        SELECT 1 FROM deliveries p WHERE p.sink = deliveries.sink AND p.entity_key = deliveries.entity_key
+        AND p.active = 1 AND p.id < deliveries.id);
+    DROP INDEX deliveries_due;
+    CREATE INDEX deliveries_heads ON deliveries (next_attempt_at, id) WHERE state = 'ready' AND head = 1;
+    """,
+    # 5: retention reaches delete markers and the loop guard's memory, by age, through an index each.
+    """
+    CREATE INDEX entity_tombstones ON entity_versions (seen_at) WHERE deleted = 1;
+    CREATE INDEX state_loop_guard_age ON state (updated_at) WHERE substr(scope, 1, 11) = 'loop-guard:';
+    """,
 ]
 
 # Primary result codes that mean "the store cannot commit right now" (the listener answers 503 and the
@@ -346,6 +382,7 @@ class Leased:
     attempts: int
     created_at: float
     event: Event
+    token: str = ""  # the lease's fencing token: complete() ignores an outcome whose lease is no longer held
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,12 +460,39 @@ class _Op:
         self.alone = alone  # committed in a transaction of its own: its failure must not fail anyone else's op
 
 
+class UnstorableEvent(PermanentError):
+    """An event the store cannot hold (its data is not JSON-serialisable): a connector bug, refused alone."""
+
+
+class _Prepared(NamedTuple):
+    """An event serialised before it is queued, so a bad one fails its own caller, not a group commit."""
+
+    event: Event
+    sinks: Sequence[str]
+    body: bytes
+    hash: str | None  # content hash, for events with an entity only
+
+
+def _prepare(items: Sequence[tuple[Event, Sequence[str]]]) -> list[_Prepared]:
+    out = []
+    for ev, sinks in items:
+        try:
+            body = ev.to_json()
+            h = data_hash(ev) if ev.entity_id is not None else None
+        except TypeError as e:  # orjson.JSONEncodeError is a TypeError
+            raise UnstorableEvent(
+                f"event {ev.id!r} of source {ev.source!r} cannot be stored: it is not JSON-serialisable ({e})"
+            ) from e
+        out.append(_Prepared(ev, sinks, body, h))
+    return out
+
+
 class _EnqueueOp(_Op):
     __slots__ = ("cursor", "items")
 
     def __init__(
         self,
-        items: Sequence[tuple[Event, Sequence[str]]],
+        items: Sequence[_Prepared],
         future: asyncio.Future[Any],
         cursor: tuple[str, str, bytes] | None = None,
     ):
@@ -478,8 +542,23 @@ class _Failed:
         self.error = error
 
 
+class StoreLocked(StoreUnavailable):
+    """Another process holds the store's writer lock (a running daemon, or a CLI command writing)."""
+
+
+Role = Literal["daemon", "writer", "reader", "client"]
+
+
 class Store:
-    """The SQLite queue; ``role="daemon"`` owns the file, ``role="client"`` is a CLI working beside it."""
+    """The SQLite queue, opened in one of four roles.
+
+    ``daemon`` owns the file: it takes the writer lock, releases a dead run's leases and checkpoints.
+    ``writer`` is a CLI write command with no daemon running: it takes the same lock (``StoreLocked``
+    if a daemon holds it: the command must then go through the daemon). ``reader`` opens the file
+    read-only (``mode=ro``): no writer task, no migration, no lock; every write raises. ``client``
+    writes beside a running daemon without the lock (kept for compatibility; ids and fencing make
+    it safe, but one writer per store is the rule: prefer ``writer`` or the daemon's admin API).
+    """
 
     def __init__(
         self,
@@ -490,7 +569,7 @@ class Store:
         max_size_mb: int | None = None,
         commit_max_rows: int = 4000,
         clock: Callable[[], float] = time.time,
-        role: Literal["daemon", "client"] = "daemon",
+        role: Role = "daemon",
     ):
         self.path = Path(path)
         self.synchronous = synchronous.upper()
@@ -500,6 +579,7 @@ class Store:
         self.clock = clock
         self.role = role
         self.owner = uuid.uuid4().hex[:12]
+        self._leases = itertools.count(1)  # with ``owner``, a fencing token unique to each lease
         self.deliveries_ready = asyncio.Event()
         self.commits = 0
         self.committed_ops = 0
@@ -514,7 +594,8 @@ class Store:
         self._thread: ThreadPoolExecutor | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
-        self._next_event = 0
+        self._prune_at: tuple[str, Any] = (_PRUNE_PHASES[0], None)  # where the retention pass resumes
+        self.pruned = dict.fromkeys(_PRUNE_PHASES, 0)  # rows deleted by retention, by kind
         # Checkpoints run beside the writer (see _maybe_checkpoint), on a thread and connection of their own.
         self._ckpt_thread: ThreadPoolExecutor | None = None
         self._ckpt_conn: sqlite3.Connection | None = None
@@ -525,8 +606,11 @@ class Store:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self.role == "reader":
+            await self._open_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.role == "daemon":
+        if self.role in ("daemon", "writer"):
             self._take_lock()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="integrand-store")
         try:
@@ -584,8 +668,6 @@ class Store:
         self._conn = conn = Conn(raw)
         self._writer_pragmas(raw)
         _drive(self._migrate(conn))
-        row = raw.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-        self._next_event = int(row[0]) if row else 0
         released = 0
         if self.role == "daemon":
             released = _drive(self._release_leases(conn, owner=None))
@@ -621,13 +703,46 @@ class Store:
             await conn.execute(stmt)
         return conn
 
+    async def _open_read_only(self) -> None:
+        """A reader: the file opened ``mode=ro``, nothing created, migrated or released."""
+        if not self.path.exists():
+            raise StoreUnavailable(f"no store at {self.path} (the daemon creates it when it first starts)")
+        try:
+            conn = await aiosqlite.connect(
+                f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open store {self.path} read-only: {e}") from e
+        try:
+            for stmt in self._pragma_statements(readonly=True):
+                await conn.execute(stmt)
+            async with conn.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+        except sqlite3.Error as e:
+            await conn.close()
+            raise StoreUnavailable(f"cannot read store {self.path}: {e}") from e
+        if version != len(MIGRATIONS):
+            await conn.close()
+            raise StoreUnavailable(
+                f"store {self.path} has schema version {version}, this integrand reads version {len(MIGRATIONS)}"
+                + ("; start the daemon once to migrate it" if version < len(MIGRATIONS) else "; upgrade integrand")
+            )
+        self._rconn = conn
+
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreUnavailable(f"another integrand is already running on {self.path}") from None
+            if self.role == "daemon":
+                raise StoreLocked(
+                    f"another integrand is already running on {self.path} (a daemon, or a CLI command writing)"
+                ) from None
+            raise StoreLocked(
+                f"an integrand daemon holds {self.path}: write commands must go through it (or stop it first)"
+            ) from None
         self._lock_fd = fd
 
     def _drop_lock(self) -> None:
@@ -708,14 +823,12 @@ class Store:
         The statements are short (microseconds each) and run where the callers are, so the loop and
         the store's thread do not trade the GIL around every statement; only the COMMIT, which waits
         for the disk, leaves the loop, and the loop serves requests meanwhile."""
-        next_event_before = self._next_event
         started = time.perf_counter()
         try:
             await self._begin()
             results, new_deliveries = self._apply(batch)
             await self._in_thread(self._finish)
         except Exception as e:
-            self._next_event = next_event_before
             err: BaseException = e
             if _unavailable(e):
                 err = StoreUnavailable(f"store cannot commit: {e}")
@@ -825,9 +938,9 @@ class Store:
         new_deliveries = False
         with _rolled_back_on_error(raw):
             enqueues = [op for op in batch if isinstance(op, _EnqueueOp)]
-            enq_results: list[EnqueueResult] = []
+            enq_results: list[Any] = []
             if enqueues:
-                enq_results, new_deliveries = _drive(self._apply_enqueues(conn, enqueues))
+                enq_results, new_deliveries = self._apply_enqueues_isolated(conn, enqueues)
             it = iter(enq_results)
             for op in batch:
                 if isinstance(op, _EnqueueOp):
@@ -849,11 +962,49 @@ class Store:
                 raw.execute("RELEASE op")
         return results, new_deliveries
 
+    def _apply_enqueues_isolated(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[Any], bool]:
+        """The group's enqueues merged (one dedup query, multi-row inserts) in a savepoint; if that
+        fails, each enqueue again in a savepoint of its own, so only the bad one fails."""
+        raw = conn.raw
+        raw.execute("SAVEPOINT enq")
+        try:
+            merged = _drive(self._apply_enqueues(conn, ops))
+        except Exception as e:
+            if _unavailable(e) or len(ops) == 1:
+                raw.execute("ROLLBACK TO enq")
+                raw.execute("RELEASE enq")
+                if _unavailable(e):
+                    raise
+                return [_Failed(e)], False
+            raw.execute("ROLLBACK TO enq")
+        else:
+            raw.execute("RELEASE enq")
+            return list(merged[0]), merged[1]
+        raw.execute("RELEASE enq")
+        results: list[Any] = []
+        new_deliveries = False
+        for op in ops:
+            raw.execute("SAVEPOINT enq")
+            try:
+                [res], new = _drive(self._apply_enqueues(conn, [op]))
+            except Exception as e:
+                raw.execute("ROLLBACK TO enq")
+                raw.execute("RELEASE enq")
+                if _unavailable(e):
+                    raise
+                log.error("an enqueue failed alone in its group commit: %s", e)
+                results.append(_Failed(e))
+                continue
+            raw.execute("RELEASE enq")
+            results.append(res)
+            new_deliveries |= new
+        return results, new_deliveries
+
     async def _apply_enqueues(self, conn: Conn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
         by_source: dict[str, set[str]] = {}
         for op in ops:
-            for ev, _ in op.items:
-                by_source.setdefault(ev.source, set()).add(ev.id)
+            for it in op.items:
+                by_source.setdefault(it.event.source, set()).add(it.event.id)
         seen: set[tuple[str, str]] = set()
         for source, ids in by_source.items():
             id_list = list(ids)
@@ -862,16 +1013,17 @@ class Store:
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
                 seen.update((source, r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
-        entities = await self._entity_versions_for(conn, [ev for op in ops for ev, _ in op.items])
+        entities = await self._entity_versions_for(conn, [it.event for op in ops for it in op.items])
         now = self.clock()
         event_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
         entity_rows: list[tuple[Any, ...]] = []
         cursor_rows: list[tuple[Any, ...]] = []
+        fanout: list[tuple[str, str, str, Sequence[str], bool]] = []
         results = []
         for op in ops:
             accepted = dup = stale = 0
-            for ev, sinks in op.items:
+            for ev, sinks, body, h in op.items:
                 k = (ev.source, ev.id)
                 if k in seen:
                     dup += 1
@@ -879,7 +1031,7 @@ class Store:
                 seen.add(k)
                 if ev.entity_id is not None:
                     ek = (ev.source, ev.entity or "", ev.entity_id)
-                    h = data_hash(ev)
+                    assert h is not None
                     known = entities.get(ek)
                     # An older version never overwrites a newer one; the same version with the
                     # same content is a repeat (look-back overlap, a webhook then a poll).
@@ -889,22 +1041,38 @@ class Store:
                     entities[ek] = EntityVersion(ev.version, h, is_delete(ev), ev.id, now)
                     entity_rows.append((*ek, ev.version, h, int(is_delete(ev)), ev.id, now))
                 accepted += 1
-                self._next_event += 1
-                row = self._next_event
-                ekey = ev.entity_key
-                event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, ev.to_json()))
-                for sink in sinks:
-                    delivery_rows.append((row, sink, ekey, "ready", now, now, now))
+                event_rows.append((ev.source, ev.id, ev.type, ev.entity_key, now, body))
+                fanout.append((ev.source, ev.id, ev.entity_key, sinks, ev.entity_id is not None))
             if op.cursor is not None:
                 cursor_rows.append((*op.cursor, now))
             results.append(EnqueueResult(accepted, dup, stale))
         if event_rows:
-            await conn.insert_rows(
-                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body)", event_rows
-            )
+            # SQLite assigns the ids (another process may have inserted events since we last looked).
+            row_of = {
+                (r[1], r[2]): r[0]
+                for r in await conn.insert_returning(
+                    "INSERT INTO events (source, event_id, type, entity_key, received_at, body)",
+                    event_rows,
+                    "id, source, event_id",
+                )
+            }
+            # A new delivery heads its line unless the line already has an active delivery (or an
+            # earlier one in this batch); an event without an entity is a line of its own.
+            busy = await _busy_lines(conn, {(sink, f[2]) for f in fanout if f[4] for sink in f[3]})
+            for source, event_id, ekey, sinks, ordered in fanout:
+                row = row_of[(source, event_id)]
+                for sink in sinks:
+                    head: int | None = 1
+                    if ordered:
+                        line = (sink, ekey)
+                        if line in busy:
+                            head = None
+                        else:
+                            busy.add(line)
+                    delivery_rows.append((row, sink, ekey, "ready", now, now, now, head))
         if delivery_rows:
             await conn.insert_rows(
-                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at)",
+                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at, head)",
                 delivery_rows,
             )
         if entity_rows:
@@ -924,9 +1092,14 @@ class Store:
         keys = {(ev.source, ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None}
         return await _read_entities(conn, keys)
 
+    def _unwritable(self) -> StoreUnavailable:
+        if self.role == "reader":
+            return StoreUnavailable(f"store {self.path} is opened read-only")
+        return StoreUnavailable("store is not open")
+
     async def _submit(self, fn: Callable[[Conn], Coroutine[Any, Any, T]], rows: int = 1) -> T:
         if self._writer is None:
-            raise StoreUnavailable("store is not open")
+            raise self._unwritable()
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Op(fn, rows, fut))
         return await fut
@@ -936,11 +1109,11 @@ class Store:
     async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
         """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
         if self._writer is None:
-            raise StoreUnavailable("store is not open")
+            raise self._unwritable()
         if not items:
             return EnqueueResult(0, 0)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_EnqueueOp(items, fut))
+        self._queue.put_nowait(_EnqueueOp(_prepare(items), fut))
         return await fut
 
     async def enqueue_with_cursor(
@@ -948,9 +1121,10 @@ class Store:
     ) -> EnqueueResult:
         """Store a poll's events and its new cursor in one transaction: both or neither survive a crash."""
         if self._writer is None:
-            raise StoreUnavailable("store is not open")
+            raise self._unwritable()
+        prepared, blob = _prepare(items), orjson.dumps(cursor)
         fut: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_EnqueueOp(items, fut, (source, kind, orjson.dumps(cursor))))
+        self._queue.put_nowait(_EnqueueOp(prepared, fut, (source, kind, blob)))
         return await fut
 
     async def lease(
@@ -970,13 +1144,14 @@ class Store:
 
         async def op(conn: Conn) -> list[Leased]:
             now = self.clock()
-            where = ["d.state = 'ready'"]
+            token = f"{self.owner}.{next(self._leases)}"
+            where = ["d.state = 'ready'", "d.head = 1"]
             if due_only:
                 where.append("d.next_attempt_at <= :now")
             params: dict[str, Any] = {
                 "now": now,
                 "until": now + lease_seconds,
-                "owner": self.owner,
+                "owner": token,
                 "limit": limit,
             }
             if only is not None:
@@ -993,10 +1168,6 @@ class Store:
                 WHERE id IN (
                     SELECT d.id FROM deliveries d
                     WHERE {" AND ".join(where)}
-                      AND NOT EXISTS (
-                        SELECT 1 FROM deliveries p
-                        WHERE p.sink = d.sink AND p.entity_key = d.entity_key
-                          AND p.active = 1 AND p.id < d.id)
                     ORDER BY d.next_attempt_at, d.id
                     LIMIT :limit)
                 RETURNING id, event, sink, attempts, created_at
@@ -1011,7 +1182,7 @@ class Store:
                 sql = f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
                 bodies.update({r[0]: r[1] for r in await conn.execute_fetchall(sql, chunk)})
             rows.sort(key=lambda r: r[0])
-            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]])) for r in rows]
+            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
 
         return await self._submit(op, rows=limit)
 
@@ -1022,6 +1193,7 @@ class Store:
 
         async def op(conn: Conn) -> bool:
             now = self.clock()
+            held = await _still_held(conn, outcomes)
             done: list[int] = []
             retry: list[tuple[Any, ...]] = []
             dead: list[tuple[Any, ...]] = []
@@ -1029,6 +1201,8 @@ class Store:
             audit: list[tuple[Any, ...]] = []
             for o in outcomes:
                 d = o.delivery
+                if d.id not in held:
+                    continue
                 if o.kind == "done":
                     done.append(d.id)
                 elif o.kind == "retry":
@@ -1042,7 +1216,8 @@ class Store:
                     release.append((now, d.id))
             if done:
                 await conn.update_ids(
-                    "UPDATE deliveries SET state = 'done', active = NULL, attempts = attempts + 1, updated_at = ?, "
+                    "UPDATE deliveries SET state = 'done', active = NULL, head = NULL, attempts = attempts + 1, "
+                    "updated_at = ?, "
                     "lease_until = NULL, lease_owner = NULL, last_error = NULL",
                     (now,),
                     done,
@@ -1055,7 +1230,8 @@ class Store:
                 )
             if dead:
                 await conn.executemany(
-                    "UPDATE deliveries SET state = 'dead', active = NULL, attempts = attempts + 1, updated_at = ?, "
+                    "UPDATE deliveries SET state = 'dead', active = NULL, head = NULL, attempts = attempts + 1, "
+                    "updated_at = ?, "
                     "last_error = ?, lease_until = NULL, lease_owner = NULL WHERE id = ?",
                     dead,
                 )
@@ -1067,7 +1243,9 @@ class Store:
                 )
             if audit:
                 await conn.insert_rows("INSERT INTO audit (at, event, delivery, action, detail)", audit)
-            return bool(release or retry)
+            finished = [o.delivery for o in outcomes if o.delivery.id in held and o.kind in ("done", "dead")]
+            promoted = await _promote_heads(conn, finished)
+            return bool(release or retry or promoted)
 
         if await self._submit(op, rows=len(outcomes)):
             self.deliveries_ready.set()  # after the commit, not inside the op: a rolled-back retry is no news
@@ -1077,9 +1255,9 @@ class Store:
         sql = "UPDATE deliveries SET state = 'ready', lease_until = NULL, lease_owner = NULL, updated_at = ? "
         sql += "WHERE state = 'leased'"
         params: list[Any] = [now]
-        if owner is not None:
-            sql += " AND lease_owner = ?"
-            params.append(owner)
+        if owner is not None:  # every token of this run is ``owner.n``
+            sql += " AND substr(lease_owner, 1, ?) = ?"
+            params += [len(owner) + 1, owner + "."]
         if expired_before is not None:
             sql += " AND lease_until < ?"
             params.append(expired_before)
@@ -1120,9 +1298,7 @@ class Store:
         excluded = sorted(exclude)
         not_in = f"AND d.sink NOT IN ({','.join('?' * len(excluded))}) " if excluded else ""
         sql = f"""
-            SELECT d.next_attempt_at FROM deliveries d WHERE d.state = 'ready' {not_in}
-            AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.sink = d.sink AND p.entity_key = d.entity_key
-                            AND p.active = 1 AND p.id < d.id)
+            SELECT d.next_attempt_at FROM deliveries d WHERE d.state = 'ready' AND d.head = 1 {not_in}
             ORDER BY d.next_attempt_at LIMIT 1
         """  # noqa: S608 - only placeholders are interpolated
         async with self._read().execute(sql, excluded) as cur:
@@ -1131,24 +1307,32 @@ class Store:
 
     # --- retention ---------------------------------------------------------------------------
 
-    async def prune(self, older_than: float, chunk: int = 500) -> int:
-        """Delete up to ``chunk`` fully delivered events received before ``older_than``; call in a loop."""
+    async def prune(self, older_than: float, chunk: int = 200) -> int:
+        """One step of a retention pass; call in a loop until it returns 0 (the pass is over).
 
-        async def op(conn: Conn) -> int:
-            async with conn.execute(
-                "SELECT id FROM events e WHERE received_at < ? AND NOT EXISTS "
-                "(SELECT 1 FROM deliveries d WHERE d.event = e.id AND d.state != 'done') ORDER BY id LIMIT ?",
-                (older_than, chunk),
-            ) as cur:
-                ids = [r[0] for r in await cur.fetchall()]
-            if not ids:
-                return 0
-            marks = ",".join("?" * len(ids))
-            for table, col in (("deliveries", "event"), ("audit", "event"), ("events", "id")):
-                await conn.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)  # noqa: S608
-            return len(ids)
-
-        return await self._submit(op, rows=chunk)
+        A pass deletes fully delivered events received before ``older_than`` (with their deliveries
+        and audit), then delete markers (``entity_versions`` tombstones) and loop-guard state not
+        touched since. Each step examines at most ``chunk`` rows in one writer hold and resumes
+        where the last one stopped, so events kept by dead letters are walked once per pass, a
+        chunk at a time, never all in one hold. Returns the rows deleted by this call (>0), or 0."""
+        if self._prune_at[0] == "over":  # the last call finished a pass: say so, the next call starts one
+            self._prune_at = (_PRUNE_PHASES[0], None)
+            return 0
+        while True:
+            phase, pos = self._prune_at
+            step = functools.partial(_PRUNE_STEPS[phase], older_than=older_than, after=pos, chunk=chunk)
+            deleted, nxt = await self._submit(step, rows=chunk)
+            self.pruned[phase] += deleted
+            if nxt is None:  # this phase is over: on to the next, or the pass is over
+                following = _PRUNE_PHASES[_PRUNE_PHASES.index(phase) + 1 :]
+                if not following:
+                    self._prune_at = ("over", None) if deleted else (_PRUNE_PHASES[0], None)
+                    return deleted
+                self._prune_at = (following[0], None)
+            else:
+                self._prune_at = (phase, nxt)
+            if deleted:
+                return deleted
 
     # --- rejections -------------------------------------------------------------------------
 
@@ -1249,10 +1433,11 @@ class Store:
                 rows = [r for r in rows if r[0] not in superseded]
             if rows:
                 await conn.executemany(
-                    "UPDATE deliveries SET state = 'ready', active = 1, attempts = 0, next_attempt_at = ?, updated_at = ?, "
-                    "created_at = ? WHERE id = ?",
+                    "UPDATE deliveries SET state = 'ready', active = 1, head = NULL, attempts = 0, next_attempt_at = ?, "
+                    "updated_at = ?, created_at = ? WHERE id = ?",
                     [(now, now, now, r[0]) for r in rows],
                 )
+                await _settle_heads(conn, {(r[5], r[6]) for r in rows})
                 await conn.executemany(
                     "INSERT INTO audit (at, event, delivery, action, detail) VALUES (?, ?, ?, 'replayed', ?)",
                     [(now, r[1], r[0], f"after {r[2]} attempts; last error: {r[3]}") for r in rows],
@@ -1412,9 +1597,9 @@ async def _read_entities(
 
 
 async def _dead_rows(conn: Conn, ids: Sequence[int] | None, sink: str | None) -> list[Any]:
-    """Dead deliveries (all, these ids, and/or this sink) as (id, event, attempts, last_error, body)."""
+    """Dead deliveries (all, these ids, and/or this sink) as (id, event, attempts, last_error, body, sink, entity key)."""
     sql = (
-        "SELECT d.id, d.event, d.attempts, d.last_error, e.body FROM deliveries d "
+        "SELECT d.id, d.event, d.attempts, d.last_error, e.body, d.sink, d.entity_key FROM deliveries d "
         "JOIN events e ON e.id = d.event WHERE d.state = 'dead'"
     )
     params: list[Any] = []
@@ -1425,6 +1610,139 @@ async def _dead_rows(conn: Conn, ids: Sequence[int] | None, sink: str | None) ->
         sql += " AND d.sink = ?"
         params.append(sink)
     return list(await conn.execute_fetchall(sql, params))
+
+
+_PRUNE_PHASES = ("events", "tombstones", "loop_guard")
+LOOP_GUARD_SCOPE = "loop-guard:"  # state scopes starting so are the loop guard's memory, pruned by age
+
+
+async def _prune_events(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, tuple[float, int] | None]:
+    """Examine up to ``chunk`` events received before ``older_than`` past ``after``; delete the delivered ones."""
+    at, last = after if after is not None else (float("-inf"), 0)
+    # Two index seeks, (received_at = at, id > last) then (received_at > at): a group commit gives
+    # thousands of events the same received_at, and a row-value range would walk them all again.
+    rows = await conn.execute_fetchall(
+        "SELECT p.id, p.received_at, EXISTS (SELECT 1 FROM deliveries d WHERE d.event = p.id AND d.state != 'done') "
+        "FROM (SELECT id, received_at FROM (SELECT id, received_at FROM events WHERE received_at = :at AND id > :last "
+        "AND received_at < :cutoff ORDER BY id LIMIT :n) UNION ALL SELECT id, received_at FROM (SELECT id, received_at "
+        "FROM events WHERE received_at > :at AND received_at < :cutoff ORDER BY received_at, id LIMIT :n) LIMIT :n) p",
+        {"at": at, "last": last, "cutoff": older_than, "n": chunk},
+    )
+    ids = [r[0] for r in rows if not r[2]]
+    if ids:
+        marks = ",".join("?" * len(ids))
+        for table, col in (("deliveries", "event"), ("audit", "event"), ("events", "id")):
+            await conn.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)  # noqa: S608
+    return len(ids), ((rows[-1][1], rows[-1][0]) if len(rows) == chunk else None)
+
+
+async def _prune_tombstones(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
+    """Delete up to ``chunk`` delete markers older than ``older_than`` (the stale guard's window is retention's)."""
+    cur = await conn.execute(
+        "DELETE FROM entity_versions WHERE (source, entity, entity_id) IN (SELECT source, entity, entity_id "
+        "FROM entity_versions WHERE deleted = 1 AND seen_at < ? LIMIT ?)",
+        (older_than, chunk),
+    )
+    return cur.rowcount, (True if cur.rowcount == chunk else None)
+
+
+async def _prune_loop_guard(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
+    """Delete up to ``chunk`` loop-guard entries not written since ``older_than``."""
+    cur = await conn.execute(
+        "DELETE FROM state WHERE (scope, key) IN (SELECT scope, key FROM state "
+        "WHERE substr(scope, 1, 11) = 'loop-guard:' AND updated_at < ? LIMIT ?)",
+        (older_than, chunk),
+    )
+    return cur.rowcount, (True if cur.rowcount == chunk else None)
+
+
+_PRUNE_STEPS: dict[str, Callable[..., Coroutine[Any, Any, tuple[int, Any]]]] = {
+    "events": _prune_events,
+    "tombstones": _prune_tombstones,
+    "loop_guard": _prune_loop_guard,
+}
+
+
+async def _busy_lines(conn: Conn, lines: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (sink, entity key) lines already have an active delivery."""
+    by_sink: dict[str, list[str]] = {}
+    for sink, key in lines:
+        by_sink.setdefault(sink, []).append(key)
+    out: set[tuple[str, str]] = set()
+    for sink, keys in by_sink.items():
+        keys.sort()
+        for start, size in _chunks(len(keys)):
+            marks = ",".join("?" * size)
+            rows = await conn.execute_fetchall(
+                f"SELECT DISTINCT entity_key FROM deliveries WHERE sink = ? AND entity_key IN ({marks}) AND active = 1",  # noqa: S608
+                [sink, *keys[start : start + size]],
+            )
+            out.update((sink, r[0]) for r in rows)
+    return out
+
+
+async def _promote_heads(conn: Conn, finished: Sequence[Leased]) -> int:
+    """The next delivery of each entity line whose head just finished becomes its head (unordered
+    events have lines of one)."""
+    by_sink: dict[str, list[str]] = {}
+    for d in finished:
+        if d.event.entity_id is not None:
+            by_sink.setdefault(d.sink, []).append(d.event.entity_key)
+    n = 0
+    for sink, keys in by_sink.items():
+        keys = sorted(set(keys))
+        for start, size in _chunks(len(keys)):
+            marks = ",".join("?" * size)
+            cur = await conn.execute(
+                "UPDATE deliveries SET head = 1 WHERE id IN (SELECT MIN(id) FROM deliveries "  # noqa: S608
+                f"WHERE sink = ? AND entity_key IN ({marks}) AND active = 1 GROUP BY entity_key)",
+                [sink, *keys[start : start + size]],
+            )
+            n += cur.rowcount
+    return n
+
+
+async def _settle_heads(conn: Conn, lines: set[tuple[str, str]]) -> None:
+    """Make the oldest active delivery of each line its head, unless one of the line is in flight
+    (then that one stays head: a replayed delivery is never leased beside its successor)."""
+    for sink, key in sorted(lines):
+        rows = await conn.execute_fetchall(
+            "SELECT id, state, head FROM deliveries WHERE sink = ? AND entity_key = ? AND active = 1 "
+            "AND (head = 1 OR id = (SELECT MIN(id) FROM deliveries WHERE sink = ? AND entity_key = ? AND active = 1))",
+            (sink, key, sink, key),
+        )
+        if any(r[1] == "leased" and r[2] == 1 for r in rows):
+            continue
+        oldest = min(r[0] for r in rows)
+        for r in rows:
+            want = 1 if r[0] == oldest else None
+            if r[2] != want:
+                await conn.execute("UPDATE deliveries SET head = ? WHERE id = ?", (want, r[0]))
+
+
+async def _still_held(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
+    """The deliveries whose lease the outcome's token still holds; the others are logged and ignored.
+
+    A worker whose lease expired may report after its delivery was reclaimed and leased again (or
+    finished) by another: applying its outcome would put the delivery back without its place in line."""
+    by_token: dict[str, list[int]] = {}
+    for o in outcomes:
+        by_token.setdefault(o.delivery.token, []).append(o.delivery.id)
+    held: set[int] = set()
+    for token, ids in by_token.items():
+        rows = await conn.select_ids(
+            "SELECT id FROM deliveries WHERE state = 'leased' AND lease_owner = ?", [token], ids
+        )
+        held.update(r[0] for r in rows)
+    stale = [o for o in outcomes if o.delivery.id not in held]
+    for o in stale:
+        log.warning(
+            "stale %s for delivery %d ignored: its lease (%s) expired and was taken over",
+            o.kind,
+            o.delivery.id,
+            o.delivery.token or "no token",
+        )
+    return held
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

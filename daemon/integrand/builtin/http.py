@@ -40,7 +40,7 @@ class HttpConfig(ConnectorConfig):
     @classmethod
     def _whsec(cls, v: SecretValue | None) -> SecretValue | None:
         if v is not None:
-            signing.standard_key(v.reveal())
+            signing.check_standard_secret(v.reveal())
         return v
 
 
