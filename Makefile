@@ -54,7 +54,7 @@ dist/integrand: $(STAMP) $(LOCK) tools/dist_abis.py $(shell find daemon plugins 
 		./build/src $(foreach p,$(PLUGIN_PROJECTS),./build/src/$(dir $(p))) $(EXTRA_PLUGINS)
 	$(BIN)/python tools/dist_abis.py build/dist-site $(DIST_PYTHONS)
 	$(BIN)/shiv --site-packages build/dist-site --reproducible --compressed -p '/usr/bin/env python3' \
-		-e integrand.cli:main -o dist/integrand.tmp
+		-e integrand.cli:entry -o dist/integrand.tmp
 	mv dist/integrand.tmp dist/integrand
 
 # systemd-analyze checks the unit in `make test`; Debian's systemd package brings it when missing.

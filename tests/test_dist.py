@@ -66,6 +66,8 @@ to = ["events"]
 """
 
 
+# The first test of the session also builds the zipapp (about two minutes on a busy machine).
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("python", bare_pythons())
 async def test_dist_runs_the_end_to_end_path_with_only_python3(dist: Path, tmp_path: Path, python: str) -> None:
     assert_bare(python)

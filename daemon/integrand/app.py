@@ -60,6 +60,9 @@ class DaemonFailed(Exception):
 
 
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates (queue depth)
+# Tasks whose ending, even without an error, while the daemon runs is fatal.
+ESSENTIAL = frozenset({"dispatcher", "store-writer"})
+RELEASE_TIMEOUT = 5.0  # seconds the shutdown waits to hand held leases back
 
 
 @dataclass
@@ -113,7 +116,7 @@ class Daemon:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is None and (task.get_name() != "dispatcher" or self.stop_event.is_set()):
+        if exc is None and (task.get_name() not in ESSENTIAL or self.stop_event.is_set()):
             return
         if self.fatal is None:
             what = f"{type(exc).__name__}: {exc}" if exc is not None else "returned while the daemon was running"
@@ -363,6 +366,10 @@ async def run(
             asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
             await _start_site(asite, "admin.listen", str(s.admin.listen))
             d.ports["admin"] = _bound_port(asite)
+        # The store's writer is its own task: if it dies, every webhook would wait for a commit forever.
+        writer = getattr(d.store, "_writer", None)
+        if isinstance(writer, asyncio.Task):
+            writer.add_done_callback(d._task_done)
         d.spawn("dispatcher", d.dispatcher.run())
         d.spawn("maintenance", _maintenance(d))
         d.spawn("wal", _truncate_wal_when_idle(d))
@@ -416,7 +423,9 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], grace: float) -> N
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     with contextlib.suppress(Exception):
-        n = await d.store.release_owned()
+        # Bounded: after a fatal error in the store's writer nothing would ever commit it. The leases
+        # then expire and the next run reclaims them.
+        n = await asyncio.wait_for(d.store.release_owned(), RELEASE_TIMEOUT)
         if n:
             log.info("released %d leased deliveries for the next run", n)
     for inst in d.connectors.values():
@@ -427,7 +436,12 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], grace: float) -> N
     await d.http.close()
     for r in runners[1:]:
         await r.cleanup()
-    await d.store.close()
+    try:
+        await d.store.close()
+    except Exception:
+        if d.fatal is None:
+            raise
+        # The writer's own failure, re-raised by close(): already logged as the reason for stopping.
     log.info("stopped")
 
 

@@ -32,9 +32,16 @@ def written_paths(s: Settings) -> list[tuple[str, Path]]:
     return out
 
 
+STATE_DIR_GIVEN = "daemon.state_dir (given)"
+
+
 def relative_keys(raw: dict[str, Any]) -> set[str]:
-    """Keys (``sinks.NAME.path``) given as relative paths in the TOML: resolving made them absolute."""
+    """Keys (``sinks.NAME.path``) given as relative paths in the TOML: resolving made them absolute.
+    With ``STATE_DIR_GIVEN`` when the config sets ``state_dir`` (a default one is not a deployment's)."""
     out: set[str] = set()
+    daemon = raw.get("daemon")
+    if isinstance(daemon, dict) and daemon.get("state_dir") is not None:
+        out.add(STATE_DIR_GIVEN)
     store = raw.get("store")
     if isinstance(store, dict) and isinstance(store.get("path"), str) and not Path(store["path"]).is_absolute():
         out.add("store.path")
@@ -73,8 +80,8 @@ def _unwritable(path: Path) -> str | None:
 
 def check_paths(s: Settings, *, raw_relative: set[str] | None = None) -> PathProblems:
     """Errors: a path integrand cannot write, or one given relative to the config file that is outside
-    ``daemon.state_dir`` (next to /etc/integrand/config.toml means /etc: read-only for the service).
-    Warnings: an absolute path outside ``state_dir``, writable here but not under the shipped unit."""
+    the ``daemon.state_dir`` the config sets (next to /etc/integrand/config.toml means /etc: read-only
+    for the service). Warnings: other paths outside ``state_dir``, writable here but not under the unit."""
     errors: list[str] = []
     warnings: list[str] = []
     state = s.daemon.state_dir.resolve()
@@ -85,7 +92,7 @@ def check_paths(s: Settings, *, raw_relative: set[str] | None = None) -> PathPro
             continue
         if key == "daemon.state_dir" or path.resolve().is_relative_to(state):
             continue
-        if raw_relative is not None and key in raw_relative:
+        if raw_relative is not None and key in raw_relative and STATE_DIR_GIVEN in raw_relative:
             errors.append(
                 f"{key}: {path} (a relative path, taken from the config file's folder) is outside "
                 f"daemon.state_dir {state}; the systemd unit lets integrand write only there: give a path "

@@ -627,13 +627,20 @@ class Store:
         self._writer = asyncio.create_task(self._run_writer(), name="store-writer")
 
     async def close(self) -> None:
+        failed: BaseException | None = None
         if self._writer is not None:
             self._queue.put_nowait(_STOP)
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._writer
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:  # the writer died earlier: still close the connections and threads
+                failed = e
             self._writer = None
         await self._close_conns()
         self._drop_lock()
+        if failed is not None:
+            raise failed
 
     async def _close_conns(self) -> None:
         if self._ckpt_thread is not None:
