@@ -67,10 +67,17 @@ RELEASE_TIMEOUT = 5.0  # seconds the shutdown waits to hand held leases back
 
 @dataclass
 class Activity:
-    """When the store last committed (monotonic), so idle-time work knows the store is idle."""
+    """When the daemon last did work (events stored, deliveries done; monotonic), so idle-time work knows
+    it is idle. Not the store's commits: an idle dispatcher still commits an empty lease every second."""
 
-    last_commit: float = field(default_factory=time.monotonic)
+    work: float = -1.0  # events stored + delivery outcomes, as last seen
+    changed_at: float = field(default_factory=time.monotonic)
     wal_truncated_at: float = 0.0
+
+    def seen(self, work: float) -> None:
+        if work != self.work:
+            self.work = work
+            self.changed_at = time.monotonic()
 
 
 @dataclass
@@ -227,12 +234,9 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
     await store.open()
     metrics = Metrics()
 
-    activity = Activity()
-
     def on_commit(seconds: float, ops: int) -> None:
         metrics.commit_seconds.observe(seconds)
         metrics.commit_ops.observe(ops)
-        activity.last_commit = time.monotonic()
 
     store.on_commit = on_commit
     connectors: dict[str, Connector[Any]] = {}
@@ -298,9 +302,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         linger=s.dispatcher.linger,
     )
     streamers = streamers_for(s, connectors, store, router, metrics)
-    d = Daemon(
-        s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers, clock=clock, activity=activity
-    )
+    d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers, clock=clock)
     if notifier is not None:
         d.notifier = notifier
     for name in s.sources:
@@ -490,10 +492,11 @@ async def _truncate_wal_when_idle(d: Daemon) -> None:
     """Once per quiet spell, give back the disk a burst's WAL took: the background checkpoints copy pages
     but never shrink the file, so after 20,000 webhooks it stayed at ~30 MB until shutdown."""
     wal = f"{d.store.path}-wal"
+    a = d.activity
     while True:
-        await asyncio.sleep(WAL_IDLE_AFTER / 2)
-        a = d.activity
-        if time.monotonic() - a.last_commit < WAL_IDLE_AFTER or a.wal_truncated_at > a.last_commit:
+        await asyncio.sleep(WAL_IDLE_AFTER / 4)
+        a.seen(sum(d.metrics.events.values.values()) + sum(d.metrics.deliveries.values.values()))
+        if time.monotonic() - a.changed_at < WAL_IDLE_AFTER or a.wal_truncated_at > a.changed_at:
             continue
         try:
             size = os.stat(wal).st_size  # one stat every few seconds: not worth a thread
