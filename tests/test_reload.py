@@ -196,3 +196,26 @@ async def test_reload_whose_new_sink_cannot_start_keeps_the_old_config(
         )
         assert set(d.dispatcher.sinks) == {"a"}
         assert d.settings is settings
+
+
+async def test_reload_applies_log_level_and_names_what_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = settings_for(tmp_path, ONE_SINK, BASE)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        async with running(settings) as d:
+            changed = BASE.replace('log_level = "info"', 'log_level = "warning"').replace(
+                'listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\ntrusted_proxies = ["127.0.0.1"]'
+            )
+            (tmp_path / "config.toml").write_text(changed.replace("workers = 4", "workers = 2") + ONE_SINK)
+            assert await reload(d)
+            assert root.level == logging.WARNING
+            text = caplog.text
+            assert "reload: daemon.trusted_proxies changed; it takes effect at the next restart" in text
+            assert "reload: dispatcher.workers changed; it takes effect at the next restart" in text
+            assert "daemon.log_level changed" not in text
+    finally:
+        root.setLevel(level)

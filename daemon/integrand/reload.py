@@ -30,7 +30,18 @@ log = logging.getLogger("integrand.reload")
 def _restart_only(old: Settings, new: Settings) -> list[str]:
     """Settings a running daemon cannot change: the ports, the store, the dispatcher's shape."""
     keys = []
-    for key in ("listen", "state_dir", "log_format"):
+    for key in (
+        "listen",
+        "state_dir",
+        "log_format",
+        "trusted_proxies",
+        "max_connections",
+        "max_connections_per_ip",
+        "header_timeout",
+        "body_timeout",
+        "keepalive_timeout",
+        "rejections_per_second",
+    ):
         if getattr(old.daemon, key) != getattr(new.daemon, key):
             keys.append(f"daemon.{key}")
     if old.admin != new.admin:
@@ -132,6 +143,8 @@ async def _reload(d: Daemon) -> bool:
     d.listener.sources = {n: source_runtime(new, n, d.connectors[f"source:{n}"]) for n in new.sources}
     d.listener.public_url = new.daemon.public_url.rstrip("/") if new.daemon.public_url else None
     d.listener.rejections_kept = new.daemon.rejections_kept
+    if new.daemon.log_level != old.daemon.log_level:
+        logging.getLogger().setLevel(new.daemon.log_level.upper())
 
     sinks = {
         n: d.dispatcher.sinks[n] if n in sink_same else sink_runtime(new, n, d.connectors[f"sink:{n}"])
