@@ -134,9 +134,9 @@ STUCK_LOOP = """
 import asyncio, signal, sys, time
 from integrand import app, cli
 _run = app.run
-async def run(settings, on_ready=None, notifier=None):
+async def run(settings, *args, **kwargs):
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: time.sleep(3))
-    await _run(settings, on_ready, notifier)
+    await _run(settings, *args, **kwargs)
 app.run = run
 sys.exit(cli.main(sys.argv[1:]))
 """

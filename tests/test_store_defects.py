@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from integrand.events import Event
-from integrand.store import Leased, Outcome, Store
+from integrand.store import Leased, Outcome, Store, UnstorableEvent
 
 
 class Clock:
@@ -233,3 +233,57 @@ async def test_random_operations_keep_one_head_per_entity_line(tmp_path: Path) -
             assert len(in_flight) == len(set(in_flight))
     finally:
         await store.close()
+
+
+# --- also found: versions in one canonical form, and deletes that keep theirs --------------------------------
+
+
+def change(i: str, version: str | None, *, deleted: bool = False, data: object = None) -> Event:
+    return Event(
+        id=i,
+        source="s",
+        type="c.deleted" if deleted else "c.updated",
+        data={"i": i} if data is None else data,
+        entity="c",
+        entity_id="42",
+        version=version,
+    )
+
+
+async def test_fractional_seconds_and_offsets_order_as_instants(store: Store) -> None:
+    assert (await store.enqueue([(change("a", "2026-01-01T00:00:00.5Z"), ["k"])])).accepted == 1
+    # Before: compared as strings, "…00Z" > "…00.5Z", so the older change was taken as newer.
+    assert (await store.enqueue([(change("b", "2026-01-01T00:00:00Z"), ["k"])])).stale == 1
+    assert (await store.enqueue([(change("c", "2026-01-01T01:00:01+01:00"), ["k"])])).accepted == 1
+
+
+async def test_a_version_of_another_form_is_refused_alone(store: Store) -> None:
+    await store.enqueue([(change("a", "1767225600000"), ["k"])])  # epoch ms
+    mixed = store.enqueue([(change("b", "2026-06-01T00:00:00Z"), ["k"])])  # ISO: misordered before
+    other = store.enqueue([(ev("fine"), ["k"])])
+    results = await asyncio.gather(mixed, other, return_exceptions=True)
+    assert isinstance(results[0], UnstorableEvent)
+    assert (
+        "version '2026-06-01T00:00:00Z' is a time but entity c:42 was last seen at version '1767225600000', a number"
+        in str(results[0])
+    )
+    assert getattr(results[1], "accepted", None) == 1
+    with pytest.raises(UnstorableEvent, match="neither a number nor an ISO-8601 time"):
+        await store.enqueue([(change("c", "v2"), ["k"])])
+
+
+async def test_a_delete_without_a_version_keeps_the_entitys(store: Store) -> None:
+    await store.enqueue([(change("v5", "5"), ["k"])])
+    # A reconciliation's delete (and most providers' delete webhooks) carries no version.
+    assert (await store.enqueue([(change("del", None, deleted=True, data=None), ["k"])])).accepted == 1
+    known = await store.entity_versions("s", [("c", "42")])
+    assert (known[("c", "42")].version, known[("c", "42")].deleted) == ("5", True)
+    # Before: the delete stored version NULL, and a late older change was accepted after it.
+    assert (await store.enqueue([(change("v4", "4"), ["k"])])).stale == 1
+    assert (await store.enqueue([(change("v6", "6"), ["k"])])).accepted == 1
+
+
+async def test_at_one_version_the_delete_wins(store: Store) -> None:
+    await store.enqueue([(change("u", "7", data={"name": "x"}), ["k"])])
+    await store.enqueue([(change("d", "7", deleted=True), ["k"])])
+    assert (await store.enqueue([(change("u-again", "7", data={"name": "y"}), ["k"])])).stale == 1

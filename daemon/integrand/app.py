@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .admin import Admin
+from .admin import start_admin
+from .alerts import run_alerts
 from .breaker import Breaker
 from .config import ConnectorSettings, Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
@@ -336,12 +337,14 @@ async def _note_unconfigured_sinks(d: Daemon) -> None:
 async def run(
     settings: Settings,
     on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None,
+    clock: Callable[[], float] = time.time,
     notifier: Notifier | None = None,
 ) -> None:
     """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly.
 
-    Raises DaemonFailed after the shutdown when a task the daemon needs failed (exit status 1)."""
-    d = await build(settings, notifier=notifier)
+    ``clock`` is for tests that simulate hours of retries and breaker cycles in seconds. Raises
+    DaemonFailed after the shutdown when a task the daemon needs failed (exit status 1)."""
+    d = await build(settings, clock, notifier=notifier)
     s = settings
     grace = s.daemon.shutdown_grace
     runners: list[web.BaseRunner] = []
@@ -360,14 +363,7 @@ async def run(
             site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
             await _start_site(site, "daemon.listen", str(s.daemon.listen))
         d.ports["webhooks"] = _bound_port(site)
-        if s.admin.enabled:
-            admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
-            admin_runner = web.AppRunner(admin.app(), access_log=None, handle_signals=False)
-            await admin_runner.setup()
-            runners.append(admin_runner)
-            asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
-            await _start_site(asite, "admin.listen", str(s.admin.listen))
-            d.ports["admin"] = _bound_port(asite)
+        runners.extend(await start_admin(d))  # TCP and the CLI's unix socket (admin.py)
         # The store's writer is its own task: if it dies, every webhook would wait for a commit forever.
         writer = getattr(d.store, "_writer", None)
         if isinstance(writer, asyncio.Task):
@@ -377,6 +373,8 @@ async def run(
         d.spawn("wal", _truncate_wal_when_idle(d))
         start_source_tasks(d, s.sources)
         d.spawn("watchdog", d.notifier.watchdog())
+        if s.alerts.webhook_url is not None:
+            d.spawn("alerts", run_alerts(d))  # alerts.py: [alerts] to a chat webhook
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s%s",
@@ -511,23 +509,6 @@ async def _truncate_wal_when_idle(d: Daemon) -> None:
                 log.debug("store idle: WAL of %d bytes checkpointed and truncated", size)
         except Exception as e:
             log.warning("WAL truncation failed (retried when idle again): %s", e)
-
-
-def _status(d: Daemon) -> dict[str, Any]:
-    return {
-        "sources": sorted(d.settings.sources),
-        "pollers": {name: p.status() for name, p in d.pollers.items()},
-        "streams": {name: st.status() for name, st in d.streamers.items()},
-        "breakers": {
-            name: {
-                "status": s.breaker.status,
-                "failures": s.breaker.failures,
-                "paused": "auth" if s.auth_error is not None else None,
-                "auth_error": s.auth_error,
-            }
-            for name, s in d.dispatcher.sinks.items()
-        },
-    }
 
 
 async def _start_site(site: web.TCPSite, key: str, addr: str) -> None:

@@ -61,6 +61,15 @@ class SinkRuntime:
     auth_error: str | None = None  # set while the sink is paused because its credentials were refused
 
 
+def _about(row: Leased, e: BaseException) -> dict[str, str]:
+    """The event a log line is about and the provider's request id, as JSON-log fields (integrand.logs)."""
+    out = {"event_id": row.event.id, "source": row.event.source}
+    rid = getattr(e, "request_id", None)
+    if rid:
+        out["request_id"] = str(rid)
+    return out
+
+
 def describe_error(e: BaseException) -> str:
     """One string for the DLQ and the audit: the class, the message, the provider's request id."""
     text = f"{type(e).__name__}: {e}"
@@ -280,17 +289,22 @@ class Dispatcher:
             raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
         results = iter(sent)
         out: list[BaseException | _Skipped | _RouteFailure | None] = []
+        written: list[Event] = []
         for p in prepared:
             if isinstance(p, Event):
                 res = next(results)
                 out.append(res)
-                if res is None and self.routes is not None:
-                    try:
-                        await self.routes.delivered(sink.name, p)
-                    except Exception as e:  # only costs a redundant write later
-                        log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
+                if res is None:
+                    written.append(p)
             else:
                 out.append(SKIPPED if p is None else _RouteFailure(p))
+        if written and self.routes is not None:
+            # Together, so the loop guard's records of a batch share one group commit, not one each.
+            routes = self.routes
+            done = await asyncio.gather(*(routes.delivered(sink.name, p) for p in written), return_exceptions=True)
+            for e in done:
+                if isinstance(e, Exception):  # only costs a redundant write later
+                    log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
         return out
 
     def _enriches(self, sink: str, event: Event) -> bool:
@@ -456,7 +470,13 @@ class Dispatcher:
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d cannot be prepared, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
+            )
             return Outcome(row, "dead", error=error)
         policy = sink.retry
         source = self.source_breakers.get(row.event.source)
@@ -489,7 +509,14 @@ class Dispatcher:
 
     def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
         self.metrics.deliveries.inc(sink.name, "dead")
-        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        log.error(
+            "sink %s: delivery %d dead-lettered after %d attempts: %s",
+            sink.name,
+            row.id,
+            attempts,
+            res,
+            extra=_about(row, res),
+        )
         return Outcome(row, "dead", error=error)
 
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
@@ -500,7 +527,13 @@ class Dispatcher:
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d failed permanently, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
+            )
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
             self.metrics.deliveries.inc(sink.name, "auth")

@@ -25,10 +25,11 @@ from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
 from .events import Event, utcnow_iso
 from .guard import GuardedHandler, GuardedServer, PortLimits, QuietLog, TokenBucket
+from .intake import intake
 from .metrics import Metrics
 from .routes import Router
 from .secrets import REDACTED, is_credential_name
-from .store import Store
+from .store import Store, UnstorableEvent
 
 log = logging.getLogger("integrand.listener")
 
@@ -70,22 +71,26 @@ def deeper_than(data: Any, limit: int) -> bool:
 
 
 def unstorable(events: Sequence[Event], body: bytes, max_depth: int) -> str | None:
-    """Why these events cannot be stored, or None: the store must never be handed what it cannot serialise
-    (one failure inside a group commit would roll back every webhook merged into it)."""
+    """Why these events must not be stored, or None: nested deeper than the limit (orjson cannot write 255
+    levels, and a hostile sender chooses the depth). What cannot be serialised at all the store refuses
+    alone (UnstorableEvent) before it is queued; ``unstorable_reason`` words that refusal."""
     # Nesting can only exceed the limit if the body holds that many brackets: one C-speed count skips the walk.
-    shallow = body.count(b"{") + body.count(b"[") <= max_depth
+    if body.count(b"{") + body.count(b"[") <= max_depth:
+        return None
     for ev in events:
-        if not shallow and deeper_than(ev.data, max_depth):
+        if deeper_than(ev.data, max_depth):
             return f"JSON nested deeper than {max_depth} levels (daemon.max_json_depth)"
-        try:
-            ev.to_json()
-        except (orjson.JSONEncodeError, TypeError, ValueError) as e:
-            for field in ("id", "type", "entity", "entity_id", "version", "occurred_at"):
-                v = getattr(ev, field)
-                if isinstance(v, str) and not _encodes(v):
-                    return f"event {field} (from a header or the body) is not valid UTF-8"
-            return f"event cannot be stored: {e}"
     return None
+
+
+def unstorable_reason(events: Sequence[Event], error: BaseException) -> str:
+    """The sender's answer when the store could not serialise an event: usually bytes that are not UTF-8."""
+    for ev in events:
+        for field in ("id", "type", "entity", "entity_id", "version", "occurred_at"):
+            v = getattr(ev, field)
+            if isinstance(v, str) and not _encodes(v):
+                return f"event {field} (from a header or the body) is not valid UTF-8"
+    return f"event cannot be stored: {str(error.__cause__ or error)[:200]}"
 
 
 def _encodes(text: str) -> bool:
@@ -161,7 +166,7 @@ class Listener:
             access_log=None,
             limits=self.limits,
             quiet=self.quiet,
-            on_refused=lambda why: self.metrics.webhooks.inc("-", "refused-connection"),
+            on_refused=lambda kind: self.metrics.webhooks.inc("-", kind),  # source "-": before any source is known
             body_limit=self._body_limit,
         )
 
@@ -250,21 +255,26 @@ class Listener:
             log.exception("source %s: connector failed on a webhook", name)
             return _error(500, f"source {name!r} failed to process the webhook; it was not stored")
 
-        items = [(ev, self.router.sinks_for(ev)) for ev in events]
         try:
-            result = await self.store.enqueue(items)
+            result = await intake(
+                self.store, self.router, name, events, metrics=self.metrics, on_accepted=self.on_accepted
+            )
+        except UnstorableEvent as e:  # refused before it was queued: nobody else's commit is affected
+            return self._reject(request, name, 400, unstorable_reason(events, e))
         except StoreUnavailable as e:
-            log.error("source %s: webhook refused with 503, store unavailable: %s", name, e)
+            # One line per interval, not per request: during an outage every sender retries.
+            self.quiet.event(
+                "503 store unavailable",
+                logging.ERROR,
+                "source %s: webhook refused with 503, store unavailable: %s",
+                name,
+                e,
+            )
             return _error(
                 503,
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
             )
-        self.metrics.events.inc(name, "accepted", amount=result.accepted)
-        if result.duplicates:
-            self.metrics.events.inc(name, "duplicate", amount=result.duplicates)
-        if self.on_accepted is not None and result.accepted:
-            self.on_accepted(name, events)
         return _json({"accepted": result.accepted, "duplicates": result.duplicates})
 
     @staticmethod

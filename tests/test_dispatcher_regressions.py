@@ -1,4 +1,5 @@
-"""Regression tests for issue 9's defect 4: the breaker decides per request, and an open breaker spends no attempts."""
+"""Regression tests for issue 9: the breaker decides per request, an open breaker spends no attempts, and
+the loop guard's bookkeeping of a batch shares its commits."""
 
 from __future__ import annotations
 
@@ -107,3 +108,39 @@ async def test_deliveries_in_flight_when_the_breaker_opens_spend_no_attempt(stor
     # Before: all 200 spent an attempt.
     assert sum(counted) == 50, sum(counted)
     assert sink.batches == 4
+
+
+# --- the loop guard's bookkeeping shares commits across a batch ------------------------------------------
+
+
+class AcceptingSink(Sink):
+    batch_size = 50
+
+    def __init__(self) -> None:
+        self.got: list[Event] = []
+
+    async def deliver(self, event: Event) -> None:
+        self.got.append(event)
+
+
+async def test_the_loop_guard_writes_a_batch_in_a_few_commits_not_two_per_delivery(store: Store) -> None:
+    from integrand.routes import RouteRuntime, RouteSettings
+
+    route = RouteSettings.model_validate(
+        {
+            "from": "s",
+            "to": ["k"],
+            "map": {"email": {"path": "data.x", "required": True}},
+            "loop_guard": {"key": "email"},
+        }
+    )
+    await store.enqueue([(ev(f"e{i}", f"c{i}"), ["k"]) for i in range(50)])
+    sink = AcceptingSink()
+    rt = sink_runtime(sink, threshold=5)
+    d = Dispatcher(store, {"k": rt}, workers=1, lease_seconds=60, routes=RouteRuntime.build([route], {}, store))
+    before = store.commits
+    await run_until(d, lambda: len(sink.got) == 50)
+    # Each delivery writes an echo marker before and a written marker after: 100 state writes, which
+    # before were 100 commits one after another. Now: a lease, the markers before, after, the complete.
+    assert store.commits - before <= 10, store.commits - before
+    assert await store.state_get("loop-guard:k", "written:e7") is not None
