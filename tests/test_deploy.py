@@ -121,3 +121,19 @@ def test_shipped_demo_events_have_an_entity() -> None:
     [ev] = inst.parse(req)
     assert ev.entity_id == "c_1"
     assert ev.entity_key == "demo/:c_1"
+
+
+def test_check_of_the_production_config_in_an_operators_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Outside systemd there is no $CREDENTIALS_DIRECTORY: everything else is checked, the credential named.
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = str(ROOT / "examples" / "production" / "config.toml")
+    assert cli_main(["check", "--config", config]) == 0
+    captured = capsys.readouterr()
+    assert "credential demo needs $CREDENTIALS_DIRECTORY" in captured.err and "not read here" in captured.err
+    assert "OK" in captured.out
+    # Under systemd (the directory is set) a missing credential is an error, as at start.
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert cli_main(["check", "--config", config]) == 1
+    assert "sources.demo.secret" in capsys.readouterr().err
