@@ -148,7 +148,7 @@ async def start_connector(
         name=name,
         role=role,  # type: ignore[arg-type]
         base_dir=s.base_dir,
-        state=ScopedState(store, f"{role}:{name}"),
+        state=ScopedState(store, cs.state_scope),
         public_url=s.daemon.public_url,
         logger=logging.getLogger(f"integrand.{role}.{name}"),
         http=http.for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
