@@ -373,6 +373,10 @@ async def run(
         d.spawn("wal", _truncate_wal_when_idle(d))
         start_source_tasks(d, s.sources)
         d.spawn("watchdog", d.notifier.watchdog())
+        if s.syncs:  # [[syncs]]: full / incremental syncs on a schedule (integrand.sync)
+            from .sync import run_schedules
+
+            d.spawn("syncs", run_schedules(s, d.connectors, d.store))
         if s.alerts.webhook_url is not None:
             d.spawn("alerts", run_alerts(d))  # alerts.py: [alerts] to a chat webhook
         d.ready = True

@@ -48,6 +48,8 @@ def _restart_only(old: Settings, new: Settings) -> list[str]:
         keys.append("admin")
     if old.store != new.store:
         keys.append("store")
+    if getattr(old, "syncs", ()) != getattr(new, "syncs", ()):
+        keys.append("syncs")
     for key in ("workers", "lease", "batch_size", "linger"):
         if getattr(old.dispatcher, key) != getattr(new.dispatcher, key):
             keys.append(f"dispatcher.{key}")
