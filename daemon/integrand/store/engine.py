@@ -672,9 +672,15 @@ class Engine:
         raw = conn.raw
         with _rolled_back_on_error(raw):
             groups: dict[Any, list[GroupedOp]] = {}
+            plain = False
             for op in batch:
                 if isinstance(op, GroupedOp):
                     groups.setdefault(op.group, []).append(op)
+                else:
+                    plain = True
+            if len(groups) == 1 and not plain:  # the common case under load: a batch of enqueues only
+                [(fn, ops)] = groups.items()
+                return self._apply_group(conn, fn, ops)
             grouped: dict[int, Any] = {}
             for fn, ops in groups.items():
                 for op, res in zip(ops, self._apply_group(conn, fn, ops), strict=True):
