@@ -715,10 +715,10 @@ class Engine:
         try:
             merged = _drive(fn(conn, ops))
         except Exception as e:
+            if _unavailable(e):  # the whole transaction fails (SQLite may have rolled it back already)
+                raise
             raw.execute("ROLLBACK TO grp")
             raw.execute("RELEASE grp")
-            if _unavailable(e):
-                raise
             if len(ops) == 1:
                 return [_Failed(e)]
         else:
@@ -730,10 +730,10 @@ class Engine:
             try:
                 [res] = _drive(fn(conn, [op]))
             except Exception as e:
-                raw.execute("ROLLBACK TO grp")
-                raw.execute("RELEASE grp")
                 if _unavailable(e):
                     raise
+                raw.execute("ROLLBACK TO grp")
+                raw.execute("RELEASE grp")
                 log.error("an operation failed alone in its group commit: %s", e)
                 results.append(_Failed(e))
                 continue
