@@ -75,6 +75,14 @@ def limit_child_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # soft = hard: `integrand run` cannot raise it
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sample(pid: int) -> tuple[float, int]:
     """(RSS MiB, open fds) of the daemon."""
     rss = 0.0
@@ -220,6 +228,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/hooks/demo"
     rows: list[tuple[float, float, bool]] = []
     samples: list[tuple[float, float, int]] = []
+    cpu: list[tuple[float, float]] = []
     t0 = time.monotonic()
     t_attack, t_after, t_end = (
         t0 + args.before,
@@ -231,6 +240,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         while time.monotonic() < t_end:
             rss, fds = sample(proc.pid)
             samples.append((time.monotonic(), rss, fds))
+            cpu.append((time.monotonic(), cpu_seconds(proc.pid)))
             await asyncio.sleep(1.0)
 
     async def attack() -> dict[str, Any]:
@@ -252,9 +262,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     def phase(lo: float, hi: float) -> dict[str, Any]:
         s = [x for x in samples if lo <= x[0] < hi]
+        c = [x for x in cpu if lo <= x[0] < hi]
+        busy = (c[-1][1] - c[0][1]) / (c[-1][0] - c[0][0]) if len(c) > 1 else 0.0
         return {
             "max_rss_mib": round(max((x[1] for x in s), default=0), 1),
             "max_fds": max((x[2] for x in s), default=0),
+            "daemon_cpu": round(busy, 2),  # fraction of one core the daemon used
         }
 
     result = {
@@ -265,6 +278,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "daemon_fd_limit": 1024,
         "before": {**summary(rows, t0, t_attack), **phase(t0, t_attack)},
         "during": {**summary(rows, t_attack, t_after), **phase(t_attack, t_after)},
+        # Without the first 5 s, when a thousand connections arrive at once and the port first fills.
+        "during_after_5s": {**summary(rows, t_attack + 5, t_after), **phase(t_attack + 5, t_after)},
         "after": {**summary(rows, t_after, t_end), **phase(t_after, t_end)},
         "attacker": stats,
         "log_lines": len(text.splitlines()),
@@ -276,14 +291,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def block(r: dict[str, Any], cmd: str) -> str:
     rows = []
-    for phase in ("before", "during", "after"):
+    for phase in ("before", "during", "during_after_5s", "after"):
         p = r[phase]
         rows.append(
             f"| {phase} | {p['requests']} | **{p['errors']}** | {p.get('p50_ms', '-')} | {p.get('p99_ms', '-')} "
-            f"| {p['max_rss_mib']} | {p['max_fds']} |"
+            f"| {p['max_rss_mib']} | {p['max_fds']} | {p['daemon_cpu']:.0%} |"
         )
     a = r["attacker"]
     ratio = r["during"].get("p99_ms", 0) / max(r["before"].get("p99_ms", 1), 0.1)
+    steady = r["during_after_5s"].get("p99_ms", 0) / max(r["before"].get("p99_ms", 1), 0.1)
     return f"""
 `{cmd}` at {r["at"]} ({r["machine"]}); daemon held to {r["daemon_fd_limit"]} fds (soft = hard), shipped
 defaults; the good sender posts {r["rate_per_s"]:.0f} signed webhooks/s from 127.0.0.2 throughout. The attack
@@ -291,11 +307,11 @@ defaults; the good sender posts {r["rate_per_s"]:.0f} signed webhooks/s from 127
 50 endless chunked bodies, header floods, unknown paths; it opened {a["opened"]:,} connections (each closed by
 the daemon: evicted, timed out or refused) and sent {a["requests"]:,} flood requests.
 
-| phase | good requests | errors | p50 (ms) | p99 (ms) | daemon RSS max (MiB) | daemon fds max |
-|---|---|---|---|---|---|---|
+| phase | good requests | errors | p50 (ms) | p99 (ms) | daemon RSS max (MiB) | daemon fds max | daemon CPU (of one core) |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-p99 during / before: **{ratio:.1f}x**. Log: {r["log_lines"]} lines ({r["log_bytes"]:,} bytes), {r["tracebacks_in_log"]} tracebacks.
+p99 during / before: **{ratio:.1f}x** (after the first 5 s of the attack: {steady:.1f}x; target 2x). Log: {r["log_lines"]} lines ({r["log_bytes"]:,} bytes), {r["tracebacks_in_log"]} tracebacks.
 """
 
 
@@ -315,7 +331,7 @@ def main() -> int:
     (ROOT / "bench" / "results-hostile.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     put_block("hostile", block(result, " ".join(["bench/hostile.py", *sys.argv[1:]])))
-    return 0 if result["during"]["errors"] == 0 and result["after"]["errors"] == 0 else 1
+    return 0 if result["during"]["errors"] == 0 and result["after"]["errors"] == 0 else 1  # p99 is reported, not gated
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Each target takes arbitrary bytes (from atheris in ``bench/fuzz.py``, from hypot
   or refused by the listener's check (the store is never handed what it cannot serialise);
 - ``config``: the TOML config loader raises only ConfigError (one message per problem, with its key);
 - ``mapping``: a route's field mapping on arbitrary event data returns a record or raises MappingError;
+- ``listing``: http-poll's reading of a listing page yields events or an IntegrandError (retry, give up);
 - ``http``: the raw bytes are an HTTP request for a running daemon (replayed in test_fuzz.py).
 """
 
@@ -28,6 +29,7 @@ from integrand.config import parse_config
 from integrand.connector import ConnectorConfig, ConnectorContext, Event, WebhookRequest, WebhookSource
 from integrand.errors import ConfigError, WebhookRejected
 from integrand.listener import unstorable
+from integrand.plugins import Registry
 from integrand.routes import MappingError, RouteSettings, load_mapping
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -223,10 +225,16 @@ def config(data: bytes) -> None:
 def config_dict(raw: dict[str, Any]) -> None:
     """The loader after TOML parsing: only ConfigError, each problem a readable line."""
     try:
-        parse_config(raw, base_dir=Path("/nonexistent-fuzz"))
+        parse_config(raw, base_dir=Path("/nonexistent-fuzz"), registry=_registry())
     except ConfigError as e:
         if not e.problems or not all(isinstance(p, str) and p for p in e.problems):
             raise Finding(f"ConfigError without readable problems: {e.problems!r}") from e
+
+
+@functools.cache
+def _registry() -> Registry:
+    """Entry points discovered once: the loader is what is fuzzed, not importlib's metadata scan per example."""
+    return Registry.default()
 
 
 @functools.cache
@@ -276,7 +284,44 @@ def mapping(data: bytes) -> None:
                     _mapping().apply(Event(id=f"e{i}", source="src", type="t", data={"email": "a@b", k: doc[k]}))
 
 
-TARGETS = {"webhook": webhook, "config": config, "mapping": mapping}
+@functools.cache
+def _poller() -> Any:
+    from integrand.builtin.httppoll import HttpPollSource
+
+    return _connector(
+        HttpPollSource,
+        {
+            "url": "http://127.0.0.1:1/r?since={since}",
+            "items": "$.results[*]",
+            "id": "$.id",
+            "updated": "$.updated_at",
+            "next_page": "$.next",
+            "deleted": "$.archived",
+        },
+    )
+
+
+def listing(data: bytes) -> None:
+    """http-poll's reading of a listing page: events and the next page, or an IntegrandError saying why not."""
+    import orjson
+
+    from integrand.errors import IntegrandError
+
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return  # _get answers RetryableError "invalid JSON" before this point
+    src = _poller()
+    try:
+        events, _ = src._events(body)
+        src._page(body)
+    except IntegrandError:
+        return
+    for ev in events:
+        ev.to_json()
+
+
+TARGETS = {"webhook": webhook, "config": config, "mapping": mapping, "listing": listing}
 
 
 def corpus(target: str) -> list[Path]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -95,6 +96,12 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert lines[0] == f"event {row}: demo:e1 (customer.updated)"
             steps = [ln.split()[2] for ln in lines[lines.index("  story:") + 1 :]]
             assert steps == actions
+            rc, out, _ = await cli("events", "show", "e1", "--json")  # for scripts: the API's answer
+            assert rc == 0 and orjson.loads(out) == stories
+            rc, out, _ = await cli("status", "--json")
+            assert rc == 0 and orjson.loads(out)["daemon"] is True
+            rc, out, _ = await cli("dlq", "list", "--json")
+            assert (rc, orjson.loads(out)) == (0, [])
             rc, out, err = await cli("events", "show", "nope")
             assert (rc, out) == (1, "") and err.startswith("error: no event nope")
 
@@ -113,6 +120,11 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
                 assert r.status == 415
             assert (await post(s, admin_url(d, "/api/dlq/replay"), {"ids": "all"}))[0] == 400
             assert (await post(s, admin_url(d, "/api/dlq/purge"), ["x"]))[0] == 400
+            # DNS rebinding: a page whose own name now points at 127.0.0.1 is refused, whatever it asks.
+            rebound = {"Host": "evil.example:8081"}
+            assert (await post(s, admin_url(d, "/api/dlq/purge"), {"all": True}, headers=rebound))[0] == 403
+            assert (await get(s, admin_url(d, "/api/dlq"), headers=rebound))[0] == 403
+            assert (await get(s, admin_url(d, "/api/dlq"), headers={"Host": "localhost"}))[0] == 200
     finally:
         await receiver.stop()
 
@@ -215,6 +227,8 @@ token = {env = "INTEGRAND_TEST_ADMIN_TOKEN"}
                 200,
                 {"replayed": 0, "superseded": []},
             )
+            async with s.get(admin_url(d, "/api/state/sink:crm/tokens"), headers=good) as r:
+                assert r.status == 403  # connector state (OAuth tokens) never over TCP, token or not
             async with s.get(admin_url(d, "/healthz")) as r:  # probes need no token
                 assert r.status == 200
             # The page asks for the token; a right one becomes a same-site, HttpOnly cookie.
@@ -241,6 +255,8 @@ token = {env = "INTEGRAND_TEST_ADMIN_TOKEN"}
                 assert await d.store.state_get("sink:crm", "tokens") == {"refresh": "r1"}
                 async with local.put("http://integrand/api/state/sink:nope/tokens", json={"value": 1}) as r:
                     assert r.status == 404
+                async with local.put("http://integrand/api/state/connection:nope/tokens", json={"value": 1}) as r:
+                    assert r.status == 404  # no source or sink is connected through [connections.nope]
                 async with local.put(state, json={"other": 1}) as r:
                     assert r.status == 400
     finally:

@@ -60,6 +60,10 @@ tests:
         values: '10 200 260 320 380 440 500 560'
       - series: 'integrand_source_target_latency_seconds{{source="crm"}}'
         values: '60 60 60 60 60 60 60 60'
+      - series: 'integrand_reconcile_entities_total{{source="crm",result="missed"}}'
+        values: '0 0 3 3'
+      - series: 'integrand_sink_oldest_pending_seconds{{sink="crm"}}'
+        values: '0 1000 1060 1120 1180 1240 1300 1360'
     alert_rule_test:
       - eval_time: 4m
         alertname: IntegrandDeadLettersGrowing
@@ -76,6 +80,20 @@ tests:
         alertname: IntegrandSinkAuthPaused
         exp_alerts:
           - exp_labels: {{severity: critical, sink: erp}}
+      - eval_time: 3m
+        alertname: IntegrandReconcileCatchingMisses
+        exp_alerts:
+          - exp_labels: {{severity: info, source: crm, result: missed}}
+      - eval_time: 1m
+        alertname: IntegrandReconcileCatchingMisses
+        exp_alerts: []
+      - eval_time: 3m
+        alertname: IntegrandOldestPendingHigh
+        exp_alerts: []
+      - eval_time: 7m
+        alertname: IntegrandOldestPendingHigh
+        exp_alerts:
+          - exp_labels: {{severity: warning, sink: crm}}
       - eval_time: 7m
         alertname: IntegrandPollLagOverTarget
         exp_alerts:
@@ -196,5 +214,85 @@ dlq_window = "400ms"
         assert "sink crm: 1 delivery(ies) dead-lettered" in hook.texts()[2]
     finally:
         await receiver.stop()
+        assert hook.runner is not None
+        await hook.runner.cleanup()
+
+
+async def test_notifier_says_a_sink_is_paused_and_its_backlog_is_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = ChatHook()
+    await hook.start()
+    monkeypatch.setenv("INTEGRAND_TEST_CHAT_HOOK", hook.url)
+    receiver = Receiver(status=401)  # the sink refuses its credentials: paused, deliveries wait
+    await receiver.start()
+    cfg = write_config(
+        tmp_path,
+        f"""
+[sources.demo]
+connector = "webhook"
+signature = "standard-webhooks"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+[sinks.crm]
+connector = "http"
+url = "{receiver.url}"
+breaker = {{open_for = "50ms", max_open_for = "100ms"}}
+
+[[routes]]
+from = "demo"
+to = ["crm"]
+
+[alerts]
+webhook_url = {{env = "INTEGRAND_TEST_CHAT_HOOK"}}
+check_every = "20ms"
+oldest_pending = "300ms"
+breaker_open_for = "1h"
+""",
+    )
+    try:
+        async with running(load_config(cfg)) as d, aiohttp.ClientSession() as s:
+            assert (await post_signed(s, hook_url(d), {"type": "t"}, "p1"))[0] == 200
+            await wait_for(lambda: any("IntegrandSinkAuthPaused" in t for t in hook.texts()), timeout=10)
+            await wait_for(lambda: any("IntegrandOldestPendingHigh" in t for t in hook.texts()), timeout=10)
+            receiver.status = 200  # re-authorized: the probe goes through, both resolve
+            await wait_for(lambda: sum(t.startswith("[RESOLVED]") for t in hook.texts()) == 2, timeout=10)
+        texts = hook.texts()
+        assert sorted(t.split(":")[0] for t in texts) == [
+            "[FIRING] IntegrandOldestPendingHigh",
+            "[FIRING] IntegrandSinkAuthPaused",
+            "[RESOLVED] IntegrandOldestPendingHigh",
+            "[RESOLVED] IntegrandSinkAuthPaused",
+        ]
+        paused = next(t for t in texts if t.startswith("[FIRING] IntegrandSinkAuthPaused"))
+        assert "sink crm: paused, its credentials were refused: AuthError: HTTP 401" in paused
+    finally:
+        await receiver.stop()
+        assert hook.runner is not None
+        await hook.runner.cleanup()
+
+
+async def test_notifier_says_a_source_polls_late(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .fake_rest import FakeRest
+    from .test_http_poll import poll_config
+
+    hook = ChatHook()
+    await hook.start()
+    monkeypatch.setenv("INTEGRAND_TEST_CHAT_HOOK", hook.url)
+    api = FakeRest(seed=9, fail_every=1)  # every request answers 500: no poll succeeds
+    base = await api.start()
+    alerts = '\n[alerts]\nwebhook_url = {env = "INTEGRAND_TEST_CHAT_HOOK"}\ncheck_every = "20ms"\n'
+    cfg = write_config(tmp_path, poll_config(base) + alerts)
+    try:
+        async with running(load_config(cfg)):
+            await wait_for(lambda: any("IntegrandPollLagOverTarget" in t for t in hook.texts()), timeout=10)
+            api.fail_every = 0  # the API is back: the next poll succeeds and the alert resolves
+            await wait_for(lambda: any(t.startswith("[RESOLVED] IntegrandPollLagOverTarget") for t in hook.texts()))
+        firing = [t for t in hook.texts() if t.startswith("[FIRING]")]
+        assert len(firing) == 1
+        assert firing[0].startswith("[FIRING] IntegrandPollLagOverTarget: source crm: last successful poll")
+        assert "target latency" in firing[0] and "last error:" in firing[0]
+    finally:
+        await api.close()
         assert hook.runner is not None
         await hook.runner.cleanup()

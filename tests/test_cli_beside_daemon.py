@@ -275,3 +275,34 @@ def test_config_errors_name_the_admin_keys(tmp_path: Path) -> None:
     assert e.value.problems == [
         "secret env:NO_SUCH_VAR_FOR_INTEGRAND: environment variable NO_SUCH_VAR_FOR_INTEGRAND is not set"
     ]
+
+
+async def test_a_root_cli_write_gives_the_service_its_files_back(tmp_path: Path) -> None:
+    """Run as root (sudo) beside a store the service's user owns: nothing it leaves is root's."""
+    if os.geteuid() != 0:
+        raise AssertionError(
+            "this test checks file ownership after a root CLI write: run the suite as root, as CI does"
+        )
+    from integrand.store import Store
+
+    cfg = write_config(tmp_path, config("http://127.0.0.1:9/unused", Receiver()))
+    db = tmp_path / "var" / "integrand.db"
+    store = Store(db)
+    await store.open()
+    await store.close()
+    hand_to_service(db)
+    rc, _, err = await integrand("cursor", "set", "crm", '"2026-02-01T00:00:00Z"', "-c", str(cfg))
+    assert rc == 0, err
+    left = owners(db)
+    assert "integrand.db.lock" in left
+    assert left == dict.fromkeys(left, 4321)
+
+
+def hand_to_service(db: Path) -> None:
+    Path(f"{db}.lock").unlink()  # as if the service had never run with this lock file
+    for f in db.parent.iterdir():
+        os.chown(f, 4321, 4321)
+
+
+def owners(db: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_uid for f in db.parent.iterdir() if f.name.startswith("integrand.db")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -81,7 +82,11 @@ class Admin:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        guarded = self._token is not None and not _on_unix_socket(request) and request.path not in OPEN_PATHS
+        unix = _on_unix_socket(request)
+        if self._token is None and not unix and not _loopback_host(request.host):
+            # DNS rebinding: a web page whose name now points at 127.0.0.1 would be same-origin here.
+            return _problem(403, f"Host {request.host!r} is not this machine's loopback name; use 127.0.0.1")
+        guarded = self._token is not None and not unix and request.path not in OPEN_PATHS
         if guarded and request.path != "/login" and not self._authorized(request):
             if request.path == "/" and request.method == "GET":
                 from .statuspage import login_page
@@ -93,6 +98,9 @@ class Admin:
                 content_type="application/json",
                 headers={"WWW-Authenticate": 'Bearer realm="integrand"'},
             )
+        if request.path.startswith("/api/state/") and not _on_unix_socket(request):
+            # Connector state holds OAuth tokens: only the service's own user (the 0600 socket) may touch it.
+            return _problem(403, "connector state is served on the admin unix socket only")
         if (
             request.method in ("POST", "PUT")
             and request.path != "/login"
@@ -283,14 +291,31 @@ class Admin:
         scope, key = request.match_info["scope"], request.match_info["key"]
         role, _, name = scope.partition(":")
         table = self.d.settings.sources if role == "source" else self.d.settings.sinks if role == "sink" else {}
-        if name not in table:
-            raise reports.NotFound(f"no {role or 'source or sink'} {name!r} (scope is source:NAME or sink:NAME)")
+        shared = role == "connection" and any(
+            cs.connection == name for cs in (*self.d.settings.sources.values(), *self.d.settings.sinks.values())
+        )  # a [connections.NAME] keeps one state for all its sources and sinks
+        if name not in table and not shared:
+            raise reports.NotFound(
+                f"no {role or 'source or sink'} {name!r} (scope is source:NAME, sink:NAME or connection:NAME)"
+            )
         body = await self._body(request)
         if "value" not in body:
             raise reports.BadRequest('give {"value": …}')
         await self.d.store.state_set(scope, key, body["value"])
         log.info("admin: state %s of %s written", key, scope, extra={"scope": scope})
         return _json({"scope": scope, "key": key})
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback (``127.0.0.1:8081``, ``localhost``, ``[::1]``)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.endswith("]") or "]:" in host else host
+    name = name.strip("[]").lower()
+    if name in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _on_unix_socket(request: web.Request) -> bool:

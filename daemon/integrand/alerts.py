@@ -101,7 +101,7 @@ class Conditions:
                         Alert(
                             f"poll:{name}",
                             "IntegrandPollLagOverTarget",
-                            f"source {name}: last successful poll {lag:.0f} s ago (target latency {target:.0f} s)"
+                            f"source {name}: last successful poll {lag:.1f} s ago (target latency {target:.1f} s)"
                             + (f"; last error: {p.last_error}" if p.last_error else ""),
                         )
                     )

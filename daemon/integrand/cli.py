@@ -238,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = with_config(dsub.add_parser("list", help="one line per dead-lettered delivery"))
     d.add_argument("--sink")
     d.add_argument("--limit", type=int, default=1000)
+    d.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     d = with_config(dsub.add_parser("show", help="one delivery with its event and history"))
-    d.add_argument("id", help="the delivery's number, or the provider's event id (every delivery of that event)")
+    d.add_argument("id", help="the delivery's number, or the provider's event id (that event's dead deliveries)")
+    d.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     for name, what in (("replay", "make deliveries ready again, attempts reset"), ("purge", "drop for good")):
         d = with_config(dsub.add_parser(name, help=what))
         d.add_argument("ids", type=int, nargs="*", metavar="ID")
@@ -253,13 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
     dlq.set_defaults(fn=cmd_dlq)
 
-    with_config(sub.add_parser("status", help="queue depth per sink and recent refused webhooks")).set_defaults(
-        fn=cmd_status
-    )
+    st = with_config(sub.add_parser("status", help="queue depth per sink and recent refused webhooks"))
+    st.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
+    st.set_defaults(fn=cmd_status)
     ev = sub.add_parser("events", help="find events and tell one event's story")
     esub = ev.add_subparsers(dest="events_action", required=True, metavar="ACTION")
     e = with_config(esub.add_parser("show", help="received, routed, each attempt, delivered or dead, replayed"))
     e.add_argument("id", help="integrand's event number, the provider's delivery id, or SOURCE:ID")
+    e.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     e = with_config(esub.add_parser("list", help="newest events first, with each delivery's state"))
     e.add_argument("--source", help="only this source's events")
     e.add_argument("--since", metavar="DURATION", help="only events stored this recently (e.g. 1h, 30m, 2d)")
@@ -269,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only events with a delivery in this state (pending = ready or leased)",
     )
     e.add_argument("--limit", type=int, default=100)
+    e.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     ev.set_defaults(fn=cmd_events)
     cur = sub.add_parser("cursor", help="set or reset a polling source's cursor")
     csub = cur.add_subparsers(dest="cursor_action", required=True, metavar="ACTION")

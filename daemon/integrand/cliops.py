@@ -8,6 +8,7 @@ its turn instead of writing beside them."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -245,3 +246,22 @@ async def local_store(settings: Settings, *, write: bool) -> AsyncIterator[Store
         yield store
     finally:
         await store.close()
+        if write:
+            keep_owner(path)
+
+
+def keep_owner(db: Path) -> None:
+    """Run as root beside a store the service owns, give back what SQLite created (WAL, shared memory,
+    the lock file) to the store's owner: a root-owned ``-shm`` would keep the service from opening it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = db.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == 0:
+        return
+    for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.lock")):
+        with contextlib.suppress(FileNotFoundError):
+            if f.stat().st_uid != st.st_uid:
+                os.chown(f, st.st_uid, st.st_gid)

@@ -20,6 +20,7 @@ from .errors import AuthError, RetryableError
 from .reports import BadRequest, NotFound
 
 T = TypeVar("T")
+STATE_ORDER = ("ready", "leased", "done", "dead")
 
 
 def load_lazily(args: argparse.Namespace) -> Settings:
@@ -49,6 +50,12 @@ def _run(fn: Callable[[], Awaitable[int]]) -> int:
     return asyncio.run(go())
 
 
+def _json(data: Any) -> int:
+    """``--json``: the admin API's answer as it is, for scripts."""
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    return 0
+
+
 def _ops(settings: Settings, write: bool) -> Any:
     from .cliops import open_ops
 
@@ -64,24 +71,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def do() -> int:
         async with _ops(settings, write=False) as ops:
             st = await ops.status()
+        if args.json:
+            return _json(st)
         out = [f"store {st['store']}: {st['events']} event(s)" + ("" if st["daemon"] else " (no daemon running)")]
-        sinks = st["deliveries"]
-        if not sinks:
+        counts = st["deliveries"]
+        if not counts:
             out.append("no deliveries yet")
-        for sink in sorted(sinks):
-            parts = ", ".join(f"{s} {sinks[sink].get(s, 0)}" for s in ("ready", "leased", "done", "dead"))
-            out.append(f"  sink {sink}: {parts}")
-        for s in st["sinks"]:
-            b = s.get("breaker")
-            health = ""
+        about = {s["name"]: s for s in st["sinks"]}
+        for sink in sorted(set(counts) | set(about)):
+            line = f"  sink {sink}: " + ", ".join(f"{x} {counts.get(sink, {}).get(x, 0)}" for x in STATE_ORDER)
+            s = about.get(sink)
+            if s is not None and s["backlog"]:
+                line += f"; oldest pending {s['oldest_pending_age']:.0f} s"
+            b = s.get("breaker") if s is not None else None
             if b is not None:
-                health = f", breaker {b['status']}" + (", PAUSED: credentials refused" if s.get("paused") else "")
-            if s["backlog"]:
-                out.append(
-                    f"  sink {s['name']}: backlog {s['backlog']}, oldest pending {s['oldest_pending_age']:.0f} s{health}"
-                )
-            elif health:
-                out.append(f"  sink {s['name']}: nothing pending{health}")
+                line += f"; breaker {b['status']}" + ("; PAUSED: credentials refused" if s and s.get("paused") else "")
+            out.append(line)
         polling = [s for s in st["sources"] if s["polling"] and "last_poll" in s]
         for s in polling:
             out.append(
@@ -117,9 +122,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     async def do() -> int:
         async with _ops(settings, write=action in ("replay", "purge")) as ops:
             if action == "list":
-                return _print_dlq(await ops.dlq_list(args.sink, args.limit))
+                rows = await ops.dlq_list(args.sink, args.limit)
+                return _json(rows) if args.json else _print_dlq(rows)
             if action == "show":
-                return _print_deliveries(await ops.dlq_show(args.id))
+                found = await ops.dlq_show(args.id)
+                return _json(found) if args.json else _print_deliveries(found)
             body: dict[str, Any] = {"sink": args.sink}
             body.update({"all": True} if args.all else {"ids": args.ids})
             if action == "replay":
@@ -187,6 +194,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                 stories = await ops.events_show(args.id)
             else:
                 rows = await ops.events_list(args.source, args.since, args.state, args.limit)
+        if args.json:
+            return _json(stories if args.events_action == "show" else rows)
         if args.events_action == "list":
             return _print_events(rows)
         out: list[str] = []
@@ -195,7 +204,9 @@ def cmd_events(args: argparse.Namespace) -> int:
             out.append(f"event {ev['row']}: {ev['source']}:{ev['id']} ({ev['type']})")
             about = []
             if ev["entity_id"] is not None:
-                about.append(f"entity {ev['entity'] or ''}:{ev['entity_id']}")
+                about.append(
+                    f"entity {ev['entity']}:{ev['entity_id']}" if ev["entity"] else f"entity {ev['entity_id']}"
+                )
             if ev["version"] is not None:
                 about.append(f"version {ev['version']}")
             about += [f"{k} {v}" for k, v in sorted(ev["meta"].items())]
@@ -300,7 +311,7 @@ async def _reconcile_here(settings: Settings, args: argparse.Namespace, store: A
         name=args.source,
         role="source",
         base_dir=settings.base_dir,
-        state=ScopedState(store, f"source:{args.source}"),
+        state=ScopedState(store, cs.state_scope),
     )
     inst = cs.cls(cs.options, ctx)
     await inst.start()
@@ -345,7 +356,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
                 name=args.name,
                 role=role,  # type: ignore[arg-type]
                 base_dir=settings.base_dir,
-                state=_OpsState(ops, f"{role}:{args.name}"),
+                state=_OpsState(ops, cs.state_scope),
                 public_url=settings.daemon.public_url,
             )
             inst = cs.cls(cs.options, ctx)
