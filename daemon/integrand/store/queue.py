@@ -35,6 +35,15 @@ def _prepare(items: Sequence[tuple[Event, Sequence[str]]]) -> list[_Prepared]:
     out = []
     for ev, sinks in items:
         version = None
+        for text in (ev.id, ev.source, ev.type, ev.entity, ev.entity_id, ev.version):
+            # The columns SQLite binds must be UTF-8 (a header's undecodable bytes arrive as surrogates).
+            if text is not None and not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError as e:
+                    raise UnstorableEvent(
+                        f"event {ev.id!r} of source {ev.source!r} cannot be stored: a field is not valid UTF-8 ({e})"
+                    ) from e
         if ev.entity_id is not None and ev.version is not None:
             try:
                 version = canonical_version(ev.version)
