@@ -516,12 +516,24 @@ class RouteRuntime:
                 fetched = [e] * len(idxs)
             for i, res in zip(idxs, fetched, strict=True):
                 out[i] = self._enrich_error(source, events[i], res) if isinstance(res, BaseException) else res
-        # Concurrently, so the loop guard's state writes for the whole batch share one group commit.
         todo = [(i, item) for i, item in enumerate(out) if isinstance(item, Event)]
-        routed = await asyncio.gather(*(self._route(sink, item) for _, item in todo), return_exceptions=True)
-        for (i, _), outcome in zip(todo, routed, strict=True):
-            out[i] = outcome
+        if any(self.guards(item.source, sink) or item.source in self.echoes for _, item in todo):
+            # Concurrently, so the loop guard's state reads and writes for the batch share group commits.
+            routed = await asyncio.gather(*(self._route(sink, item) for _, item in todo), return_exceptions=True)
+            for (i, _), outcome in zip(todo, routed, strict=True):
+                out[i] = outcome
+            return out
+        for i, item in todo:  # no loop guard: nothing to wait for, so no task per event
+            try:
+                out[i] = await self._route(sink, item)
+            except Exception as e:
+                out[i] = e
         return out
+
+    def guards(self, source: str, sink: str) -> bool:
+        """Whether the route from ``source`` to ``sink`` has a loop guard (state is kept around its deliveries)."""
+        cr = self.pairs.get((source, sink))
+        return cr is not None and cr.guard is not None and cr.mapping is not None
 
     async def _route(self, sink: str, event: Event) -> Event | None:
         cr = self.pairs.get((event.source, sink))

@@ -681,9 +681,15 @@ class Engine:
         raw = conn.raw
         with _rolled_back_on_error(raw):
             groups: dict[Any, list[GroupedOp]] = {}
+            plain = False
             for op in batch:
                 if isinstance(op, GroupedOp):
                     groups.setdefault(op.group, []).append(op)
+                else:
+                    plain = True
+            if len(groups) == 1 and not plain:  # the common case under load: a batch of enqueues only
+                [(fn, ops)] = groups.items()
+                return self._apply_group(conn, fn, ops)
             grouped: dict[int, Any] = {}
             for fn, ops in groups.items():
                 for op, res in zip(ops, self._apply_group(conn, fn, ops), strict=True):
@@ -718,10 +724,10 @@ class Engine:
         try:
             merged = _drive(fn(conn, ops))
         except Exception as e:
+            if _unavailable(e):  # the whole transaction fails (SQLite may have rolled it back already)
+                raise
             raw.execute("ROLLBACK TO grp")
             raw.execute("RELEASE grp")
-            if _unavailable(e):
-                raise
             if len(ops) == 1:
                 return [_Failed(e)]
         else:
@@ -733,10 +739,10 @@ class Engine:
             try:
                 [res] = _drive(fn(conn, [op]))
             except Exception as e:
-                raw.execute("ROLLBACK TO grp")
-                raw.execute("RELEASE grp")
                 if _unavailable(e):
                     raise
+                raw.execute("ROLLBACK TO grp")
+                raw.execute("RELEASE grp")
                 log.error("an operation failed alone in its group commit: %s", e)
                 results.append(_Failed(e))
                 continue

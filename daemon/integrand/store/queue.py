@@ -24,32 +24,47 @@ log = logging.getLogger("integrand.store")
 
 
 class _Prepared(NamedTuple):
-    """An event serialised before it is queued, so a bad one fails its own caller, not a group commit."""
+    """An event with its version made canonical before it is queued (a bad version fails its caller at once)."""
 
     event: Event
     sinks: Sequence[str]
-    body: bytes
-    hash: str | None  # content hash, for events with an entity only
     version: str | None  # canonical (events.canonical_version), for events with an entity only
 
 
 def _prepare(items: Sequence[tuple[Event, Sequence[str]]]) -> list[_Prepared]:
     out = []
     for ev, sinks in items:
-        h = version = None
-        try:
-            body = ev.to_json()
-            if ev.entity_id is not None:
-                h = data_hash(ev)
-                version = None if ev.version is None else canonical_version(ev.version)
-        except TypeError as e:  # orjson.JSONEncodeError is a TypeError
-            raise UnstorableEvent(
-                f"event {ev.id!r} of source {ev.source!r} cannot be stored: it is not JSON-serialisable ({e})"
-            ) from e
-        except VersionError as e:
-            raise UnstorableEvent(f"event {ev.id!r} of source {ev.source!r} cannot be stored: {e}") from e
-        out.append(_Prepared(ev, sinks, body, h, version))
+        version = None
+        for text in (ev.id, ev.source, ev.type, ev.entity, ev.entity_id, ev.version):
+            # The columns SQLite binds must be UTF-8 (a header's undecodable bytes arrive as surrogates).
+            if text is not None and not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError as e:
+                    raise UnstorableEvent(
+                        f"event {ev.id!r} of source {ev.source!r} cannot be stored: a field is not valid UTF-8 ({e})"
+                    ) from e
+        if ev.entity_id is not None and ev.version is not None:
+            try:
+                version = canonical_version(ev.version)
+            except VersionError as e:
+                raise UnstorableEvent(f"event {ev.id!r} of source {ev.source!r} cannot be stored: {e}") from e
+        out.append(_Prepared(ev, sinks, version))
     return out
+
+
+def _serialised(ev: Event) -> tuple[bytes, str | None]:
+    """The event's JSON and (with an entity) its content hash, or UnstorableEvent naming it.
+
+    Done by the writer, between commits: on the caller's side it would run while a COMMIT is on
+    the store's thread and compete with it for the GIL. A failure here fails the merged enqueues,
+    which are then applied one savepoint each, so only this event's caller gets the error."""
+    try:
+        return ev.to_json(), (data_hash(ev) if ev.entity_id is not None else None)
+    except TypeError as e:  # orjson.JSONEncodeError is a TypeError
+        raise UnstorableEvent(
+            f"event {ev.id!r} of source {ev.source!r} cannot be stored: it is not JSON-serialisable ({e})"
+        ) from e
 
 
 class _EnqueueOp(GroupedOp):
@@ -104,16 +119,20 @@ class Queue(Engine):
         seen.update(stored)
         repeats: list[tuple[str, str]] = []  # pushed again (a provider's retry): the event's story says so
         entities = await self._entity_versions_for(conn, [it.event for op in ops for it in op.items])
+        # Event ids from the table itself, inside this transaction: BEGIN IMMEDIATE holds the write lock,
+        # so no other process (a CLI command) can insert meanwhile, and nothing is remembered between
+        # transactions that another writer could overtake. (INSERT … RETURNING costs 60 % more per row.)
+        [(last,)] = await conn.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM events")
         now = self.clock()
         event_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
         entity_rows: list[tuple[Any, ...]] = []
         cursor_rows: list[tuple[Any, ...]] = []
-        fanout: list[tuple[str, str, str, Sequence[str], bool]] = []
+        fanout: list[tuple[int, str, str, str, Sequence[str], bool]] = []
         results = []
         for op in ops:
             accepted = dup = stale = 0
-            for ev, sinks, body, h, version in op.items:
+            for ev, sinks, version in op.items:
                 k = (ev.source, ev.id)
                 if k in seen:
                     dup += 1
@@ -121,6 +140,7 @@ class Queue(Engine):
                         repeats.append(k)
                     continue
                 seen.add(k)
+                body, h = _serialised(ev)
                 if ev.entity_id is not None:
                     ek = (ev.source, ev.entity or "", ev.entity_id)
                     assert h is not None
@@ -143,26 +163,21 @@ class Queue(Engine):
                     entity_rows.append((*ek, keep, h, int(deleted), ev.id, now))
                 accepted += 1
                 op.new = op.new or bool(sinks)
-                event_rows.append((ev.source, ev.id, ev.type, ev.entity_key, now, body))
-                fanout.append((ev.source, ev.id, ev.entity_key, sinks, ev.entity_id is not None))
+                ekey = ev.entity_key
+                row = last + len(event_rows) + 1
+                event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, body))
+                fanout.append((row, ev.source, ev.id, ekey, sinks, ev.entity_id is not None))
             if op.cursor is not None:
                 cursor_rows.append((*op.cursor, now))
             results.append(EnqueueResult(accepted, dup, stale))
         if event_rows:
-            # SQLite assigns the ids (another process may have inserted events since we last looked).
-            row_of = {
-                (r[1], r[2]): r[0]
-                for r in await conn.insert_returning(
-                    "INSERT INTO events (source, event_id, type, entity_key, received_at, body)",
-                    event_rows,
-                    "id, source, event_id",
-                )
-            }
+            await conn.insert_rows(
+                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body)", event_rows
+            )
             # A new delivery heads its line unless the line already has an active delivery (or an
             # earlier one in this batch); an event without an entity is a line of its own.
-            busy = await _busy_lines(conn, {(sink, f[2]) for f in fanout if f[4] for sink in f[3]})
-            for source, event_id, ekey, sinks, ordered in fanout:
-                row = row_of[(source, event_id)]
+            busy = await _busy_lines(conn, {(sink, f[3]) for f in fanout if f[5] for sink in f[4]})
+            for row, _source, _event_id, ekey, sinks, ordered in fanout:
                 for sink in sinks:
                     head: int | None = 1
                     if ordered:
@@ -178,7 +193,7 @@ class Queue(Engine):
                 delivery_rows,
             )
         if repeats:
-            rows = {**stored, **(row_of if event_rows else {})}  # a repeat of a stale event has no row: no line
+            rows = {**stored, **{(f[1], f[2]): f[0] for f in fanout}}  # a repeat of a stale event has no row
             note = "received again; acknowledged, not stored twice"
             dup_rows = [(now, rows[k], None, "deduplicated", note) for k in repeats if k in rows]
             if dup_rows:
