@@ -122,7 +122,7 @@ def reconcile_schedule(spec: str) -> float | str:
 
 
 class StreamSettings(StrictModel):
-    """``[sources.NAME.stream]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
+    """``[sources.NAME.streaming]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
 
     # Reconnect after a retryable error (or a refused commit) with full-jitter backoff from base to cap.
     backoff_base: Duration = 0.5
@@ -144,7 +144,8 @@ class SourceCore(StrictModel):
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
     poll: PollSettings = PollSettings()
-    stream: StreamSettings = StreamSettings()
+    # Not `stream`: that is what brokers call their streams, and connectors own their keys.
+    streaming: StreamSettings = StreamSettings()
 
 
 class SinkCore(StrictModel):

@@ -313,7 +313,7 @@ def streamers_for(
                 inst,
                 store,
                 router,
-                core.stream,
+                core.streaming,
                 metrics=metrics,
                 rejections_kept=settings.daemon.rejections_kept,
             )
