@@ -78,7 +78,7 @@ async def test_kill9_of_the_consuming_integrand_loses_nothing_and_stores_once(tm
                 headers={
                     "Nats-Msg-Id": f"m{i}",
                     "Integrand-Entity": "item",
-                    "Integrand-Entity-Id": f"k{i % 17}",
+                    "Integrand-Entity-Id": f"k{i % 97}",
                     "Integrand-Version": str(i),
                 },
             )
