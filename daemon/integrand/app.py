@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .admin import Admin
+from .aggregate import aggregator_runtimes
 from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
@@ -159,6 +160,10 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             retry=s.retry_for(name),
             breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
         )
+    for name, rt in aggregator_runtimes(s, store, lambda scope: ScopedState(store, scope), clock).items():
+        await rt.connector.start()  # type: ignore[attr-defined]  # an Aggregator: resumes its open windows
+        connectors[f"sink:{name}"] = rt.connector  # type: ignore[assignment]  # closed with the others
+        sinks[name] = rt
     router = Router(s.routes)
     pollers: dict[str, SourcePoller] = {}
     for name, cs in s.sources.items():
