@@ -197,11 +197,18 @@ class Streamer:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STOP_GRACE
+            while not task.done() and (left := deadline - loop.time()) > 0:
+                try:
+                    await asyncio.wait({task}, timeout=left)
+                except asyncio.CancelledError:
+                    continue  # shutdown cancels again: this batch still gets its commit and ack, within the grace
             if not task.done():
-                await asyncio.wait({task}, timeout=STOP_GRACE)
-                if not task.done():
-                    task.cancel()
-                    log.warning("source %s: stopped before the last batch committed; it will be redelivered", self.name)
+                task.cancel()
+                log.warning("source %s: stopped before the last batch committed; it will be redelivered", self.name)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("source %s: the last batch before the stop: %s", self.name, task.exception())
             raise
 
     async def _commit_and_ack(self, batch: StreamBatch) -> None:

@@ -207,24 +207,24 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
                 )
             except (nats.errors.Error, OSError) as e:
                 futures.append(RetryableError(f"NATS publish to {subject!r} failed: {type(e).__name__}: {e}"))
+        waiting = [f for f in futures if not isinstance(f, BaseException)]
+        if waiting:  # one wait for the whole batch: a wait_for per message costs a task each
+            await asyncio.wait(waiting, timeout=self.config.publish_timeout)
         results: list[BaseException | None] = []
-        deadline = asyncio.get_running_loop().time() + self.config.publish_timeout
         for ev, fut in zip(events, futures, strict=True):
             if isinstance(fut, BaseException):
                 results.append(fut)
-                continue
-            try:
-                await asyncio.wait_for(fut, max(0.0, deadline - asyncio.get_running_loop().time()))
-                results.append(None)
-            except TimeoutError:
+            elif not fut.done():
                 fut.cancel()
                 results.append(RetryableError(f"no PubAck for {ev.key} within {self.config.publish_timeout:g} s"))
-            except nats.js.errors.NoStreamResponseError:
+            elif (err := fut.exception()) is None:
+                results.append(None)
+            elif isinstance(err, nats.js.errors.NoStreamResponseError):
                 results.append(RetryableError(f"no JetStream stream takes subject {render(self.config.subject, ev)!r}"))
-            except nats.js.errors.APIError as e:
-                results.append(_api_error(e, ev))
-            except nats.errors.Error as e:
-                results.append(RetryableError(f"NATS publish failed: {type(e).__name__}: {e}"))
+            elif isinstance(err, nats.js.errors.APIError):
+                results.append(_api_error(err, ev))
+            else:
+                results.append(RetryableError(f"NATS publish failed: {type(err).__name__}: {err}"))
         return results
 
     # --- source ---------------------------------------------------------------------------------
@@ -382,9 +382,10 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         p: _Pending = batch.token
         p.stop()
         try:
+            # Fire-and-forget acks, no flush round trip: they precede the next fetch on this connection, and a
+            # lost one only means a redelivery the event ids absorb.
             for i, m in enumerate(p.msgs):
                 await (m.term() if i in p.bad else m.ack())
-            await p.nc.flush(timeout=max(1, int(self.config.connect_timeout)))
         except (nats.errors.Error, OSError) as e:
             # Committed already: the redelivery this causes is absorbed by the event ids.
             raise RetryableError(f"NATS ack failed: {type(e).__name__}: {e}") from None
