@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import string
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
@@ -32,8 +30,11 @@ from integrand.connector import (
     AuthError,
     Connector,
     ConnectorConfig,
+    ConnectorContext,
     Duration,
     Event,
+    EventTemplate,
+    PayloadError,
     PermanentError,
     Rejected,
     RetryableError,
@@ -42,37 +43,11 @@ from integrand.connector import (
     StreamBatch,
     StreamingSource,
     content_id,
+    envelope_event,
 )
 
-TEMPLATE_FIELDS = frozenset({"source", "type", "entity", "entity_id", "id"})
-EVENT_FIELDS = ("id", "source", "type", "data", "received_at", "entity", "entity_id", "version", "occurred_at", "meta")
-# Routing keys are dot-separated words; '*' and '#' are wildcards only in bindings, but keep them out anyway.
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-.:/]")
 REASON_HEADER = "x-integrand-rejected"
 BODY_EXCERPT = 2048
-
-
-def check_template(template: str) -> str:
-    """A routing-key template may name only event fields: a typo is a config error, not a misrouted message."""
-    for _, name, spec, conv in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if name not in TEMPLATE_FIELDS or spec or conv:
-            raise ValueError(f"unknown field {{{name}}} (use {', '.join(sorted(TEMPLATE_FIELDS))})")
-    return template
-
-
-def render(template: str, event: Event) -> str:
-    def tok(value: str | None) -> str:
-        return _UNSAFE.sub("_", value) if value else "_"
-
-    return template.format(
-        source=tok(event.source),
-        type=tok(event.type),
-        entity=tok(event.entity),
-        entity_id=tok(event.entity_id),
-        id=tok(event.id),
-    )
 
 
 class QueueDeclare(ConnectorConfig):
@@ -115,7 +90,7 @@ class AmqpConfig(ConnectorConfig):
     @field_validator("routing_key")
     @classmethod
     def _template(cls, v: str) -> str:
-        return check_template(v)
+        return EventTemplate.check(v)
 
     @field_validator("url")
     @classmethod
@@ -137,6 +112,10 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
     _conn: aio_pika.abc.AbstractConnection | None = None
     _channel: aio_pika.abc.AbstractChannel | None = None
     _exchange: aio_pika.abc.AbstractExchange | None = None
+
+    def __init__(self, config: AmqpConfig, ctx: ConnectorContext):
+        super().__init__(config, ctx)
+        self._template = EventTemplate(config.routing_key, allowed=r"A-Za-z0-9_\-.:/")
 
     async def start(self) -> None:
         self._lock = asyncio.Lock()
@@ -231,7 +210,7 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
             asyncio.ensure_future(
                 exchange.publish(
                     self._message(ev),
-                    render(self.config.routing_key, ev),
+                    self._template.render(ev),
                     mandatory=self.config.mandatory,
                     timeout=self.config.publish_timeout,
                 )
@@ -240,7 +219,7 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
         ]
         results: list[BaseException | None] = []
         for ev, fut in zip(events, pending, strict=True):
-            key = render(self.config.routing_key, ev)
+            key = self._template.render(ev)
             try:
                 await fut
                 results.append(None)
@@ -374,11 +353,13 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
         amqp_meta = {"queue": self.config.queue, "routing_key": m.routing_key, "exchange": m.exchange}
         fmt = self.config.format
         msg_id = m.message_id if self.config.dedup == "message_id" else None
-        if fmt != "json" and isinstance(body, dict) and {"id", "source", "type", "data"} <= body.keys():
+        inner = None
+        if fmt != "json":
             try:
-                inner = Event(**{k: body[k] for k in EVENT_FIELDS if k in body})
-            except TypeError as e:
-                raise _Unparsable(f"not an integrand envelope ({e})") from None
+                inner = envelope_event(body)
+            except PayloadError as e:
+                raise _Unparsable(str(e)) from None
+        if inner is not None:
             return Event(
                 id=msg_id or inner.key,
                 source=self.ctx.name,

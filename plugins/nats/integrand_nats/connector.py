@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import string
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,8 +31,11 @@ from integrand.connector import (
     AuthError,
     Connector,
     ConnectorConfig,
+    ConnectorContext,
     Duration,
     Event,
+    EventTemplate,
+    PayloadError,
     PermanentError,
     PositionLost,
     Rejected,
@@ -43,39 +44,12 @@ from integrand.connector import (
     Sink,
     StreamBatch,
     StreamingSource,
+    envelope_event,
 )
 
 # The client's own reconnect attempts (0.5 s apart) before it gives up; then the sink reconnects on its next
 # delivery and the source through integrand's backoff. Bounded, so a server that is down is reported.
 RECONNECTS = 10
-TEMPLATE_FIELDS = frozenset({"source", "type", "entity", "entity_id", "id"})
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-.]")
-EVENT_FIELDS = ("id", "source", "type", "data", "received_at", "entity", "entity_id", "version", "occurred_at", "meta")
-
-
-def check_template(template: str) -> str:
-    """A subject template may name only event fields; unknown ones are a config error, not a publish-time surprise."""
-    for _, name, spec, conv in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if name not in TEMPLATE_FIELDS or spec or conv:
-            raise ValueError(f"unknown field {{{name}}} (use {', '.join(sorted(TEMPLATE_FIELDS))})")
-    return template
-
-
-def render(template: str, event: Event) -> str:
-    """The template with the event's fields; characters a subject token cannot hold become '_'."""
-
-    def tok(value: str | None) -> str:
-        return _UNSAFE.sub("_", value) if value else "_"
-
-    return template.format(
-        source=tok(event.source),
-        type=tok(event.type),
-        entity=tok(event.entity),
-        entity_id=tok(event.entity_id),
-        id=tok(event.id),
-    )
 
 
 class NatsConfig(ConnectorConfig):
@@ -107,7 +81,7 @@ class NatsConfig(ConnectorConfig):
     @field_validator("subject")
     @classmethod
     def _template(cls, v: str) -> str:
-        return check_template(v)
+        return EventTemplate.check(v)
 
 
 @dataclass
@@ -133,6 +107,10 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
 
     _nc: Client | None = None
     _lock: asyncio.Lock | None = None
+
+    def __init__(self, config: NatsConfig, ctx: ConnectorContext):
+        super().__init__(config, ctx)
+        self._template = EventTemplate(config.subject)
 
     async def start(self) -> None:
         self._lock = asyncio.Lock()
@@ -187,7 +165,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             if value is not None:
                 headers[name] = value
         payload = event.to_json() if self.config.payload == "envelope" else orjson.dumps(event.data)
-        return render(self.config.subject, event), payload, headers
+        return self._template.render(event), payload, headers
 
     async def deliver(self, event: Event) -> None:
         [err] = await self.deliver_batch([event])
@@ -220,7 +198,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             elif (err := fut.exception()) is None:
                 results.append(None)
             elif isinstance(err, nats.js.errors.NoStreamResponseError):
-                results.append(RetryableError(f"no JetStream stream takes subject {render(self.config.subject, ev)!r}"))
+                results.append(RetryableError(f"no JetStream stream takes subject {self._template.render(ev)!r}"))
             elif isinstance(err, nats.js.errors.APIError):
                 results.append(_api_error(err, ev))
             else:
@@ -341,11 +319,13 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         nats_meta = {"subject": m.subject, "stream": self.config.stream, "seq": seq}
         msg_id = headers.get("Nats-Msg-Id")
         fmt = self.config.format
-        if fmt != "json" and isinstance(body, dict) and {"id", "source", "type", "data"} <= body.keys():
+        inner = None
+        if fmt != "json":
             try:
-                inner = Event(**{k: body[k] for k in EVENT_FIELDS if k in body})
-            except TypeError as e:
-                raise _Unparsable(f"not an integrand envelope ({e})") from None
+                inner = envelope_event(body)
+            except PayloadError as e:
+                raise _Unparsable(str(e)) from None
+        if inner is not None:
             return Event(
                 id=msg_id or inner.key,
                 source=self.ctx.name,
