@@ -26,6 +26,7 @@ filters and wildcards are not needed to pick one value per target field.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import logging
@@ -45,6 +46,7 @@ from .aggregate import AggregateSettings, virtual_sink
 from .connector import Enricher
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
+from .keypaths import format_errors
 from .types import RelPath, StrictModel
 
 log = logging.getLogger("integrand.routes")
@@ -84,7 +86,13 @@ def _decimal(v: Any) -> Decimal:
         raise ValueError(f"{v!r} is not a number") from None
     if not d.is_finite():
         raise ValueError(f"{v!r} is not a finite number")
+    # "1e890994" would become an 890,994-digit int (seconds of CPU on the loop): nothing real is that large.
+    if d and abs(d.adjusted()) > MAX_EXPONENT:
+        raise ValueError(f"{str(v)[:40]!r} is out of range (beyond 1e{MAX_EXPONENT})")
     return d
+
+
+MAX_EXPONENT = 308  # a double's range: what every sink's JSON can hold anyway
 
 
 def _to_int(v: Any) -> int:
@@ -253,7 +261,6 @@ class RouteSettings(StrictModel):
 
 def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None, list[str]]:
     """The route's compiled mapping, or the problems with it as ``key.path: message`` lines."""
-    from .config import _format  # the one formatter of key-path errors
 
     spec: dict[str, FieldSpec] | None = route.map
     lookups = dict(route.lookups)
@@ -268,7 +275,7 @@ def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None,
         try:
             mf = MappingFile.model_validate(raw)
         except ValidationError as e:
-            return None, _format(e, f"{where}.mapping({path.name})", MappingFile)
+            return None, format_errors(e, f"{where}.mapping({path.name})", MappingFile)
         spec = mf.map
         lookups = {**mf.lookups, **lookups}
     if spec is None:
@@ -349,7 +356,7 @@ class FieldMapping:
         for name in f.convert:
             try:
                 value = CONVERSIONS[name](value)
-            except (ValueError, TypeError, OverflowError) as e:
+            except (ValueError, TypeError, OverflowError, OSError) as e:  # OSError: an epoch the C library refuses
                 raise MappingError(f"map.{target}: cannot convert {value!r} with {name!r}: {e}") from None
         if f.lookup is not None:
             table = self.lookups[f.lookup]
@@ -498,12 +505,11 @@ class RouteRuntime:
                 fetched = [e] * len(idxs)
             for i, res in zip(idxs, fetched, strict=True):
                 out[i] = self._enrich_error(source, events[i], res) if isinstance(res, BaseException) else res
-        for i, item in enumerate(out):
-            if isinstance(item, Event):
-                try:
-                    out[i] = await self._route(sink, item)
-                except Exception as e:
-                    out[i] = e
+        # Concurrently, so the loop guard's state writes for the whole batch share one group commit.
+        todo = [(i, item) for i, item in enumerate(out) if isinstance(item, Event)]
+        routed = await asyncio.gather(*(self._route(sink, item) for _, item in todo), return_exceptions=True)
+        for (i, _), outcome in zip(todo, routed, strict=True):
+            out[i] = outcome
         return out
 
     async def _route(self, sink: str, event: Event) -> Event | None:

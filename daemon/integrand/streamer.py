@@ -27,6 +27,7 @@ from .backoff import retry_delay
 from .config import Settings, SourceCore, StreamSettings
 from .connector import PositionLost, StreamBatch, StreamingSource
 from .errors import AuthError, PermanentError, RetryableError, StoreUnavailable
+from .intake import intake
 from .metrics import Metrics
 from .routes import Router
 from .store import Store
@@ -244,11 +245,11 @@ class Streamer:
             self.store.record_rejection(self.name, r.status, r.reason, None, dict(r.headers), self.rejections_kept)
             log.warning("source %s: rejected a message: %s", self.name, r.reason)
         if batch.events or batch.rejected or batch.position != self.position:
-            items = [(ev, self.router.sinks_for(ev)) for ev in batch.events]
-            res = await self.store.enqueue_with_cursor(items, self.name, batch.position, kind=KIND)
-            self.metrics.events.inc(self.name, "accepted", amount=res.accepted)
-            if res.duplicates or res.stale:
-                self.metrics.events.inc(self.name, "duplicate", amount=res.duplicates + res.stale)
+            # An event the store cannot hold (UnstorableEvent, a connector bug) is a PermanentError: an
+            # alert, nothing stored or acked, the position unmoved.
+            await intake(
+                self.store, self.router, self.name, batch.events, metrics=self.metrics, cursor=batch.position, kind=KIND
+            )
         self.position = batch.position
         self.batches += 1
         self.events += len(batch.events)

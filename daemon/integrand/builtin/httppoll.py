@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from jsonpath_ng import JSONPath
-from jsonpath_ng.exceptions import JsonPathParserError
+from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.parser import parse as jsonpath_parse
 from pydantic import field_validator
 
@@ -55,7 +55,7 @@ def _path(v: str | None) -> str | None:
     if v is not None:
         try:
             jsonpath_parse(v)
-        except (JsonPathParserError, ValueError, TypeError, AttributeError) as e:
+        except (JSONPathError, ValueError, TypeError, AttributeError) as e:  # the lexer's errors too
             raise ValueError(f"not a valid JSONPath: {v!r} ({e})") from None
     return v
 

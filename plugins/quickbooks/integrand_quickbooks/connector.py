@@ -103,7 +103,8 @@ class QuickBooksConfig(ConnectorConfig):
     def _fernet(cls, v: list[SecretValue]) -> list[SecretValue]:
         if not v:
             raise ValueError("give at least one token_key")
-        make_cipher([k.reveal() for k in v])
+        if all(k.resolved for k in v):  # lazily loaded ones (the CLI's) are checked where they are read
+            make_cipher([k.reveal() for k in v])
         return v
 
     @property
