@@ -28,6 +28,7 @@ from integrand.config import parse_config
 from integrand.connector import ConnectorConfig, ConnectorContext, Event, WebhookRequest, WebhookSource
 from integrand.errors import ConfigError, WebhookRejected
 from integrand.listener import unstorable
+from integrand.plugins import Registry
 from integrand.routes import MappingError, RouteSettings, load_mapping
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -223,10 +224,16 @@ def config(data: bytes) -> None:
 def config_dict(raw: dict[str, Any]) -> None:
     """The loader after TOML parsing: only ConfigError, each problem a readable line."""
     try:
-        parse_config(raw, base_dir=Path("/nonexistent-fuzz"))
+        parse_config(raw, base_dir=Path("/nonexistent-fuzz"), registry=_registry())
     except ConfigError as e:
         if not e.problems or not all(isinstance(p, str) and p for p in e.problems):
             raise Finding(f"ConfigError without readable problems: {e.problems!r}") from e
+
+
+@functools.cache
+def _registry() -> Registry:
+    """Entry points discovered once: the loader is what is fuzzed, not importlib's metadata scan per example."""
+    return Registry.default()
 
 
 @functools.cache

@@ -20,8 +20,11 @@ def format_errors(
     lines = []
     for e in err.errors(include_url=False):
         loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        # Union members add their type name to the location; drop those to keep the key path.
-        loc = [p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|list|str|dict|int|float|bool|none", p)]
+        # Union members add their type name to the location; drop those to keep the key path. An unknown
+        # key is always the last element and is the user's word, even when it reads "none" or "list".
+        keep = loc[-1:] if e["type"] == "extra_forbidden" else []
+        inner = loc[:-1] if keep else loc
+        loc = [p for p in inner if not re.fullmatch(r"[a-z]+\[.*\]|list|str|dict|int|float|bool|none", p)] + keep
         parts = [prefix, *[f"[{p}]" if p.isdigit() else p for p in loc]]
         path = ".".join(parts).replace(".[", "[")
         if e["type"] == "extra_forbidden":
