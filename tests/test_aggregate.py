@@ -153,3 +153,39 @@ async def test_kill9_mid_window_loses_nothing_and_delivers_one_window(tmp_path: 
     assert w["data"]["count"] == 10 and w["data"]["closed"] == "count"
     assert [it["id"] for it in w["data"]["items"]] == [f"li{i}" for i in range(10)]
     assert w["data"]["sums"] == {"data.amount": 45}
+
+
+async def test_a_refused_flush_keeps_the_window_and_the_redelivery_flushes_it_once(tmp_path: Path) -> None:
+    from integrand.aggregate import Aggregator
+    from integrand.app import ScopedState
+    from integrand.connector import ConnectorContext, Event
+    from integrand.errors import StoreUnavailable
+    from integrand.testing import temp_store
+
+    async with temp_store(tmp_path / "s.db") as store:
+        ctx = ConnectorContext(name="w~agg0", role="sink", base_dir=tmp_path, state=ScopedState(store, "aggregate:x"))
+        agg = Aggregator(
+            AggregateSettings(max_count=3), ctx, store=store, source="shop", target="warehouse", tag="routes[0]:w"
+        )
+        await agg.start()
+        evs = [Event(id=f"e{i}", source="shop", type="t", data={"n": i}) for i in range(3)]
+        assert await agg.deliver_batch(evs[:2]) == [None, None]
+        real = store.enqueue
+        calls = 0
+
+        async def refuse_once(items: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise StoreUnavailable("store cannot commit: database or disk is full")
+            return await real(items)
+
+        store.enqueue = refuse_once  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await agg.deliver_batch(evs[2:])  # the window is full; its flush is refused
+        assert await agg.deliver_batch(evs[2:]) == [None]  # the dispatcher's retry: flushed now, once
+        assert await agg.deliver_batch(evs[:1]) == [None]  # a late redelivery of the flushed window: ignored
+        await agg.close()
+        assert await store.event_count() == 1
+        [row] = await store.lease(10, 30.0)
+        assert [it["id"] for it in row.event.data["items"]] == ["e0", "e1", "e2"]

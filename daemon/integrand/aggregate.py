@@ -170,12 +170,16 @@ class Aggregator(Connector[AggregateSettings], Sink):
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        index = await self.ctx.state.get("open") or []
-        for g in index:
+    async def _load(self) -> None:
+        """The open windows as the store has them (the only copy that counts)."""
+        self._groups = {}
+        for g in await self.ctx.state.get("open") or []:
             st = await self.ctx.state.get(f"g:{g}")
             if isinstance(st, dict):
                 self._groups[g] = st
+
+    async def start(self) -> None:
+        await self._load()
         if self._groups:
             n = sum(len(st.get("items", [])) for st in self._groups.values())
             log.info("aggregate %s: resumed %d open window(s) holding %d event(s)", self.tag, len(self._groups), n)
@@ -220,32 +224,43 @@ class Aggregator(Connector[AggregateSettings], Sink):
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
         """Add each event to its group's window (once: redeliveries are recognised), persist, flush full ones."""
         async with self._lock:
-            now = self.clock()
-            touched: set[str] = set()
-            for ev in events:
-                g = self._group_of(ev)
+            try:
+                return await self._add(events)
+            except BaseException:
+                # Nothing half-kept in memory: the redelivery must find the windows as the store has them.
+                with contextlib.suppress(Exception):
+                    await self._load()
+                raise
+
+    async def _add(self, events: Sequence[Event]) -> list[BaseException | None]:
+        """Add each event to its group's window once, persist, flush full ones (under the lock)."""
+        now = self.clock()
+        touched: set[str] = set()
+        for ev in events:
+            g = self._group_of(ev)
+            st = self._groups.get(g)
+            if st is not None and st["items"] and st["deadline"] is not None and st["deadline"] <= now:
+                await self._flush(g, "time")  # its time was up before this event came
                 st = self._groups.get(g)
-                if st is not None and st["items"] and st["deadline"] is not None and st["deadline"] <= now:
-                    await self._flush(g, "time")  # its time was up before this event came
-                    st = self._groups.get(g)
-                if st is None:
-                    st = {"items": [], "keys": [], "prev": [], "opened": now, "deadline": self._deadline(now)}
-                    self._groups[g] = st
-                key = ev.key
-                if key in st["keys"] or key in st["prev"]:
-                    continue  # delivered again after a crash: already in this window or the last one
+            if st is None:
+                st = {"items": [], "keys": [], "prev": [], "opened": now, "deadline": self._deadline(now)}
+                self._groups[g] = st
+            key = ev.key
+            # Delivered again (after a crash, or a flush the store refused): already in this window or the last.
+            if key not in st["keys"] and key not in st["prev"]:
                 if not st["items"]:
                     st["opened"], st["deadline"] = now, self._deadline(now)
                 st["items"].append(ev.to_dict())
                 st["keys"].append(key)
                 touched.add(g)
-                if self.config.max_count is not None and len(st["items"]) >= self.config.max_count:
+            if self.config.max_count is not None and len(st["items"]) >= self.config.max_count:
+                if g in touched:
                     await self._save(g)
-                    await self._flush(g, "count")
-                    touched.discard(g)
-            for g in touched:
-                await self._save(g)
-            await self._save_index()
+                await self._flush(g, "count")
+                touched.discard(g)
+        for g in touched:
+            await self._save(g)
+        await self._save_index()
         return [None] * len(events)
 
     async def _save(self, g: str) -> None:
