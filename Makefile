@@ -7,7 +7,7 @@ PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
 LINT_DIRS = $(wildcard daemon tests bench plugins)
 
-.PHONY: install run test test-tools lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot chromium promtool
+.PHONY: install run test test-tools lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot chromium promtool demo-crm-sync pubsub-stubs
 
 install: $(STAMP)
 
@@ -70,6 +70,16 @@ hostile: install
 # Both fakes and a real integrand: a customer created in the QuickBooks fake appears in the HubSpot fake.
 demo-quickbooks-hubspot: install
 	$(BIN)/python plugins/demo_quickbooks_hubspot.py
+
+# Three fakes and a real integrand: a Contact created in Salesforce reaches HubSpot and a custom CRM,
+# and both ids come back to Salesforce as the confirmation (examples/crm-sync).
+demo-crm-sync: install
+	$(BIN)/python plugins/demo_crm_sync.py
+
+# Regenerate the committed Salesforce Pub/Sub API messages from the committed proto (a test checks they match).
+PUBSUB = plugins/salesforce/integrand_salesforce/pubsub
+pubsub-stubs: install
+	$(BIN)/python -m grpc_tools.protoc -I$(PUBSUB) --python_out=$(PUBSUB) --pyi_out=$(PUBSUB) $(PUBSUB)/pubsub_api.proto
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ Each target takes arbitrary bytes (from atheris in ``bench/fuzz.py``, from hypot
   or refused by the listener's check (the store is never handed what it cannot serialise);
 - ``config``: the TOML config loader raises only ConfigError (one message per problem, with its key);
 - ``mapping``: a route's field mapping on arbitrary event data returns a record or raises MappingError;
+- ``listing``: http-poll's reading of a listing page yields events or an IntegrandError (retry, give up);
 - ``http``: the raw bytes are an HTTP request for a running daemon (replayed in test_fuzz.py).
 """
 
@@ -283,7 +284,44 @@ def mapping(data: bytes) -> None:
                     _mapping().apply(Event(id=f"e{i}", source="src", type="t", data={"email": "a@b", k: doc[k]}))
 
 
-TARGETS = {"webhook": webhook, "config": config, "mapping": mapping}
+@functools.cache
+def _poller() -> Any:
+    from integrand.builtin.httppoll import HttpPollSource
+
+    return _connector(
+        HttpPollSource,
+        {
+            "url": "http://127.0.0.1:1/r?since={since}",
+            "items": "$.results[*]",
+            "id": "$.id",
+            "updated": "$.updated_at",
+            "next_page": "$.next",
+            "deleted": "$.archived",
+        },
+    )
+
+
+def listing(data: bytes) -> None:
+    """http-poll's reading of a listing page: events and the next page, or an IntegrandError saying why not."""
+    import orjson
+
+    from integrand.errors import IntegrandError
+
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return  # _get answers RetryableError "invalid JSON" before this point
+    src = _poller()
+    try:
+        events, _ = src._events(body)
+        src._page(body)
+    except IntegrandError:
+        return
+    for ev in events:
+        ev.to_json()
+
+
+TARGETS = {"webhook": webhook, "config": config, "mapping": mapping, "listing": listing}
 
 
 def corpus(target: str) -> list[Path]:

@@ -255,6 +255,8 @@ token = {env = "INTEGRAND_TEST_ADMIN_TOKEN"}
                 assert await d.store.state_get("sink:crm", "tokens") == {"refresh": "r1"}
                 async with local.put("http://integrand/api/state/sink:nope/tokens", json={"value": 1}) as r:
                     assert r.status == 404
+                async with local.put("http://integrand/api/state/connection:nope/tokens", json={"value": 1}) as r:
+                    assert r.status == 404  # no source or sink is connected through [connections.nope]
                 async with local.put(state, json={"other": 1}) as r:
                     assert r.status == 400
     finally:

@@ -236,3 +236,57 @@ def test_a_huge_exponent_is_refused_not_computed() -> None:
         with pytest.raises(MappingError, match="out of range"):
             t._mapping().apply(Event(id="e", source="src", type="t", data={"email": "a@b", "age": value}))
     assert time.monotonic() - started < 1
+
+
+@st.composite
+def pipelined(draw: st.DrawFn) -> tuple[bytes, int, list[int]]:
+    """Requests one after another on a connection (Content-Length, chunked with extensions and trailers, none),
+    the body limit, and where the stream is cut into reads."""
+    limit = draw(st.integers(16, 400))
+    stream, total_declared = b"", 0
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["length", "chunked", "empty"]))
+        if kind == "length":
+            body = draw(st.binary(max_size=limit))
+            stream += b"POST /hooks/demo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        elif kind == "chunked":
+            sizes = draw(st.lists(st.integers(1, 40), max_size=5))
+            if sum(sizes) > limit:
+                sizes = []
+            total_declared = max(total_declared, sum(sizes))
+            chunks = b"".join(b"%x;x=1\r\n" % n + b"z" * n + b"\r\n" for n in sizes)
+            trailer = draw(st.sampled_from([b"", b"X-T: 1\r\n"]))
+            stream += (
+                b"POST /hooks/demo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + chunks
+                + b"0\r\n"
+                + trailer
+                + b"\r\n"
+            )
+        else:
+            stream += b"GET /hooks/demo HTTP/1.1\r\nHost: x\r\n\r\n"
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    return stream, limit, cuts
+
+
+@FAST
+@given(pipelined())
+def test_chunk_watch_never_refuses_traffic_within_the_limit(case: tuple[bytes, int, list[int]]) -> None:
+    from integrand.guard import ChunkWatch
+
+    stream, limit, cuts = case
+    w = ChunkWatch(lambda target: limit)
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        assert w.feed(stream[a:b]) is None
+    # And still following the framing at the end: a chunk over the limit on the same connection is refused.
+    assert w.state != "off"
+    over = b"POST /hooks/demo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1)
+    assert w.feed(over) == f"body exceeds the limit of {limit} bytes"
+
+
+@FAST
+@given(
+    st.dictionaries(st.sampled_from(["id", "updated_at", "archived", "x"]), json_leaf), st.lists(json_leaf, max_size=3)
+)
+def test_a_listing_page_yields_events_or_says_why(item: dict[str, object], extra: list[object]) -> None:
+    t.listing(orjson.dumps({"results": [item, *extra], "next": extra[0] if extra else None}))

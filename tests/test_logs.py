@@ -68,7 +68,7 @@ to = ["crm"]
             leak = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
             async with s.post(proc.url(), data=orjson.dumps({"k": SINK_SECRET}), headers=leak) as r:
                 assert r.status == 401
-            for _ in range(30):  # a flood of refusals is one line, not thirty
+            for _ in range(30):  # a flood of refusals is a few lines, not thirty
                 async with s.post(proc.url(), data=b"{}", headers={"Content-Type": "application/json"}) as r:
                     assert r.status == 401
             await wait_for(lambda: {e["id"] for e in receiver.delivered()} >= set(ids) - {"poison"}, timeout=20)
@@ -94,7 +94,7 @@ to = ["crm"]
     alert = next(ln for ln in lines if ln["msg"].startswith("ALERT sink crm"))
     assert alert["sink"] == "crm" and alert["level"] == "CRITICAL"
     refused = [ln for ln in lines if "refused webhook" in ln["msg"]]
-    assert len(refused) == 1 and refused[0]["source"] == "demo"
+    assert 1 <= len(refused) <= 5 and refused[0]["source"] == "demo"  # the listener's burst, not 31
     # At info and above: lines for state changes (ready, refusal, dead letter, pause, stop), not one per event.
     info = [ln for ln in lines if ln["level"] != "DEBUG"]
     assert not [ln for ln in info if re.search(r"\bok-\d", ln["msg"]) or str(ln.get("event_id", "")).startswith("ok-")]
@@ -112,18 +112,20 @@ def test_repeats_are_collapsed_per_subject_and_counted() -> None:
     def rec(level: int, msg: str, *args: object) -> logging.LogRecord:
         return logging.LogRecord("integrand.x", level, __file__, 1, msg, args, None)
 
-    kept = [f.filter(rec(logging.INFO, "source %s: refused webhook from %s", "demo", f"10.0.0.{i}")) for i in range(50)]
+    dead = "sink %s: delivery %d failed permanently, dead-lettered: %s"
+    kept = [f.filter(rec(logging.ERROR, dead, "crm", i, "HTTP 400")) for i in range(50)]
     assert kept == [True] + [False] * 49
-    assert f.filter(rec(logging.INFO, "source %s: refused webhook from %s", "other", "10.0.0.1"))  # another subject
-    assert f.filter(rec(logging.DEBUG, "source %s: refused webhook from %s", "demo", "x"))  # debug: all of it
+    assert f.filter(rec(logging.ERROR, dead, "erp", 1, "HTTP 400"))  # another subject
+    assert f.filter(rec(logging.DEBUG, "sink %s: delivery %d sent", "crm", 7))  # debug: all of it
     assert f.filter(rec(logging.CRITICAL, "ALERT sink %s", "demo")) and f.filter(
         rec(logging.CRITICAL, "ALERT sink %s", "demo")
     )
     now[0] = 61.0
-    r = rec(logging.INFO, "source %s: refused webhook from %s", "demo", "10.0.0.99")
+    r = rec(logging.ERROR, dead, "crm", 99, "HTTP 400")
     assert f.filter(r)
     assert r.repeats == 49  # type: ignore[attr-defined]
     assert r.getMessage() == (
-        "source demo: refused webhook from 10.0.0.99 [and 49 more like this in the 60 s before, not logged]"
+        "sink crm: delivery 99 failed permanently, dead-lettered: HTTP 400 "
+        "[and 49 more like this in the 60 s before, not logged]"
     )
-    assert not f.filter(rec(logging.INFO, "source %s: refused webhook from %s", "demo", "10.0.0.100"))
+    assert not f.filter(rec(logging.ERROR, dead, "crm", 100, "HTTP 400"))

@@ -291,8 +291,13 @@ class Admin:
         scope, key = request.match_info["scope"], request.match_info["key"]
         role, _, name = scope.partition(":")
         table = self.d.settings.sources if role == "source" else self.d.settings.sinks if role == "sink" else {}
-        if name not in table:
-            raise reports.NotFound(f"no {role or 'source or sink'} {name!r} (scope is source:NAME or sink:NAME)")
+        shared = role == "connection" and any(
+            cs.connection == name for cs in (*self.d.settings.sources.values(), *self.d.settings.sinks.values())
+        )  # a [connections.NAME] keeps one state for all its sources and sinks
+        if name not in table and not shared:
+            raise reports.NotFound(
+                f"no {role or 'source or sink'} {name!r} (scope is source:NAME, sink:NAME or connection:NAME)"
+            )
         body = await self._body(request)
         if "value" not in body:
             raise reports.BadRequest('give {"value": …}')

@@ -7,13 +7,14 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from . import connections
 from .errors import ConfigError
 from .keypaths import format_errors as _format
 from .keypaths import suggest as _suggest
@@ -23,6 +24,7 @@ from .routes import RouteSettings as RouteSettings
 from .routes import load_mapping
 from .secrets import SecretValue
 from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
+from .validate import compile_validator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -204,6 +206,12 @@ class ConnectorSettings:
     cls: type[Any]
     options: BaseModel
     core: SourceCore | SinkCore
+    connection: str | None = None  # the [connections.NAME] it shares credentials and state with
+
+    @property
+    def state_scope(self) -> str:
+        """Where its durable state (tokens, cursors) lives: shared by everything on one connection."""
+        return connections.scope(self.role, self.name, self.connection)
 
 
 @dataclass(frozen=True)
@@ -272,7 +280,7 @@ def parse_config(
     registry = registry or Registry.default()
     problems: list[str] = []
     ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
-    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "alerts"}
+    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "alerts", "connections"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -290,8 +298,11 @@ def parse_config(
     dispatcher = section("dispatcher", DispatcherSettings)
     alerts = section("alerts", AlertSettings)
 
+    raw, shared = connections.expand(raw, {"sources": SOURCE_CORE_KEYS, "sinks": SINK_CORE_KEYS}, problems)
     sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
     sinks = _connectors(raw.get("sinks", {}), "sink", registry, ctx, problems)
+    sources = {n: replace(s, connection=shared.get(("sources", n))) for n, s in sources.items()}
+    sinks = {n: replace(s, connection=shared.get(("sinks", n))) for n, s in sinks.items()}
 
     routes: list[RouteSettings] = []
     raw_routes = raw.get("routes", [])
@@ -327,6 +338,7 @@ def parse_config(
                 "cannot fetch records"
             )
         problems.extend(load_mapping(route, f"routes[{i}]")[1])
+        problems.extend(compile_validator(route.validate_, f"routes[{i}]")[1])
         routes.append(route)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:

@@ -89,7 +89,9 @@ __all__ = [
     "StreamBatch",
     "StreamingSource",
     "UnsupportedMediaType",
+    "WebhookOutcome",
     "WebhookRejected",
+    "WebhookReply",
     "WebhookRequest",
     "WebhookSource",
     "content_id",
@@ -212,6 +214,40 @@ class WebhookSource(ABC):
     def sign(self, body: bytes, now: float, delivery_id: str) -> dict[str, str] | None:
         """Headers a provider would send with ``body`` (for ``integrand send`` and tests); None if unsupported."""
         return None
+
+    def reply(self, outcome: WebhookOutcome) -> WebhookReply | None:
+        """The HTTP answer for ``outcome`` when the provider expects its own shape (a SOAP ack); None: integrand's JSON.
+
+        Called for every answer on this source's path — success only after the commit, and every
+        refusal — so a provider that retries until it sees its acknowledgement gets it exactly then.
+        """
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOutcome:
+    """What integrand decided about one inbound webhook, for a source that shapes its own answer."""
+
+    status: int  # integrand's own answer: 200 once committed, else the 4xx/5xx it would send
+    reason: str | None = None  # why, when it is not a success
+    accepted: int = 0
+    duplicates: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)  # integrand's headers (Retry-After, Allow)
+
+    @property
+    def committed(self) -> bool:
+        """The events are durable (new or already stored): the provider may forget them."""
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookReply:
+    """A connector's answer to a webhook: status, body and media type (headers such as Retry-After are kept)."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .events import Event, utcnow_iso
 from .guard import GuardedHandler, GuardedServer, PortLimits, QuietLog, TokenBucket
 from .intake import intake
 from .metrics import Metrics
+from .replies import shape_reply
 from .routes import Router
 from .secrets import REDACTED, is_credential_name
 from .store import Store, UnstorableEvent
@@ -190,6 +191,8 @@ class Listener:
             resp = await self._handle(request, name, source)
         finally:
             self.in_flight -= 1
+        if source is not None and source.connector is not None:
+            resp = shape_reply(source.connector, resp)  # a provider's own ack shape (SOAP), if it has one
         self.metrics.webhooks.inc(label, str(resp.status))
         return resp
 

@@ -20,8 +20,9 @@ import orjson
 THIRD_PARTY = ("aiosqlite", "aiohttp", "asyncio", "urllib3", "croniter", "multipart")
 _PREFIX = re.compile(r"^(?:ALERT )?(sink|source) %[sr]\b")
 _DELIVERY = re.compile(r"\bdelivery %d\b")
-# Lines about a single request or delivery; lines about a sink's or source's state are never collapsed.
-_PER_EVENT = re.compile(r"\bdelivery %d\b|refused webhook")
+# Lines about a single delivery; a sink's or source's state changes are never collapsed. Refused
+# webhooks are the listener's to quieten (guard.QuietLog: a few per interval, then one line of counts).
+_PER_EVENT = re.compile(r"\bdelivery %d\b")
 _REQUEST_ID = re.compile(r"\(request id ([^)\s]+)\)")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -65,12 +66,11 @@ def fields(record: logging.LogRecord) -> dict[str, object]:
 class Repeats(logging.Filter):
     """One line per kind of per-event happening per subject per ``window``, not one per event.
 
-    Lines about one event (a refused webhook, a delivery's failure: ``_PER_EVENT``) at info to
+    Lines about one delivery (its failure, its dead-lettering: ``_PER_EVENT``) at info to
     error with the same logger, message template and subject (the first argument: a sink's or
     source's name) are collapsed: the first in a window is logged, the rest
     are counted, and the next one logged after the window says how many were left out
-    (``repeats`` in JSON). A flood of refused webhooks or a sink dead-lettering every delivery is
-    a few lines a minute; each event's own story stays in the store (``integrand events show``).
+    (``repeats`` in JSON). A sink dead-lettering every delivery is a line a minute; each event's own story stays in the store (``integrand events show``).
     Debug lines (asked for) and critical ones (alerts) are never collapsed."""
 
     MAX_KEYS = 10_000

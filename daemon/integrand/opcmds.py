@@ -20,6 +20,7 @@ from .errors import AuthError, RetryableError
 from .reports import BadRequest, NotFound
 
 T = TypeVar("T")
+STATE_ORDER = ("ready", "leased", "done", "dead")
 
 
 def load_lazily(args: argparse.Namespace) -> Settings:
@@ -73,23 +74,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             return _json(st)
         out = [f"store {st['store']}: {st['events']} event(s)" + ("" if st["daemon"] else " (no daemon running)")]
-        sinks = st["deliveries"]
-        if not sinks:
+        counts = st["deliveries"]
+        if not counts:
             out.append("no deliveries yet")
-        for sink in sorted(sinks):
-            parts = ", ".join(f"{s} {sinks[sink].get(s, 0)}" for s in ("ready", "leased", "done", "dead"))
-            out.append(f"  sink {sink}: {parts}")
-        for s in st["sinks"]:
-            b = s.get("breaker")
-            health = ""
+        about = {s["name"]: s for s in st["sinks"]}
+        for sink in sorted(set(counts) | set(about)):
+            line = f"  sink {sink}: " + ", ".join(f"{x} {counts.get(sink, {}).get(x, 0)}" for x in STATE_ORDER)
+            s = about.get(sink)
+            if s is not None and s["backlog"]:
+                line += f"; oldest pending {s['oldest_pending_age']:.0f} s"
+            b = s.get("breaker") if s is not None else None
             if b is not None:
-                health = f", breaker {b['status']}" + (", PAUSED: credentials refused" if s.get("paused") else "")
-            if s["backlog"]:
-                out.append(
-                    f"  sink {s['name']}: backlog {s['backlog']}, oldest pending {s['oldest_pending_age']:.0f} s{health}"
-                )
-            elif health:
-                out.append(f"  sink {s['name']}: nothing pending{health}")
+                line += f"; breaker {b['status']}" + ("; PAUSED: credentials refused" if s and s.get("paused") else "")
+            out.append(line)
         polling = [s for s in st["sources"] if s["polling"] and "last_poll" in s]
         for s in polling:
             out.append(
@@ -207,7 +204,9 @@ def cmd_events(args: argparse.Namespace) -> int:
             out.append(f"event {ev['row']}: {ev['source']}:{ev['id']} ({ev['type']})")
             about = []
             if ev["entity_id"] is not None:
-                about.append(f"entity {ev['entity'] or ''}:{ev['entity_id']}")
+                about.append(
+                    f"entity {ev['entity']}:{ev['entity_id']}" if ev["entity"] else f"entity {ev['entity_id']}"
+                )
             if ev["version"] is not None:
                 about.append(f"version {ev['version']}")
             about += [f"{k} {v}" for k, v in sorted(ev["meta"].items())]
@@ -312,7 +311,7 @@ async def _reconcile_here(settings: Settings, args: argparse.Namespace, store: A
         name=args.source,
         role="source",
         base_dir=settings.base_dir,
-        state=ScopedState(store, f"source:{args.source}"),
+        state=ScopedState(store, cs.state_scope),
     )
     inst = cs.cls(cs.options, ctx)
     await inst.start()
@@ -357,7 +356,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
                 name=args.name,
                 role=role,  # type: ignore[arg-type]
                 base_dir=settings.base_dir,
-                state=_OpsState(ops, f"{role}:{args.name}"),
+                state=_OpsState(ops, cs.state_scope),
                 public_url=settings.daemon.public_url,
             )
             inst = cs.cls(cs.options, ctx)

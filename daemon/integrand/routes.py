@@ -48,6 +48,7 @@ from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
 from .keypaths import format_errors
 from .types import RelPath, StrictModel
+from .validate import RouteValidator, ValidateSettings, compile_validator
 
 log = logging.getLogger("integrand.routes")
 
@@ -242,6 +243,7 @@ class RouteSettings(StrictModel):
     mapping: RelPath | None = None
     lookups: dict[str, dict[str, Any]] = {}
     loop_guard: LoopGuardSettings | None = None
+    validate_: ValidateSettings | None = Field(default=None, alias="validate")
     # Windows by count and/or time, one aggregated event per window (integrand.aggregate).
     aggregate: AggregateSettings | None = None
 
@@ -440,6 +442,7 @@ class CompiledRoute:
     enrich: bool
     mapping: FieldMapping | None
     guard: LoopGuardSettings | None
+    validator: RouteValidator | None = None
 
 
 def _scope(sink: str) -> str:
@@ -455,13 +458,15 @@ class RouteRuntime:
         mappings: Sequence[FieldMapping | None],
         sources: Mapping[str, object],
         state: StateAccess,
+        validators: Sequence[RouteValidator | None] = (),
     ):
         self.sources = sources
         self.state = state
         self.pairs: dict[tuple[str, str], CompiledRoute] = {}
         self.echoes: dict[str, list[CompiledRoute]] = {}
-        for r, m in zip(routes, mappings, strict=True):
-            cr = CompiledRoute(r.from_, tuple(r.to), r.enrich, m, r.loop_guard)
+        checks = list(validators) or [None] * len(routes)
+        for r, m, v in zip(routes, mappings, checks, strict=True):
+            cr = CompiledRoute(r.from_, tuple(r.to), r.enrich, m, r.loop_guard, v)
             for sink in r.to:
                 self.pairs[(r.from_, sink)] = cr
             if r.loop_guard is not None and r.loop_guard.echo_source is not None:
@@ -469,15 +474,17 @@ class RouteRuntime:
 
     @classmethod
     def build(cls, routes: Sequence[RouteSettings], sources: Mapping[str, object], state: StateAccess) -> RouteRuntime:
-        mappings = []
+        mappings, validators = [], []
         for i, r in enumerate(routes):
             m, problems = load_mapping(r, f"routes[{i}]")
-            if problems:  # config validation already reported these; a file changed since
+            v, schema_problems = compile_validator(r.validate_, f"routes[{i}]")
+            if problems or schema_problems:  # config validation already reported these; a file changed since
                 from .errors import ConfigError
 
-                raise ConfigError(problems)
+                raise ConfigError(problems + schema_problems)
             mappings.append(m)
-        return cls(routes, mappings, sources, state)
+            validators.append(v)
+        return cls(routes, mappings, sources, state, validators)
 
     async def prepare(self, sink: str, event: Event) -> Event | None:
         """The event as ``sink`` should receive it, or None when it must not be written (an echo, or no change)."""
@@ -522,9 +529,13 @@ class RouteRuntime:
             )
             return None
         if cr.mapping is None:
+            if cr.validator is not None:
+                cr.validator.check(event)  # what the sink would receive breaks the contract: dead-letter it
             return event
         data = cr.mapping.apply(event)
         out = replace(event, data=data, meta={**event.meta, "route": {"from": event.source, "to": sink}})
+        if cr.validator is not None:
+            cr.validator.check(out)
         if cr.guard is not None:
             key = _to_str(dig(data, cr.guard.key) or "")
             if key:

@@ -233,8 +233,12 @@ class HttpPollSource(Connector[HttpPollConfig], PollingSource, ReconcilingSource
             updated = _first(self._updated, item)
             version = _first(self._version, item)
             deleted = bool(_first(self._deleted, item)) if self._deleted is not None else False
-            if updated is not None:
-                high = _later(high, updated)
+            try:
+                occurred = None if updated is None else _iso(parse_time(updated))
+                if updated is not None:
+                    high = _later(high, updated)
+            except (ValueError, TypeError, OverflowError, OSError) as e:  # found by fuzzing: was a bare ValueError
+                raise PermanentError(f"an item's {c.updated!r} is not a time ({e}): {str(item)[:200]}") from None
             v = None if version is None else str(version)
             events.append(
                 Event(
@@ -245,7 +249,7 @@ class HttpPollSource(Connector[HttpPollConfig], PollingSource, ReconcilingSource
                     entity=c.entity,
                     entity_id=str(eid),
                     version=v,
-                    occurred_at=None if updated is None else _iso(parse_time(updated)),
+                    occurred_at=occurred,
                     meta={"deleted": True} if deleted else {},
                 )
             )
