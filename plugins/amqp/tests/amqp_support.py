@@ -6,7 +6,7 @@ import secrets
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import aio_pika
@@ -39,6 +39,16 @@ def ctl(*args: str) -> str:
     if res.returncode != 0:
         pytest.fail(f"rabbitmqctl {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}; {HOW_TO_START}")
     return res.stdout
+
+
+@pytest.fixture(scope="session", name="vhost")
+def vhost_session() -> Iterator[str]:
+    """A random vhost for a test module's AMQP tests (each test names its own exchanges and queues), removed after."""
+    name = make_vhost()
+    try:
+        yield name
+    finally:
+        drop_vhost(name)
 
 
 def make_vhost() -> str:

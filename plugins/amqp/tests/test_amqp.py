@@ -10,7 +10,13 @@ import aio_pika
 import aiohttp
 import orjson
 import pytest
-from amqp_support import channel, consuming, name, url
+from amqp_support import (
+    channel,
+    consuming,
+    name,
+    url,
+    vhost_session,  # noqa: F401 - the `vhost` fixture
+)
 from integrand_amqp import AmqpConnector
 from integrand_amqp.connector import REASON_HEADER
 

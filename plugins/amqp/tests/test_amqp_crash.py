@@ -10,7 +10,13 @@ from typing import Any
 import aio_pika
 import aiohttp
 import orjson
-from amqp_support import channel, consuming, cut_connections, name
+from amqp_support import (
+    channel,
+    consuming,
+    cut_connections,
+    name,
+    vhost_session,  # noqa: F401 - the `vhost` fixture
+)
 
 from integrand.testing import DaemonProcess, daemon_config, running_daemon, standard_webhook_headers, wait_for
 
