@@ -131,7 +131,7 @@ connection = "sf"
 enabled = false                 # CDC is the feed; the nightly reconciliation catches what it missed
 reconcile = "0 3 * * *"
 
-[sources.salesforce.stream]
+[sources.salesforce.streaming]
 backoff_base = "200ms"
 backoff_cap = "5s"
 

@@ -30,7 +30,7 @@ connector = "streamlog"
 dir = "upstream"
 batch = {batch}
 
-[sources.feed.stream]
+[sources.feed.streaming]
 backoff_base = "10ms"
 backoff_cap = "100ms"
 alert_retry = "100ms"

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .admin import start_admin
+from .aggregate import aggregator_runtimes
 from .alerts import run_alerts
 from .breaker import Breaker
 from .config import ConnectorSettings, Settings, SinkCore, SourceCore
@@ -266,6 +267,10 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
 
     sources = {name: source_runtime(s, name, connectors[f"source:{name}"]) for name in s.sources}
     sinks = {name: sink_runtime(s, name, connectors[f"sink:{name}"]) for name in s.sinks}
+    for name, rt in aggregator_runtimes(s, store, lambda scope: ScopedState(store, scope), clock).items():
+        await rt.connector.start()  # type: ignore[attr-defined]  # an Aggregator: resumes its open windows
+        connectors[f"sink:{name}"] = rt.connector  # type: ignore[assignment]  # closed with the others
+        sinks[name] = rt
     router = Router(s.routes)
     pollers: dict[str, SourcePoller] = {}
 

@@ -171,7 +171,7 @@ def reconcile_schedule(spec: str) -> float | str:
 
 
 class StreamSettings(StrictModel):
-    """``[sources.NAME.stream]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
+    """``[sources.NAME.streaming]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
 
     # Reconnect after a retryable error (or a refused commit) with full-jitter backoff from base to cap.
     backoff_base: Duration = 0.5
@@ -211,7 +211,8 @@ class SourceCore(StrictModel):
     max_body_bytes: int | None = Field(default=None, gt=0)
     max_json_depth: int | None = Field(default=None, ge=1, le=200)
     poll: PollSettings = PollSettings()
-    stream: StreamSettings = StreamSettings()
+    # Not `stream`: that is what brokers call their streams, and connectors own their keys.
+    streaming: StreamSettings = StreamSettings()
 
 
 class SinkCore(StrictModel):

@@ -33,6 +33,8 @@ logs, :class:`Http`), ``clock`` and a logger.
 from __future__ import annotations
 
 import logging
+import re
+import string
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -63,6 +65,7 @@ __all__ = [
     "Duration",
     "Enricher",
     "Event",
+    "EventTemplate",
     "Http",
     "HttpPool",
     "ListenAddress",
@@ -92,6 +95,7 @@ __all__ = [
     "WebhookRequest",
     "WebhookSource",
     "content_id",
+    "envelope_event",
     "error_for_status",
     "utcnow_iso",
 ]
@@ -324,6 +328,71 @@ class Enricher(ABC):
             except Exception as e:
                 out.append(e)
         return out
+
+
+class EventTemplate:
+    """A subject, topic or routing key made from an event's fields, e.g. ``{source}.{entity}.{type}``.
+
+    The template is checked when it is made (a misspelt field is a config error, not a misrouted
+    message); in the rendered value, characters outside ``allowed`` become ``_``, and a missing
+    field is ``_``, so every part stays a non-empty token.
+    """
+
+    FIELDS = ("source", "type", "entity", "entity_id", "id")
+
+    def __init__(self, template: str, allowed: str = r"A-Za-z0-9_\-."):
+        self.template = self.check(template)
+        self._unsafe = re.compile(f"[^{allowed}]")
+
+    @classmethod
+    def check(cls, template: str) -> str:
+        """``template`` if it names only event fields, else ValueError naming the wrong one (for config validators)."""
+        for _, name, spec, conv in string.Formatter().parse(template):
+            if name is not None and (name not in cls.FIELDS or spec or conv):
+                raise ValueError(f"unknown field {{{name}}} (use {', '.join(sorted(cls.FIELDS))})")
+        return template
+
+    def render(self, event: Event) -> str:
+        """The template with ``event``'s fields filled in, made safe for the broker."""
+
+        def tok(value: str | None) -> str:
+            return self._unsafe.sub("_", value) if value else "_"
+
+        return self.template.format(
+            source=tok(event.source),
+            type=tok(event.type),
+            entity=tok(event.entity),
+            entity_id=tok(event.entity_id),
+            id=tok(event.id),
+        )
+
+
+_ENVELOPE_FIELDS = (
+    "id",
+    "source",
+    "type",
+    "data",
+    "received_at",
+    "entity",
+    "entity_id",
+    "version",
+    "occurred_at",
+    "meta",
+)
+
+
+def envelope_event(body: Any) -> Event | None:
+    """The Event inside an integrand envelope (what a sink with ``payload = "envelope"`` sends), or None when
+    ``body`` is other JSON; PayloadError when it claims to be one (id, source, type, data) but is malformed."""
+    if not (isinstance(body, dict) and {"id", "source", "type", "data"} <= body.keys()):
+        return None
+    try:
+        ev = Event(**{k: body[k] for k in _ENVELOPE_FIELDS if k in body})
+    except TypeError as e:
+        raise PayloadError(f"not an integrand envelope ({e})") from None
+    if not all(isinstance(getattr(ev, k), str) for k in ("id", "source", "type")) or not isinstance(ev.meta, dict):
+        raise PayloadError("not an integrand envelope (id, source and type must be strings, meta an object)")
+    return ev
 
 
 @dataclass(frozen=True)

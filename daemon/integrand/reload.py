@@ -152,6 +152,11 @@ async def _reload(d: Daemon) -> bool:
         n: d.dispatcher.sinks[n] if n in sink_same else sink_runtime(new, n, d.connectors[f"sink:{n}"])
         for n in new.sinks
     }
+    # Aggregated routes' virtual sinks (not in [sinks]) keep running with their open windows; a change to
+    # an ``aggregate`` table takes effect at the next restart.
+    sinks.update({n: rt for n, rt in d.dispatcher.sinks.items() if n not in old.sinks})
+    if [r.aggregate for r in old.routes] != [r.aggregate for r in new.routes]:
+        log.warning("reload: route aggregation settings changed; they take effect when integrand restarts")
     d.dispatcher.routes = route_runtime
     d.dispatcher.replace_sinks(sinks, d.dispatcher.absent | set(sink_removed))
 

@@ -42,6 +42,7 @@ from typing import Annotated, Any, Protocol
 import orjson
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
+from .aggregate import AggregateSettings, virtual_sink
 from .connector import Enricher
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
@@ -243,6 +244,8 @@ class RouteSettings(StrictModel):
     lookups: dict[str, dict[str, Any]] = {}
     loop_guard: LoopGuardSettings | None = None
     validate_: ValidateSettings | None = Field(default=None, alias="validate")
+    # Windows by count and/or time, one aggregated event per window (integrand.aggregate).
+    aggregate: AggregateSettings | None = None
 
     @field_validator("map")
     @classmethod
@@ -622,8 +625,10 @@ class Route:
 class Router:
     def __init__(self, routes: Sequence[RouteSettings]):
         self._by_source: dict[str, list[Route]] = {}
-        for r in routes:
-            route = Route(r.from_, tuple(r.to), tuple(r.filter.type), tuple(r.filter.entity))
+        for i, r in enumerate(routes):
+            # An aggregated route's events go to its aggregators (virtual sinks), which feed the real ones.
+            to = tuple(virtual_sink(i, s) for s in r.to) if r.aggregate is not None else tuple(r.to)
+            route = Route(r.from_, to, tuple(r.filter.type), tuple(r.filter.entity))
             self._by_source.setdefault(r.from_, []).append(route)
 
     def sinks_for(self, event: Event) -> list[str]:

@@ -27,6 +27,7 @@ from .backoff import retry_delay
 from .config import Settings, SourceCore, StreamSettings
 from .connector import PositionLost, StreamBatch, StreamingSource
 from .errors import AuthError, PermanentError, RetryableError, StoreUnavailable
+from .intake import intake
 from .metrics import Metrics
 from .routes import Router
 from .store import Store
@@ -205,11 +206,18 @@ class Streamer:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STOP_GRACE
+            while not task.done() and (left := deadline - loop.time()) > 0:
+                try:
+                    await asyncio.wait({task}, timeout=left)
+                except asyncio.CancelledError:
+                    continue  # shutdown cancels again: this batch still gets its commit and ack, within the grace
             if not task.done():
-                await asyncio.wait({task}, timeout=STOP_GRACE)
-                if not task.done():
-                    task.cancel()
-                    log.warning("source %s: stopped before the last batch committed; it will be redelivered", self.name)
+                task.cancel()
+                log.warning("source %s: stopped before the last batch committed; it will be redelivered", self.name)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("source %s: the last batch before the stop: %s", self.name, task.exception())
             raise
 
     async def _commit_and_ack(self, batch: StreamBatch) -> None:
@@ -248,11 +256,11 @@ class Streamer:
             self.store.record_rejection(self.name, r.status, r.reason, None, dict(r.headers), self.rejections_kept)
             log.warning("source %s: rejected a message: %s", self.name, r.reason)
         if batch.events or batch.rejected or batch.position != self.position:
-            items = [(ev, self.router.sinks_for(ev)) for ev in batch.events]
-            res = await self.store.enqueue_with_cursor(items, self.name, batch.position, kind=KIND)
-            self.metrics.events.inc(self.name, "accepted", amount=res.accepted)
-            if res.duplicates or res.stale:
-                self.metrics.events.inc(self.name, "duplicate", amount=res.duplicates + res.stale)
+            # An event the store cannot hold (UnstorableEvent, a connector bug) is a PermanentError: an
+            # alert, nothing stored or acked, the position unmoved.
+            await intake(
+                self.store, self.router, self.name, batch.events, metrics=self.metrics, cursor=batch.position, kind=KIND
+            )
         self.position = batch.position
         self.batches += 1
         self.events += len(batch.events)
@@ -324,7 +332,7 @@ def streamers_for(
                 inst,
                 store,
                 router,
-                core.stream,
+                core.streaming,
                 metrics=metrics,
                 rejections_kept=settings.daemon.rejections_kept,
             )

@@ -62,6 +62,7 @@ from .store import Store
 
 __all__ = [
     "ConnectorContract",
+    "DaemonProcess",
     "FakeClock",
     "ScopedState",
     "connector_context",
@@ -259,6 +260,65 @@ async def running_daemon(config: Path | Any) -> AsyncIterator[Any]:
     finally:
         d.stop()
         await asyncio.wait_for(task, 30)
+
+
+class DaemonProcess:
+    """``integrand run`` as a real child process, for crash tests: ``start``, ``kill`` (-9), ``stop`` (SIGTERM).
+
+    Its log goes to a file (nothing blocks on a full pipe); ``output()`` is this run's part of it.
+    ``env`` adds variables (e.g. ``PYTHONPATH``) to the child's environment.
+    """
+
+    def __init__(self, config: Path, log: Path, env: Mapping[str, str] | None = None):
+        self.config = config
+        self.log = log
+        self.env = dict(env or {})
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log_from = 0
+
+    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a deadline that fails the test
+        import sys
+
+        self._log_from = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "integrand.cli",
+                "run",
+                "--config",
+                str(self.config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise AssertionError(f"integrand exited with {self.proc.returncode}:\n{self.output()}")
+            return " ready: webhooks on " in self.output()
+
+        await wait_for(ready, timeout=timeout, interval=0.05)
+
+    def output(self) -> str:
+        if not self.log.exists():
+            return ""
+        return self.log.read_bytes()[self._log_from :].decode(errors="replace")
+
+    async def kill(self) -> None:
+        """SIGKILL and reap: nothing of this process runs afterwards."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def stop(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """SIGTERM and wait for the exit code (0 for a clean stop)."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
 # --- fixtures every test gets once integrand is installed ------------------------------------------

@@ -23,7 +23,7 @@ def config(tmp_path: Path, sf: RunningFake) -> Path:
 [sources.sf.poll]
 enabled = false
 
-[sources.sf.stream]
+[sources.sf.streaming]
 backoff_base = "50ms"
 backoff_cap = "200ms"
 
