@@ -169,7 +169,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
     def nudge(source: str, events: Sequence[Event]) -> None:
         p = pollers.get(source)
         if p is not None:
-            p.nudge()
+            p.nudge(len(events))
 
     listener = Listener(
         sources,
@@ -226,7 +226,9 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
             core = cs.core
             assert isinstance(core, SourceCore)
             if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
-                recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
+                recon = run_reconciler(
+                    name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, poller=d.pollers.get(name)
+                )
                 tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
         d.ready = True
         log.info(
