@@ -236,7 +236,9 @@ def simulate(w: Workload, src: Source, step: Step, seed: int, keep_polls: bool =
     t = w.segments[0][0]
     blocked_until = -math.inf
     pushed = 0
-    while t < end:
+    # Polling goes on past the end until every change is found (requests are counted only before it).
+    horizon = end + 4 * 3600.0
+    while t < end or (t < horizon and math.inf in detected):
         # Webhooks that arrived before this poll: delivered at once, and each nudges the poll forward.
         while hi_ < len(hooks) and hooks[hi_][0] <= t:
             at, i = hooks[hi_]
@@ -246,7 +248,7 @@ def simulate(w: Workload, src: Source, step: Step, seed: int, keep_polls: bool =
                 pushed += 1
         if t < blocked_until - 1e-9:
             res.retry_after_violations += 1
-        if t >= measure_from:
+        if measure_from <= t < end:
             res.requests += 1
         while vi < len(order) and vis_at[vi] <= t:
             j = order[vi]

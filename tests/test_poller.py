@@ -159,6 +159,41 @@ async def test_nudge_off_and_budget_respected(store: Store) -> None:
     assert q.next_at - q.clock() > 3500  # the hourly budget is spent: a nudge cannot buy a request
 
 
+async def test_nudge_never_polls_before_retry_after(store: Store) -> None:
+    src = ChangeLog()
+    src.fail = [RetryableError("HTTP 429", retry_after=120.0)]
+    p = SourcePoller("src", src, store, ROUTER, settings(min_interval=1, max_interval=3600, nudge_debounce=0.05))
+    d = await p.poll_once()
+    assert d.reason == "retry-after"
+    p.nudge()  # a webhook arrives while the provider asked for two minutes of quiet
+    assert p.next_at - p.clock() >= 119.9
+
+
+async def test_learnt_state_survives_a_restart_and_uses_change_times(store: Store) -> None:
+    import time as _time
+
+    from integrand.pollpolicy import to_json
+
+    class Timed(ChangeLog):
+        def event(self, eid: str, version: int) -> Event:
+            ev = super().event(eid, version)
+            return Event(**{**ev.to_dict(), "occurred_at": "2026-12-07T00:00:00Z"})
+
+    src = Timed()
+    src.changes = [("a", 1), ("b", 1)]
+    p = SourcePoller("src", src, store, ROUTER, settings())
+    await p.load()
+    await p.poll_once()
+    changed = _time.mktime((2026, 12, 7, 0, 0, 0, 0, 0, 0)) - _time.timezone
+    assert p.state.last_change == pytest.approx(changed)  # the change time the source reported, not the poll's
+    await p.poll_once()  # the same events again: not new, so no new change time
+    assert p.state.last_change == pytest.approx(changed)
+    await p.save()
+    q = SourcePoller("src", src, store, ROUTER, settings())
+    await q.load()
+    assert to_json(q.state) == to_json(p.state)
+
+
 async def test_reconcile_finds_missed_and_stale_and_resumes(store: Store) -> None:
     src = ChangeLog(page=2)
     src.changes = [("a", 1), ("b", 1), ("c", 1)]

@@ -88,6 +88,7 @@ class SourcePoller:
         self.last_error: str | None = None
         self.polls = 0
         self.pushed = 0
+        self.not_before = 0.0  # a provider's Retry-After or budget pacing: nudges never poll before it
         self._saved_at: float | None = None
         self._loaded = False
         self._wake = asyncio.Event()
@@ -126,7 +127,10 @@ class SourcePoller:
         if not self.settings.nudge:
             return
         now = self.clock()
-        at = now + max(self.settings.nudge_debounce, budget_wait(self.policy, self.state.requests, now))
+        at = max(
+            now + max(self.settings.nudge_debounce, budget_wait(self.policy, self.state.requests, now)),
+            self.not_before,
+        )
         if at < self.next_at:
             self.next_at = at
             self._wake.set()
@@ -184,6 +188,7 @@ class SourcePoller:
         self.state, decision = observe(self.policy, self.state, now, obs, self.rand())
         self.last = decision
         self.next_at = now + decision.delay
+        self.not_before = self.next_at if decision.reason in ("retry-after", "provider-budget", "budget") else 0.0
         self.metrics.poll_interval.labels(self.name).set(decision.delay)
         if self._saved_at is None or now - self._saved_at >= SAVE_EVERY or self.state.hour != hour:
             await self.save()

@@ -50,6 +50,7 @@ _EPOCH_WEEKDAY = 3
 MAX_PRICE = 1e5  # requests per late change; the learnt price stays within [1/MAX_PRICE, MAX_PRICE]
 PRICE_UP, PRICE_DOWN = 3.0, 1.0  # how far (in log) feedback may move the planned price
 GROWTH = 4.0  # an interval at most this many times the previous one: one wrong estimate is not a 30-minute gap
+SLOW_HALF_LIVES = 60.0  # the default half-life of the stable rate estimate, in target latencies
 FAST_HALF_LIVES = 10.0  # the fast rate estimate's half-life, in target latencies
 LAG_HALF_LIFE = 6 * HOUR  # how quickly a measured index lag is forgotten
 
@@ -67,7 +68,7 @@ class PollPolicy:
     budget_reserve: float = 0.2
     # The starting price of a late change is 1/aggressiveness requests (it is learnt from then on).
     aggressiveness: float = 0.2
-    rate_half_life: float = 3600.0
+    rate_half_life: float | None = None  # None: SLOW_HALF_LIVES target latencies (1 h at a 60 s target)
     seasonal: bool = True
     error_base: float | None = None
     late_share: float = 0.04  # aim: 4% late, so the p95 stays under the target with a margin
@@ -77,7 +78,7 @@ class PollPolicy:
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.max_interval:
             raise ValueError("need 0 < min_interval <= max_interval")
-        if self.target_latency <= 0 or self.aggressiveness <= 0 or self.rate_half_life <= 0:
+        if self.target_latency <= 0 or self.aggressiveness <= 0 or (self.rate_half_life or 1) <= 0:
             raise ValueError("target_latency, aggressiveness and rate_half_life must be positive")
         if not 0 <= self.budget_reserve < 1:
             raise ValueError("budget_reserve must be in [0, 1)")
@@ -213,7 +214,7 @@ def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
         return replace(state, updated=now, quiet_from=now, hour=int(now // HOUR))
     dt = max(0.0, now - state.updated)
     if dt > 0:
-        tau = policy.rate_half_life / math.log(2)
+        tau = _slow_tau(policy)
         state = replace(
             state,
             rate=state.rate * math.exp(-dt / tau),
@@ -222,6 +223,10 @@ def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
             updated=now,
         )
     return _fold(policy, state, int(now // HOUR))
+
+
+def _slow_tau(policy: PollPolicy) -> float:
+    return (policy.rate_half_life or SLOW_HALF_LIVES * policy.target_latency) / math.log(2)
 
 
 def _fast_tau(policy: PollPolicy) -> float:
@@ -318,7 +323,7 @@ def _learn(
     policy: PollPolicy, state: PollState, now: float, times: Iterable[float], unknown: int
 ) -> tuple[PollState, int, int]:
     """Fold new changes (by their own times) into the rate, the hour count, the lag and the late price."""
-    tau = policy.rate_half_life / math.log(2)
+    tau = _slow_tau(policy)
     ftau = _fast_tau(policy)
     rate, fast, count, late, n = state.rate, state.fast, state.hour_count, 0, 0
     newest, lag = state.last_change, state.lag
@@ -349,7 +354,8 @@ def _learn(
 
 def price(policy: PollPolicy, state: PollState) -> float:
     """μ, the requests one late change is worth: planned from the profile (or 1/aggressiveness), times the feedback."""
-    base = state.base_price if state.base_price is not None else 1.0 / policy.aggressiveness
+    # The profile may only raise the price: a burst is a lump of late changes the mean rate does not show.
+    base = max(state.base_price or 0.0, 1.0 / policy.aggressiveness)
     return min(MAX_PRICE, max(1.0 / MAX_PRICE, base * math.exp(state.price)))
 
 
@@ -414,7 +420,7 @@ def reconciled(policy: PollPolicy, state: PollState, now: float, missed: int) ->
     if missed <= 0:
         return state
     state = decay(policy, state, now)
-    tau = policy.rate_half_life / math.log(2)
+    tau = _slow_tau(policy)
     return replace(
         state,
         rate=state.rate + missed / tau,
