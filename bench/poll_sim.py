@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from integrand.pollpolicy import Observation, PollPolicy, PollState, observe
+from integrand.pollpolicy import Observation, PollPolicy, PollState, nudge_delay, observe
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -215,8 +215,18 @@ def percentile(xs: Sequence[float], p: float) -> float:
 Step = Callable[[float, Observation], tuple[float, str]]
 
 
-def simulate(w: Workload, src: Source, step: Step, seed: int, keep_polls: bool = False) -> Result:
-    """Poll ``w`` from its start to its end; ``step(now, observation)`` returns (wait, reason) after each poll."""
+def simulate(
+    w: Workload,
+    src: Source,
+    step: Step,
+    seed: int,
+    keep_polls: bool = False,
+    nudge: Callable[[], float] | None = None,
+) -> Result:
+    """Poll ``w`` from its start to its end; ``step(now, observation)`` returns (wait, reason) after each poll.
+
+    With webhooks, ``nudge()`` says how long after a webhook the nudged poll runs (None: no nudges).
+    """
     rng = random.Random(seed * 7919 + 1)
     ch, lags = w.changes, w.lags
     measure_from = w.segments[0][0] + (w.weeks - 1) * WEEK
@@ -292,11 +302,12 @@ def simulate(w: Workload, src: Source, step: Step, seed: int, keep_polls: bool =
         if keep_polls:
             res.polls.append((t, wait, reason))
         nxt = t + max(wait, 0.05)
-        if hooks and src.webhook_drop is not None:
-            # A nudge: the first webhook before the next poll brings it forward to webhook + debounce.
+        if hooks and nudge is not None:
+            # A nudge: the first webhook before the next poll brings it forward (never before a Retry-After).
+            delay = nudge()
             while hi_ < len(hooks) and hooks[hi_][0] < nxt:
                 at, i = hooks[hi_]
-                nxt = min(nxt, max(at + src.nudge_debounce, blocked_until))
+                nxt = min(nxt, max(at + delay, blocked_until))
                 if at > nxt:
                     break
                 hi_ += 1
@@ -312,6 +323,12 @@ def simulate(w: Workload, src: Source, step: Step, seed: int, keep_polls: bool =
             else:
                 res.latencies.append(detected[i] - c)
     return res
+
+
+def integrand_nudge(policy: PollPolicy, src: Source, state: Callable[[], PollState]) -> Callable[[], float] | None:
+    if src.webhook_drop is None:
+        return None
+    return lambda: nudge_delay(policy, state(), src.nudge_debounce)
 
 
 def integrand_step(policy: PollPolicy, seed: int) -> tuple[Step, Callable[[], PollState]]:
@@ -388,9 +405,10 @@ def _best_gap(rate: float, mu: float, p: float, m: float, gmin: float, gmax: flo
 
 @dataclass
 class Oracle:
-    requests: float  # the convex program's optimum (expected requests)
+    requests: float  # the convex program's optimum (expected requests): the dual value at the optimal price
     bound: float  # a lower bound for any causal policy: requests less one per period boundary
-    late_share: float
+    feasible: float  # the requests of the plan at that price, whose late share is ≤ 5 % (≥ the optimum)
+    late_share: float  # that plan's expected late share
     periods: int
 
 
@@ -435,9 +453,11 @@ def rate_oracle(w: Workload, src: Source, p95: float, policy: PollPolicy) -> Ora
         else:
             hi = mid
     req, late = solve(hi)
-    # The dual value at the price that meets the budget (a lower bound in its own right).
+    # The dual value at the price that meets the budget (a lower bound in its own right). Periods of
+    # equal rate switch together, so the plan at that price may be under the budget; the optimum
+    # mixes the marginal periods, and the dual value is exactly its cost (strong duality).
     dual = req + hi * (late - budget)
-    return Oracle(max(dual, 0.0), max(0.0, dual - len(periods)), late / total if total else 0.0, len(periods))
+    return Oracle(max(dual, 0.0), max(0.0, dual - len(periods)), req, late / total if total else 0.0, len(periods))
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
@@ -446,7 +466,7 @@ def rate_oracle(w: Workload, src: Source, p95: float, policy: PollPolicy) -> Ora
 def run_one(name: str, seed: int, src: Source, policy: PollPolicy, days: float | None = None) -> dict[str, Any]:
     w = make_workload(name, seed, lag=src.lag, days=days)
     step, final = integrand_step(policy, seed)
-    a = simulate(w, src, step, seed, keep_polls=True)
+    a = simulate(w, src, step, seed, keep_polls=True, nudge=integrand_nudge(policy, src, final))
     wk1 = T0 + WEEK
     cold_w = Workload(  # the first week alone: what a fresh daemon does
         name,
@@ -455,8 +475,8 @@ def run_one(name: str, seed: int, src: Source, policy: PollPolicy, days: float |
         tuple(lg for c, lg in zip(w.changes, w.lags, strict=True) if c < wk1),
         1,
     )
-    c_step, _ = integrand_step(policy, seed)
-    cold = simulate(cold_w, src, c_step, seed)
+    c_step, c_final = integrand_step(policy, seed)
+    cold = simulate(cold_w, src, c_step, seed, nudge=integrand_nudge(policy, src, c_final))
     p95 = a.pct(95)
     t_fix, f = best_fixed(w, src, p95, seed)
     t_fix_target, f_target = best_fixed(w, src, policy.target_latency, seed)

@@ -30,6 +30,7 @@ from .pollpolicy import (
     PollState,
     budget_wait,
     from_json,
+    nudge_delay,
     observe,
     price,
     recent_rate,
@@ -128,7 +129,11 @@ class SourcePoller:
             return
         now = self.clock()
         at = max(
-            now + max(self.settings.nudge_debounce, budget_wait(self.policy, self.state.requests, now)),
+            now
+            + max(
+                nudge_delay(self.policy, self.state, self.settings.nudge_debounce),
+                budget_wait(self.policy, self.state.requests, now),
+            ),
             self.not_before,
         )
         if at < self.next_at:

@@ -259,6 +259,12 @@ def late_floor(policy: PollPolicy, state: PollState) -> float:
     return max(min(policy.min_interval, policy.target_latency), policy.target_latency - state.lag)
 
 
+def nudge_delay(policy: PollPolicy, state: PollState, debounce: float) -> float:
+    """How long after a webhook the nudged poll runs: as late as still catches, within the target, a change
+    whose own webhook was lost, so a stream of webhooks costs one poll per target latency, not one per debounce."""
+    return max(debounce, min(policy.max_interval, late_floor(policy, state)))
+
+
 def plan(policy: PollPolicy, state: PollState, now: float) -> float:
     """The interval T minimising (1 + μ·Λ(T)) / T, Λ(T) the expected changes more than the target late.
 
