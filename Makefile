@@ -34,6 +34,8 @@ test: install lint typecheck
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/poll_sim.py --webhooks --plot docs/polling-interval.png --json bench/poll_sim.json
+	$(BIN)/python bench/poll_daemon.py --seeds 1 2 3 --json bench/poll_daemon.json
 
 # Both fakes and a real integrand: a customer created in the QuickBooks fake appears in the HubSpot fake.
 demo-quickbooks-hubspot: install

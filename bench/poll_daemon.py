@@ -13,7 +13,7 @@ Detection latency is the time from a change to the first response of the fake th
 listed it (or, for ``hooks``, the webhook's acceptance), requests are counted from
 the fake's log, and the sinks' files are checked for every change exactly once.
 
-    python bench/poll_daemon.py            # ~6 minutes; prints a table and writes --json
+    python bench/poll_daemon.py --seeds 1 2 3    # ~6 minutes a seed; prints the table, --json writes it
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ def iso(t: float) -> str:
 
 
 def schedule(seed: int, scale: float = 1.0) -> list[float]:
-    """A compressed day (seconds from the start): quiet night, a working stretch with bursts, quiet evening.
+    """A compressed week's shape in 300 s: quiet, a working stretch with bursts, a shoulder, a long quiet.
 
     ``scale`` stretches it (shorter runs for a smoke test). Rates mirror the simulation's
-    bursty workload with the target latency as the unit: quiet 0.01/s, working 0.33/s,
-    bulk imports of 100-200 changes over 5-15 s, one of them starting in the quiet evening.
+    bursty workload with the target latency as the unit (quiet 0.01/s, shoulders
+    0.05/s, working 0.33/s) and so do the proportions (working 27 % of the time); bulk
+    imports of 100-200 changes over 5-15 s, one of them starting in the evening shoulder.
     """
     rng = random.Random(seed)
-    parts = [(0, 40, 0.01), (40, 60, 0.05), (60, 160, 0.33), (160, 180, 0.05), (180, 240, 0.01)]
-    bursts = [(75, 10, 150), (110, 15, 200), (140, 5, 100), (170, 10, 120)]
+    parts = [(0, 45, 0.01), (45, 60, 0.05), (60, 140, 0.33), (140, 160, 0.05), (160, 300, 0.01)]
+    bursts = [(70, 10, 150), (100, 15, 200), (125, 5, 100), (145, 10, 120)]
     out: list[float] = []
     for a, b, r in parts:
         t = a * scale
@@ -189,7 +190,7 @@ def pct(xs: list[float], p: float) -> float:
 
 async def run(seed: int, scale: float, workdir: Path) -> dict[str, Any]:
     offsets = schedule(seed, scale)
-    duration = 240 * scale
+    duration = 300 * scale
     lead = 5.0  # the daemon starts and settles before the schedule begins
     start = time.time() + lead + 3
     fake = Fake(start, offsets, seed, throttle_at=duration * 0.55)

@@ -381,6 +381,36 @@ def best_fixed(
     return best
 
 
+def reactive_step(quiet: float, floor: float) -> Step:
+    """A causal two-level reference: ``quiet`` until a poll finds changes, then ``floor`` until two polls find none."""
+    empty = 2
+
+    def step(now: float, obs: Observation) -> tuple[float, str]:
+        nonlocal empty
+        if obs.more:
+            return 0.0, "more"
+        if not obs.error:
+            empty = 0 if obs.changes else empty + 1
+        wait = floor if empty < 2 else quiet
+        return max(wait, obs.retry_after or 0.0), "reactive"
+
+    return step
+
+
+def best_reactive(w: Workload, src: Source, p95: float, seed: int, floor: float) -> tuple[float, Result]:
+    """The two-level reference with the longest quiet interval (to 0.5 %) meeting ``p95``: tuned with hindsight."""
+    a, b = math.log(floor), math.log(3600.0)
+    best = (floor, simulate(w, src, reactive_step(floor, floor), seed))
+    while b - a > 0.005:
+        m = (a + b) / 2
+        r = simulate(w, src, reactive_step(math.exp(m), floor), seed)
+        if r.pct(95) <= p95:
+            a, best = m, (math.exp(m), r)
+        else:
+            b = m
+    return best
+
+
 # --- the rate oracle -----------------------------------------------------------------------------
 
 
@@ -582,6 +612,7 @@ def main() -> None:
     ap.add_argument("--plot", help="write the interval-vs-time figure here (PNG)")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--webhooks", action="store_true", help="also run the webhook-nudge case (10%% of webhooks lost)")
+    ap.add_argument("--reactive", action="store_true", help="also the causal two-level reference on bursty workloads")
     args = ap.parse_args()
     t0 = time.perf_counter()
     src = Source()
@@ -593,6 +624,19 @@ def main() -> None:
         hrows = [run_one(n, s, hook, hp) for n in ("bursty",) for s in args.seeds]
         print("\nWith webhooks for every change (10 % lost), nudging the next poll:\n")
         print(table(hrows, hp))
+    if args.reactive:
+        print("\nCausal two-level reference at p95 ≤ the target (55 s while changes come, one quiet interval")
+        print("otherwise, tuned per seed with hindsight):\n")
+        print("| workload | seed | quiet interval | requests | p95 (s) | integrand requests | integrand ÷ reference |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            if r["workload"] in BURSTY:
+                q, rr = best_reactive(r["w"], src, POLICY.target_latency, r["seed"], 55.0)
+                a = r["integrand"]
+                print(
+                    f"| {r['workload']} | {r['seed']} | {q:.0f} s | {rr.requests} | {rr.pct(95):.0f} | {a.requests} "
+                    f"| {a.requests / rr.requests:.2f}x |"
+                )
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:
