@@ -509,7 +509,6 @@ def run_one(name: str, seed: int, src: Source, policy: PollPolicy, days: float |
     cold = simulate(cold_w, src, c_step, seed, nudge=integrand_nudge(policy, src, c_final))
     p95 = a.pct(95)
     t_fix, f = best_fixed(w, src, p95, seed)
-    t_fix_target, f_target = best_fixed(w, src, policy.target_latency, seed)
     o = rate_oracle(w, src, p95, policy)
     return {
         "workload": name,
@@ -519,8 +518,6 @@ def run_one(name: str, seed: int, src: Source, policy: PollPolicy, days: float |
         "cold": cold,
         "fixed_interval": t_fix,
         "fixed": f,
-        "fixed_target_interval": t_fix_target,
-        "fixed_target": f_target,
         "oracle": o,
         "state": final(),
         "w": w,

@@ -225,3 +225,22 @@ def test_schedules() -> None:
     assert next_reconcile("6h", t) == t + 6 * 3600
     with pytest.raises(ValueError, match="neither cron"):
         settings(reconcile="every tuesday")
+
+
+async def test_scheduled_reconciliation_tells_the_poller_what_it_missed(store: Store) -> None:
+    from integrand.poller import run_reconciler
+    from integrand.pollpolicy import price
+
+    src = ChangeLog(page=10)
+    conf = settings(reconcile="50ms")
+    p = SourcePoller("src", src, store, ROUTER, conf)
+    await p.poll_once()
+    before = price(p.policy, p.state)
+    src.changes += [("x", 1), ("y", 1)]  # changes the poller never polled
+    task = asyncio.create_task(run_reconciler("src", src, store, ROUTER, conf, poller=p))
+    try:
+        await wait_for(lambda: price(p.policy, p.state) > before)
+        assert p.state.hour_count >= 2  # counted as changes of this hour, too
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -48,7 +48,7 @@ WEEK_HOURS = 168
 # 1970-01-01 was a Thursday: hour-of-week buckets start on Monday 00:00 UTC.
 _EPOCH_WEEKDAY = 3
 MAX_PRICE = 1e5  # requests per late change; the learnt price stays within [1/MAX_PRICE, MAX_PRICE]
-PRICE_UP, PRICE_DOWN = 0.7, 1.0  # how far (in log) feedback may move the planned price (chosen on seeds 101-103)
+PRICE_UP, PRICE_DOWN = 0.7, 0.0  # how far (in log) feedback may raise or lower the planned price (see _price)
 GROWTH = 4.0  # an interval at most this many times the previous one: one wrong estimate is not a 30-minute gap
 SLOW_HALF_LIVES = 60.0  # the default half-life of the stable rate estimate, in target latencies
 FAST_HALF_LIVES = 10.0  # the fast rate estimate's half-life, in target latencies
@@ -368,8 +368,10 @@ def price(policy: PollPolicy, state: PollState) -> float:
 def _price(policy: PollPolicy, state: PollState, late: int, total: int) -> float:
     """Dual ascent on the late share: the correction rises with each late change, falls with each on-time one.
 
-    Bounded to [1/e, e^0.7] around the planned price: late changes come in clumps (a burst
-    that started during a long interval), and one clump must not swing the plan.
+    Bounded to [1, e^0.7] times the planned price: late changes come in clumps (a burst
+    that started during a long interval), and one clump must not swing the plan; and
+    it never goes below the plan, because a stretch with few late changes is no evidence
+    that slower polling is safe: the next burst in a slow interval is a lump of them.
     """
     p = state.price + policy.price_step * (late - policy.late_share * total)
     return min(PRICE_UP, max(-PRICE_DOWN, p))
