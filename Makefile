@@ -7,7 +7,7 @@ PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
 LINT_DIRS = $(wildcard daemon tests bench plugins)
 
-.PHONY: install run test lint typecheck bench clean demo-quickbooks-hubspot
+.PHONY: install run test test-tools lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot chromium promtool demo-crm-sync pubsub-stubs
 
 install: $(STAMP)
 
@@ -28,8 +28,24 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install lint typecheck
+test: install chromium promtool lint typecheck test-tools
 	$(BIN)/pytest
+
+# System tools the tests build with (the fault-injection shim is compiled with gcc); installed only if missing.
+test-tools:
+	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc)
+
+# The status page's browser test drives Debian's chromium through Playwright (never a downloaded browser build).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+# promtool checks docs/alerts.yml. It is taken out of Debian's prometheus package rather than installed with it,
+# which would also set up (and on some machines start) a Prometheus server nobody asked for.
+PROMTOOL = $(VENV)/tools/usr/bin/promtool
+promtool: install
+	@command -v promtool >/dev/null || test -x $(PROMTOOL) || ( \
+	  mkdir -p $(VENV)/tools && cd $(VENV)/tools && apt-get update -qq && apt-get download -qq prometheus && \
+	  dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb && test -x usr/bin/promtool )
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
@@ -37,9 +53,35 @@ bench: install
 	$(BIN)/python bench/poll_sim.py --webhooks --plot docs/polling-interval.png --json bench/poll_sim.json
 	$(BIN)/python bench/poll_daemon.py --seeds 1 2 3 --json bench/poll_daemon.json
 
+# Coverage-guided fuzzing from the kept corpus (tests/fuzz_corpus); FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 120
+fuzz: install
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python bench/fuzz.py --seconds $(FUZZ_SECONDS)
+
+# kill -9 loop for ROUNDS rounds, then a steady soak of SOAK_SECONDS; figures into docs/reliability.md.
+ROUNDS ?= 200
+SOAK_SECONDS ?= 3600
+soak: install
+	$(BIN)/python bench/soak.py --rounds $(ROUNDS) --seconds $(SOAK_SECONDS)
+
+# Hostile clients against a daemon limited to 1,024 fds; a well-behaved sender measured throughout.
+hostile: install
+	$(BIN)/python bench/hostile.py
+
 # Both fakes and a real integrand: a customer created in the QuickBooks fake appears in the HubSpot fake.
 demo-quickbooks-hubspot: install
 	$(BIN)/python plugins/demo_quickbooks_hubspot.py
+
+# Three fakes and a real integrand: a Contact created in Salesforce reaches HubSpot and a custom CRM,
+# and both ids come back to Salesforce as the confirmation (examples/crm-sync).
+demo-crm-sync: install
+	$(BIN)/python plugins/demo_crm_sync.py
+
+# Regenerate the committed Salesforce Pub/Sub API messages from the committed proto (a test checks they match).
+PUBSUB = plugins/salesforce/integrand_salesforce/pubsub
+pubsub-stubs: install
+	$(BIN)/python -m grpc_tools.protoc -I$(PUBSUB) --python_out=$(PUBSUB) --pyi_out=$(PUBSUB) $(PUBSUB)/pubsub_api.proto
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -42,7 +42,7 @@ async def test_admin_endpoints(tmp_path: Path) -> None:
         commits = float(text.split("\nintegrand_store_commit_seconds_count ")[1].split()[0])
         assert commits >= 1
         assert float(text.split("\nintegrand_store_commit_ops_sum ")[1].split()[0]) >= commits
-        assert "\nintegrand_store_inline_checkpoints 0.0" in text  # one webhook: nothing to fall behind on
+        assert "\nintegrand_store_inline_checkpoints_total 0.0" in text  # one webhook: nothing to fall behind on
         assert 'integrand_webhooks_total{source="demo",status="401"} 1.0' in text
         assert 'integrand_deliveries_total{outcome="done",sink="out"} 1.0' in text
         assert 'integrand_deliveries_current{sink="out",state="done"} 1.0' in text

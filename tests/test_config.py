@@ -189,3 +189,13 @@ def test_config_path_falls_back_to_env(tmp_path: Path, monkeypatch: pytest.Monke
     path = write_config(tmp_path)
     monkeypatch.setenv("INTEGRAND_CONFIG", str(path))
     assert main(["check"]) == 0
+
+
+@pytest.mark.parametrize("key", ["none", "str", "list", "int"])
+def test_unknown_key_named_like_a_type(key: str) -> None:
+    """A user's key that happens to be a pydantic union tag (found by the config fuzzer) is still reported."""
+    from integrand.config import parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({"daemon": {key: {}}}, base_dir=Path("/nonexistent"))
+    assert [p for p in e.value.problems if p.startswith(f"daemon.{key}: unknown key")], e.value.problems

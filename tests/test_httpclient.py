@@ -387,3 +387,17 @@ def test_credential_names_are_redacted_everywhere(name: str) -> None:
 def test_ordinary_names_stay_visible(name: str) -> None:
     assert not is_credential_name(name)
     assert listener_redact({name: "v"}) == {name: "v"}
+
+
+def test_the_redaction_list_is_bounded_and_keeps_the_first_and_the_newest() -> None:
+    from integrand.httpclient import MAX_SECRETS, PINNED_SECRETS, Http, HttpPool, redact_text
+
+    h = Http(HttpPool(), logging.getLogger("t"))
+    h.add_secret("static-token-from-config")
+    for i in range(24 * 365):  # a year of hourly access-token refreshes
+        h.add_secret(f"access-token-{i:05d}")
+    assert len(h._secrets) == PINNED_SECRETS + MAX_SECRETS
+    shown = redact_text("Bearer access-token-08759 static-token-from-config access-token-00003", h._secrets)
+    assert "access-token-08759" not in shown and "static-token-from-config" not in shown
+    assert "access-token-00003" not in shown  # among the first ones: pinned
+    assert "access-token-00100" in redact_text("access-token-00100", h._secrets)  # long renewed, long dead

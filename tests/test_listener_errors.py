@@ -74,6 +74,7 @@ timestamp_header = "X-Timestamp"
 [sources.open]
 connector = "webhook"
 signature = "none"
+allow_unsigned = true
 
 [sinks.out]
 connector = "jsonl"

@@ -149,7 +149,7 @@ async def test_a_batch_is_enriched_with_one_request_per_source(
     assert "Customer 77 no longer exists" in str(out[2])
 
 
-async def test_a_failing_enrichment_does_not_open_the_sinks_breaker(
+async def test_a_source_down_for_enrichment_pauses_its_deliveries_not_the_sink(
     tmp_path: Path, books: tuple[str, list[str]]
 ) -> None:
     url, seen = books
@@ -166,7 +166,7 @@ entity_id_field = "id"
 connector = "jsonl"
 path = "crm.jsonl"
 retry = {{ base = "20ms", cap = "50ms", max_attempts = 50 }}
-breaker = {{ failure_threshold = 1, open_for = "1h", max_open_for = "1h" }}
+breaker = {{ failure_threshold = 1, open_for = "300ms", max_open_for = "300ms" }}
 
 [[routes]]
 from = "qbo"
@@ -178,8 +178,12 @@ enrich = true
     async with running(settings) as d, aiohttp.ClientSession() as s:
         payload = {"type": "customer.updated", "entity": "Customer", "id": "99"}
         assert (await post_signed(s, hook_url(d, "qbo"), payload, "down"))[0] == 200
-        await wait_for(lambda: seen.count("99") >= 7)  # 3 tries per attempt (aiohttp-retry on GET), 3+ attempts
-        assert d.dispatcher.sinks["crm"].breaker.status == "closed"  # … and the sink is not blamed
+        # 3 tries per fetch (aiohttp-retry on GET), then the source's breaker opens: it is probed every 300 ms.
+        await wait_for(lambda: seen.count("99") >= 7)
+        assert d.dispatcher.source_breakers["qbo"].status != "closed"
+        assert d.dispatcher.sinks["crm"].breaker.status == "closed"  # … the sink is not blamed
+        detail = await d.store.delivery(1)
+        assert detail is not None and detail.attempts == 0  # … and the outage spent no attempt
         payload = {"type": "customer.updated", "entity": "Customer", "id": "58"}
         assert (await post_signed(s, hook_url(d, "qbo"), payload, "fine"))[0] == 200
         await wait_for(lambda: len(read_jsonl(tmp_path / "crm.jsonl")) == 1)

@@ -286,7 +286,7 @@ def _wal_frames(db: Path) -> int:
 async def test_checkpoints_run_beside_the_writer_and_bound_the_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import integrand.store as store_mod
+    import integrand.store.engine as store_mod
 
     monkeypatch.setattr(store_mod, "CHECKPOINT_EVERY", 0.0)
     monkeypatch.setattr(store_mod, "WAL_MAX_FRAMES", 200)

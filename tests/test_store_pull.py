@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from integrand.errors import StoreUnavailable
-from integrand.events import Event
+from integrand.events import Event, VersionError
 from integrand.store import Store, version_newer
 
 
@@ -136,4 +136,9 @@ def test_version_order() -> None:
     assert version_newer("10", "9")
     assert not version_newer("9", "10")
     assert version_newer("2026-01-02T00:00:00Z", "2026-01-01T23:59:59Z")
-    assert not version_newer("a", "a")
+    assert version_newer("2026-01-01T00:00:00.5Z", "2026-01-01T00:00:00Z")  # as strings, '.' < 'Z'
+    assert version_newer("2026-01-01T00:30:00Z", "2026-01-01T01:00:00+01:00")  # instants, not strings
+    with pytest.raises(VersionError, match="neither a number nor an ISO-8601 time"):
+        version_newer("a", "a")
+    with pytest.raises(VersionError, match="one form of version"):
+        version_newer("1767225600000", "2026-01-01T00:00:00Z")

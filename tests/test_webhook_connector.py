@@ -85,7 +85,12 @@ def test_shopify_event_fields() -> None:
 
 def test_configured_paths_override_and_content_hash_id() -> None:
     c = connector(
-        signature="none", type_field="kind", entity_field="obj.type", entity_id_field="obj.id", version_field="v"
+        signature="none",
+        allow_unsigned=True,
+        type_field="kind",
+        entity_field="obj.type",
+        entity_id_field="obj.id",
+        version_field="v",
     )
     payload = {"kind": "upd", "obj": {"type": "Customer", "id": 42}, "v": 3}
     [ev] = c.parse(request(orjson.dumps(payload), {}))
@@ -105,18 +110,18 @@ def test_id_header_for_generic_hmac() -> None:
 
 @pytest.mark.parametrize("ct", ["text/plain", "application/x-www-form-urlencoded", ""])
 def test_non_json_content_type_is_415(ct: str) -> None:
-    c = connector(signature="none")
+    c = connector(signature="none", allow_unsigned=True)
     with pytest.raises(UnsupportedMediaType, match="Content-Type must be application/json"):
         c.parse(request(b"{}", {}, content_type=ct))
 
 
 def test_vendor_json_types_are_accepted() -> None:
-    c = connector(signature="none")
+    c = connector(signature="none", allow_unsigned=True)
     assert len(c.parse(request(b"{}", {}, content_type="application/cloudevents+json"))) == 1
 
 
 def test_malformed_json_is_400_with_the_parser_message() -> None:
-    c = connector(signature="none")
+    c = connector(signature="none", allow_unsigned=True)
     with pytest.raises(PayloadError, match="body is not valid JSON"):
         c.parse(request(b'{"a": ', {}))
 

@@ -15,19 +15,23 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .admin import Admin
+from .admin import start_admin
+from .alerts import run_alerts
 from .breaker import Breaker
 from .config import Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
 from .errors import ConfigError
 from .events import Event
+from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .store import Store
+from .streamer import Streamer, streamers_for
 
 log = logging.getLogger("integrand")
 
@@ -72,6 +76,7 @@ class Daemon:
     connectors: dict[str, Connector[Any]] = field(default_factory=dict)
     http: HttpPool = field(default_factory=HttpPool)
     pollers: dict[str, SourcePoller] = field(default_factory=dict)
+    streamers: dict[str, Streamer] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     ports: dict[str, int] = field(default_factory=dict)
@@ -82,6 +87,8 @@ class Daemon:
 
 async def build(settings: Settings, clock: Callable[[], float] = time.time) -> Daemon:
     s = settings
+    private_dir(s.daemon.state_dir)
+    private_database(s.db_path)
     store = Store(
         s.db_path,
         synchronous=s.store.synchronous,
@@ -114,7 +121,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
                     name=name,
                     role=role,  # type: ignore[arg-type]
                     base_dir=s.base_dir,
-                    state=ScopedState(store, f"{role}:{name}"),
+                    state=ScopedState(store, cs.state_scope),
                     public_url=s.daemon.public_url,
                     logger=logging.getLogger(f"integrand.{role}.{name}"),
                     http=http.for_connector(logging.getLogger(f"integrand.{role}.{name}.http")),
@@ -142,6 +149,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
             name,
             inst if isinstance(inst, WebhookSource) else None,
             core.max_body_bytes or s.daemon.max_body_bytes,
+            core.max_json_depth or s.daemon.max_json_depth,
         )
     sinks = {}
     for name, cs in s.sinks.items():
@@ -180,6 +188,14 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         metrics=metrics,
         clock=clock,
         on_accepted=nudge,
+        limits=PortLimits(
+            max_connections=s.daemon.max_connections,
+            max_connections_per_ip=s.daemon.max_connections_per_ip,
+            header_timeout=s.daemon.header_timeout,
+            body_timeout=s.daemon.body_timeout,
+            keepalive_timeout=s.daemon.keepalive_timeout,
+        ),
+        rejections_per_second=s.daemon.rejections_per_second,
     )
     dispatcher = Dispatcher(
         store,
@@ -191,12 +207,19 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time) -> D
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
-    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers)
+    streamers = streamers_for(s, connectors, store, router, metrics)
+    return Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers)
 
 
-async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None) -> None:
-    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly."""
-    d = await build(settings)
+async def run(
+    settings: Settings,
+    on_ready: Callable[[Daemon], Awaitable[None] | None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Run until ``Daemon.stop()`` (the CLI wires SIGTERM/SIGINT to it), then shut down cleanly.
+
+    ``clock`` is for tests that simulate hours of retries and breaker cycles in seconds."""
+    d = await build(settings, clock)
     s = settings
     grace = s.daemon.shutdown_grace
     runners: list[web.BaseRunner] = []
@@ -208,19 +231,14 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
         site = web.TCPSite(hook_runner, s.daemon.listen.host, s.daemon.listen.port, backlog=4096)
         await _start_site(site, "daemon.listen", str(s.daemon.listen))
         d.ports["webhooks"] = _bound_port(site)
-        if s.admin.enabled:
-            admin = Admin(d.store, d.metrics, lambda: _status(d), lambda: d.ready and not d.listener.stopping)
-            admin_runner = web.AppRunner(admin.app(), access_log=None, handle_signals=False)
-            await admin_runner.setup()
-            runners.append(admin_runner)
-            asite = web.TCPSite(admin_runner, s.admin.listen.host, s.admin.listen.port)
-            await _start_site(asite, "admin.listen", str(s.admin.listen))
-            d.ports["admin"] = _bound_port(asite)
+        runners.extend(await start_admin(d))  # TCP and the CLI's unix socket (admin.py)
         tasks.append(asyncio.create_task(d.dispatcher.run(), name="dispatcher"))
         tasks.append(asyncio.create_task(_maintenance(d), name="maintenance"))
         for name, poller in d.pollers.items():
             if poller.settings.enabled:
                 tasks.append(asyncio.create_task(poller.run(), name=f"poll:{name}"))
+        for name, streamer in d.streamers.items():
+            tasks.append(asyncio.create_task(streamer.run(), name=f"stream:{name}"))
         for name, cs in s.sources.items():
             inst = d.connectors[f"source:{name}"]
             core = cs.core
@@ -230,6 +248,8 @@ async def run(settings: Settings, on_ready: Callable[[Daemon], Awaitable[None] |
                     name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, poller=d.pollers.get(name)
                 )
                 tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
+        if s.alerts.webhook_url is not None:
+            tasks.append(asyncio.create_task(run_alerts(d), name="alerts"))  # alerts.py: [alerts] to a chat webhook
         d.ready = True
         log.info(
             "integrand %s ready: webhooks on %s:%d, admin on %s, %d sources, %d sinks, store %s",
@@ -308,22 +328,6 @@ async def _maintenance(d: Daemon) -> None:
                 log.info("retention: pruned %d delivered events", total)
         except Exception as e:
             log.warning("maintenance failed (will retry): %s", e)
-
-
-def _status(d: Daemon) -> dict[str, Any]:
-    return {
-        "sources": sorted(d.settings.sources),
-        "pollers": {name: p.status() for name, p in d.pollers.items()},
-        "breakers": {
-            name: {
-                "status": s.breaker.status,
-                "failures": s.breaker.failures,
-                "paused": "auth" if s.auth_error is not None else None,
-                "auth_error": s.auth_error,
-            }
-            for name, s in d.dispatcher.sinks.items()
-        },
-    }
 
 
 async def _start_site(site: web.TCPSite, key: str, addr: str) -> None:

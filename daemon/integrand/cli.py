@@ -10,19 +10,18 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from . import __version__
 from .config import Settings, config_path, load_config
 from .connector import ConnectorContext, WebhookSource
-from .errors import AuthError, ConfigError, RetryableError, StoreUnavailable
+from .errors import ConfigError, StoreUnavailable
+from .logs import setup_logging
+from .opcmds import cmd_auth, cmd_cursor, cmd_dlq, cmd_events, cmd_reconcile, cmd_status, load_lazily
 from .plugins import Registry
-from .store import Store
 from .types import parse_duration
 
 T = TypeVar("T")
@@ -37,41 +36,21 @@ def _load(args: argparse.Namespace) -> Settings:
     return load_config(config_path(args.config))
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": record.created,
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data).decode()
-
-
 # --- run ----------------------------------------------------------------------------------------
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see cmd_run
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # everything the daemon creates (database, WAL, sink files) is its user's alone
     settings = _load(args)
-    setup_logging(settings.daemon.log_level, settings.daemon.log_format)
+    setup_logging(settings.daemon.log_level, settings.daemon.log_format, settings.daemon.log_levels)
     for w in settings.warnings:
         log.warning("%s", w)
+    from .guard import raise_nofile_limit
+
+    soft, _ = raise_nofile_limit()  # idle clients must not run the port out of fds at systemd's soft 1,024
+    log.debug("open-file limit %d", soft)
     try:
         import uvloop
 
@@ -149,7 +128,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load_lazily(args)  # only this source's secret is read (to sign), not every secret
     cs = settings.sources.get(args.source)
     if cs is None:
         print(f"error: no source named {args.source!r} in {settings.path}", file=sys.stderr)
@@ -194,257 +173,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     return asyncio.run(post())
 
 
-def cmd_auth(args: argparse.Namespace) -> int:
-    """Run a connector's one-time interactive authorization (e.g. OAuth) and store what it yields in its state."""
-    from .app import ScopedState
-
-    settings = _load(args)
-    found = [(r, t[args.name]) for r, t in (("source", settings.sources), ("sink", settings.sinks)) if args.name in t]
-    if args.role:
-        found = [(r, cs) for r, cs in found if r == args.role]
-    if not found:
-        print(f"error: no source or sink named {args.name!r} in {settings.path}", file=sys.stderr)
-        return 1
-    if len(found) > 1:
-        print(f"error: {args.name!r} is both a source and a sink; add --role source|sink", file=sys.stderr)
-        return 1
-    role, cs = found[0]
-
-    async def go() -> int:
-        store = Store(settings.db_path, busy_timeout=settings.store.busy_timeout, role="client")
-        await store.open()
-        try:
-            ctx = ConnectorContext(
-                name=args.name,
-                role=role,  # type: ignore[arg-type]
-                base_dir=settings.base_dir,
-                state=ScopedState(store, f"{role}:{args.name}"),
-                public_url=settings.daemon.public_url,
-            )
-            inst = cs.cls(cs.options, ctx)
-            authorize = getattr(inst, "authorize", None)
-            if authorize is None:
-                print(f"error: connector {cs.connector!r} has nothing to authorize", file=sys.stderr)
-                return 1
-
-            async def ask(prompt: str) -> str:
-                return await asyncio.to_thread(input, prompt)
-
-            def say(line: str) -> None:
-                print(line, flush=True)
-
-            await inst.start()
-            try:
-                message = await authorize(ask, say)
-            except (AuthError, RetryableError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            finally:
-                await inst.close()
-                await ctx.http.pool.close()  # the context's private pool: no unclosed session at exit
-            print(message)
-            return 0
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
-
-
 class _NoState:
     async def get(self, key: str) -> Any:
         return None
 
     async def set(self, key: str, value: Any) -> None:
         return None
-
-
-# --- store-backed commands ----------------------------------------------------------------------
-
-
-def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
-    settings = _load(args)
-    path = settings.db_path
-    if not path.exists():
-        raise SystemExit(f"error: no store at {path} yet (has `integrand run` been started?)")
-
-    async def go() -> T:
-        store = Store(path, busy_timeout=settings.store.busy_timeout, role="client")
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
-
-
-def cmd_dlq(args: argparse.Namespace) -> int:
-    action = args.dlq_action
-
-    if action == "list":
-
-        async def do_list(store: Store) -> int:
-            rows = await store.dead_letters(sink=args.sink, limit=args.limit)
-            if not rows:
-                print("dead-letter queue is empty")
-                return 0
-            print(f"{'ID':>8}  {'EVENT':<36}  {'SOURCE':<12}  {'SINK':<12}  {'TRIES':>5}  {'WHEN':<20}  LAST ERROR")
-            for d in rows:
-                err = d.last_error.splitlines()[0] if d.last_error else ""
-                print(
-                    f"{d.id:>8}  {d.event_id[:36]:<36}  {d.source[:12]:<12}  {d.sink[:12]:<12}  "
-                    f"{d.attempts:>5}  {_when(d.updated_at):<20}  {err[:100]}"
-                )
-            return 0
-
-        return _with_store(args, do_list)
-
-    if action == "show":
-
-        async def do_show(store: Store) -> int:
-            d = await store.delivery(args.id)
-            if d is None:
-                print(f"error: no delivery {args.id}", file=sys.stderr)
-                return 1
-            print(f"delivery {d.id} to sink {d.sink}: {d.state}, {d.attempts} attempt(s)")
-            print(f"  created {_when(d.created_at)}, updated {_when(d.updated_at)}")
-            if d.last_error:
-                print("  last error:\n    " + d.last_error.replace("\n", "\n    "))
-            print("  history:")
-            for a in d.audit:
-                print(f"    {_when(a.at)}  {a.action:<10} {(a.detail or '').splitlines()[0] if a.detail else ''}")
-            print("  event:")
-            print("    " + orjson.dumps(d.event.to_dict(), option=orjson.OPT_INDENT_2).decode().replace("\n", "\n    "))
-            return 0
-
-        return _with_store(args, do_show)
-
-    if action == "replay":
-        if not args.all and not args.ids:
-            print("error: give delivery IDs or --all", file=sys.stderr)
-            return 2
-        ids = None if args.all else args.ids
-
-        async def do_replay(store: Store) -> int:
-            res = await store.replay(ids, sink=args.sink, include_superseded=args.include_superseded)
-            n = res.replayed
-            print(f"replayed {n} dead-lettered deliver{'y' if n == 1 else 'ies'}")
-            if res.superseded:
-                listed = " ".join(str(i) for i in res.superseded)
-                print(
-                    f"left {len(res.superseded)} dead because a newer version of their entity has been seen "
-                    f"since (replaying would put old data over new): {listed}; "
-                    "add --include-superseded to send them anyway"
-                )
-            return 0 if n or args.all else 1
-
-        return _with_store(args, do_replay)
-
-    if action == "purge":
-        if not args.all and not args.ids:
-            print("error: give delivery IDs or --all", file=sys.stderr)
-            return 2
-        ids = None if args.all else args.ids
-
-        async def do_purge(store: Store) -> int:
-            n = await store.purge(ids, sink=args.sink)
-            print(f"purged {n} dead-lettered deliver{'y' if n == 1 else 'ies'}")
-            return 0
-
-        return _with_store(args, do_purge)
-    raise AssertionError(action)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    async def do(store: Store) -> int:
-        counts = await store.counts()
-        print(f"store {store.path}: {await store.event_count()} event(s)")
-        sinks = sorted({s for s, _ in counts})
-        if not sinks:
-            print("no deliveries yet")
-        for sink in sinks:
-            parts = ", ".join(f"{st} {counts.get((sink, st), 0)}" for st in ("ready", "leased", "done", "dead"))
-            print(f"  sink {sink}: {parts}")
-        cursors = await store.cursors()
-        if cursors:
-            print("cursors:")
-            for c in cursors:
-                value = orjson.dumps(c.value).decode()
-                print(f"  {c.source:<16} {c.kind:<10} {_when(c.updated_at)}  {value[:200]}")
-        rej = await store.rejections(limit=10)
-        if rej:
-            print("recent refused webhooks:")
-            for r in rej:
-                print(f"  {_when(r.at)}  {r.source:<12} {r.status}  {r.reason}")
-        return 0
-
-    return _with_store(args, do)
-
-
-def cmd_cursor(args: argparse.Namespace) -> int:
-    settings = _load(args)
-    cs = settings.sources.get(args.source)
-    if cs is None or "poll" not in cs.cls.capabilities():
-        print(f"error: no polling source named {args.source!r} in {settings.path}", file=sys.stderr)
-        return 1
-    if args.cursor_action == "set":
-        try:
-            value = orjson.loads(args.value)
-        except orjson.JSONDecodeError:
-            value = args.value  # a bare string such as an ISO timestamp
-    else:
-        value = None
-
-    async def do(store: Store) -> int:
-        old = await store.cursor_get(args.source)
-        await store.cursor_set(args.source, value)
-        was = orjson.dumps(old).decode()
-        if value is None:
-            print(f"cursor of {args.source} reset (was {was}); the next poll starts from the beginning")
-        else:
-            print(f"cursor of {args.source} set to {orjson.dumps(value).decode()} (was {was})")
-        return 0
-
-    return _with_store(args, do)
-
-
-def cmd_reconcile(args: argparse.Namespace) -> int:
-    settings = _load(args)
-    setup_logging(settings.daemon.log_level, settings.daemon.log_format)
-    cs = settings.sources.get(args.source)
-    if cs is None or "reconcile" not in cs.cls.capabilities():
-        print(f"error: no source named {args.source!r} that can reconcile in {settings.path}", file=sys.stderr)
-        return 1
-    from .config import SourceCore
-    from .connector import ReconcilingSource
-    from .poller import reconcile_once
-    from .routes import Router
-
-    core = cs.core
-    assert isinstance(core, SourceCore)
-    window = None if args.full else (args.window if args.window is not None else core.poll.reconcile_window)
-
-    async def do(store: Store) -> int:
-        from .app import ScopedState
-
-        ctx = ConnectorContext(
-            name=args.source,
-            role="source",
-            base_dir=settings.base_dir,
-            state=ScopedState(store, f"source:{args.source}"),
-        )
-        inst = cs.cls(cs.options, ctx)
-        source: ReconcilingSource = inst
-        await inst.start()
-        try:
-            report = await reconcile_once(args.source, source, store, Router(settings.routes), window=window)
-        finally:
-            await inst.close()
-            await ctx.http.pool.close()
-        print(report)
-        return 0
-
-    return _with_store(args, do)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -504,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = with_config(dsub.add_parser("list", help="one line per dead-lettered delivery"))
     d.add_argument("--sink")
     d.add_argument("--limit", type=int, default=1000)
+    d.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     d = with_config(dsub.add_parser("show", help="one delivery with its event and history"))
-    d.add_argument("id", type=int)
+    d.add_argument("id", help="the delivery's number, or the provider's event id (that event's dead deliveries)")
+    d.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     for name, what in (("replay", "make deliveries ready again, attempts reset"), ("purge", "drop for good")):
         d = with_config(dsub.add_parser(name, help=what))
         d.add_argument("ids", type=int, nargs="*", metavar="ID")
@@ -519,9 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
             )
     dlq.set_defaults(fn=cmd_dlq)
 
-    with_config(sub.add_parser("status", help="queue depth per sink and recent refused webhooks")).set_defaults(
-        fn=cmd_status
+    st = with_config(sub.add_parser("status", help="queue depth per sink and recent refused webhooks"))
+    st.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
+    st.set_defaults(fn=cmd_status)
+    ev = sub.add_parser("events", help="find events and tell one event's story")
+    esub = ev.add_subparsers(dest="events_action", required=True, metavar="ACTION")
+    e = with_config(esub.add_parser("show", help="received, routed, each attempt, delivered or dead, replayed"))
+    e.add_argument("id", help="integrand's event number, the provider's delivery id, or SOURCE:ID")
+    e.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
+    e = with_config(esub.add_parser("list", help="newest events first, with each delivery's state"))
+    e.add_argument("--source", help="only this source's events")
+    e.add_argument("--since", metavar="DURATION", help="only events stored this recently (e.g. 1h, 30m, 2d)")
+    e.add_argument(
+        "--state",
+        choices=("ready", "leased", "done", "dead", "pending"),
+        help="only events with a delivery in this state (pending = ready or leased)",
     )
+    e.add_argument("--limit", type=int, default=100)
+    e.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
+    ev.set_defaults(fn=cmd_events)
     cur = sub.add_parser("cursor", help="set or reset a polling source's cursor")
     csub = cur.add_subparsers(dest="cursor_action", required=True, metavar="ACTION")
     c = with_config(
@@ -547,7 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args))
+        rc = int(args.fn(args))
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return rc
+    except BrokenPipeError:
+        # `integrand dlq show 2 | head`: the reader left. Say nothing, and keep the interpreter's own
+        # flush at exit from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a command killed by SIGPIPE
     except ConfigError as e:
         print(f"{config_path(getattr(args, 'config', None))}: {len(e.problems)} problem(s):", file=sys.stderr)
         for p in e.problems:

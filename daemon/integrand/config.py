@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import difflib
+import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from . import connections
 from .errors import ConfigError
+from .keypaths import format_errors as _format
+from .keypaths import suggest as _suggest
 from .plugins import PluginError, Registry
 from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
 from .routes import RouteSettings as RouteSettings
 from .routes import load_mapping
+from .secrets import SecretValue
 from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
+from .validate import compile_validator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -29,15 +34,44 @@ class DaemonSettings(StrictModel):
     state_dir: RelPath = Path("var")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # Levels for named loggers, e.g. {aiosqlite = "debug"}: libraries' loggers stay at warning otherwise.
+    log_levels: dict[str, Literal["debug", "info", "warning", "error"]] = {}
     public_url: str | None = None
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     shutdown_grace: Duration = 10.0
     rejections_kept: int = Field(default=1000, ge=0)
+    # Refused webhooks written to the store at most this many a second (the rest are counted in metrics).
+    rejections_per_second: float = Field(default=10.0, ge=0)
+    # Limits a hostile client cannot exceed (docs/reliability.md). orjson cannot store JSON nested 255 deep.
+    max_json_depth: int = Field(default=64, ge=1, le=200)
+    max_connections: int = Field(default=4096, ge=1)
+    max_connections_per_ip: int = Field(default=256, ge=1)
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 30.0
+    keepalive_timeout: Duration = 15.0
 
 
 class AdminSettings(StrictModel):
     enabled: bool = True
     listen: ListenAddress = HostPort("127.0.0.1", 8081)
+    # The CLI's way in: a unix socket (mode 0600) under state_dir unless absolute; "" turns it off.
+    socket: str = "admin.sock"
+    # Bearer token every TCP admin request must carry; required when `listen` is not a loopback address.
+    token: SecretValue | None = None
+
+
+class AlertSettings(StrictModel):
+    """``[alerts]``: post docs/alerts.yml's conditions to a chat webhook, once per change of state."""
+
+    # A Slack-compatible incoming-webhook URL, by secret reference (the URL is the credential).
+    webhook_url: SecretValue | None = None
+    check_every: Duration = 30.0
+    # The thresholds, the same as the shipped Prometheus rules'.
+    dlq_window: Duration = 900.0
+    breaker_open_for: Duration = 300.0
+    oldest_pending: Duration = 900.0
+    poll_lag_factor: float = Field(default=2.0, gt=0)
+    reconcile_window: Duration = 3600.0
 
 
 class StoreSettings(StrictModel):
@@ -122,12 +156,31 @@ def reconcile_schedule(spec: str) -> float | str:
     return spec
 
 
+class StreamSettings(StrictModel):
+    """``[sources.NAME.stream]``: how integrand runs a streaming source (a broker consumer, a CDC slot)."""
+
+    # Reconnect after a retryable error (or a refused commit) with full-jitter backoff from base to cap.
+    backoff_base: Duration = 0.5
+    backoff_cap: Duration = 30.0
+    # After an error that needs a human (AuthError, PermanentError) the stream alerts and waits this long
+    # before trying again (fix the credentials or the upstream meanwhile; a restart retries at once).
+    alert_retry: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> StreamSettings:
+        if not 0 < self.backoff_base <= self.backoff_cap:
+            raise ValueError("stream: need 0 < backoff_base <= backoff_cap")
+        return self
+
+
 class SourceCore(StrictModel):
     """Keys every source table accepts whatever its connector."""
 
     connector: str
     max_body_bytes: int | None = Field(default=None, gt=0)
+    max_json_depth: int | None = Field(default=None, ge=1, le=200)
     poll: PollSettings = PollSettings()
+    stream: StreamSettings = StreamSettings()
 
 
 class SinkCore(StrictModel):
@@ -153,6 +206,12 @@ class ConnectorSettings:
     cls: type[Any]
     options: BaseModel
     core: SourceCore | SinkCore
+    connection: str | None = None  # the [connections.NAME] it shares credentials and state with
+
+    @property
+    def state_scope(self) -> str:
+        """Where its durable state (tokens, cursors) lives: shared by everything on one connection."""
+        return connections.scope(self.role, self.name, self.connection)
 
 
 @dataclass(frozen=True)
@@ -167,6 +226,14 @@ class Settings:
     sinks: Mapping[str, ConnectorSettings]
     routes: tuple[RouteSettings, ...]
     warnings: tuple[str, ...] = field(default=())
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+
+    @property
+    def admin_socket(self) -> Path | None:
+        """Where the daemon's admin unix socket lives (None: turned off)."""
+        if not self.admin.enabled or not self.admin.socket:
+            return None
+        return self.daemon.state_dir / self.admin.socket
 
     @property
     def db_path(self) -> Path:
@@ -188,7 +255,8 @@ def config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("INTEGRAND_CONFIG") or "config.toml")
 
 
-def load_config(path: Path, registry: Registry | None = None) -> Settings:
+def load_config(path: Path, registry: Registry | None = None, *, lazy_secrets: bool = False) -> Settings:
+    """Read and validate a config file; ``lazy_secrets`` leaves env/file/credential secrets unread until used."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -197,17 +265,22 @@ def load_config(path: Path, registry: Registry | None = None) -> Settings:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
-    return parse_config(raw, base_dir=path.resolve().parent, path=path, registry=registry)
+    return parse_config(raw, base_dir=path.resolve().parent, path=path, registry=registry, lazy_secrets=lazy_secrets)
 
 
 def parse_config(
-    raw: dict[str, Any], *, base_dir: Path, path: Path | None = None, registry: Registry | None = None
+    raw: dict[str, Any],
+    *,
+    base_dir: Path,
+    path: Path | None = None,
+    registry: Registry | None = None,
+    lazy_secrets: bool = False,
 ) -> Settings:
     """Validate a parsed TOML document; raise ConfigError listing every problem found."""
     registry = registry or Registry.default()
     problems: list[str] = []
-    ctx = {"base_dir": base_dir}
-    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes"}
+    ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
+    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "alerts", "connections"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -223,9 +296,13 @@ def parse_config(
     admin = section("admin", AdminSettings)
     store = section("store", StoreSettings)
     dispatcher = section("dispatcher", DispatcherSettings)
+    alerts = section("alerts", AlertSettings)
 
+    raw, shared = connections.expand(raw, {"sources": SOURCE_CORE_KEYS, "sinks": SINK_CORE_KEYS}, problems)
     sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
     sinks = _connectors(raw.get("sinks", {}), "sink", registry, ctx, problems)
+    sources = {n: replace(s, connection=shared.get(("sources", n))) for n, s in sources.items()}
+    sinks = {n: replace(s, connection=shared.get(("sinks", n))) for n, s in sinks.items()}
 
     routes: list[RouteSettings] = []
     raw_routes = raw.get("routes", [])
@@ -261,10 +338,26 @@ def parse_config(
                 "cannot fetch records"
             )
         problems.extend(load_mapping(route, f"routes[{i}]")[1])
+        problems.extend(compile_validator(route.validate_, f"routes[{i}]")[1])
         routes.append(route)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
         problems.append("admin.listen: must differ from daemon.listen (admin endpoints are never on the webhook port)")
+
+    if admin.enabled and admin.token is None and not _loopback(admin.listen.host):
+        problems.append(
+            f"admin.token: required when admin.listen ({admin.listen}) is not a loopback address "
+            '(give a secret reference such as {credential = "admin-token"})'
+        )
+    if admin.enabled and admin.socket:
+        sock = (daemon.state_dir / admin.socket) if isinstance(daemon.state_dir, Path) else Path(admin.socket)
+        if len(os.fsencode(sock)) > 100:
+            problems.append(
+                f"admin.socket: {sock} is too long for a unix socket (at most 100 bytes); give a shorter path"
+            )
+    hook = alerts.webhook_url
+    if hook is not None and hook.resolved and not hook.reveal().startswith(("http://", "https://")):
+        problems.append(f"alerts.webhook_url: expected an http:// or https:// URL (from {hook.origin})")
 
     if problems:
         raise ConfigError(problems)
@@ -272,6 +365,11 @@ def parse_config(
         f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
         for name in sources
         if not any(r.from_ == name for r in routes)
+    ) + tuple(  # a connector's own "accepted, but know this" (e.g. an unsigned webhook source)
+        f"{cs.role}s.{name}: {w}"
+        for table in (sources, sinks)
+        for name, cs in table.items()
+        for w in getattr(cs.options, "warnings", list)()
     )
     return Settings(
         path=path,
@@ -284,7 +382,18 @@ def parse_config(
         sinks=sinks,
         routes=tuple(routes),
         warnings=warnings,
+        alerts=alerts,
     )
+
+
+def _loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can reach an admin port bound there."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _connectors(
@@ -333,49 +442,3 @@ def _connectors(
             continue
         out[name] = ConnectorSettings(name, role, core.connector, cls, options, core)
     return out
-
-
-def _format(
-    err: ValidationError, prefix: str, model: type[BaseModel] | None = None, extra_known: Iterable[str] = ()
-) -> list[str]:
-    """Pydantic errors as ``prefix.key.path: message`` lines, with a suggestion for misspelt keys."""
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        # Union members add their type name to the location; drop those to keep the key path.
-        loc = [p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|list|str|dict|int|float|bool|none", p)]
-        parts = [prefix, *[f"[{p}]" if p.isdigit() else p for p in loc]]
-        path = ".".join(parts).replace(".[", "[")
-        if e["type"] == "extra_forbidden":
-            fields = set(_fields_at(model, loc[:-1]))
-            if len(loc) == 1:
-                fields |= set(extra_known)
-            msg = f"unknown key{_suggest(loc[-1], fields)}"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        lines.append(f"{path}: {msg}")
-    return lines
-
-
-def _fields_at(model: type[BaseModel] | None, loc: list[str]) -> list[str]:
-    """The keys a (nested) model accepts at ``loc``, for "did you mean" hints."""
-    for key in loc:
-        if model is None:
-            return []
-        found = next((f for n, f in model.model_fields.items() if key in (n, f.alias)), None)
-        model = None
-        if found is not None:
-            for t in (found.annotation, *getattr(found.annotation, "__args__", ())):
-                if isinstance(t, type) and issubclass(t, BaseModel):
-                    model = t
-                    break
-    if model is None:
-        return []
-    return [f.alias or n for n, f in model.model_fields.items()]
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -10,6 +10,9 @@ capability mixins:
   since a time (or in full), a bounded page at a time, so missed changes can be found;
 * :class:`Enricher` — ``fetch(event)``: turn a thin event ("customer 58 changed")
   into one carrying the record's current data, just before delivery;
+* :class:`StreamingSource` — ``stream(position)``: a long-lived subscription (a broker queue,
+  a replication slot, a replay log) that yields :class:`StreamBatch` es; integrand commits each
+  batch's events with its resume position, then calls ``ack(batch)``;
 * :class:`Sink` — ``deliver`` (and optionally ``deliver_batch``) events.
 
 Every capability is optional; a connector has the ones whose class it subclasses.
@@ -32,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -41,6 +44,7 @@ from .errors import (
     AuthError,
     PayloadError,
     PermanentError,
+    PositionLost,
     RetryableError,
     SignatureError,
     UnsupportedMediaType,
@@ -66,9 +70,11 @@ __all__ = [
     "PermanentError",
     "PollResult",
     "PollingSource",
+    "PositionLost",
     "RateLimiter",
     "ReconcilePage",
     "ReconcilingSource",
+    "Rejected",
     "RelPath",
     "Response",
     "RetryableError",
@@ -77,8 +83,12 @@ __all__ = [
     "SignatureError",
     "Sink",
     "StateStore",
+    "StreamBatch",
+    "StreamingSource",
     "UnsupportedMediaType",
+    "WebhookOutcome",
     "WebhookRejected",
+    "WebhookReply",
     "WebhookRequest",
     "WebhookSource",
     "content_id",
@@ -153,6 +163,8 @@ class Connector(Generic[C]):
             caps.add("reconcile")
         if issubclass(cls, Enricher):
             caps.add("fetch")
+        if issubclass(cls, StreamingSource):
+            caps.add("stream")
         if issubclass(cls, Sink):
             caps.add("sink")
             if cls.deliver_batch is not Sink.deliver_batch:
@@ -163,7 +175,7 @@ class Connector(Generic[C]):
     def roles(cls) -> frozenset[Role]:
         caps = cls.capabilities()
         roles: set[Role] = set()
-        if caps & {"webhook", "poll", "reconcile"}:
+        if caps & {"webhook", "poll", "reconcile", "stream"}:
             roles.add("source")
         if "sink" in caps:
             roles.add("sink")
@@ -198,6 +210,40 @@ class WebhookSource(ABC):
     def sign(self, body: bytes, now: float, delivery_id: str) -> dict[str, str] | None:
         """Headers a provider would send with ``body`` (for ``integrand send`` and tests); None if unsupported."""
         return None
+
+    def reply(self, outcome: WebhookOutcome) -> WebhookReply | None:
+        """The HTTP answer for ``outcome`` when the provider expects its own shape (a SOAP ack); None: integrand's JSON.
+
+        Called for every answer on this source's path — success only after the commit, and every
+        refusal — so a provider that retries until it sees its acknowledgement gets it exactly then.
+        """
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOutcome:
+    """What integrand decided about one inbound webhook, for a source that shapes its own answer."""
+
+    status: int  # integrand's own answer: 200 once committed, else the 4xx/5xx it would send
+    reason: str | None = None  # why, when it is not a success
+    accepted: int = 0
+    duplicates: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)  # integrand's headers (Retry-After, Allow)
+
+    @property
+    def committed(self) -> bool:
+        """The events are durable (new or already stored): the provider may forget them."""
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookReply:
+    """A connector's answer to a webhook: status, body and media type (headers such as Retry-After are kept)."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -276,6 +322,68 @@ class Enricher(ABC):
             except Exception as e:
                 out.append(e)
         return out
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An upstream message that cannot become an event (not parsable, wrong shape): stored as a rejection.
+
+    It is recorded (``integrand`` lists it beside refused webhooks) before the batch is committed,
+    and the connector's ``ack`` then settles it upstream (a dead-letter exchange, a ``term``), so
+    a poison message is neither lost silently nor redelivered forever.
+    """
+
+    reason: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    status: int = 400
+
+
+@dataclass(frozen=True)
+class StreamBatch:
+    """What a streaming source received: events plus the resume position after them.
+
+    ``position`` (JSON) is committed in the same transaction as ``events`` and handed back to
+    ``stream()`` after a restart. ``token`` is the connector's own handle for ``ack`` (delivery
+    tags, message objects); it is never stored. ``rejected`` are messages of this batch that
+    could not be parsed.
+    """
+
+    events: Sequence[Event]
+    position: Any
+    token: Any = None
+    rejected: Sequence[Rejected] = ()
+
+
+class StreamingSource(ABC):
+    """Capability: a long-lived subscription that pushes changes, acknowledged only after integrand's commit.
+
+    integrand runs ``stream(position)`` as one task for the source's life and, for every batch
+    it yields: commits the events and ``batch.position`` in one transaction, then awaits
+    ``ack(batch)``. A crash between receipt and commit therefore means redelivery, which event
+    ids absorb. While the store refuses a commit integrand stops reading (the generator stays
+    suspended at its ``yield``) and calls ``refused`` at each attempt. Errors raised from
+    ``stream`` are sorted as everywhere: ``RetryableError`` (and anything unexpected) reconnects
+    with backoff, ``AuthError``/``PermanentError`` raise an alert and wait, ``PositionLost``
+    runs ``resync`` and is logged.
+    """
+
+    @abstractmethod
+    def stream(self, position: Any) -> AsyncIterator[StreamBatch]:
+        """Yield batches received after ``position`` (None: the first run), for as long as the subscription lives."""
+
+    async def ack(self, batch: StreamBatch) -> None:  # noqa: B027 - optional hook; many upstreams need no ack
+        """Acknowledge ``batch`` upstream; called only after its events and position are committed."""
+
+    async def refused(self, batch: StreamBatch, error: BaseException) -> bool:
+        """The store refused to commit ``batch`` (full disk, locked). Return True if the upstream takes it back
+        (e.g. a NATS ``nak`` with delay): integrand then drops its copy and reads again after a backoff.
+        The default keeps it: integrand retries the same batch and reads nothing new meanwhile."""
+        return False
+
+    def resync(self, lost: PositionLost) -> AsyncIterator[StreamBatch]:
+        """The full-resync path after ``lost``: yield the current state as batches (a snapshot); the last
+        batch's position is where ``stream`` resumes. The default has none: an alert that needs a human."""
+        raise PermanentError(f"{lost} (this connector has no resync path; reset the position by hand)")
 
 
 class Sink(ABC):

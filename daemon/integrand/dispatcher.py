@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from . import breaker as br
 from .backoff import retry_delay, should_give_up
 from .config import RetrySettings
-from .connector import Sink
+from .connector import Enricher, Sink
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
 from .metrics import Metrics
@@ -59,6 +59,15 @@ class SinkRuntime:
     retry: RetrySettings
     breaker: br.Breaker
     auth_error: str | None = None  # set while the sink is paused because its credentials were refused
+
+
+def _about(row: Leased, e: BaseException) -> dict[str, str]:
+    """The event a log line is about and the provider's request id, as JSON-log fields (integrand.logs)."""
+    out = {"event_id": row.event.id, "source": row.event.source}
+    rid = getattr(e, "request_id", None)
+    if rid:
+        out["request_id"] = str(rid)
+    return out
 
 
 def describe_error(e: BaseException) -> str:
@@ -112,6 +121,9 @@ class Dispatcher:
         # worker that found work wakes one of them, so a commit wakes one worker, not all of them.
         self._watching = False
         self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Breakers of sources that enrich deliveries (``enrich = true`` routes): a source that is down
+        # pauses those deliveries the way a sink outage pauses a sink's.
+        self.source_breakers: dict[str, br.Breaker] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -262,31 +274,73 @@ class Dispatcher:
             raise RuntimeError(f"deliver_batch returned {len(sent)} results for {len(send)} events")
         results = iter(sent)
         out: list[BaseException | _Skipped | _RouteFailure | None] = []
+        written: list[Event] = []
         for p in prepared:
             if isinstance(p, Event):
                 res = next(results)
                 out.append(res)
-                if res is None and self.routes is not None:
-                    try:
-                        await self.routes.delivered(sink.name, p)
-                    except Exception as e:  # only costs a redundant write later
-                        log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
+                if res is None:
+                    written.append(p)
             else:
                 out.append(SKIPPED if p is None else _RouteFailure(p))
+        if written and self.routes is not None:
+            # Together, so the loop guard's records of a batch share one group commit, not one each.
+            routes = self.routes
+            done = await asyncio.gather(*(routes.delivered(sink.name, p) for p in written), return_exceptions=True)
+            for e in done:
+                if isinstance(e, Exception):  # only costs a redundant write later
+                    log.warning("sink %s: cannot record what was written for the loop guard: %s", sink.name, e)
         return out
 
+    def _enriches(self, sink: str, event: Event) -> bool:
+        """Whether delivering ``event`` to ``sink`` fetches from its source first (a route with ``enrich``)."""
+        if self.routes is None:
+            return False
+        cr = self.routes.pairs.get((event.source, sink))
+        return cr is not None and cr.enrich and isinstance(self.routes.sources.get(event.source), Enricher)
+
+    def _source_breaker(self, source: str, like: br.Breaker) -> br.Breaker:
+        b = self.source_breakers.get(source)
+        if b is None:
+            b = self.source_breakers[source] = br.Breaker(like.threshold, like.open_for, like.max_open_for)
+        return b
+
+    def _paused_sources(self, sink: SinkRuntime, rows: Sequence[Leased]) -> set[str]:
+        """The enriching sources of these rows whose breaker is open: their rows wait, nothing is fetched."""
+        paused: set[str] = set()
+        now = self.clock()
+        for source in {r.event.source for r in rows if self._enriches(sink.name, r.event)}:
+            permit, new = br.permit(self._source_breaker(source, sink.breaker), now)
+            if permit == "no":
+                paused.add(source)
+            elif permit == "probe":
+                self.source_breakers[source] = new
+                log.info("source %s: enrichment circuit half-open, trying it again", source)
+        return paused
+
     async def _deliver(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
+        now = self.clock()
+        paused = self._paused_sources(sink, rows) if self.routes is not None else set()
+        waiting = [r for r in rows if r.event.source in paused]
+        if waiting:
+            rows = [r for r in rows if r.event.source not in paused]
         started = time.perf_counter()
-        results: Sequence[BaseException | _Skipped | _RouteFailure | None]
-        try:
-            results = await asyncio.wait_for(self._send(sink, rows), timeout=self.lease_seconds * 0.9)
-        except Exception as e:
-            results = [e] * len(rows)
-        self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
+        results: Sequence[BaseException | _Skipped | _RouteFailure | None] = []
+        if rows:
+            try:
+                results = await asyncio.wait_for(self._send(sink, rows), timeout=self.lease_seconds * 0.9)
+            except Exception as e:
+                results = [e] * len(rows)
+            self.metrics.delivery_seconds.labels(sink.name).observe(time.perf_counter() - started)
         now = self.clock()
         if probing and all(isinstance(r, _Skipped | _RouteFailure) for r in results):
             sink.breaker = replace(sink.breaker, status="open")  # nothing reached the sink: probe again later
-        outcomes = []
+        # The breakers first, then the outcomes: a batch sent as one request that failed is one failure
+        # (its rows share the error), and rows that fail while a breaker is open spend no attempt, even
+        # if they were already in flight when it opened.
+        self._judge_sink(sink, rows, results, now)
+        self._judge_sources(sink, rows, results, now)
+        outcomes = [self._waiting_source(sink, r, now) for r in waiting]
         for row, res in zip(rows, results, strict=True):
             if isinstance(res, _Skipped):
                 outcomes.append(self._skipped(sink, row))
@@ -300,22 +354,126 @@ class Dispatcher:
             # The leases will expire and the deliveries will be retried: at-least-once.
             log.error("cannot record outcomes for sink %s (they will be redelivered): %s", sink.name, e)
 
+    def _judge_sink(
+        self,
+        sink: SinkRuntime,
+        rows: Sequence[Leased],
+        results: Sequence[BaseException | _Skipped | _RouteFailure | None],
+        now: float,
+    ) -> None:
+        """Update the sink's breaker from a batch's results, once per distinct error (once per request)."""
+        counted: set[int] = set()
+        for row, res in zip(rows, results, strict=True):
+            before = sink.breaker.status
+            if isinstance(res, _Skipped | _RouteFailure):
+                continue
+            if res is None or isinstance(res, PermanentError):
+                self._reachable(sink, before)  # it answered, so it is up (a PermanentError: the data is wrong)
+            elif isinstance(res, AuthError):
+                sink.breaker = br.trip(sink.breaker, now)
+                if sink.auth_error is None:
+                    # The alert: once per pause, not once per delivery or probe.
+                    log.critical(
+                        "ALERT sink %s: authentication refused, sink paused until its credentials work again "
+                        "(re-authorize it; deliveries wait without spending attempts): %s",
+                        sink.name,
+                        describe_error(res),
+                    )
+                sink.auth_error = describe_error(res)
+                self.metrics.breaker_open.labels(sink.name).set(1)
+            elif _is_outage(res):
+                if id(res) in counted:
+                    continue
+                counted.add(id(res))
+                sink.breaker = br.on_failure(sink.breaker, now)
+                if sink.breaker.status == "open" and before != "open":
+                    log.warning(
+                        "sink %s: circuit open after %d failures; deliveries wait %g s without spending attempts",
+                        sink.name,
+                        sink.breaker.failures,
+                        sink.breaker.current_open_for,
+                    )
+                    self.metrics.breaker_open.labels(sink.name).set(1)
+            else:
+                # A connector bug, not an outage: it spends attempts but does not pause the sink.
+                log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
+                if sink.breaker.status == "half_open":
+                    sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
+
+    def _judge_sources(
+        self,
+        sink: SinkRuntime,
+        rows: Sequence[Leased],
+        results: Sequence[BaseException | _Skipped | _RouteFailure | None],
+        now: float,
+    ) -> None:
+        """Update the enriching sources' breakers: a source that cannot be fetched from is an outage too."""
+        counted: set[int] = set()
+        for row, res in zip(rows, results, strict=True):
+            source = row.event.source
+            if not self._enriches(sink.name, row.event):
+                continue
+            b = self._source_breaker(source, sink.breaker)
+            if isinstance(res, _RouteFailure):
+                if not _is_outage(res.error) or id(res.error) in counted:
+                    continue
+                counted.add(id(res.error))
+                self.source_breakers[source] = nb = br.on_failure(b, now)
+                if nb.status == "open" and b.status != "open":
+                    log.warning(
+                        "source %s: enrichment circuit open after %d failures; deliveries from it to %s wait "
+                        "%g s without spending attempts",
+                        source,
+                        nb.failures,
+                        sink.name,
+                        nb.current_open_for,
+                    )
+            else:  # enrichment worked (whatever the sink then did)
+                if b.status != "closed":
+                    log.warning("source %s: enrichment works again, circuit closed", source)
+                self.source_breakers[source] = br.on_success(b)
+
+    def _waiting_source(self, sink: SinkRuntime, row: Leased, now: float) -> Outcome:
+        """A delivery held back, unsent, because its enriching source's breaker is open: no attempt spent."""
+        b = self.source_breakers[row.event.source]
+        self.metrics.deliveries.inc(sink.name, "deferred")
+        return Outcome(
+            row,
+            "retry",
+            error=f"source {row.event.source!r} is unavailable for enrichment (circuit open)",
+            next_attempt_at=max(now, b.reopens_at),
+            count_attempt=False,
+        )
+
     def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
         self.metrics.deliveries.inc(sink.name, "skipped")
         return Outcome(row, "done")
 
     def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
-        """Enrichment or mapping failed: dead-letter or retry on the delivery's own budget; the breaker is untouched."""
+        """Enrichment or mapping failed: dead-letter, wait out the source's open breaker, or retry on the
+        delivery's own budget; the sink's breaker is untouched (nothing reached the sink)."""
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d cannot be prepared, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d cannot be prepared, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
+            )
             return Outcome(row, "dead", error=error)
+        policy = sink.retry
+        source = self.source_breakers.get(row.event.source)
+        if _is_outage(res) and source is not None and source.status == "open" and self._enriches(sink.name, row.event):
+            if now - row.created_at >= policy.max_age:
+                return self._dead(sink, row, error, res, row.attempts)
+            self.metrics.deliveries.inc(sink.name, "deferred")
+            return Outcome(row, "retry", error=error, next_attempt_at=max(now, source.reopens_at), count_attempt=False)
         if not isinstance(res, RetryableError):
             log.error("sink %s: unexpected error preparing delivery %d", sink.name, row.id, exc_info=res)
         self.metrics.deliveries.inc(sink.name, "retry")
         attempts = row.attempts + 1
-        policy = sink.retry
         if should_give_up(attempts, now - row.created_at, max_attempts=policy.max_attempts, max_age=policy.max_age):
             return self._dead(sink, row, error, res, attempts)
         retry_after = getattr(res, "retry_after", None)
@@ -336,66 +494,58 @@ class Dispatcher:
 
     def _dead(self, sink: SinkRuntime, row: Leased, error: str, res: BaseException, attempts: int) -> Outcome:
         self.metrics.deliveries.inc(sink.name, "dead")
-        log.error("sink %s: delivery %d dead-lettered after %d attempts: %s", sink.name, row.id, attempts, res)
+        log.error(
+            "sink %s: delivery %d dead-lettered after %d attempts: %s",
+            sink.name,
+            row.id,
+            attempts,
+            res,
+            extra=_about(row, res),
+        )
         return Outcome(row, "dead", error=error)
 
     def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
-        before = sink.breaker.status
+        """One delivery's outcome; the breaker has already been updated from the whole batch (``_judge_sink``)."""
         if res is None:
-            self._reachable(sink, before)
             self.metrics.deliveries.inc(sink.name, "done")
             return Outcome(row, "done")
         error = describe_error(res)
         if isinstance(res, PermanentError):
-            self._reachable(sink, before)  # it answered, so it is up: the data is what is wrong
             self.metrics.deliveries.inc(sink.name, "dead")
-            log.error("sink %s: delivery %d failed permanently, dead-lettered: %s", sink.name, row.id, res)
+            log.error(
+                "sink %s: delivery %d failed permanently, dead-lettered: %s",
+                sink.name,
+                row.id,
+                res,
+                extra=_about(row, res),
+            )
             return Outcome(row, "dead", error=error)
         if isinstance(res, AuthError):
-            sink.breaker = br.trip(sink.breaker, now)
-            if sink.auth_error is None:
-                # The alert: once per pause, not once per delivery or probe.
-                log.critical(
-                    "ALERT sink %s: authentication refused, sink paused until its credentials work again "
-                    "(re-authorize it; deliveries wait without spending attempts): %s",
-                    sink.name,
-                    error,
-                )
-            sink.auth_error = error
-            self.metrics.breaker_open.labels(sink.name).set(1)
             self.metrics.deliveries.inc(sink.name, "auth")
             return Outcome(row, "retry", error=error, next_attempt_at=sink.breaker.reopens_at, count_attempt=False)
-        outage = isinstance(res, RetryableError | TimeoutError | ConnectionError)
-        if outage:
-            sink.breaker = br.on_failure(sink.breaker, now)
-            if sink.breaker.status == "open" and before != "open":
-                log.warning(
-                    "sink %s: circuit open after %d failures; deliveries wait %g s without spending attempts",
-                    sink.name,
-                    sink.breaker.failures,
-                    sink.breaker.current_open_for,
-                )
-                self.metrics.breaker_open.labels(sink.name).set(1)
-        else:
-            # A connector bug, not an outage: it spends attempts but does not pause the sink.
-            log.error("sink %s: unexpected error delivering %d", sink.name, row.id, exc_info=res)
-            if probing and sink.breaker.status == "half_open":
-                sink.breaker = replace(sink.breaker, status="open")  # inconclusive probe: probe again
-        self.metrics.deliveries.inc(sink.name, "retry")
+        outage = _is_outage(res)
         retry_after = getattr(res, "retry_after", None)
         policy = sink.retry
         age = now - row.created_at
-        if probing and outage:
+        if outage and (probing or sink.breaker.status != "closed"):
             if age >= policy.max_age:
                 return self._dead(sink, row, error, res, row.attempts)
-            # Not counted (the sink is down, not this delivery), but pushed back so the next probe
-            # (which takes the head falling due soonest, due or not) tries another delivery:
-            # one poison delivery cannot keep the breaker open forever.
-            delay = retry_delay(row.attempts + 1, base=policy.base, cap=policy.cap, rand=self.rand())
-            nxt = max(now + delay, sink.breaker.reopens_at, now + (retry_after or 0.0))
+            self.metrics.deliveries.inc(sink.name, "deferred")
+            # Not counted (the sink is down, not this delivery). A probe's delivery is also pushed back by
+            # backoff, so the next probe (which takes the head falling due soonest, due or not) tries
+            # another delivery: one poison delivery cannot keep the breaker open forever.
+            nxt = max(sink.breaker.reopens_at, now + (retry_after or 0.0))
+            if probing:
+                nxt = max(nxt, now + retry_delay(row.attempts + 1, base=policy.base, cap=policy.cap, rand=self.rand()))
             return Outcome(row, "retry", error=error, next_attempt_at=nxt, count_attempt=False)
+        self.metrics.deliveries.inc(sink.name, "retry")
         attempts = row.attempts + 1
         if should_give_up(attempts, age, max_attempts=policy.max_attempts, max_age=policy.max_age):
             return self._dead(sink, row, error, res, attempts)
         delay = retry_delay(attempts, base=policy.base, cap=policy.cap, rand=self.rand(), retry_after=retry_after)
         return Outcome(row, "retry", error=error, next_attempt_at=now + delay)
+
+
+def _is_outage(e: BaseException) -> bool:
+    """Whether an error says the other side is unavailable (not that this delivery is wrong)."""
+    return isinstance(e, RetryableError | TimeoutError | ConnectionError)

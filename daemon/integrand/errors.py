@@ -47,6 +47,18 @@ class ConfigError(IntegrandError):
         self.problems = problems
 
 
+class PositionLost(IntegrandError):
+    """A streaming source's resume position is gone upstream (retention passed, slot dropped): resync in full.
+
+    ``position`` is the one that was asked for; ``detail`` says what the upstream still has.
+    """
+
+    def __init__(self, message: str, *, position: object = None, detail: str | None = None):
+        super().__init__(message)
+        self.position = position
+        self.detail = detail
+
+
 class StoreUnavailable(RetryableError):
     """The store could not commit (disk full, locked past the timeout); nothing was half-stored."""
 

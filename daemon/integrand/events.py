@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
 
 import orjson
 
@@ -68,3 +72,64 @@ class Event:
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
         return cls(**orjson.loads(raw))
+
+
+# --- versions ------------------------------------------------------------------------------------
+#
+# A version says which of two changes to one entity is newer. integrand orders two forms, and only
+# within one form: a number (a counter, an epoch in any unit: "42", "1700000000123", "3.5") or an
+# ISO-8601 time ("2026-01-02T03:04:05Z", "…05.5+01:00"; no offset means UTC). Each is compared in
+# its canonical form (``canonical_version``): numbers by value, times as UTC instants to the
+# microsecond, so "…00.5Z" is newer than "…00Z" and "+01:00" offsets order correctly. Anything
+# else, or a version whose form differs from the entity's last one, is refused (``VersionError``)
+# rather than misordered.
+
+VersionForm = Literal["number", "time"]
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+class VersionError(ValueError):
+    """A version integrand cannot order: neither a number nor an ISO-8601 time, or of another form."""
+
+
+@functools.lru_cache(maxsize=4096)
+def version_key(v: str) -> tuple[VersionForm, Decimal | str]:
+    """The form of a version and what orders it (a Decimal, or a fixed-width UTC time string)."""
+    s = v.strip()
+    if _NUMBER.fullmatch(s):
+        try:
+            d = Decimal(s)
+        except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
+            raise VersionError(f"version {v!r} is not a number") from None
+        if d.is_finite():
+            return "number", d
+    try:
+        t = datetime.fromisoformat(s)
+    except ValueError:
+        raise VersionError(
+            f"version {v!r} is neither a number nor an ISO-8601 time (see writing-connectors.md, Versions)"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return "time", t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_version(v: str) -> str:
+    """A version in the one form integrand compares: a plain decimal number, or a UTC time with microseconds."""
+    form, key = version_key(v)
+    if form == "time":
+        assert isinstance(key, str)
+        return key
+    assert isinstance(key, Decimal)
+    if key == key.to_integral_value():
+        return str(int(key))
+    return format(key.normalize(), "f")
+
+
+def version_newer(a: str, b: str) -> bool:
+    """Whether version ``a`` is newer than ``b``; ``VersionError`` if either cannot be ordered or their forms differ."""
+    fa, ka = version_key(a)
+    fb, kb = version_key(b)
+    if fa != fb:
+        raise VersionError(f"version {a!r} is a {fa} but {b!r} is a {fb}: a source must give one form of version")
+    return ka > kb  # type: ignore[operator]  # the same form: both Decimal or both str

@@ -45,6 +45,10 @@ REQUEST_ID_HEADERS = ("intuit_tid", "X-HubSpot-Correlation-Id", "X-Request-Id", 
 LOG_BODY_CHARS = 500
 
 
+PINNED_SECRETS = 8  # the first secrets a connector's Http is given are redacted for good
+MAX_SECRETS = 16  # and, after them, the newest this many (refreshed tokens replace each other)
+
+
 def redact_url(url: str) -> str:
     """The URL with credential-like query values and any userinfo replaced by ``***``."""
     parts = urlsplit(url)
@@ -304,12 +308,28 @@ class Http:
     def __init__(self, pool: HttpPool, logger: logging.Logger):
         self.pool = pool
         self.log = logger
-        self._secrets: set[str] = set()
+        # Bounded: tokens refreshed every hour for a year would otherwise be thousands of values
+        # scanned on every request. The first PINNED_SECRETS are kept for good (what a connector
+        # knows early: a static token, its first refresh token); after them, the newest MAX_SECRETS.
+        self._pinned: dict[str, None] = {}
+        self._recent: dict[str, None] = {}  # an ordered set, newest last
+        self._secrets: list[str] = []
 
     def add_secret(self, value: str) -> None:
-        """Never log ``value`` (an access token fetched at run time, say) in any request or response line."""
-        if value:
-            self._secrets.add(value)
+        """Never log ``value`` (an access token fetched at run time, say) in any request or response line.
+
+        A refreshed token stops working once renewed, so only the newest ``MAX_SECRETS`` run-time
+        values are kept, beside the first ``PINNED_SECRETS`` added, which never are dropped."""
+        if not value or value in self._pinned:
+            return
+        if len(self._pinned) < PINNED_SECRETS:
+            self._pinned[value] = None
+        else:
+            self._recent.pop(value, None)
+            self._recent[value] = None
+            while len(self._recent) > MAX_SECRETS:
+                del self._recent[next(iter(self._recent))]
+        self._secrets = [*self._pinned, *self._recent]
 
     def limit(
         self,

@@ -1,12 +1,15 @@
 """The webhook port: ``POST /hooks/{source}``, answered 2xx only after the events are committed.
 
-Order per request: source known (404) → body size (413) → signature and
-timestamp (401; nothing unauthenticated is parsed) → content type and JSON
-(415/400) → events → durable enqueue (503 if the store cannot commit) → 200.
+Order per request: source known (404) → body size (413) and read deadline (408)
+→ signature and timestamp (401; nothing unauthenticated is parsed) → content
+type and JSON (415/400) → events, each checked to be storable (depth, UTF-8:
+400) → durable enqueue (503 if the store cannot commit) → 200. Connection-level
+limits (caps, head deadline, keep-alive) live in ``guard``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,14 +18,19 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
 from .events import Event, utcnow_iso
+from .guard import GuardedHandler, GuardedServer, PortLimits, QuietLog, TokenBucket
+from .intake import intake
 from .metrics import Metrics
+from .replies import shape_reply
 from .routes import Router
 from .secrets import REDACTED, is_credential_name
-from .store import Store
+from .store import Store, UnstorableEvent
 
 log = logging.getLogger("integrand.listener")
 
@@ -35,11 +43,71 @@ class SourceRuntime:
     name: str
     connector: WebhookSource | None
     max_body_bytes: int
+    max_json_depth: int = 64
+
+
+def _printable(text: str | None) -> str | None:
+    """A header or path as the store and the log can take it: undecodable bytes shown as U+FFFD."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def deeper_than(data: Any, limit: int) -> bool:
+    """Whether parsed JSON nests more than ``limit`` arrays/objects deep (``{}`` is depth 1)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        t = type(value)
+        if t is dict:
+            children = value.values()
+        elif t is list:
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if type(c) is dict or type(c) is list)
+    return False
+
+
+def unstorable(events: Sequence[Event], body: bytes, max_depth: int) -> str | None:
+    """Why these events must not be stored, or None: nested deeper than the limit (orjson cannot write 255
+    levels, and a hostile sender chooses the depth). What cannot be serialised at all the store refuses
+    alone (UnstorableEvent) before it is queued; ``unstorable_reason`` words that refusal."""
+    # Nesting can only exceed the limit if the body holds that many brackets: one C-speed count skips the walk.
+    if body.count(b"{") + body.count(b"[") <= max_depth:
+        return None
+    for ev in events:
+        if deeper_than(ev.data, max_depth):
+            return f"JSON nested deeper than {max_depth} levels (daemon.max_json_depth)"
+    return None
+
+
+def unstorable_reason(events: Sequence[Event], error: BaseException) -> str:
+    """The sender's answer when the store could not serialise an event: usually bytes that are not UTF-8."""
+    for ev in events:
+        for field in ("id", "type", "entity", "entity_id", "version", "occurred_at"):
+            v = getattr(ev, field)
+            if isinstance(v, str) and not _encodes(v):
+                return f"event {field} (from a header or the body) is not valid UTF-8"
+    return f"event cannot be stored: {str(error.__cause__ or error)[:200]}"
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Headers as an operator may see them: anything that could be a credential is replaced."""
-    return {str(k): (REDACTED if is_credential_name(k) else str(v)[:500]) for k, v in headers.items()}
+    return {
+        str(_printable(k)): (REDACTED if is_credential_name(k) else str(_printable(str(v)[:500])))
+        for k, v in headers.items()
+    }
 
 
 def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -69,6 +137,8 @@ class Listener:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         on_accepted: Callable[[str, Sequence[Event]], None] | None = None,
+        limits: PortLimits | None = None,
+        rejections_per_second: float = 10.0,
     ):
         self.sources = sources
         self.store = store
@@ -80,17 +150,40 @@ class Listener:
         self.on_accepted = on_accepted
         self.stopping = False
         self.in_flight = 0
+        self.limits = limits or PortLimits()
+        # Refusals are chosen by unauthenticated clients: logged at most a few per interval, and only a
+        # sampled few (a token bucket) written to the store, so a flood costs neither log nor disk.
+        self.quiet = QuietLog(log)
+        self.recorded = TokenBucket(rejections_per_second, max(1, int(rejections_per_second * 10)))
 
     def server(self) -> web.Server:
         """aiohttp's low-level server: the port has one route, so web.Application's router and
         middleware machinery (a fifth of a bare handler's CPU per request) buy nothing here."""
-        return web.Server(self.handle, access_log=None)
+        return GuardedServer(
+            self.handle,
+            access_log=None,
+            limits=self.limits,
+            quiet=self.quiet,
+            on_refused=lambda kind: self.metrics.webhooks.inc("-", kind),  # source "-": before any source is known
+            body_limit=self._body_limit,
+        )
+
+    def _body_limit(self, target: bytes) -> int | None:
+        """The body limit for a raw request target, as the connection guard sees it before aiohttp."""
+        path = target.split(b"?", 1)[0]
+        if not path.startswith(b"/hooks/"):
+            return None
+        source = self.sources.get(path[7:].decode("latin-1"))
+        return source.max_body_bytes if source is not None else None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        if isinstance(protocol, GuardedHandler):
+            protocol.request_started()
         path = request.path
         name = path[len(HOOKS_PREFIX) :] if path.startswith(HOOKS_PREFIX) else ""
         if not name or "/" in name:
-            return _error(404, f"no endpoint at {path}; webhooks are POSTed to {HOOKS_PREFIX}{{source}}")
+            return _error(404, f"no endpoint at {_printable(path)}; webhooks are POSTed to {HOOKS_PREFIX}{{source}}")
         source = self.sources.get(name)
         label = name if source is not None else "unknown"
         self.in_flight += 1
@@ -98,6 +191,8 @@ class Listener:
             resp = await self._handle(request, name, source)
         finally:
             self.in_flight -= 1
+        if source is not None and source.connector is not None:
+            resp = shape_reply(source.connector, resp)  # a provider's own ack shape (SOAP), if it has one
         self.metrics.webhooks.inc(label, str(resp.status))
         return resp
 
@@ -113,7 +208,26 @@ class Listener:
         if source.connector is None:
             return self._reject(request, name, 404, f"source {name!r} does not accept webhooks")
         try:
-            body = await self._read_body(request, source.max_body_bytes)
+            async with asyncio.timeout(self.limits.body_timeout or None):
+                body = await self._read_body(request, source.max_body_bytes)
+        except WebhookRejected as e:
+            resp = self._reject(request, name, e.status, e.reason)
+            resp.force_close()  # the rest of the body is not read
+            return resp
+        except TimeoutError:
+            t = self.limits.body_timeout
+            resp = self._reject(request, name, 408, f"the body did not arrive within {t:g} s (daemon.body_timeout)")
+            resp.force_close()
+            return resp
+        except (ConnectionError, RequestPayloadError, HttpProcessingError) as e:
+            # The client left mid-body or sent a body that cannot be decoded: its problem, not a failure here.
+            self.quiet.event(
+                "body not read", logging.INFO, "source %s: body from %s not read: %s", name, request.remote, e
+            )
+            resp = _error(400, f"the body could not be read: {e}")
+            resp.force_close()
+            return resp
+        try:
             received_at = utcnow_iso()
             headers = request.headers
             wr = WebhookRequest(
@@ -129,30 +243,38 @@ class Listener:
             )
             source.connector.verify(wr, self.clock())
             events = source.connector.parse(wr)
+            problem = unstorable(events, body, source.max_json_depth)
+            if problem is not None:
+                raise WebhookRejected(problem, status=400)
         except WebhookRejected as e:
-            resp = self._reject(request, name, e.status, e.reason)
-            if e.status == 413:
-                resp.force_close()
-            return resp
+            return self._reject(request, name, e.status, e.reason)
+        except UnicodeError:
+            # aiohttp keeps undecodable header bytes as surrogates; a scheme that signs the header cannot encode it.
+            return self._reject(request, name, 400, "a header the signature covers is not valid UTF-8")
         except Exception:
             log.exception("source %s: connector failed on a webhook", name)
             return _error(500, f"source {name!r} failed to process the webhook; it was not stored")
 
-        items = [(ev, self.router.sinks_for(ev)) for ev in events]
         try:
-            result = await self.store.enqueue(items)
+            result = await intake(
+                self.store, self.router, name, events, metrics=self.metrics, on_accepted=self.on_accepted
+            )
+        except UnstorableEvent as e:  # refused before it was queued: nobody else's commit is affected
+            return self._reject(request, name, 400, unstorable_reason(events, e))
         except StoreUnavailable as e:
-            log.error("source %s: webhook refused with 503, store unavailable: %s", name, e)
+            # One line per interval, not per request: during an outage every sender retries.
+            self.quiet.event(
+                "503 store unavailable",
+                logging.ERROR,
+                "source %s: webhook refused with 503, store unavailable: %s",
+                name,
+                e,
+            )
             return _error(
                 503,
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
             )
-        self.metrics.events.inc(name, "accepted", amount=result.accepted)
-        if result.duplicates:
-            self.metrics.events.inc(name, "duplicate", amount=result.duplicates)
-        if self.on_accepted is not None and result.accepted:
-            self.on_accepted(name, events)
         return _json({"accepted": result.accepted, "duplicates": result.duplicates})
 
     @staticmethod
@@ -178,8 +300,12 @@ class Listener:
         return b"".join(chunks)
 
     def _reject(self, request: web.BaseRequest, source: str, status: int, reason: str) -> web.Response:
-        log.info("source %s: refused webhook from %s with %d: %s", source, request.remote, status, reason)
-        self.store.record_rejection(
-            source, status, reason, request.remote, redact_headers(request.headers), self.rejections_kept
+        remote, source = _printable(request.remote), str(_printable(source))
+        self.quiet.event(
+            f"{status}", logging.INFO, "source %s: refused webhook from %s with %d: %s", source, remote, status, reason
         )
+        if self.recorded.take():
+            self.store.record_rejection(
+                source, status, reason, remote, redact_headers(request.headers), self.rejections_kept
+            )
         return _error(status, reason)

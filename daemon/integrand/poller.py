@@ -22,6 +22,7 @@ from .config import PollSettings, reconcile_schedule
 from .connector import PollingSource, ReconcilingSource
 from .errors import AuthError, RetryableError, StoreUnavailable
 from .events import Event, content_id
+from .intake import intake
 from .metrics import Metrics
 from .pollpolicy import (
     Decision,
@@ -92,6 +93,9 @@ class SourcePoller:
         self.not_before = 0.0  # a provider's Retry-After or budget pacing: nudges never poll before it
         self._saved_at: float | None = None
         self._loaded = False
+        self.last_poll_at: float | None = None  # when the last poll started, and the last that succeeded
+        self.last_ok_at: float | None = None
+        self.cursor_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
     async def load(self) -> None:
@@ -120,7 +124,8 @@ class SourcePoller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue  # a nudge may have moved next_at; look again
-            await self.poll_once()
+            async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
+                await self.poll_once()
 
     def nudge(self, changes: int = 1) -> None:
         """A webhook brought ``changes`` for this source: poll soon (debounced), within the request budget."""
@@ -147,10 +152,9 @@ class SourcePoller:
         try:
             cursor = await self.store.cursor_get(self.name)
             result = await self.connector.poll(cursor)
-            items = [(ev, self.router.sinks_for(ev)) for ev in result.events]
             times = await self._new_change_times(result.events)
-            if items or result.cursor != cursor:
-                res = await self.store.enqueue_with_cursor(items, self.name, result.cursor)
+            if result.events or result.cursor != cursor:
+                res = await intake(self.store, self.router, self.name, result.events, cursor=result.cursor)
             else:
                 res = EnqueueResult(0, 0)  # an empty poll that moved nothing: no write at all
         except (RetryableError, AuthError, StoreUnavailable) as e:
@@ -174,6 +178,7 @@ class SourcePoller:
                 budget_reset=result.budget_reset,
             )
             self.last_error = None
+            self.last_ok_at = started
             self.metrics.polls.labels(self.name, "ok").inc()
             self.metrics.events.inc(self.name, "accepted", amount=res.accepted)
             if res.duplicates or res.stale:
@@ -181,13 +186,14 @@ class SourcePoller:
             log.debug(
                 "source %s: poll got %d event(s): %d new, %d duplicate, %d stale%s",
                 self.name,
-                len(items),
+                len(result.events),
                 res.accepted,
                 res.duplicates,
                 res.stale,
                 "; more waiting" if result.more else "",
             )
         self.polls += 1
+        self.last_poll_at = started
         now = self.clock()
         hour = self.state.hour
         self.state, decision = observe(self.policy, self.state, now, obs, self.rand())
@@ -336,7 +342,7 @@ async def reconcile_once(
         if not page.more:
             run["done"] = True
             run["finished"] = clock()
-        await store.enqueue_with_cursor([(ev, router.sinks_for(ev)) for ev in picked], name, run, kind="reconcile")
+        await intake(store, router, name, picked, cursor=run, kind="reconcile")
         if run["done"]:
             break
         if max_pages is not None and pages >= max_pages:

@@ -26,6 +26,7 @@ filters and wildcards are not needed to pick one value per target field.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import logging
@@ -44,7 +45,9 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from .connector import Enricher
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
+from .keypaths import format_errors
 from .types import RelPath, StrictModel
+from .validate import RouteValidator, ValidateSettings, compile_validator
 
 log = logging.getLogger("integrand.routes")
 
@@ -83,7 +86,13 @@ def _decimal(v: Any) -> Decimal:
         raise ValueError(f"{v!r} is not a number") from None
     if not d.is_finite():
         raise ValueError(f"{v!r} is not a finite number")
+    # "1e890994" would become an 890,994-digit int (seconds of CPU on the loop): nothing real is that large.
+    if d and abs(d.adjusted()) > MAX_EXPONENT:
+        raise ValueError(f"{str(v)[:40]!r} is out of range (beyond 1e{MAX_EXPONENT})")
     return d
+
+
+MAX_EXPONENT = 308  # a double's range: what every sink's JSON can hold anyway
 
 
 def _to_int(v: Any) -> int:
@@ -233,6 +242,7 @@ class RouteSettings(StrictModel):
     mapping: RelPath | None = None
     lookups: dict[str, dict[str, Any]] = {}
     loop_guard: LoopGuardSettings | None = None
+    validate_: ValidateSettings | None = Field(default=None, alias="validate")
 
     @field_validator("map")
     @classmethod
@@ -250,7 +260,6 @@ class RouteSettings(StrictModel):
 
 def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None, list[str]]:
     """The route's compiled mapping, or the problems with it as ``key.path: message`` lines."""
-    from .config import _format  # the one formatter of key-path errors
 
     spec: dict[str, FieldSpec] | None = route.map
     lookups = dict(route.lookups)
@@ -265,7 +274,7 @@ def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None,
         try:
             mf = MappingFile.model_validate(raw)
         except ValidationError as e:
-            return None, _format(e, f"{where}.mapping({path.name})", MappingFile)
+            return None, format_errors(e, f"{where}.mapping({path.name})", MappingFile)
         spec = mf.map
         lookups = {**mf.lookups, **lookups}
     if spec is None:
@@ -346,7 +355,7 @@ class FieldMapping:
         for name in f.convert:
             try:
                 value = CONVERSIONS[name](value)
-            except (ValueError, TypeError, OverflowError) as e:
+            except (ValueError, TypeError, OverflowError, OSError) as e:  # OSError: an epoch the C library refuses
                 raise MappingError(f"map.{target}: cannot convert {value!r} with {name!r}: {e}") from None
         if f.lookup is not None:
             table = self.lookups[f.lookup]
@@ -430,6 +439,7 @@ class CompiledRoute:
     enrich: bool
     mapping: FieldMapping | None
     guard: LoopGuardSettings | None
+    validator: RouteValidator | None = None
 
 
 def _scope(sink: str) -> str:
@@ -445,13 +455,15 @@ class RouteRuntime:
         mappings: Sequence[FieldMapping | None],
         sources: Mapping[str, object],
         state: StateAccess,
+        validators: Sequence[RouteValidator | None] = (),
     ):
         self.sources = sources
         self.state = state
         self.pairs: dict[tuple[str, str], CompiledRoute] = {}
         self.echoes: dict[str, list[CompiledRoute]] = {}
-        for r, m in zip(routes, mappings, strict=True):
-            cr = CompiledRoute(r.from_, tuple(r.to), r.enrich, m, r.loop_guard)
+        checks = list(validators) or [None] * len(routes)
+        for r, m, v in zip(routes, mappings, checks, strict=True):
+            cr = CompiledRoute(r.from_, tuple(r.to), r.enrich, m, r.loop_guard, v)
             for sink in r.to:
                 self.pairs[(r.from_, sink)] = cr
             if r.loop_guard is not None and r.loop_guard.echo_source is not None:
@@ -459,15 +471,17 @@ class RouteRuntime:
 
     @classmethod
     def build(cls, routes: Sequence[RouteSettings], sources: Mapping[str, object], state: StateAccess) -> RouteRuntime:
-        mappings = []
+        mappings, validators = [], []
         for i, r in enumerate(routes):
             m, problems = load_mapping(r, f"routes[{i}]")
-            if problems:  # config validation already reported these; a file changed since
+            v, schema_problems = compile_validator(r.validate_, f"routes[{i}]")
+            if problems or schema_problems:  # config validation already reported these; a file changed since
                 from .errors import ConfigError
 
-                raise ConfigError(problems)
+                raise ConfigError(problems + schema_problems)
             mappings.append(m)
-        return cls(routes, mappings, sources, state)
+            validators.append(v)
+        return cls(routes, mappings, sources, state, validators)
 
     async def prepare(self, sink: str, event: Event) -> Event | None:
         """The event as ``sink`` should receive it, or None when it must not be written (an echo, or no change)."""
@@ -495,12 +509,11 @@ class RouteRuntime:
                 fetched = [e] * len(idxs)
             for i, res in zip(idxs, fetched, strict=True):
                 out[i] = self._enrich_error(source, events[i], res) if isinstance(res, BaseException) else res
-        for i, item in enumerate(out):
-            if isinstance(item, Event):
-                try:
-                    out[i] = await self._route(sink, item)
-                except Exception as e:
-                    out[i] = e
+        # Concurrently, so the loop guard's state writes for the whole batch share one group commit.
+        todo = [(i, item) for i, item in enumerate(out) if isinstance(item, Event)]
+        routed = await asyncio.gather(*(self._route(sink, item) for _, item in todo), return_exceptions=True)
+        for (i, _), outcome in zip(todo, routed, strict=True):
+            out[i] = outcome
         return out
 
     async def _route(self, sink: str, event: Event) -> Event | None:
@@ -513,9 +526,13 @@ class RouteRuntime:
             )
             return None
         if cr.mapping is None:
+            if cr.validator is not None:
+                cr.validator.check(event)  # what the sink would receive breaks the contract: dead-letter it
             return event
         data = cr.mapping.apply(event)
         out = replace(event, data=data, meta={**event.meta, "route": {"from": event.source, "to": sink}})
+        if cr.validator is not None:
+            cr.validator.check(out)
         if cr.guard is not None:
             key = _to_str(dig(data, cr.guard.key) or "")
             if key:

@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler, ValidationInfo
 from pydantic_core import PydanticCustomError, core_schema
 
+from .errors import ConfigError
+
 # Header, query-parameter and JSON key names whose values never reach a log line or the rejections
 # table. One list for every place that redacts (the listener's rejections, the HTTP helper's logs), so
 # a credential header hidden in one is hidden in all. Whole words where a bare substring would catch
@@ -28,15 +30,36 @@ def is_credential_name(name: str) -> bool:
 
 
 class SecretValue:
-    """A resolved secret; ``repr``/``str`` show only where it came from, so logs never hold it."""
+    """A secret; ``repr``/``str`` show only where it came from, so logs never hold it.
 
-    __slots__ = ("_value", "origin")
+    A lazy one (``SecretValue.deferred``) is read only when revealed: the CLI's read commands load the
+    config without the systemd credentials or environment that only the service has."""
+
+    __slots__ = ("_base", "_ref", "_value", "origin")
 
     def __init__(self, value: str, origin: str):
-        self._value = value
+        self._value: str | None = value
+        self._ref: Any = None
+        self._base: Path | None = None
         self.origin = origin
 
+    @classmethod
+    def deferred(cls, ref: Any, base_dir: Path | None, origin: str) -> SecretValue:
+        s = cls("", origin)
+        s._value, s._ref, s._base = None, ref, base_dir
+        return s
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the value has been read (always, unless loaded with ``lazy_secrets``)."""
+        return self._value is not None
+
     def reveal(self) -> str:
+        if self._value is None:
+            try:
+                self._value = resolve_secret(self._ref, self._base).reveal()
+            except PydanticCustomError as e:
+                raise ConfigError([f"secret {self.origin}: {e.message()}"]) from None
         return self._value
 
     def __repr__(self) -> str:
@@ -45,10 +68,10 @@ class SecretValue:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SecretValue) and other._value == self._value
+        return isinstance(other, SecretValue) and other.reveal() == self.reveal()
 
     def __hash__(self) -> int:
-        return hash(self._value)
+        return hash(self.reveal())
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
@@ -115,7 +138,12 @@ def _read_secret_file(path: Path, what: str) -> str:
 
 
 def _validate_secret(value: Any, info: ValidationInfo) -> SecretValue:
-    base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
+    context = info.context if isinstance(info.context, dict) else {}
+    base = context.get("base_dir")
+    if context.get("lazy_secrets") and isinstance(value, dict) and len(value) == 1:
+        ((kind, name),) = value.items()
+        if kind in ("env", "file", "credential") and isinstance(name, str) and name:
+            return SecretValue.deferred(value, base, f"{kind}:{name}")
     return resolve_secret(value, base)
 
 

@@ -77,6 +77,12 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 # --- Standard Webhooks (https://www.standardwebhooks.com, spec v1) -------------------------
 
 
+# The spec: "the secret key SHOULD be random and between 24 bytes (192 bits) and 64 bytes (512 bits)".
+# 24 is its floor and what Svix issues, so a shorter key is a configuration mistake, not a choice. Longer
+# keys are only unusual (HMAC hashes a key over 64 bytes), so no upper bound is enforced.
+STANDARD_MIN_KEY_BYTES = 24
+
+
 @functools.lru_cache(maxsize=64)
 def standard_key(secret: str) -> bytes:
     """The HMAC key is the base64-decoded part after ``whsec_``."""
@@ -85,6 +91,17 @@ def standard_key(secret: str) -> bytes:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("a Standard Webhooks secret is 'whsec_' followed by base64") from None
+
+
+def check_standard_secret(secret: str) -> None:
+    """Refuse a key anyone could guess: empty (``whsec_``) or shorter than the spec's 24 bytes."""
+    n = len(standard_key(secret))
+    if n < STANDARD_MIN_KEY_BYTES:
+        raise ValueError(
+            f"a Standard Webhooks key must be at least {STANDARD_MIN_KEY_BYTES} random bytes "
+            f"(this one decodes to {n}); generate one with: "
+            "python3 -c 'import base64,os; print(\"whsec_\" + base64.b64encode(os.urandom(32)).decode())'"
+        )
 
 
 def standard_sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

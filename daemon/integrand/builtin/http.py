@@ -39,8 +39,8 @@ class HttpConfig(ConnectorConfig):
     @field_validator("secret")
     @classmethod
     def _whsec(cls, v: SecretValue | None) -> SecretValue | None:
-        if v is not None:
-            signing.standard_key(v.reveal())
+        if v is not None and v.resolved:  # a lazily loaded one (the CLI's) is not read just to check it
+            signing.check_standard_secret(v.reveal())
         return v
 
 

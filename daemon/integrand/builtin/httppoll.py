@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from jsonpath_ng import JSONPath
-from jsonpath_ng.exceptions import JsonPathParserError
+from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.parser import parse as jsonpath_parse
 from pydantic import field_validator
 
@@ -55,7 +55,7 @@ def _path(v: str | None) -> str | None:
     if v is not None:
         try:
             jsonpath_parse(v)
-        except (JsonPathParserError, ValueError, TypeError, AttributeError) as e:
+        except (JSONPathError, ValueError, TypeError, AttributeError) as e:  # the lexer's errors too
             raise ValueError(f"not a valid JSONPath: {v!r} ({e})") from None
     return v
 
@@ -233,8 +233,12 @@ class HttpPollSource(Connector[HttpPollConfig], PollingSource, ReconcilingSource
             updated = _first(self._updated, item)
             version = _first(self._version, item)
             deleted = bool(_first(self._deleted, item)) if self._deleted is not None else False
-            if updated is not None:
-                high = _later(high, updated)
+            try:
+                occurred = None if updated is None else _iso(parse_time(updated))
+                if updated is not None:
+                    high = _later(high, updated)
+            except (ValueError, TypeError, OverflowError, OSError) as e:  # found by fuzzing: was a bare ValueError
+                raise PermanentError(f"an item's {c.updated!r} is not a time ({e}): {str(item)[:200]}") from None
             v = None if version is None else str(version)
             events.append(
                 Event(
@@ -245,7 +249,7 @@ class HttpPollSource(Connector[HttpPollConfig], PollingSource, ReconcilingSource
                     entity=c.entity,
                     entity_id=str(eid),
                     version=v,
-                    occurred_at=None if updated is None else _iso(parse_time(updated)),
+                    occurred_at=occurred,
                     meta={"deleted": True} if deleted else {},
                 )
             )

@@ -1,18 +1,86 @@
-"""The ``jsonl`` sink: one event envelope per line, flushed and fsynced per batch."""
+"""The ``jsonl`` sink: one event envelope per line, flushed and fsynced per batch, each event written once.
+
+Delivery is at least once: a batch written but not yet acknowledged when the process dies is delivered
+again after the restart. The sink makes that exactly once in the file by remembering the keys of the
+last ``dedupe_window`` events it wrote (read back from the file's tail at start) and skipping those.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Sequence
-from typing import IO
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import orjson
+from pydantic import Field
 
 from integrand.connector import Connector, ConnectorConfig, Event, RelPath, RetryableError, Sink
+from integrand.permissions import private_dir, private_file
+
+TAIL_BLOCK = 1 << 20
 
 
 class JsonlConfig(ConnectorConfig):
     path: RelPath
     fsync: bool = True
+    # How many of the most recent events are checked before writing (0: no check). It must exceed what can
+    # be in flight at a crash: dispatcher.workers x the batch size (8 x 256 by default).
+    dedupe_window: int = Field(default=65536, ge=0)
+
+
+def tail_lines(path: Path, count: int) -> tuple[list[bytes], int]:
+    """The last ``count`` complete lines of ``path``, and the length of the file up to its last newline
+    (bytes after it are a line torn by a crash mid-write, whose event was never acknowledged)."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        buf, pos = b"", end
+        while pos > 0 and buf.count(b"\n") <= count:
+            step = min(TAIL_BLOCK, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+    complete = buf.rfind(b"\n") + 1
+    whole = pos + complete
+    lines = buf[:complete].split(b"\n")[:-1]
+    if pos > 0:
+        lines = lines[1:]  # the first may be cut by where reading began
+    return lines[-count:] if count else [], whole
+
+
+def envelope_keys(lines: Iterable[bytes]) -> list[str]:
+    out = []
+    for line in lines:
+        try:
+            doc = orjson.loads(line)
+            out.append(f"{doc['source']}:{doc['id']}")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue  # not ours to judge: a line someone else appended
+    return out
+
+
+class RecentKeys:
+    """The last ``size`` keys written, for a constant-time "already written?"."""
+
+    def __init__(self, size: int, keys: Iterable[str] = ()):
+        self.size = size
+        self.order: deque[str] = deque()
+        self.members: set[str] = set()
+        for k in keys:
+            self.add(k)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.members
+
+    def add(self, key: str) -> None:
+        if self.size <= 0 or key in self.members:
+            return
+        self.order.append(key)
+        self.members.add(key)
+        if len(self.order) > self.size:
+            self.members.discard(self.order.popleft())
 
 
 class JsonlSink(Connector[JsonlConfig], Sink):
@@ -21,27 +89,43 @@ class JsonlSink(Connector[JsonlConfig], Sink):
     Config = JsonlConfig
     batch_size = 512
 
-    _file: IO[bytes] | None = None
+    _fd: int | None = None
 
     async def start(self) -> None:
         self._lock = asyncio.Lock()
         path = self.config.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab")  # noqa: SIM115, ASYNC230 - opened once at start, held for the daemon's lifetime
+        private_dir(path.parent)
+        private_file(path)  # event bodies: 0600 whatever the umask
+        lines, whole = await asyncio.to_thread(tail_lines, path, self.config.dedupe_window)
+        if whole != path.stat().st_size:
+            # A line torn by a crash mid-write: its event was not acknowledged and will come again.
+            os.truncate(path, whole)
+            self.log.warning("%s: dropped a partial last line left by a crash", path)
+        self._recent = RecentKeys(self.config.dedupe_window, envelope_keys(lines))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # held for the daemon's lifetime
 
     async def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _write(self, data: bytes) -> None:
-        f = self._file
-        if f is None:
+        """All of ``data`` durably, or none of it: a failed write or fsync is cut back off, so the retry
+        neither repeats the lines that made it nor leaves a torn one between batches."""
+        fd = self._fd
+        if fd is None:
             raise RetryableError("jsonl sink is closed")
-        f.write(data)
-        f.flush()
-        if self.config.fsync:
-            os.fsync(f.fileno())
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.config.fsync:
+                os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
 
     async def deliver(self, event: Event) -> None:
         [result] = await self.deliver_batch([event])
@@ -49,11 +133,20 @@ class JsonlSink(Connector[JsonlConfig], Sink):
             raise result
 
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
-        data = b"".join(e.to_json() + b"\n" for e in events)
         async with self._lock:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self._write, data)
-            except OSError as e:
-                err = RetryableError(f"cannot write {self.config.path}: {e.strerror or e}")
-                return [err] * len(events)
+            fresh, keys = [], []
+            for e in events:
+                k = e.key
+                if k not in self._recent and k not in keys:
+                    fresh.append(e)
+                    keys.append(k)
+            if fresh:
+                data = b"".join(e.to_json() + b"\n" for e in fresh)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self._write, data)
+                except OSError as e:
+                    err = RetryableError(f"cannot write {self.config.path}: {e.strerror or e}")
+                    return [err] * len(events)
+                for k in keys:
+                    self._recent.add(k)
         return [None] * len(events)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from integrand import signing
 from integrand.connector import (
@@ -42,18 +42,40 @@ class WebhookConfig(ConnectorConfig):
     entity_field: str | None = None
     entity_id_field: str | None = None
     version_field: str | None = None
+    # signature = "none" lets anyone on the network post events; it must be asked for in so many words.
+    allow_unsigned: bool = False
 
     @model_validator(mode="after")
     def _secret_matches_scheme(self) -> WebhookConfig:
         if self.signature == "none":
             if self.secret is not None:
                 raise ValueError("signature = 'none' takes no secret (remove it or choose a scheme)")
+            if not self.allow_unsigned:
+                raise ValueError(
+                    "signature = 'none' accepts events from anyone who can reach the port; "
+                    "choose a signing scheme, or set allow_unsigned = true to accept that"
+                )
         elif self.secret is None:
             raise ValueError(f"signature = {self.signature!r} needs a secret")
-        if self.signature == "standard-webhooks":
-            for s in self.secrets:
-                signing.standard_key(s)  # raises ValueError with the expected format
         return self
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_strength(cls, v: SecretList | None, info: ValidationInfo) -> SecretList | None:
+        """Per key, so the message names ``secret``: a key anyone could guess is a config error."""
+        # A lazily loaded secret (the CLI's) is not read just to check it; the daemon reads and checks it.
+        for s in [x.reveal() for x in v if x.resolved] if v is not None else []:
+            if info.data.get("signature") == "standard-webhooks":
+                signing.check_standard_secret(s)  # raises ValueError with the expected format and size
+            elif not s:
+                raise ValueError("secret is empty: an empty HMAC key lets anyone sign")
+        return v
+
+    def warnings(self) -> list[str]:
+        """Accepted but worth saying at ``check`` and at start."""
+        if self.signature == "none":
+            return ["signature = 'none': webhooks are accepted unauthenticated from anyone who can reach the port"]
+        return []
 
     @property
     def secrets(self) -> list[str]:

@@ -63,6 +63,12 @@ VERB_TO_OP = {
     "emailed": "Emailed",
 }
 OP_TO_VERB = {v: k for k, v in VERB_TO_OP.items()}
+# Name-list entities are deactivated (Active = false), never deleted, and a query leaves inactive ones
+# out unless it filters on Active; transactions have no Active field (filtering on it is an error).
+WITH_ACTIVE = frozenset(
+    {"Account", "Class", "Customer", "Department", "Employee", "Item", "PaymentMethod", "TaxCode", "Term", "Vendor"}
+)
+ANY_ACTIVE = "Active IN (true, false)"
 CDC_WINDOW = timedelta(days=30)
 CDC_MAX = 1000
 STALE_OBJECT = "5010"
@@ -103,7 +109,8 @@ class QuickBooksConfig(ConnectorConfig):
     def _fernet(cls, v: list[SecretValue]) -> list[SecretValue]:
         if not v:
             raise ValueError("give at least one token_key")
-        make_cipher([k.reveal() for k in v])
+        if all(k.resolved for k in v):  # lazily loaded ones (the CLI's) are checked where they are read
+            make_cipher([k.reveal() for k in v])
         return v
 
     @property
@@ -150,6 +157,7 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
 
     _flusher: asyncio.Task[None] | None = None
     tokens: TokenManager
+    other_realm_changes = 0  # changes for other companies in webhooks to this URL (ignored; see parse)
 
     async def start(self) -> None:
         c = self.config
@@ -302,7 +310,9 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         for ch in changes:
             if ch["realm"] != self.config.realm_id:
                 # One Intuit app delivers every connected company to one URL; this source owns one realm.
-                self.log.info(
+                # Routine when several companies are connected: counted, and logged at debug only.
+                self.other_realm_changes += 1
+                self.log.debug(
                     "ignoring a change for realm %s (this source is realm %s)", ch["realm"], self.config.realm_id
                 )
                 continue
@@ -485,8 +495,9 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         pos = cur["pos"]
         entity, skip = pos["entity"], int(pos["skip"])
         ts = since[entity].astimezone(UTC).isoformat(timespec="seconds")
+        active = f"{ANY_ACTIVE} and " if entity in WITH_ACTIVE else ""
         rows = await self.query(
-            f"select * from {entity} where MetaData.LastUpdatedTime >= '{ts}' "
+            f"select * from {entity} where {active}MetaData.LastUpdatedTime >= '{ts}' "
             f"ORDERBY MetaData.LastUpdatedTime STARTPOSITION {skip + 1} MAXRESULTS {c.page_size}"
         )
         events = [self._from_object(entity, o, "query") for o in rows]
@@ -516,7 +527,8 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         c = self.config
         pos: dict[str, Any] = cursor if isinstance(cursor, dict) else {"entity": c.entities[0], "start": 1}
         entity, start = str(pos["entity"]), int(pos["start"])
-        where = []
+        # Inactive customers too: a deactivation whose webhook was dropped is exactly what this must find.
+        where = [ANY_ACTIVE] if entity in WITH_ACTIVE else []
         if since is not None:
             when = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
             where.append(f"MetaData.LastUpdatedTime >= '{when}'")
@@ -583,7 +595,9 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             # entity: see the Accounting API reference of the entity's filterable fields.
             field = match.split(".", 1)[0]
             quoted = str(value).replace("'", "\\'")
-            rows = await self.query(f"select * from {entity} where {field} = '{quoted}' MAXRESULTS 1")
+            active = f" and {ANY_ACTIVE}" if entity in WITH_ACTIVE else ""
+            # An inactive match is still the record to update (reactivate), not a reason to create a twin.
+            rows = await self.query(f"select * from {entity} where {field} = '{quoted}'{active} MAXRESULTS 1")
             if rows:
                 target_id = str(rows[0]["Id"])
         if target_id is None:

@@ -41,6 +41,10 @@ from aiohttp import web
 from ._time import parse_time, qbo_time
 
 ENTITIES = ("Customer", "Invoice", "Item", "Payment", "Vendor", "Estimate")
+# Name-list entities are deactivated, not deleted; a query leaves inactive ones out unless it filters
+# on Active (Intuit: "By default, inactive objects are not returned by queries … add `Active IN (true,
+# false)`"; Accounting API, Customer / Item / Vendor "Query" notes). Transactions have no Active field.
+HAS_ACTIVE = ("Customer", "Item", "Vendor")
 VERBS = {
     "Create": "created",
     "Update": "updated",
@@ -166,7 +170,7 @@ class FakeQuickBooks:
             "sparse": False,
             "MetaData": {"CreateTime": qbo_time(stamp), "LastUpdatedTime": qbo_time(stamp)},
         }
-        if entity == "Customer":
+        if entity in HAS_ACTIVE:
             obj.setdefault("Active", True)
         r.next_id += 1
         obj["_seq"] = next(self._seq)
@@ -447,7 +451,13 @@ class FakeQuickBooks:
             entity, preds, order, start, maxres = _parse_query(request.query.get("query", ""))
         except ValueError as e:
             return self._json(400, fault("4000", "Error parsing query", "QueryValidationError", str(e)))
+        if _mentions_active(request.query.get("query", "")) and entity not in HAS_ACTIVE:
+            return self._json(
+                400, fault("4001", "Invalid query", "QueryValidationError", f"property Active not found for {entity}")
+            )
         rows = [o for o in r.objects.get(entity, {}).values() if all(p(o) for p in preds)]
+        if entity in HAS_ACTIVE and not _mentions_active(request.query.get("query", "")):
+            rows = [o for o in rows if o.get("Active", True) is not False]
         if order:
             rows.sort(key=lambda o: (parse_time(o["MetaData"]["LastUpdatedTime"]), o["_seq"]))
         else:
@@ -591,13 +601,21 @@ def _scalar(v: Any) -> str:
     """Email and phone fields are objects; the query language compares their main value."""
     if isinstance(v, dict):
         v = v.get("Address", v.get("FreeFormNumber"))
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return str(v)
+
+
+def _mentions_active(q: str) -> bool:
+    return re.search(r"\bwhere\b.*\bActive\b", q, re.IGNORECASE | re.DOTALL) is not None
 
 
 def _literal(raw: str) -> str:
     raw = raw.strip()
     if len(raw) >= 2 and raw[0] == raw[-1] == "'":
         return raw[1:-1].replace("\\'", "'")
+    if raw.lower() in ("true", "false"):
+        return raw.lower()  # booleans are unquoted; compared as Python's str() lowercased below
     raise ValueError(f"expected a quoted value, got {raw}")
 
 
@@ -616,7 +634,7 @@ def _parse_query(q: str) -> tuple[str, list[Callable[[dict[str, Any]], bool]], s
             path, op = c["field"], c["op"].strip().lower()
             if op == "in":
                 values = {_literal(v) for v in c["value"].strip().strip("()").split(",")}
-                preds.append(lambda o, p=path, vs=values: str(_field(o, p)) in vs)  # type: ignore[misc]
+                preds.append(lambda o, p=path, vs=values: _scalar(_field(o, p)) in vs)  # type: ignore[misc]
                 continue
             value = _literal(c["value"])
             if path.endswith("Time"):

@@ -1,0 +1,99 @@
+"""Retention: delivered events past the retention window, old delete markers and the loop guard's memory.
+
+A pass examines at most a chunk of rows per writer hold and resumes where it stopped, so dead letters
+(kept until purged) are walked a chunk at a time, never all in one hold.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .engine import Conn, Engine
+
+_PRUNE_PHASES = ("events", "tombstones", "loop_guard")
+
+LOOP_GUARD_SCOPE = "loop-guard:"  # state scopes starting so are the loop guard's memory, pruned by age
+
+
+async def _prune_events(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
+    """Examine up to ``chunk`` events received before ``older_than`` past ``after``; delete the delivered ones."""
+    at, last = after if after is not None else (float("-inf"), 0)
+    # Two index seeks, (received_at = at, id > last) then (received_at > at): a group commit gives
+    # thousands of events the same received_at, and a row-value range would walk them all again.
+    rows = await conn.execute_fetchall(
+        "SELECT p.id, p.received_at, EXISTS (SELECT 1 FROM deliveries d WHERE d.event = p.id AND d.state != 'done') "
+        "FROM (SELECT id, received_at FROM (SELECT id, received_at FROM events WHERE received_at = :at AND id > :last "
+        "AND received_at < :cutoff ORDER BY id LIMIT :n) UNION ALL SELECT id, received_at FROM (SELECT id, received_at "
+        "FROM events WHERE received_at > :at AND received_at < :cutoff ORDER BY received_at, id LIMIT :n) LIMIT :n) p",
+        {"at": at, "last": last, "cutoff": older_than, "n": chunk},
+    )
+    ids = [r[0] for r in rows if not r[2]]
+    if ids:
+        marks = ",".join("?" * len(ids))
+        for table, col in (("deliveries", "event"), ("audit", "event"), ("events", "id")):
+            await conn.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)  # noqa: S608
+    return len(ids), ((rows[-1][1], rows[-1][0]) if len(rows) == chunk else None)
+
+
+async def _prune_tombstones(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
+    """Delete up to ``chunk`` delete markers older than ``older_than`` (the stale guard's window is retention's)."""
+    cur = await conn.execute(
+        "DELETE FROM entity_versions WHERE (source, entity, entity_id) IN (SELECT source, entity, entity_id "
+        "FROM entity_versions WHERE deleted = 1 AND seen_at < ? LIMIT ?)",
+        (older_than, chunk),
+    )
+    return cur.rowcount, (True if cur.rowcount == chunk else None)
+
+
+async def _prune_loop_guard(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
+    """Delete up to ``chunk`` loop-guard entries not written since ``older_than``."""
+    cur = await conn.execute(
+        "DELETE FROM state WHERE (scope, key) IN (SELECT scope, key FROM state "
+        "WHERE substr(scope, 1, 11) = 'loop-guard:' AND updated_at < ? LIMIT ?)",
+        (older_than, chunk),
+    )
+    return cur.rowcount, (True if cur.rowcount == chunk else None)
+
+
+_PRUNE_STEPS: dict[str, Callable[..., Coroutine[Any, Any, tuple[int, Any]]]] = {
+    "events": _prune_events,
+    "tombstones": _prune_tombstones,
+    "loop_guard": _prune_loop_guard,
+}
+
+
+class Retention(Engine):
+    """``prune``, one step of a retention pass at a time."""
+
+    def _init_retention(self) -> None:
+        self._prune_at: tuple[str, Any] = (_PRUNE_PHASES[0], None)  # where the retention pass resumes
+        self.pruned = dict.fromkeys(_PRUNE_PHASES, 0)  # rows deleted by retention, by kind
+
+    async def prune(self, older_than: float, chunk: int = 200) -> int:
+        """One step of a retention pass; call in a loop until it returns 0 (the pass is over).
+
+        A pass deletes fully delivered events received before ``older_than`` (with their deliveries
+        and audit), then delete markers (``entity_versions`` tombstones) and loop-guard state not
+        touched since. Each step examines at most ``chunk`` rows in one writer hold and resumes
+        where the last one stopped, so events kept by dead letters are walked once per pass, a
+        chunk at a time, never all in one hold. Returns the rows deleted by this call (>0), or 0."""
+        if self._prune_at[0] == "over":  # the last call finished a pass: say so, the next call starts one
+            self._prune_at = (_PRUNE_PHASES[0], None)
+            return 0
+        while True:
+            phase, pos = self._prune_at
+            step = functools.partial(_PRUNE_STEPS[phase], older_than=older_than, after=pos, chunk=chunk)
+            deleted, nxt = await self._submit(step, rows=chunk)
+            self.pruned[phase] += deleted
+            if nxt is None:  # this phase is over: on to the next, or the pass is over
+                following = _PRUNE_PHASES[_PRUNE_PHASES.index(phase) + 1 :]
+                if not following:
+                    self._prune_at = ("over", None) if deleted else (_PRUNE_PHASES[0], None)
+                    return deleted
+                self._prune_at = (following[0], None)
+            else:
+                self._prune_at = (phase, nxt)
+            if deleted:
+                return deleted
