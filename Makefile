@@ -94,6 +94,8 @@ promtool: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/poll_sim.py --webhooks --plot docs/polling-interval.png --json bench/poll_sim.json
+	$(BIN)/python bench/poll_daemon.py --seeds 1 2 3 --json bench/poll_daemon.json
 
 # Coverage-guided fuzzing from the kept corpus (tests/fuzz_corpus); FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 120

@@ -89,9 +89,9 @@ async def test_pages_then_rate_interval_and_cursor_handoff(store: Store) -> None
     assert await store.cursor_get("src") == 7
     assert await store.event_count() == 7
     assert (await store.counts())[("out", "ready")] == 7
-    # Nothing new: the cursor stays, the interval grows.
+    # Nothing new: the cursor stays, the interval does not shrink.
     d2 = await p.poll_once()
-    assert d2.delay > d.delay
+    assert d2.delay >= d.delay
     assert await store.cursor_get("src") == 7
 
 
@@ -159,6 +159,41 @@ async def test_nudge_off_and_budget_respected(store: Store) -> None:
     assert q.next_at - q.clock() > 3500  # the hourly budget is spent: a nudge cannot buy a request
 
 
+async def test_nudge_never_polls_before_retry_after(store: Store) -> None:
+    src = ChangeLog()
+    src.fail = [RetryableError("HTTP 429", retry_after=120.0)]
+    p = SourcePoller("src", src, store, ROUTER, settings(min_interval=1, max_interval=3600, nudge_debounce=0.05))
+    d = await p.poll_once()
+    assert d.reason == "retry-after"
+    p.nudge()  # a webhook arrives while the provider asked for two minutes of quiet
+    assert p.next_at - p.clock() >= 119.9
+
+
+async def test_learnt_state_survives_a_restart_and_uses_change_times(store: Store) -> None:
+    import time as _time
+
+    from integrand.pollpolicy import to_json
+
+    class Timed(ChangeLog):
+        def event(self, eid: str, version: int) -> Event:
+            ev = super().event(eid, version)
+            return Event(**{**ev.to_dict(), "occurred_at": "2026-12-07T00:00:00Z"})
+
+    src = Timed()
+    src.changes = [("a", 1), ("b", 1)]
+    p = SourcePoller("src", src, store, ROUTER, settings())
+    await p.load()
+    await p.poll_once()
+    changed = _time.mktime((2026, 12, 7, 0, 0, 0, 0, 0, 0)) - _time.timezone
+    assert p.state.last_change == pytest.approx(changed)  # the change time the source reported, not the poll's
+    await p.poll_once()  # the same events again: not new, so no new change time
+    assert p.state.last_change == pytest.approx(changed)
+    await p.save()
+    q = SourcePoller("src", src, store, ROUTER, settings())
+    await q.load()
+    assert to_json(q.state) == to_json(p.state)
+
+
 async def test_reconcile_finds_missed_and_stale_and_resumes(store: Store) -> None:
     src = ChangeLog(page=2)
     src.changes = [("a", 1), ("b", 1), ("c", 1)]
@@ -190,3 +225,22 @@ def test_schedules() -> None:
     assert next_reconcile("6h", t) == t + 6 * 3600
     with pytest.raises(ValueError, match="neither cron"):
         settings(reconcile="every tuesday")
+
+
+async def test_scheduled_reconciliation_tells_the_poller_what_it_missed(store: Store) -> None:
+    from integrand.poller import run_reconciler
+    from integrand.pollpolicy import price
+
+    src = ChangeLog(page=10)
+    conf = settings(reconcile="50ms")
+    p = SourcePoller("src", src, store, ROUTER, conf)
+    await p.poll_once()
+    before = price(p.policy, p.state)
+    src.changes += [("x", 1), ("y", 1)]  # changes the poller never polled
+    task = asyncio.create_task(run_reconciler("src", src, store, ROUTER, conf, poller=p))
+    try:
+        await wait_for(lambda: price(p.policy, p.state) > before)
+        assert p.state.hour_count >= 2  # counted as changes of this hour, too
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from integrand.pollpolicy import HOUR, Observation, PollPolicy, PollState, observe
+from integrand.pollpolicy import (
+    DAY,
+    HOUR,
+    Observation,
+    PollPolicy,
+    PollState,
+    from_json,
+    observe,
+    price,
+    recent_rate,
+    reconciled,
+    to_json,
+    week_bucket,
+)
 
 policies = st.builds(
     PollPolicy,
@@ -106,9 +122,10 @@ def test_changes_shrink_and_quiet_grows_the_interval() -> None:
     state, d = observe(policy, state, now, Observation(now))
     assert d.delay == 900  # nothing known, nothing found: as slow as allowed
     intervals = []
-    for _ in range(5):  # a busy spell
-        now += d.delay
-        state, d = observe(policy, state, now, Observation(now, changes=20))
+    for _ in range(5):  # a busy spell: 20 changes spread over each interval
+        prev, now = now, now + d.delay
+        times = tuple(prev + (now - prev) * (i + 0.5) / 20 for i in range(20))
+        state, d = observe(policy, state, now, Observation(now, changes=20, change_times=times))
         intervals.append(d.delay)
     # Down to the target latency, not below: faster polls would not make changes any more on time.
     assert intervals[-1] == 60
@@ -120,7 +137,117 @@ def test_changes_shrink_and_quiet_grows_the_interval() -> None:
         quiet.append(d.delay)
     assert quiet == sorted(quiet)
     assert quiet[-1] == 900
-    assert now < 4 * 3600  # back to the slowest rate within a few half-lives
+    assert now < 2 * 3600  # the burst-end rule, not the half-life, ends the fast polling
+
+
+@settings(max_examples=200, deadline=None)
+@given(policies, polls)
+def test_burst_end_caps_the_rate_by_the_quiet_since_the_last_change(
+    policy: PollPolicy, seq: list[tuple[int, bool, bool, float, float]]
+) -> None:
+    """After E quiet seconds the rate used is at most -ln(a)/E: k empty polls that improbable end a burst."""
+    state, now = PollState(), 1e6
+    for changes, more, error, rand, took in seq:
+        started, now = now, now + took
+        times = tuple(started + took * i / max(1, changes) for i in range(changes))
+        state, d = observe(
+            policy, state, now, Observation(started, changes=changes, more=more, error=error, change_times=times), rand
+        )
+        now += d.delay
+    quiet_end = now + 10 * policy.target_latency
+    state, _ = observe(policy, state, quiet_end, Observation(quiet_end))
+    start = state.last_change if state.last_change is not None else state.quiet_from
+    assert start is not None
+    exposure = quiet_end - state.lag - start
+    assert recent_rate(state) <= -math.log(policy.quiet_confidence) / exposure * (1 + 1e-9)
+
+
+def test_a_burst_ends_after_a_few_empty_polls() -> None:
+    """The real-daemon finding: 150 changes in a burst kept the old policy at the floor for a minute of empty polls."""
+    policy = PollPolicy(min_interval=0.2, max_interval=20, target_latency=1)
+    state, now = PollState(), 1e6
+    for _ in range(10):  # 150 changes over 10 s, seen at the floor
+        prev, now = now, now + 1.0
+        times = tuple(prev + i / 15 for i in range(15))
+        state, d = observe(policy, state, now, Observation(prev, changes=15, change_times=times))
+        assert d.delay <= 1.0
+    empty = 0
+    while d.delay <= 1.0:
+        now += d.delay
+        state, d = observe(policy, state, now, Observation(now))
+        empty += 1
+    # After E quiet seconds the cap is 3/E changes/s; with the initial price (5 requests per late
+    # change) polling fast stops once 5 * 3/E * 1 s < 1, i.e. E > 15 s: about 15 empty polls.
+    assert empty <= 20
+    quiet_for = now - state.last_change  # type: ignore[operator]
+    assert quiet_for < 20
+
+
+def test_hour_of_week_profile_warms_up_before_busy_hours_and_survives_a_restart() -> None:
+    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60)
+    state, now = PollState(), float(4 * DAY)  # Monday 1970-01-05 00:00 UTC
+    # One week: changes every minute Mondays to Fridays 09:00-17:00, nothing otherwise.
+    while now < 11 * DAY + HOUR:
+        busy = (now - 4 * DAY) % DAY // HOUR in range(9, 17) and (now - 4 * DAY) // DAY % 7 < 5
+        state, d = observe(policy, state, now, Observation(now, changes=1 if busy else 0, change_times=(now,) * busy))
+        now += min(d.delay, 60.0) if busy else d.delay
+    assert week_bucket(4 * DAY + 9 * HOUR) == 9 and week_bucket(10 * DAY) == 6 * 24
+    assert state.base_price is not None  # a full week seen: the price is planned from the profile
+    # A restart: the state goes through JSON and back.
+    state = from_json(orjson.loads(orjson.dumps(to_json(state))))
+    # Monday 08:45 of the next week: quiet for hours, yet the next poll comes by 09:01.
+    now = 11 * DAY + 8 * HOUR + 45 * 60
+    state, d = observe(policy, state, now, Observation(now))
+    assert now + d.delay <= 11 * DAY + 9 * HOUR + 60
+    _, d_plain = observe(replace(policy, seasonal=False), state, now, Observation(now))
+    assert d_plain.delay > d.delay
+    # Saturday 03:00 is slow.
+    sat = 16 * DAY + 3 * HOUR
+    _, d2 = observe(policy, state, sat, Observation(sat))
+    assert d2.delay >= 900
+
+
+@settings(max_examples=100, deadline=None)
+@given(policies, polls)
+def test_state_round_trips_through_json(policy: PollPolicy, seq: list[tuple[int, bool, bool, float, float]]) -> None:
+    state, now = PollState(), 5e5
+    for changes, more, error, rand, took in seq:
+        started, now = now, now + took * 100
+        times = tuple(started + i for i in range(min(changes, 5)))
+        state, d = observe(
+            policy, state, now, Observation(started, changes=changes, more=more, error=error, change_times=times), rand
+        )
+        now += d.delay
+    back = from_json(orjson.loads(orjson.dumps(to_json(state))))
+    assert to_json(back) == to_json(state)
+    assert from_json({"v": 99}) == PollState()
+    assert from_json({"v": 1, "season": [1.0]}) == PollState()
+
+
+def test_late_changes_raise_the_price_and_on_time_ones_lower_it_back_to_the_plan() -> None:
+    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60, seasonal=False)
+    state, now = PollState(), 1e6
+    p0 = price(policy, state)
+    for _ in range(20):  # late lumps: bounded to e^0.7 of the plan
+        now += 60
+        state, _ = observe(policy, state, now, Observation(now, changes=50, change_times=(now - 600,) * 50))
+    high = price(policy, state)
+    assert p0 < high <= p0 * math.exp(0.7) * (1 + 1e-9)
+    for _ in range(200):
+        now += 60
+        state, _ = observe(policy, state, now, Observation(now, changes=50, change_times=(now - 1,) * 50))
+    assert price(policy, state) < high
+    assert price(policy, state) == pytest.approx(p0)  # never below the plan
+
+
+def test_reconciliation_misses_count_as_late_changes() -> None:
+    policy = PollPolicy(seasonal=False)
+    state = PollState()
+    state, _ = observe(policy, state, 0.0, Observation(0.0))
+    after = reconciled(policy, state, 10.0, missed=5)
+    assert after.rate > state.rate
+    assert price(policy, after) > price(policy, state)
+    assert reconciled(policy, state, 10.0, missed=0) == state
 
 
 def test_errors_back_off_exponentially_and_leave_the_rate_alone() -> None:
@@ -153,22 +280,3 @@ def test_provider_budget_keeps_a_reserve_for_writes() -> None:
         policy, state, 60.0, Observation(60.0, changes=100, budget_remaining=30, budget_limit=100, budget_reset=600)
     )
     assert (d.reason, d.delay) == ("provider-budget", 60.0)  # 10 spare over 600 s
-
-
-def test_daily_profile_anticipates_the_working_day() -> None:
-    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60, seasonal=True)
-    state, now = PollState(), 0.0
-    # Day 1: changes every minute from 09:00 to 17:00, nothing otherwise.
-    while now < 86400:
-        busy = 9 * 3600 <= now % 86400 < 17 * 3600
-        state, d = observe(policy, state, now, Observation(now, changes=1 if busy else 0))
-        now += min(d.delay, 60.0) if busy else d.delay
-    # Day 2, 08:59: nothing changed for hours, yet the policy is already polling fast for 09:00.
-    now = 86400 + 9 * 3600 - 60
-    _, d = observe(policy, state, now, Observation(now))
-    assert d.delay <= 300  # half-way to the learnt rate after one day; without the profile it would be 1800
-    _, d_plain = observe(replace(policy, seasonal=False), state, now, Observation(now))
-    assert d_plain.delay == 1800
-    # Day 2 at 03:00 it is slow.
-    _state2, d2 = observe(policy, state, 2 * 86400 + 3 * 3600, Observation(2 * 86400 + 3 * 3600))
-    assert d2.delay >= 900

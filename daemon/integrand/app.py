@@ -217,7 +217,9 @@ def start_reconciler(d: Daemon, name: str) -> None:
     core = d.settings.sources[name].core
     assert isinstance(core, SourceCore)
     if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
-        recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
+        recon = run_reconciler(
+            name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, poller=d.pollers.get(name)
+        )
         d.spawn(f"reconcile:{name}", recon)
 
 
@@ -277,7 +279,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
     def nudge(source: str, events: Sequence[Event]) -> None:
         p = pollers.get(source)
         if p is not None:
-            p.nudge()
+            p.nudge(len(events))
 
     listener = Listener(
         sources,

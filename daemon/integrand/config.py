@@ -131,8 +131,9 @@ class PollSettings(StrictModel):
     max_requests_per_hour: int | None = Field(default=None, ge=1)
     budget_reserve: float = Field(default=0.2, ge=0, lt=1)
     aggressiveness: float = Field(default=0.2, gt=0)
-    rate_half_life: Duration = 600.0
-    seasonal: bool = False
+    # Unset: 60 target latencies (1 h at the default 60 s target).
+    rate_half_life: Duration | None = None
+    seasonal: bool = True
     # A webhook accepted for this source brings the next poll forward to `nudge_debounce` from now.
     nudge: bool = True
     nudge_debounce: Duration = 2.0

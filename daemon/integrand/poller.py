@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from .config import PollSettings, reconcile_schedule
@@ -23,11 +24,27 @@ from .errors import AuthError, RetryableError, StoreUnavailable
 from .events import Event, content_id
 from .intake import intake
 from .metrics import Metrics
-from .pollpolicy import Decision, Observation, PollPolicy, PollState, budget_wait, observe
+from .pollpolicy import (
+    Decision,
+    Observation,
+    PollPolicy,
+    PollState,
+    budget_wait,
+    from_json,
+    nudge_delay,
+    observe,
+    price,
+    recent_rate,
+    reconciled,
+    to_json,
+)
 from .routes import Router
 from .store import EnqueueResult, Store, version_newer
 
 log = logging.getLogger("integrand.poller")
+
+STATE_SCOPE = "poll"  # store.state scope of each source's learnt polling state (key: the source name)
+SAVE_EVERY = 60.0  # seconds between saves of that state (and at every hour boundary)
 
 
 def policy_from(settings: PollSettings) -> PollPolicy:
@@ -72,12 +89,34 @@ class SourcePoller:
         self.last: Decision | None = None
         self.last_error: str | None = None
         self.polls = 0
+        self.pushed = 0
+        self.not_before = 0.0  # a provider's Retry-After or budget pacing: nudges never poll before it
+        self._saved_at: float | None = None
+        self._loaded = False
         self.last_poll_at: float | None = None  # when the last poll started, and the last that succeeded
         self.last_ok_at: float | None = None
         self.cursor_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
+    async def load(self) -> None:
+        """Start from the state a previous run learnt (hour-of-week profile, price, lag, the budget's request log)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            self.state = from_json(await self.store.state_get(STATE_SCOPE, self.name))
+        except StoreUnavailable as e:
+            log.warning("source %s: cannot read the learnt polling state, starting cold: %s", self.name, e)
+
+    async def save(self) -> None:
+        try:
+            await self.store.state_set(STATE_SCOPE, self.name, to_json(self.state))
+            self._saved_at = self.clock()
+        except StoreUnavailable as e:
+            log.warning("source %s: cannot save the learnt polling state: %s", self.name, e)
+
     async def run(self) -> None:
+        await self.load()
         while True:
             wait = self.next_at - self.clock()
             if wait > 0:
@@ -88,12 +127,20 @@ class SourcePoller:
             async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
                 await self.poll_once()
 
-    def nudge(self) -> None:
-        """A webhook arrived for this source: poll soon (debounced), within the request budget."""
+    def nudge(self, changes: int = 1) -> None:
+        """A webhook brought ``changes`` for this source: poll soon (debounced), within the request budget."""
+        self.pushed += changes
         if not self.settings.nudge:
             return
         now = self.clock()
-        at = now + max(self.settings.nudge_debounce, budget_wait(self.policy, self.state.requests, now))
+        at = max(
+            now
+            + max(
+                nudge_delay(self.policy, self.state, self.settings.nudge_debounce),
+                budget_wait(self.policy, self.state.requests, now),
+            ),
+            self.not_before,
+        )
         if at < self.next_at:
             self.next_at = at
             self._wake.set()
@@ -105,6 +152,7 @@ class SourcePoller:
         try:
             cursor = await self.store.cursor_get(self.name)
             result = await self.connector.poll(cursor)
+            times = await self._new_change_times(result.events)
             if result.events or result.cursor != cursor:
                 res = await intake(self.store, self.router, self.name, result.events, cursor=result.cursor)
             else:
@@ -117,9 +165,12 @@ class SourcePoller:
             obs = Observation(started, error=True)
             self._failed(e, "error")
         else:
+            pushed, self.pushed = self.pushed, 0
             obs = Observation(
                 started,
                 changes=res.accepted,
+                change_times=tuple(times[: res.accepted]),
+                pushed=pushed,
                 more=result.more,
                 retry_after=result.retry_after,
                 budget_remaining=result.budget_remaining,
@@ -144,11 +195,39 @@ class SourcePoller:
         self.polls += 1
         self.last_poll_at = started
         now = self.clock()
+        hour = self.state.hour
         self.state, decision = observe(self.policy, self.state, now, obs, self.rand())
         self.last = decision
         self.next_at = now + decision.delay
+        self.not_before = self.next_at if decision.reason in ("retry-after", "provider-budget", "budget") else 0.0
         self.metrics.poll_interval.labels(self.name).set(decision.delay)
+        if self._saved_at is None or now - self._saved_at >= SAVE_EVERY or self.state.hour != hour:
+            await self.save()
         return decision
+
+    def reconciled(self, missed: int) -> None:
+        """A reconciliation found ``missed`` changes that polling (and webhooks) had not delivered."""
+        self.state = reconciled(self.policy, self.state, self.clock(), missed)
+
+    async def _new_change_times(self, events: list[Event] | Any) -> list[float]:
+        """The change times (``occurred_at``) of the events the entity table has not seen yet, newest last."""
+        keys = [(ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None and ev.occurred_at]
+        if not keys:
+            return []
+        known = await self.store.entity_versions(self.name, keys)
+        out: list[float] = []
+        for ev in events:
+            if ev.entity_id is None or not ev.occurred_at:
+                continue
+            kv = known.get((ev.entity or "", ev.entity_id))
+            if kv is None or (
+                ev.version is not None and kv.version is not None and version_newer(ev.version, kv.version)
+            ):
+                try:
+                    out.append(datetime.fromisoformat(ev.occurred_at.replace("Z", "+00:00")).timestamp())
+                except ValueError:
+                    continue
+        return sorted(out)
 
     def _failed(self, e: BaseException, outcome: str) -> None:
         self.last_error = f"{type(e).__name__}: {e}"
@@ -162,7 +241,9 @@ class SourcePoller:
             "next_poll_in": round(max(0.0, self.next_at - now), 3),
             "last_wait": round(self.last.delay, 3) if self.last else None,
             "last_reason": self.last.reason if self.last else None,
-            "change_rate_per_hour": round(self.state.rate * 3600, 3),
+            "change_rate_per_hour": round(recent_rate(self.state) * 3600, 3),
+            "late_price": round(price(self.policy, self.state), 3),
+            "index_lag": round(self.state.lag, 3),
             "errors_in_a_row": self.state.errors,
             "requests_last_hour": sum(1 for t in self.state.requests if t > now - 3600),
             "last_error": self.last_error,
@@ -295,8 +376,12 @@ async def run_reconciler(
     *,
     metrics: Metrics | None = None,
     clock: Callable[[], float] = time.time,
+    poller: SourcePoller | None = None,
 ) -> None:
-    """Reconcile on the source's schedule; a pass a crash interrupted is resumed at once."""
+    """Reconcile on the source's schedule; a pass a crash interrupted is resumed at once.
+
+    ``poller``, if given, learns from the result: missed changes count as late ones.
+    """
     assert settings.reconcile is not None
     run = await store.cursor_get(name, "reconcile")
     pending = isinstance(run, dict) and not run.get("done", True)
@@ -306,9 +391,11 @@ async def run_reconciler(
             await asyncio.sleep(max(0.0, at - clock()))
         pending = False
         try:
-            await reconcile_once(
+            report = await reconcile_once(
                 name, connector, store, router, window=settings.reconcile_window, metrics=metrics, clock=clock
             )
+            if report is not None and poller is not None:
+                poller.reconciled(report.missed + report.stale)
         except Exception as e:
             # The pass keeps its progress; the next scheduled run resumes it.
             log.warning("source %s: reconciliation failed, will resume: %s: %s", name, type(e).__name__, e)

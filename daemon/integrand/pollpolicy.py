@@ -1,38 +1,58 @@
 """When to poll next: a pure function of what past polls found, so tests and the simulator drive it with a fake clock.
 
-The model (see docs/polling.md): changes arrive as a Poisson process whose rate λ
-varies (quiet nights, busy hours, bursts). The goal is a detection latency target —
-``target_latency`` for 95% of changes — for as few requests as possible. Polling
-every ``target_latency`` makes every change on time; polling faster buys nothing for
-that goal, so ``max(min_interval, target_latency)`` is the floor. When changes are
-rare, most of the requests that polling at the floor would make find nothing; the
-policy then waits until about ``aggressiveness`` changes are expected:
+The model (see docs/polling.md): changes arrive as a Poisson process whose rate λ(t)
+varies (quiet nights, busy hours, bursts). The goal is a detection latency target,
+``target_latency`` for 95% of all changes, for as few requests as possible. A change
+made ``target_latency`` or more before the next poll is late, so an interval of
+length T whose first T - L seconds have rate λ costs one request and λ·(T - L)
+expected late changes. The policy prices a late change at μ requests and picks the
+T that minimises the cost per second, ``(1 + μ·Λ(T)) / T`` with Λ(T) the expected
+late changes (a renewal-reward argument); μ is learnt online so that about
+``late_share`` of the changes are late (dual ascent on the p95 constraint).
 
-    T = clamp(aggressiveness / λ,  max(min_interval, target_latency),  max_interval)
+What goes into λ:
 
-``λ`` is an exponentially decaying count of the changes found (half-life
-``rate_half_life``; no division by the gap between polls, so multi-page passes and
-irregular polls need no special case). Optionally (``seasonal``) it is raised to
-what the same hour of the day looked like on previous days, so the policy is already
-fast when the working day starts.
+* the **change times** the poll returned (``updated_at`` / versions), each counted at
+  its own time with an exponential kernel (half-life ``rate_half_life``), so a burst
+  that ended before a slow poll counts less than one still going on;
+* **burst end**: after E seconds without a change, the rate estimate is capped at the
+  one-sided (1 - ``quiet_confidence``) upper confidence bound of a Poisson rate that
+  produced nothing in E seconds, -ln(a)/E: once k empty polls would have had a
+  probability below a under the estimate, the burst's influence ends;
+* **seasonality**: the mean rate of every hour of the week (bursts included: their
+  expected cost is what matters), planned with ahead of time, so the interval shortens
+  before an hour that is usually busy; the profile is part of the state the poller
+  persists in the store;
+* **webhook nudges** count as changes seen on time (the poller brings the next poll
+  forward itself), reconciliation's missed changes as changes found (see
+  :func:`reconciled`).
 
-On top of the rate rule, in this order: more pages waiting → poll again at once;
-errors → exponential backoff with jitter (the rate state is left alone); a
-provider's ``Retry-After`` → at least that long; a budget the provider reports →
-keep ``budget_reserve`` of it for the sinks' writes and spread the rest until it
-resets; a configured hourly budget → never more than ``max_requests_per_hour``
-requests in any 3600-second window.
+Hard limits on top, in this order: more pages waiting → poll again at once; errors →
+exponential backoff with jitter (the learnt state is left alone); a provider's
+``Retry-After`` → at least that long; a budget the provider reports → keep
+``budget_reserve`` of it for the sinks' writes and spread the rest until it resets; a
+configured hourly budget → never more than ``max_requests_per_hour`` requests in any
+3600-second window.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 HOUR = 3600.0
 DAY = 86400.0
-BUCKETS = 24
+WEEK_HOURS = 168
+# 1970-01-01 was a Thursday: hour-of-week buckets start on Monday 00:00 UTC.
+_EPOCH_WEEKDAY = 3
+MAX_PRICE = 1e5  # requests per late change; the learnt price stays within [1/MAX_PRICE, MAX_PRICE]
+PRICE_UP, PRICE_DOWN = 0.7, 0.0  # how far (in log) feedback may raise or lower the planned price (see _price)
+GROWTH = 4.0  # an interval at most this many times the previous one: one wrong estimate is not a 30-minute gap
+SLOW_HALF_LIVES = 60.0  # the default half-life of the stable rate estimate, in target latencies
+FAST_HALF_LIVES = 10.0  # the fast rate estimate's half-life, in target latencies
+LAG_HALF_LIFE = 6 * HOUR  # how quickly a measured index lag is forgotten
 
 Reason = Literal["rate", "more", "error", "retry-after", "budget", "provider-budget"]
 
@@ -46,25 +66,36 @@ class PollPolicy:
     target_latency: float = 60.0
     max_requests_per_hour: int | None = None
     budget_reserve: float = 0.2
+    # The starting price of a late change is 1/aggressiveness requests (it is learnt from then on).
     aggressiveness: float = 0.2
-    rate_half_life: float = 600.0
-    seasonal: bool = False
+    rate_half_life: float | None = None  # None: SLOW_HALF_LIVES target latencies (1 h at a 60 s target)
+    seasonal: bool = True
     error_base: float | None = None
+    late_share: float = 0.04  # aim: 4% late, so the p95 stays under the target with a margin
+    quiet_confidence: float = 0.05  # a, the burst-end rule's false-alarm probability
+    price_step: float = 0.02  # dual-ascent step: log μ moves by this per late change beyond the share
 
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.max_interval:
             raise ValueError("need 0 < min_interval <= max_interval")
-        if self.target_latency <= 0 or self.aggressiveness <= 0 or self.rate_half_life <= 0:
+        if self.target_latency <= 0 or self.aggressiveness <= 0 or (self.rate_half_life or 1) <= 0:
             raise ValueError("target_latency, aggressiveness and rate_half_life must be positive")
         if not 0 <= self.budget_reserve < 1:
             raise ValueError("budget_reserve must be in [0, 1)")
         if self.max_requests_per_hour is not None and self.max_requests_per_hour < 1:
             raise ValueError("max_requests_per_hour must be at least 1")
+        if not 0 < self.late_share < 1 or not 0 < self.quiet_confidence < 1 or self.price_step < 0:
+            raise ValueError("late_share and quiet_confidence must be in (0, 1), price_step >= 0")
 
 
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """What one poll request came back with."""
+    """What one poll request came back with.
+
+    ``change_times`` are the change times (epoch seconds) of the *new* changes found;
+    ``changes`` beyond them count for the rate at ``started`` with no latency known.
+    ``pushed`` is how many changes webhooks delivered since the previous poll.
+    """
 
     started: float
     changes: int = 0
@@ -74,18 +105,31 @@ class Observation:
     budget_remaining: int | None = None
     budget_limit: int | None = None
     budget_reset: float | None = None
+    change_times: tuple[float, ...] = ()
+    pushed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class PollState:
-    """What the policy remembers between polls."""
+    """What the policy remembers between polls (all of it JSON-able: see :func:`to_json`)."""
 
-    rate: float = 0.0
+    rate: float = 0.0  # recent change rate (per second) at `updated`
+    fast: float = 0.0  # the same with a half-life of FAST_HALF_LIVES target latencies: sees a burst at once
     updated: float | None = None
+    last_change: float | None = None  # newest change time seen
+    quiet_from: float | None = None  # when watching started, for the burst-end rule before any change
     errors: int = 0
     requests: tuple[float, ...] = ()
-    season: tuple[float, ...] = field(default_factory=lambda: (0.0,) * BUCKETS)
     interval: float | None = None
+    season: tuple[float, ...] = field(default_factory=lambda: (0.0,) * WEEK_HOURS)
+    season_n: tuple[int, ...] = field(default_factory=lambda: (0,) * WEEK_HOURS)
+    hour: int | None = None  # the absolute hour whose changes `hour_count` counts
+    hour_count: float = 0.0
+    price: float = 0.0  # log of the feedback correction to μ (dual ascent on the late share)
+    base_price: float | None = None  # μ planned from the hour-of-week profile; None: not a full week yet
+    plan_rates: tuple[float, ...] = ()  # per hour of the week: the profile blended with its day type's hour
+    lag: float = 0.0  # index lag measured (seconds), decaying
+    prev_poll: float | None = None  # start of the previous successful poll
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,47 +138,170 @@ class Decision:
     reason: Reason
 
 
-def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
-    """Age the rate estimate to ``now`` and fold it into the hour-of-day profile."""
-    if state.updated is None:
-        return replace(state, updated=now)
-    dt = max(0.0, now - state.updated)
-    if dt == 0:
-        return state
-    tau = policy.rate_half_life / math.log(2)
-    rate = state.rate * math.exp(-dt / tau)
-    season = state.season
-    if policy.seasonal:
-        # Each hour bucket moves half-way to the hour's mean rate per day it is observed.
-        # Rates above the one that already means "poll at the floor" are capped, so one burst does
-        # not make its hour look busy for days.
-        b = int((state.updated % DAY) // HOUR)
-        w = min(1.0, dt / HOUR) * 0.5
-        cap = policy.aggressiveness / max(policy.min_interval, policy.target_latency)
-        sample = min(cap, (state.rate + rate) / 2)
-        season = (*season[:b], season[b] + w * (sample - season[b]), *season[b + 1 :])
-    return replace(state, rate=rate, updated=now, season=season)
+def week_bucket(t: float) -> int:
+    """The hour of the week (0 = Monday 00:00 UTC) that ``t`` falls in."""
+    h = int(t // HOUR)
+    return ((h // 24 + _EPOCH_WEEKDAY) % 7) * 24 + h % 24
 
 
-def expected_rate(policy: PollPolicy, state: PollState, now: float, horizon: float) -> float:
-    """Changes per second to plan for: the recent rate, or the daily profile now and ``horizon`` ahead."""
-    rate = state.rate
-    if policy.seasonal:
-        for t in (now, now + horizon):
-            rate = max(rate, state.season[int((t % DAY) // HOUR)])
-    return rate
+def _fold(policy: PollPolicy, state: PollState, upto_hour: int) -> PollState:
+    """Close the hours before ``upto_hour``: each one's change count moves its hour-of-week mean."""
+    if state.hour is None or upto_hour <= state.hour:
+        return state if state.hour is not None else replace(state, hour=upto_hour, hour_count=0.0)
+    season, season_n = list(state.season), list(state.season_n)
+    gap = upto_hour - state.hour
+    # Hours after a long absence (a restart days later) were not watched: only the open one is folded.
+    for i, h in enumerate(range(state.hour, upto_hour if gap <= 24 else state.hour + 1)):
+        b = week_bucket(h * HOUR)
+        sample = (state.hour_count if i == 0 else 0.0) / HOUR
+        w = max(0.5, 1.0 / (season_n[b] + 1))
+        season[b] += w * (sample - season[b])
+        season_n[b] = min(season_n[b] + 1, 1000)
+    rates = blended(season, season_n)
+    return replace(
+        state,
+        season=tuple(season),
+        season_n=tuple(season_n),
+        hour=upto_hour,
+        hour_count=0.0,
+        plan_rates=rates,
+        base_price=profile_price(policy, rates, season_n),
+    )
 
 
-def rate_interval(policy: PollPolicy, rate: float) -> float:
-    """Wait until ``aggressiveness`` changes are expected, but never less than the target latency needs.
+def blended(season: Sequence[float], season_n: Sequence[int]) -> tuple[float, ...]:
+    """Each hour of the week shrunk half-way to the same hour on the same kind of day (weekday or weekend).
 
-    Polling faster than ``target_latency`` cannot make changes any more on time, so
-    the floor is ``max(min_interval, target_latency)``; the ceiling is ``max_interval``.
+    One week gives one sample per hour of the week, and a burst is as likely at 18:00
+    on Thursday as on Tuesday; pooling weekdays (and weekend days) gives the burst
+    hazard five (two) samples, while the hour's own mean keeps what is weekly.
     """
-    floor = min(policy.max_interval, max(policy.min_interval, policy.target_latency))
-    if rate <= 0:
-        return policy.max_interval
-    return min(policy.max_interval, max(floor, policy.aggressiveness / rate))
+    out = []
+    for b in range(WEEK_HOURS):
+        day, h = divmod(b, 24)
+        same = [d * 24 + h for d in (range(5) if day < 5 else range(5, 7)) if season_n[d * 24 + h]]
+        pooled = sum(season[x] for x in same) / len(same) if same else season[b]
+        out.append(0.5 * season[b] + 0.5 * pooled if season_n[b] else pooled)
+    return tuple(out)
+
+
+def profile_price(policy: PollPolicy, rates: Sequence[float], season_n: Sequence[int]) -> float | None:
+    """The price of a late change that a rate oracle would use on the learnt week: None until every hour is seen.
+
+    With rates known per hour, the cheapest plan polls hours above a threshold λ* at the
+    floor and the others at ``max_interval``, and λ* is the highest rate at which the
+    slow hours' late changes stay within ``late_share`` of all changes; the matching
+    price is μ = 1 / (λ*·target).
+    """
+    if not policy.seasonal or min(season_n) == 0:
+        return None
+    total = sum(rates)
+    if total <= 0:
+        return None
+    late_if_slow = max(0.0, 1.0 - policy.target_latency / policy.max_interval)
+    allowed, spent, thr = policy.late_share * total, 0.0, max(rates)
+    for r in sorted(rates):
+        spent += r * late_if_slow
+        if spent > allowed:
+            thr = r
+            break
+    return 1.0 / (max(thr, 1e-9) * policy.target_latency)
+
+
+def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
+    """Age the rate and lag estimates to ``now`` and close the hours that ended."""
+    if state.updated is None:
+        return replace(state, updated=now, quiet_from=now, hour=int(now // HOUR))
+    dt = max(0.0, now - state.updated)
+    if dt > 0:
+        tau = _slow_tau(policy)
+        state = replace(
+            state,
+            rate=state.rate * math.exp(-dt / tau),
+            fast=state.fast * math.exp(-dt / _fast_tau(policy)),
+            lag=state.lag * 0.5 ** (dt / LAG_HALF_LIFE),
+            updated=now,
+        )
+    return _fold(policy, state, int(now // HOUR))
+
+
+def _slow_tau(policy: PollPolicy) -> float:
+    return (policy.rate_half_life or SLOW_HALF_LIVES * policy.target_latency) / math.log(2)
+
+
+def _fast_tau(policy: PollPolicy) -> float:
+    return FAST_HALF_LIVES * policy.target_latency / math.log(2)
+
+
+def recent_rate(state: PollState) -> float:
+    """The recent rate: the larger of the slow (stable) and the fast (burst-seeing) estimate."""
+    return max(state.rate, state.fast)
+
+
+def quiet_cap(policy: PollPolicy, state: PollState, now: float) -> float:
+    """The highest rate still plausible after the quiet since the newest change: -ln(a) / E."""
+    start = state.last_change if state.last_change is not None else state.quiet_from
+    if start is None:
+        return math.inf
+    exposure = now - state.lag - start
+    return -math.log(policy.quiet_confidence) / exposure if exposure > 0 else math.inf
+
+
+def planned_rate(policy: PollPolicy, state: PollState, t: float) -> float:
+    """The rate to plan with at time ``t``: the recent one, or the hour of the week's mean if higher."""
+    if policy.seasonal and state.plan_rates:
+        return max(recent_rate(state), state.plan_rates[week_bucket(t)])
+    return recent_rate(state)
+
+
+def late_floor(policy: PollPolicy, state: PollState) -> float:
+    """How long a change may wait after it shows up: the target less the index lag measured."""
+    return max(min(policy.min_interval, policy.target_latency), policy.target_latency - state.lag)
+
+
+def nudge_delay(policy: PollPolicy, state: PollState, debounce: float) -> float:
+    """How long after a webhook the nudged poll runs: as late as still catches, within the target, a change
+    whose own webhook was lost, so a stream of webhooks costs one poll per target latency, not one per debounce."""
+    return max(debounce, min(policy.max_interval, late_floor(policy, state)))
+
+
+def plan(policy: PollPolicy, state: PollState, now: float) -> float:
+    """The interval T minimising (1 + μ·Λ(T)) / T, Λ(T) the expected changes more than the target late.
+
+    λ is piecewise constant (it changes only at hour boundaries), so the cost is
+    monotone between boundaries and its minimum lies at the floor, the ceiling or a
+    boundary: those are the only candidates, and the minimum is exact.
+    """
+    lo = min(policy.max_interval, max(policy.min_interval, late_floor(policy, state)))
+    hi = policy.max_interval
+    lat = late_floor(policy, state)
+    mu = price(policy, state)
+    candidates = [lo, hi]
+    first = (math.floor(now / HOUR) + 1) * HOUR
+    k = 0
+    while first + k * HOUR + lat - now < hi and k < 48:
+        candidates.append(first + k * HOUR + lat - now)
+        k += 1
+    if state.interval is not None:
+        hi = max(lo, min(hi, GROWTH * state.interval))
+        candidates.append(hi)
+    best, best_cost = hi, math.inf
+    for t_ in sorted(c for c in candidates if lo <= c <= hi):
+        late = _expected(policy, state, now, now + t_ - lat)
+        cost = (1.0 + mu * late) / t_
+        if cost < best_cost * (1 - 1e-12):
+            best, best_cost = t_, cost
+    return best
+
+
+def _expected(policy: PollPolicy, state: PollState, a: float, b: float) -> float:
+    """∫ planned_rate over [a, b], hour by hour."""
+    total, t = 0.0, a
+    while t < b:
+        nxt = min(b, (math.floor(t / HOUR) + 1) * HOUR)
+        total += planned_rate(policy, state, t) * (nxt - t)
+        t = nxt
+    return total
 
 
 def budget_wait(policy: PollPolicy, requests: tuple[float, ...], now: float) -> float:
@@ -158,12 +325,63 @@ def provider_wait(policy: PollPolicy, obs: Observation) -> float | None:
     return reset / spare
 
 
+def _learn(
+    policy: PollPolicy, state: PollState, now: float, times: Iterable[float], unknown: int
+) -> tuple[PollState, int, int]:
+    """Fold new changes (by their own times) into the rate, the hour count, the lag and the late price."""
+    tau = _slow_tau(policy)
+    ftau = _fast_tau(policy)
+    rate, fast, count, late, n = state.rate, state.fast, state.hour_count, 0, 0
+    newest, lag = state.last_change, state.lag
+    season, season_n = state.season, state.season_n
+    hour_start = (state.hour or 0) * HOUR
+    for c in times:
+        c = min(c, now)
+        rate += math.exp(-(now - c) / tau) / tau
+        fast += math.exp(-(now - c) / ftau) / ftau
+        newest = c if newest is None else max(newest, c)
+        if c >= hour_start:
+            count += 1
+        else:  # found after its hour was closed (a lagging index, a slow poll): credit that hour directly
+            b = week_bucket(c)
+            if season_n[b]:
+                season = (*season[:b], season[b] + 0.5 / HOUR, *season[b + 1 :])
+        if state.prev_poll is not None and c < state.prev_poll:
+            lag = max(lag, min(state.prev_poll - c, policy.target_latency / 2))
+        late += now - c > policy.target_latency
+        n += 1
+    rate += unknown / tau
+    count += unknown
+    learnt = replace(
+        state, rate=rate, fast=fast, hour_count=count, last_change=newest, lag=lag, season=season, season_n=season_n
+    )
+    return learnt, late, n
+
+
+def price(policy: PollPolicy, state: PollState) -> float:
+    """μ, the requests one late change is worth: planned from the profile (or 1/aggressiveness), times the feedback."""
+    # The profile may only raise the price: a burst is a lump of late changes the mean rate does not show.
+    base = max(state.base_price or 0.0, 1.0 / policy.aggressiveness)
+    return min(MAX_PRICE, max(1.0 / MAX_PRICE, base * math.exp(state.price)))
+
+
+def _price(policy: PollPolicy, state: PollState, late: int, total: int) -> float:
+    """Dual ascent on the late share: the correction rises with each late change, falls with each on-time one.
+
+    Bounded to [1, e^0.7] times the planned price: late changes come in clumps (a burst
+    that started during a long interval), and one clump must not swing the plan; and
+    it never goes below the plan, because a stretch with few late changes is no evidence
+    that slower polling is safe: the next burst in a slow interval is a lump of them.
+    """
+    p = state.price + policy.price_step * (late - policy.late_share * total)
+    return min(PRICE_UP, max(-PRICE_DOWN, p))
+
+
 def observe(
     policy: PollPolicy, state: PollState, now: float, obs: Observation, rand: float = 0.5
 ) -> tuple[PollState, Decision]:
     """Record a finished poll and decide how long to wait before the next one (``rand`` in [0, 1) is jitter)."""
     state = decay(policy, state, now)
-    tau = policy.rate_half_life / math.log(2)
     requests = (*(t for t in state.requests if t > now - HOUR), obs.started)
     if policy.max_requests_per_hour is not None:
         requests = requests[-policy.max_requests_per_hour :]
@@ -175,12 +393,23 @@ def observe(
         delay = max(policy.min_interval, cap / 2 + rand * cap / 2)
         decision = Decision(delay, "error")
     else:
-        state = replace(state, rate=state.rate + obs.changes / tau, errors=0, requests=requests)
+        unknown = max(0, obs.changes - len(obs.change_times))
+        state, late, n = _learn(policy, state, now, obs.change_times, unknown)
+        correction = _price(policy, state, late, n + obs.pushed)
+        cap = quiet_cap(policy, state, now)
+        state = replace(
+            state,
+            rate=min(state.rate, cap),
+            fast=min(state.fast, cap),
+            price=correction,
+            errors=0,
+            requests=requests,
+            prev_poll=state.prev_poll if obs.more else obs.started,
+        )
         if obs.more:
             decision = Decision(0.0, "more")
         else:
-            rate = expected_rate(policy, state, now, state.interval or 0.0)
-            interval = rate_interval(policy, rate)
+            interval = plan(policy, state, now)
             state = replace(state, interval=interval)
             decision = Decision(interval, "rate")
     if obs.retry_after is not None and obs.retry_after > decision.delay:
@@ -192,3 +421,61 @@ def observe(
     if bw > decision.delay:
         decision = Decision(bw, "budget")
     return state, decision
+
+
+def reconciled(policy: PollPolicy, state: PollState, now: float, missed: int) -> PollState:
+    """A reconciliation found ``missed`` changes polling had not seen: they count as changes found now, and late."""
+    if missed <= 0:
+        return state
+    state = decay(policy, state, now)
+    tau = _slow_tau(policy)
+    return replace(
+        state,
+        rate=state.rate + missed / tau,
+        fast=state.fast + missed / _fast_tau(policy),
+        hour_count=state.hour_count + missed,
+        price=_price(policy, state, missed, missed),
+    )
+
+
+# --- persistence ---------------------------------------------------------------------------------
+
+_FIELDS = (
+    "rate",
+    "fast",
+    "updated",
+    "last_change",
+    "quiet_from",
+    "requests",
+    "season",
+    "season_n",
+    "hour",
+    "hour_count",
+    "price",
+    "base_price",
+    "plan_rates",
+    "lag",
+    "interval",
+)
+
+
+def to_json(state: PollState) -> dict[str, Any]:
+    """What is worth keeping across a restart (the learnt profile, price, lag and the budget's request log)."""
+    return {"v": 1, **{k: getattr(state, k) for k in _FIELDS}}
+
+
+def from_json(data: Any) -> PollState:
+    """The state :func:`to_json` wrote; anything unreadable gives a fresh state (learning starts again)."""
+    if not isinstance(data, dict) or data.get("v") != 1:
+        return PollState()
+    try:
+        kw: dict[str, Any] = {k: data[k] for k in _FIELDS if k in data}
+        kw["requests"] = tuple(float(x) for x in kw.get("requests", ()))
+        kw["season"] = tuple(float(x) for x in kw.get("season", (0.0,) * WEEK_HOURS))
+        kw["season_n"] = tuple(int(x) for x in kw.get("season_n", (0,) * WEEK_HOURS))
+        kw["plan_rates"] = tuple(float(x) for x in kw.get("plan_rates", ()))
+        if len(kw["season"]) != WEEK_HOURS or len(kw["season_n"]) != WEEK_HOURS:
+            return PollState()
+        return PollState(**kw)
+    except (TypeError, ValueError):
+        return PollState()
