@@ -75,6 +75,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.InsufficientResourcesError,
 )
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*_UNAVAILABLE, asyncpg.PostgresError)
 _RETRIED: tuple[type[BaseException], ...] = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 _LOCK_KEYS = (
@@ -123,6 +124,7 @@ class PgStore:
         self._inbox: collections.deque[_EnqueueOp] = collections.deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._relisten: asyncio.Task[None] | None = None
         self._closing = False
         self._rejections: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=REJECTIONS_BUFFERED)
         self._rejections_keep = 0
@@ -145,14 +147,13 @@ class PgStore:
                     raise StoreUnavailable("no integrand store in this PostgreSQL database (start the daemon once)")
             else:
                 await self._migrate()
-                self._listener = await asyncpg.connect(self._dsn, server_settings=settings, timeout=10)
-                await self._listener.add_listener(CHANNEL, self._notified)
+                await self._listen()
                 self._writer = asyncio.create_task(self._run_writer(), name="pg-store-writer")
         except BaseException as e:
             await self._close_conns()
             if isinstance(e, StoreUnavailable):
                 raise
-            if isinstance(e, (*_UNAVAILABLE, asyncpg.PostgresError)):
+            if isinstance(e, _CONNECT_ERRORS):
                 raise StoreUnavailable(f"cannot open the PostgreSQL store: {type(e).__name__}: {e}") from None
             raise
 
@@ -166,6 +167,10 @@ class PgStore:
         if self._rejection_task is not None:
             with contextlib.suppress(Exception):
                 await self._rejection_task
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(BaseException):
+                await self._relisten
         await self._close_conns()
 
     async def _close_conns(self) -> None:
@@ -193,6 +198,32 @@ class PgStore:
                 await conn.execute(PG_MIGRATIONS[version])
                 await conn.execute("INSERT INTO integrand_schema (version) VALUES ($1)", version + 1)
                 log.info("PostgreSQL store schema migrated to version %d", version + 1)
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn, server_settings=self.server_settings, timeout=10)
+        await conn.add_listener(CHANNEL, self._notified)
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
+
+    def _listener_lost(self, _conn: object) -> None:
+        """The LISTEN connection dropped (a restart, a failover): listen again, with backoff, until closed."""
+        if not self._closing and (self._relisten is None or self._relisten.done()):
+            self._relisten = asyncio.create_task(self._listen_again(), name="pg-store-relisten")
+
+    async def _listen_again(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            try:
+                await self._listen()
+            except _CONNECT_ERRORS as e:
+                log.warning(
+                    "PostgreSQL store: cannot LISTEN again yet (%s); retrying in %.1f s", type(e).__name__, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.deliveries_ready.set()  # notifications sent meanwhile were lost: look once
+            return
 
     def _notified(self, *_args: object) -> None:
         self.deliveries_ready.set()
