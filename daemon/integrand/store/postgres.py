@@ -28,6 +28,7 @@ import functools
 import itertools
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
@@ -43,6 +44,7 @@ from ..events import Event, VersionError, version_key
 from .deadletters import REJECTIONS_BUFFERED
 from .ledger import is_delete, judge, superseded
 from .pg_schema import MIGRATION_LOCK, PG_MIGRATIONS
+from .pg_views import PgOperatorViews
 from .queue import _prepare, _Prepared
 from .records import (
     AuditEntry,
@@ -93,7 +95,7 @@ class _EnqueueOp:
         self.future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
 
 
-class PgStore:
+class PgStore(PgOperatorViews):
     """The PostgreSQL backend; ``server_settings`` are passed to every connection (tests set ``search_path``)."""
 
     def __init__(
@@ -107,6 +109,7 @@ class PgStore:
         server_settings: dict[str, str] | None = None,
     ):
         self._dsn = dsn
+        self.path = _display(dsn)  # what logs and `integrand status` show: no password
         self.clock = clock
         self.role = role
         self.commit_max_rows = commit_max_rows
@@ -130,6 +133,7 @@ class PgStore:
         self._rejections_keep = 0
         self._rejection_task: asyncio.Task[None] | None = None
         self._prune_at: tuple[str, Any] = ("events", None)
+        self.pruned = dict.fromkeys(("events", "tombstones", "loop_guard"), 0)  # rows deleted by retention
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -883,6 +887,7 @@ class PgStore:
             phase, pos = self._prune_at
             step = functools.partial(_PRUNE[phase], older_than, pos, chunk)
             deleted, nxt = await self._tx(step)
+            self.pruned[phase] += deleted
             if nxt is None:
                 following = phases[phases.index(phase) + 1 :]
                 if not following:
@@ -910,6 +915,15 @@ class PgStore:
                 self.clock(),
             )
         )
+
+
+def _display(dsn: str) -> str:
+    """A DSN fit to show: scheme, host, port and database, never the user's password or the query."""
+    u = urllib.parse.urlsplit(dsn)
+    if not u.scheme.startswith("postgres"):
+        return "a PostgreSQL database (DSN not shown)"
+    host = u.hostname or "localhost"
+    return f"{u.scheme or 'postgresql'}://{host}{':' + str(u.port) if u.port else ''}{u.path}"
 
 
 _CURSOR_UPSERT = (
