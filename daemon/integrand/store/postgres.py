@@ -162,6 +162,9 @@ class PgStore(PgOperatorViews):
             raise
 
     async def close(self) -> None:
+        if self._rejection_task is not None:  # refused webhooks buffered before the close are written
+            with contextlib.suppress(Exception):
+                await self._rejection_task
         self._closing = True
         if self._writer is not None:
             self._wake.set()
