@@ -289,3 +289,14 @@ class _StandIn(Connector[ConnectorConfig], PollingSource, Enricher, Sink):
 
     async def fetch(self, event: Event) -> Event:
         return event
+
+
+def test_the_mapping_root_has_every_field_of_the_event() -> None:
+    import dataclasses
+
+    from integrand.events import Event
+    from integrand.routes import envelope
+
+    ev = Event(id="a", source="s", type="t", data={"x": 1}, entity="e", entity_id="1", version="2", meta={"m": 1})
+    assert envelope(ev) == ev.to_dict()
+    assert set(envelope(ev)) == {f.name for f in dataclasses.fields(Event)}

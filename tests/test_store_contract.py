@@ -222,3 +222,14 @@ async def test_connector_state(store: StoreBackend, peer: StoreBackend) -> None:
 async def test_a_read_only_peer_cannot_write(peer: StoreBackend) -> None:
     with pytest.raises(StoreUnavailable):
         await peer.enqueue([(ev("a"), ["k"])])
+
+
+async def test_events_since_pages_through_retained_events(store: StoreBackend, clock: Clock) -> None:
+    await store.enqueue([(ev("a"), ["k"]), (ev("b", source="o"), ["k"])])
+    clock.now += 10
+    await store.enqueue([(ev("c"), ["k"])])
+    assert [e.id for _, e in await store.events_since(clock.now)] == ["c"]
+    [(row, first)] = await store.events_since(0, limit=1)
+    assert first.id == "a"
+    assert [e.id for _, e in await store.events_since(0, after=row)] == ["b", "c"]
+    assert [e.id for _, e in await store.events_since(0, source="o")] == ["b"]

@@ -241,6 +241,10 @@ async def run(
             if isinstance(inst, ReconcilingSource) and core.poll.reconcile is not None:
                 recon = run_reconciler(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics)
                 tasks.append(asyncio.create_task(recon, name=f"reconcile:{name}"))
+        if s.syncs:  # [[syncs]]: full / incremental syncs on a schedule (integrand.sync)
+            from .sync import run_schedules
+
+            tasks.append(asyncio.create_task(run_schedules(s, d.connectors, d.store), name="syncs"))
         if s.alerts.webhook_url is not None:
             tasks.append(asyncio.create_task(run_alerts(d), name="alerts"))  # alerts.py: [alerts] to a chat webhook
         d.ready = True

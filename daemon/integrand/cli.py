@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(fn=cmd_reconcile)
     sub.add_parser("plugins", help="list installed connectors").set_defaults(fn=cmd_plugins)
+    from .commands import add_plugin_commands  # `integrand sync`, `integrand postgres …`: see commands.py
+
+    add_plugin_commands(sub, with_config)
     return p
 
 

@@ -177,6 +177,23 @@ class StreamSettings(StrictModel):
         return self
 
 
+class SyncSettings(StrictModel):
+    """``[[syncs]]``: a sync from a source that can list its records to a sink, on a schedule (integrand.sync)."""
+
+    from_: str = Field(alias="from")
+    to: str
+    # Cron syntax ("0 3 * * *", UTC) or an interval ("6h"), as for reconciliation.
+    schedule: str
+    # full: everything, staged and merged (deletes what is gone); incremental: what changed since the last run.
+    mode: Literal["full", "incremental"] = "full"
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        reconcile_schedule(v)
+        return v
+
+
 class SourceCore(StrictModel):
     """Keys every source table accepts whatever its connector."""
 
@@ -230,6 +247,7 @@ class Settings:
     sinks: Mapping[str, ConnectorSettings]
     routes: tuple[RouteSettings, ...]
     warnings: tuple[str, ...] = field(default=())
+    syncs: tuple[SyncSettings, ...] = field(default=())
     alerts: AlertSettings = field(default_factory=AlertSettings)
 
     @property
@@ -303,7 +321,7 @@ def parse_config(
     registry = registry or Registry.default()
     problems: list[str] = []
     ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
-    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "alerts", "connections"}
+    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "syncs", "alerts", "connections"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -364,6 +382,8 @@ def parse_config(
         problems.extend(compile_validator(route.validate_, f"routes[{i}]")[1])
         routes.append(route)
 
+    syncs = _syncs(raw.get("syncs", []), sources, all_sources, all_sinks, ctx, problems)
+
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
         problems.append("admin.listen: must differ from daemon.listen (admin endpoints are never on the webhook port)")
 
@@ -406,8 +426,38 @@ def parse_config(
         sinks=sinks,
         routes=tuple(routes),
         warnings=warnings,
+        syncs=syncs,
         alerts=alerts,
     )
+
+
+def _syncs(
+    raw: Any,
+    sources: Mapping[str, ConnectorSettings],
+    source_names: set[str],
+    sinks: set[str],
+    ctx: dict[str, Any],
+    problems: list[str],
+) -> tuple[SyncSettings, ...]:
+    if not isinstance(raw, list):
+        problems.append("syncs: expected [[syncs]] entries")
+        return ()
+    out = []
+    for i, r in enumerate(raw):
+        try:
+            sync = SyncSettings.model_validate(r, context=ctx)
+        except ValidationError as e:
+            problems.extend(_format(e, f"syncs[{i}]", SyncSettings))
+            continue
+        cs = sources.get(sync.from_)
+        if sync.from_ not in source_names:
+            problems.append(f"syncs[{i}].from: no source named {sync.from_!r}{_suggest(sync.from_, source_names)}")
+        elif cs is not None and "reconcile" not in cs.cls.capabilities():
+            problems.append(f"syncs[{i}].from: connector {cs.connector!r} cannot list its records (reconcile)")
+        if sync.to not in sinks:
+            problems.append(f"syncs[{i}].to: no sink named {sync.to!r}{_suggest(sync.to, sinks)}")
+        out.append(sync)
+    return tuple(out)
 
 
 def _loopback(host: str) -> bool:

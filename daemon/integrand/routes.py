@@ -300,6 +300,13 @@ def load_mapping(route: RouteSettings, where: str) -> tuple[FieldMapping | None,
 
 
 _MISSING = object()
+_ENVELOPE = ("id", "source", "type", "data", "received_at", "entity", "entity_id", "version", "occurred_at", "meta")
+
+
+def envelope(event: Event) -> dict[str, Any]:
+    """The event as the root paths start from: its fields, not a deep copy (mapping only reads; asdict was most
+    of a mapping's cost)."""
+    return {k: getattr(event, k) for k in _ENVELOPE}
 
 
 def dig(root: Any, path: str) -> Any:
@@ -370,7 +377,7 @@ class FieldMapping:
 
     def apply(self, event: Event) -> dict[str, Any]:
         """The target record for ``event``; MappingError (permanent) when a required field cannot be filled."""
-        root = event.to_dict()
+        root = envelope(event)
         out: dict[str, Any] = {}
         for target, f in self.spec.items():
             value = self._value(target, f, root)

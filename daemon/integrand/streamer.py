@@ -47,6 +47,7 @@ class StreamMetrics:
     reconnects: Counter
     resyncs: Counter
     up: Gauge
+    lag: Gauge
 
 
 _metrics: weakref.WeakKeyDictionary[CollectorRegistry, StreamMetrics] = weakref.WeakKeyDictionary()
@@ -78,6 +79,13 @@ def stream_metrics(m: Metrics) -> StreamMetrics:
             ),
             up=Gauge(
                 "integrand_stream_up", "1 while a streaming source is connected and reading", ["source"], registry=r
+            ),
+            # From a connector's optional stream_lag() (a PostgreSQL slot: bytes of WAL not yet confirmed).
+            lag=Gauge(
+                "integrand_stream_lag",
+                "How far behind the upstream a streaming source says it is",
+                ["source"],
+                registry=r,
             ),
         )
         _metrics[m.registry] = found
@@ -230,6 +238,9 @@ class Streamer:
                     return
         self.state = "streaming"
         await self.connector.ack(batch)
+        lag = getattr(self.connector, "stream_lag", None)
+        if lag is not None and (value := lag()) is not None:
+            self.m.lag.labels(self.name).set(value)
 
     async def _commit(self, batch: StreamBatch) -> None:
         for r in batch.rejected:

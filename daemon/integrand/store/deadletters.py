@@ -188,6 +188,18 @@ class DeadLetters(Engine):
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def events_since(
+        self, since: float, *, after: int = 0, limit: int = 1000, source: str | None = None
+    ) -> list[tuple[int, Event]]:
+        """Retained events received at or after ``since``, oldest first, from row ``after`` on (``integrand replay``)."""
+        sql = "SELECT id, body FROM events WHERE received_at >= ? AND id > ?"
+        params: list[Any] = [since, after]
+        if source is not None:
+            sql += " AND source = ?"
+            params.append(source)
+        async with self._read().execute(sql + " ORDER BY id LIMIT ?", (*params, limit)) as cur:
+            return [(int(r[0]), Event.from_json(r[1])) for r in await cur.fetchall()]
+
 
 async def _dead_rows(conn: Conn, ids: Sequence[int] | None, sink: str | None) -> list[Any]:
     """Dead deliveries (all, these ids, and/or this sink) as (id, event, attempts, last_error, body, sink, entity key)."""

@@ -870,6 +870,20 @@ class PgStore(PgOperatorViews):
         )
         return [Rejection(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5])) for r in rows]
 
+    async def events_since(
+        self, since: float, *, after: int = 0, limit: int = 1000, source: str | None = None
+    ) -> list[tuple[int, Event]]:
+        """Retained events received at or after ``since``, oldest first, from row ``after`` on (``integrand replay``)."""
+        rows = await self._fetch(
+            "SELECT id, body FROM events WHERE received_at >= $1 AND id > $2 AND ($3::text IS NULL OR source = $3) "
+            "ORDER BY id LIMIT $4",
+            since,
+            after,
+            source,
+            limit,
+        )
+        return [(int(r[0]), Event.from_json(r[1])) for r in rows]
+
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self._fetch("SELECT sink, state, count(*) FROM deliveries GROUP BY sink, state")
         return {(r[0], r[1]): r[2] for r in rows}
