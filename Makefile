@@ -5,18 +5,62 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 PLUGIN_PROJECTS = $(wildcard plugins/*/pyproject.toml)
 # bench/ and plugins/ may not exist yet in a fresh checkout; ruff fails on a missing path.
-LINT_DIRS = $(wildcard daemon tests bench plugins)
+LINT_DIRS = $(wildcard daemon tests bench plugins tools)
+
+# Exact versions of every dependency (core, plugins, dev tools): `make lock` refreshes it after any
+# pyproject.toml change; install, CI and `make dist` use it as constraints. pyproject.toml keeps ranges.
+LOCK = requirements.lock
+BUILD_TOOLS = 'shiv>=1.0' 'uv>=0.4'
+# Third-party connectors to build into dist/integrand: pip requirement specs or paths, space-separated.
+EXTRA_PLUGINS ?=
+# CPython versions besides the building one whose compiled modules dist/integrand also carries.
+DIST_PYTHONS ?= 3.12 3.13
 
 .PHONY: install run test test-tools lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot chromium promtool demo-crm-sync pubsub-stubs
+.PHONY: dist lock systemd-tools
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml $(PLUGIN_PROJECTS)
+$(STAMP): pyproject.toml $(PLUGIN_PROJECTS) $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "integrand needs Python 3.11 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' $(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev]' $(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
 	touch $(STAMP)
+
+# One command after adding or changing a dependency anywhere (root or plugins/*/pyproject.toml).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(BUILD_TOOLS)
+	mkdir -p build
+	printf -- '-e .[dev]\n' > build/requirements.in
+	for p in $(dir $(PLUGIN_PROJECTS)); do printf -- '-e ./%s\n' "$$p" >> build/requirements.in; done
+	$(BIN)/uv pip compile --quiet build/requirements.in --python-version 3.11 --custom-compile-command 'make lock' --no-annotate \
+		-o build/requirements.lock
+	# The first-party packages are installed from this tree, not pinned.
+	grep -v '^-e ' build/requirements.lock > $(LOCK)
+
+# A single executable zipapp (shiv): integrand, its locked dependencies and the first-party plugins.
+# It runs with the python3 on PATH: 3.11 (the building one) and the DIST_PYTHONS.
+dist: dist/integrand
+
+dist/integrand: $(STAMP) $(LOCK) tools/dist_abis.py $(shell find daemon plugins -name '*.py' -o -name pyproject.toml -o -name '*.toml')
+	$(BIN)/python -m pip install --quiet $(BUILD_TOOLS)
+	rm -rf build/dist-site build/src && mkdir -p build/src dist
+	# Built from a copy: setuptools leaves build/ folders in the projects it builds, which mypy would see twice.
+	cp -r pyproject.toml README.md daemon build/src/
+	for p in $(dir $(PLUGIN_PROJECTS)); do mkdir -p build/src/$$p && cp -r $$p. build/src/$$p; done
+	rm -rf build/src/plugins/*/build build/src/plugins/*/tests build/src/plugins/*/*.egg-info
+	$(BIN)/python -m pip install --quiet --no-compile --target build/dist-site -c $(LOCK) \
+		./build/src $(foreach p,$(PLUGIN_PROJECTS),./build/src/$(dir $(p))) $(EXTRA_PLUGINS)
+	$(BIN)/python tools/dist_abis.py build/dist-site $(DIST_PYTHONS)
+	$(BIN)/shiv --site-packages build/dist-site --reproducible --compressed -p '/usr/bin/env python3' \
+		-e integrand.cli:entry -o dist/integrand.tmp
+	mv dist/integrand.tmp dist/integrand
+
+# systemd-analyze checks the unit in `make test`; Debian's systemd package brings it when missing.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd)
 
 run: install
 	$(BIN)/integrand run --config config.toml
@@ -28,7 +72,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install chromium promtool lint typecheck test-tools
+test: install systemd-tools chromium promtool lint typecheck test-tools
 	$(BIN)/pytest
 
 # System tools the tests build with (the fault-injection shim is compiled with gcc); installed only if missing.
@@ -82,4 +126,4 @@ pubsub-stubs: install
 	$(BIN)/python -m grpc_tools.protoc -I$(PUBSUB) --python_out=$(PUBSUB) --pyi_out=$(PUBSUB) $(PUBSUB)/pubsub_api.proto
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .mypy_cache .ruff_cache build dist

@@ -23,9 +23,21 @@ READY = re.compile(r"ready: webhooks on [^:]+:(\d+), admin on (?:[^:]+:(\d+)|off
 class DaemonProcess:
     """One ``integrand run`` child; its log goes to a file so nothing blocks on a full pipe."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        python: Sequence[str] = ("-m", "integrand.cli"),
+        pass_fds: Sequence[int] = (),
+    ):
         self.config = config
         self.log = log
+        self.env = env or {}
+        # What runs `integrand run`: the module by default; a wrapper script (``-c …``) for fault injection.
+        self.python = tuple(python)
+        self.pass_fds = tuple(pass_fds)
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.admin_port: int | None = None
@@ -33,12 +45,11 @@ class DaemonProcess:
 
     async def start(self, timeout: float = 20.0) -> None:
         self._log_from = self.log.stat().st_size if self.log.exists() else 0
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "integrand.cli",
+                *self.python,
                 "run",
                 "--config",
                 str(self.config),
@@ -46,6 +57,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 env=env,
+                pass_fds=self.pass_fds,
             )
         await wait_for(self._ready, timeout=timeout, interval=0.05)
 

@@ -40,6 +40,21 @@ class DaemonSettings(StrictModel):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     shutdown_grace: Duration = 10.0
     rejections_kept: int = Field(default=1000, ge=0)
+    # Peers (addresses or CIDR networks) whose X-Forwarded-For is believed for the client's address.
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (e.g. '10.0.0.0/8')") from None
+        return v
+
     # Refused webhooks written to the store at most this many a second (the rest are counted in metrics).
     rejections_per_second: float = Field(default=10.0, ge=0)
     # Limits a hostile client cannot exceed (docs/reliability.md). orjson cannot store JSON nested 255 deep.

@@ -139,6 +139,8 @@ class Connector(Generic[C]):
     """Base class of every connector; ``Config`` is its config model."""
 
     Config: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+    # Config keys holding paths the connector writes: `integrand check` refuses those the service cannot write.
+    writes_paths: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: C, ctx: ConnectorContext):
         self.config = config

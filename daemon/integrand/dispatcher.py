@@ -121,6 +121,8 @@ class Dispatcher:
         # worker that found work wakes one of them, so a commit wakes one worker, not all of them.
         self._watching = False
         self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Sinks with deliveries in the store that are not configured (removed): never waited for.
+        self.absent: set[str] = set()
         # Breakers of sources that enrich deliveries (``enrich = true`` routes): a source that is down
         # pauses those deliveries the way a sink outage pauses a sink's.
         self.source_breakers: dict[str, br.Breaker] = {}
@@ -129,9 +131,10 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Run until ``stop()``; in-flight batches finish before this returns."""
-        if not self.sinks:
-            await self._wait_stopping()
-            return
+        while not self.sinks:  # until a config reload adds one
+            await self._wait_stopping(until_sinks=True)
+            if self._stopping:
+                return
         self._tasks = [asyncio.create_task(self._worker(i), name=f"dispatch-{i}") for i in range(self.workers)]
         try:
             await asyncio.gather(*self._tasks)
@@ -166,10 +169,21 @@ class Dispatcher:
         finally:
             self._watching = False
 
-    async def _wait_stopping(self) -> None:
-        while not self._stopping:
+    async def _wait_stopping(self, until_sinks: bool = False) -> None:
+        while not self._stopping and not (until_sinks and self.sinks):
             await self.store.deliveries_ready.wait()
             self.store.deliveries_ready.clear()
+
+    def replace_sinks(self, sinks: dict[str, SinkRuntime], absent: set[str]) -> None:
+        """A config reload: from now on lease for these sinks. A worker in the middle of a batch for a
+        removed or replaced sink finishes it with the runtime it holds; nothing leased is dropped."""
+        self.sinks = sinks
+        self.absent = absent - set(sinks)
+        self._order = itertools.cycle(sorted(sinks)) if sinks else None
+        self._empty.clear()
+        self.store.deliveries_ready.set()
+        while self._parked:
+            self._unpark()
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -210,7 +224,8 @@ class Dispatcher:
 
     def _pick(self) -> tuple[SinkRuntime, int, bool] | None:
         """The next sink (round robin) that has work and whose breaker lets a batch through."""
-        assert self._order is not None
+        if self._order is None:  # every sink removed by a reload
+            return None
         now = self.clock()
         for _ in range(len(self.sinks)):
             sink = self.sinks[next(self._order)]
@@ -232,7 +247,7 @@ class Dispatcher:
         """Sleep until new deliveries are committed, a retry falls due, or a breaker may probe."""
         timeout = self.idle_poll
         now = self.clock()
-        paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"]
+        paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"] + sorted(self.absent)
         with contextlib.suppress(Exception):
             due = await self._next_due(paused)
             if due is not None:

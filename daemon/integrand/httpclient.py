@@ -127,6 +127,10 @@ class RateLimiter:
     A request is counted from when its answer came back (it certainly reached the server by
     then), and while it is in flight it counts as happening now; so however the network delays
     requests, the server never sees more than ``n`` arrivals inside any window.
+
+    Not a leaky-bucket library (aiolimiter): a bucket counts at acquire time and drains evenly, so it
+    neither holds several windows at once, nor counts in-flight requests, nor pauses on a 429, and it
+    cannot run on a test's fake clock; the providers count sliding windows of arrivals.
     """
 
     def __init__(

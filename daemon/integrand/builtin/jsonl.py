@@ -88,6 +88,7 @@ class JsonlSink(Connector[JsonlConfig], Sink):
 
     Config = JsonlConfig
     batch_size = 512
+    writes_paths = ("path",)
 
     _fd: int | None = None
 

@@ -612,12 +612,21 @@ class Engine:
         self._ckpt_task = task
         task.add_done_callback(self._checkpoint_done)
 
-    def _checkpoint(self) -> tuple[int, int, int]:
+    def _checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         if self._ckpt_conn is None:
             self._ckpt_conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self._ckpt_conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        row = self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        row = self._ckpt_conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+    async def truncate_wal(self) -> bool:
+        """Copy the whole WAL into the database and truncate it to 0 bytes; True when done. For an idle
+        store: after a burst the WAL otherwise keeps its size until shutdown. It waits for a writer in
+        progress (on the checkpoint thread, never the loop), and gives up (False) if one outlasts the wait."""
+        if self._ckpt_thread is None:
+            self._ckpt_thread = ThreadPoolExecutor(1, thread_name_prefix="integrand-checkpoint")
+        busy, _, _ = await asyncio.get_running_loop().run_in_executor(self._ckpt_thread, self._checkpoint, "TRUNCATE")
+        return busy == 0
 
     def _checkpoint_done(self, task: asyncio.Future[Any]) -> None:
         self._ckpt_task = None
