@@ -142,8 +142,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def server(kind: str) -> Iterator[Server]:
-    """Start one server subprocess in a fresh temp dir; always stopped (TERM, then KILL) on exit."""
+def server(kind: str, store_keys: str = "") -> Iterator[Server]:
+    """Start one server subprocess in a fresh temp dir; always stopped (TERM, then KILL) on exit.
+
+    ``store_keys`` are added to the config's [store] section (bench/pg_store.py: the PostgreSQL backend)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"integrand-bench-{kind}-") as tmp:
         workdir = Path(tmp)
@@ -153,6 +155,7 @@ def server(kind: str) -> Iterator[Server]:
         else:
             cfg = workdir / "config.toml"
             text = CONFIG.format(port=port, secret=SECRET)
+            text = text.replace("[store]\n", "[store]\n" + store_keys, 1)
             if kind == "integrand":
                 text += ROUTE
             cfg.write_text(text)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from .pgdb import session_database
 
 
 @pytest.fixture(autouse=True)
@@ -14,6 +17,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Only integrand's own distributions (the core and plugins/*); a stray installed plugin is never loaded.
     monkeypatch.setenv("INTEGRAND_PLUGINS", "integrand,integrand-*")
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """The DSN of a PostgreSQL database of this session's own (tests/pgdb.py), dropped at its end."""
+    yield from session_database()
 
 
 # The example third-party plugin has its own tests, run from its installed distribution by

@@ -1,7 +1,7 @@
 """The store contract: every guarantee the rest of integrand relies on, run against every backend.
 
-One set of storage tests, parametrised over backends (the way huey tests its storages). Only SQLite
-exists today; a new backend (PostgreSQL, for scale-out) plugs in by adding one entry to ``BACKENDS``:
+One set of storage tests, parametrised over backends (the way huey tests its storages): SQLite and
+PostgreSQL (a database of the session's own, tests/pgdb.py). A backend plugs in by adding one entry to ``BACKENDS``:
 a class with ``open(clock)`` (the store under test, opened as a daemon would) and ``peer()`` (a
 second handle on the same storage that sees only what is committed). The tests use nothing but the
 ``StoreBackend`` Protocol.
@@ -19,6 +19,9 @@ import pytest
 from integrand.errors import StoreUnavailable
 from integrand.events import Event
 from integrand.store import Outcome, Store, StoreBackend
+from integrand.store.postgres import PgStore
+
+from .pgdb import fresh_schema
 
 
 class Clock:
@@ -49,12 +52,35 @@ class SqliteBackend:
         return store
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": SqliteBackend}
+class PostgresBackend:
+    """A schema of its own per test in the session's PostgreSQL database (tests/pgdb.py)."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path):
+        self.dsn: str = request.getfixturevalue("pg_database")
+        self.schema: str | None = None
+
+    async def open(self, clock: Callable[[], float]) -> StoreBackend:
+        self.schema = await fresh_schema(self.dsn)
+        store = PgStore(self.dsn, clock=clock, server_settings={"search_path": self.schema})
+        await store.open()
+        return store
+
+    async def peer(self) -> StoreBackend:
+        assert self.schema is not None
+        store = PgStore(self.dsn, role="reader", server_settings={"search_path": self.schema})
+        await store.open()
+        return store
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "sqlite": lambda _request, tmp_path: SqliteBackend(tmp_path),
+    "postgres": PostgresBackend,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 @pytest.fixture
@@ -196,3 +222,14 @@ async def test_connector_state(store: StoreBackend, peer: StoreBackend) -> None:
 async def test_a_read_only_peer_cannot_write(peer: StoreBackend) -> None:
     with pytest.raises(StoreUnavailable):
         await peer.enqueue([(ev("a"), ["k"])])
+
+
+async def test_events_since_pages_through_retained_events(store: StoreBackend, clock: Clock) -> None:
+    await store.enqueue([(ev("a"), ["k"]), (ev("b", source="o"), ["k"])])
+    clock.now += 10
+    await store.enqueue([(ev("c"), ["k"])])
+    assert [e.id for _, e in await store.events_since(clock.now)] == ["c"]
+    [(row, first)] = await store.events_since(0, limit=1)
+    assert first.id == "a"
+    assert [e.id for _, e in await store.events_since(0, after=row)] == ["b", "c"]
+    assert [e.id for _, e in await store.events_since(0, source="o")] == ["b"]

@@ -34,6 +34,7 @@ from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
 from .sdnotify import Notifier, listen_fds
 from .store import Store
+from .store.backends import daemon_store
 from .streamer import Streamer, streamers_for
 
 log = logging.getLogger("integrand")
@@ -226,15 +227,9 @@ def start_reconciler(d: Daemon, name: str) -> None:
 async def build(settings: Settings, clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> Daemon:
     s = settings
     private_dir(s.daemon.state_dir)
-    private_database(s.db_path)
-    store = Store(
-        s.db_path,
-        synchronous=s.store.synchronous,
-        busy_timeout=s.store.busy_timeout,
-        max_size_mb=s.store.max_size_mb,
-        commit_max_rows=s.store.commit_max_rows,
-        clock=clock,
-    )
+    if s.store.backend == "sqlite":
+        private_database(s.db_path)
+    store = daemon_store(s, clock)  # store/backends.py: SQLite, or PostgreSQL shared by several nodes
     await store.open()
     metrics = Metrics()
 

@@ -21,6 +21,7 @@ from . import reports
 from .config import Settings
 from .errors import StoreUnavailable
 from .store import Store, StoreLocked
+from .store.backends import cli_store
 from .types import parse_duration
 
 
@@ -227,6 +228,14 @@ async def open_ops(settings: Settings, *, write: bool) -> AsyncIterator[Ops | Re
 @contextlib.asynccontextmanager
 async def local_store(settings: Settings, *, write: bool) -> AsyncIterator[Store]:
     """The store opened by this process: read-only, or as its one writer (the daemon's lock)."""
+    if settings.store.backend == "postgres":  # a database several nodes share: no file, no lock (store/backends.py)
+        pg = cli_store(settings, write=write)
+        await pg.open()
+        try:
+            yield pg
+        finally:
+            await pg.close()
+        return
     path = settings.db_path
     if not write and not path.exists():  # a write (auth before the first run) may create it
         raise StoreUnavailable(f"no store at {path} yet (has `integrand run` been started?)")

@@ -96,6 +96,11 @@ class StoreSettings(StrictModel):
     retention: Duration = 7 * 86400.0
     max_size_mb: int | None = Field(default=None, gt=0)
     commit_max_rows: int = Field(default=4000, gt=0)
+    # "postgres": a PostgreSQL database several nodes share (docs/operations.md, "A PostgreSQL store").
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    # The PostgreSQL connection URL (postgresql://user@host:port/db), by secret reference only: {env = "…"}.
+    dsn: SecretValue | None = None
+    pool_size: int = Field(default=8, gt=0)  # connections per node to the PostgreSQL store
 
 
 class RetrySettings(StrictModel):
@@ -289,6 +294,25 @@ def config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("INTEGRAND_CONFIG") or "config.toml")
 
 
+def _store_problems(store: StoreSettings) -> list[str]:
+    """The [store] keys that only make sense together: a PostgreSQL backend needs a postgresql:// DSN."""
+    if store.backend != "postgres":
+        return ['store.dsn: only used with store.backend = "postgres"'] if store.dsn is not None else []
+    if store.dsn is None:
+        return [
+            'store.dsn: required when store.backend = "postgres" '
+            '(give a secret reference such as {env = "INTEGRAND_STORE_DSN"})'
+        ]
+    if store.dsn.origin == "inline":
+        return [
+            "store.dsn: give it by reference ({env = …}, {file = …} or {credential = …}), not inline: "
+            "a DSN carries the database's password"
+        ]
+    if store.dsn.resolved and not store.dsn.reveal().startswith(("postgresql://", "postgres://")):
+        return [f"store.dsn: expected a postgresql:// URL (from {store.dsn.origin})"]
+    return []
+
+
 def load_config(path: Path, registry: Registry | None = None, *, lazy_secrets: bool = False) -> Settings:
     """Read and validate a config file; ``lazy_secrets`` leaves env/file/credential secrets unread until used."""
     try:
@@ -391,6 +415,7 @@ def parse_config(
             problems.append(
                 f"admin.socket: {sock} is too long for a unix socket (at most 100 bytes); give a shorter path"
             )
+    problems.extend(_store_problems(store))
     hook = alerts.webhook_url
     if hook is not None and hook.resolved and not hook.reveal().startswith(("http://", "https://")):
         problems.append(f"alerts.webhook_url: expected an http:// or https:// URL (from {hook.origin})")

@@ -1,0 +1,1052 @@
+"""The PostgreSQL store backend: the same ``StoreBackend`` as SQLite, on a database several nodes share.
+
+How each guarantee holds with many nodes on one database:
+
+- an enqueue returns after the COMMIT that holds it; concurrent enqueues of one node are applied by
+  one writer task in one transaction (group commit); a failing batch is retried op by op, so a bad op
+  fails alone;
+- dedup is the ``UNIQUE (source, event_id)`` key (``ON CONFLICT DO NOTHING``), so two nodes receiving
+  the same webhook store it once;
+- every transaction that reads or moves an entity line (enqueue: the stale guard and the line's head;
+  complete: the next head; replay) first takes ``pg_advisory_xact_lock`` on the entity key, in sorted
+  order (no deadlocks): the ledger's rule (``ledger.judge``) is applied to what is committed;
+- leasing takes only line heads, ``FOR UPDATE SKIP LOCKED``: a unique index allows one head per
+  (sink, entity key), so one delivery per line is in flight cluster-wide; leases expire and carry a
+  fencing token (``owner.n``) that ``complete`` checks;
+- a commit that makes deliveries leasable sends ``NOTIFY``; every node LISTENs and sets
+  ``deliveries_ready``, so idle dispatchers wake instead of polling.
+
+Connection errors are ``StoreUnavailable`` (webhooks get 503). The DSN is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import itertools
+import logging
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
+
+import asyncpg
+import orjson
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+from ..errors import StoreUnavailable
+from ..events import Event, VersionError, version_key
+from .deadletters import REJECTIONS_BUFFERED
+from .ledger import is_delete, judge, superseded
+from .pg_schema import MIGRATION_LOCK, PG_MIGRATIONS
+from .pg_views import PgOperatorViews
+from .queue import _prepare, _Prepared
+from .records import (
+    AuditEntry,
+    CursorRow,
+    DeadLetter,
+    DeliveryDetail,
+    EnqueueResult,
+    EntityVersion,
+    Leased,
+    Outcome,
+    Rejection,
+    ReplayResult,
+    UnstorableEvent,
+)
+
+log = logging.getLogger("integrand.store")
+T = TypeVar("T")
+PgConn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+PgRole = Literal["daemon", "writer", "reader", "client"]
+
+CHANNEL = "integrand_deliveries_ready"
+
+# Errors that mean "the database cannot be reached or cannot commit now", not "this op is wrong".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InsufficientResourcesError,
+)
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*_UNAVAILABLE, asyncpg.PostgresError)
+_RETRIED: tuple[type[BaseException], ...] = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+_LOCK_KEYS = (
+    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
+    "FROM unnest($1::text[]) AS k ORDER BY 1) AS s"
+)
+
+
+class _EnqueueOp:
+    __slots__ = ("cursor", "future", "items")
+
+    def __init__(self, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None):
+        self.items = items
+        self.cursor = cursor
+        self.future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+
+
+class PgStore(PgOperatorViews):
+    """The PostgreSQL backend; ``server_settings`` are passed to every connection (tests set ``search_path``)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        role: PgRole = "daemon",
+        commit_max_rows: int = 4000,
+        pool_size: int = 8,
+        server_settings: dict[str, str] | None = None,
+    ):
+        self._dsn = dsn
+        self.path = _display(dsn)  # what logs and `integrand status` show: no password
+        self.clock = clock
+        self.role = role
+        self.commit_max_rows = commit_max_rows
+        self.pool_size = pool_size
+        self.server_settings = dict(server_settings or {})
+        self.owner = uuid.uuid4().hex[:12]
+        self.deliveries_ready = asyncio.Event()
+        self.on_commit: Callable[[float, int], None] | None = None
+        self.commits = 0
+        self.committed_ops = 0
+        self.rejections_dropped = 0
+        self._leases = itertools.count(1)
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._inbox: collections.deque[_EnqueueOp] = collections.deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._relisten: asyncio.Task[None] | None = None
+        self._closing = False
+        self._rejections: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=REJECTIONS_BUFFERED)
+        self._rejections_keep = 0
+        self._rejection_task: asyncio.Task[None] | None = None
+        self._prune_at: tuple[str, Any] = ("events", None)
+        self.pruned = dict.fromkeys(("events", "tombstones", "loop_guard"), 0)  # rows deleted by retention
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        settings = dict(self.server_settings)
+        if self.role == "reader":
+            settings["default_transaction_read_only"] = "on"
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self.pool_size, server_settings=settings, timeout=10
+            )
+            assert self._pool is not None
+            if self.role == "reader":
+                if await self._pool.fetchval("SELECT to_regclass('integrand_schema')") is None:
+                    raise StoreUnavailable("no integrand store in this PostgreSQL database (start the daemon once)")
+            else:
+                await self._migrate()
+                await self._listen()
+                self._writer = asyncio.create_task(self._run_writer(), name="pg-store-writer")
+        except BaseException as e:
+            await self._close_conns()
+            if isinstance(e, StoreUnavailable):
+                raise
+            if isinstance(e, _CONNECT_ERRORS):
+                raise StoreUnavailable(f"cannot open the PostgreSQL store: {type(e).__name__}: {e}") from None
+            raise
+
+    async def close(self) -> None:
+        if self._rejection_task is not None:  # refused webhooks buffered before the close are written
+            with contextlib.suppress(Exception):
+                await self._rejection_task
+        self._closing = True
+        if self._writer is not None:
+            self._wake.set()
+            with contextlib.suppress(Exception):
+                await self._writer
+            self._writer = None
+        if self._rejection_task is not None:
+            with contextlib.suppress(Exception):
+                await self._rejection_task
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(BaseException):
+                await self._relisten
+        await self._close_conns()
+
+    async def _close_conns(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=5)
+            self._listener = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 10)
+            self._pool = None
+
+    async def _migrate(self) -> None:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS integrand_schema (version INTEGER NOT NULL)")
+            current = await conn.fetchval("SELECT max(version) FROM integrand_schema") or 0
+            if current > len(PG_MIGRATIONS):
+                raise StoreUnavailable(
+                    f"the PostgreSQL store has schema version {current}, newer than this integrand knows "
+                    f"({len(PG_MIGRATIONS)}); upgrade integrand"
+                )
+            for version in range(current, len(PG_MIGRATIONS)):
+                await conn.execute(PG_MIGRATIONS[version])
+                await conn.execute("INSERT INTO integrand_schema (version) VALUES ($1)", version + 1)
+                log.info("PostgreSQL store schema migrated to version %d", version + 1)
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn, server_settings=self.server_settings, timeout=10)
+        await conn.add_listener(CHANNEL, self._notified)
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
+
+    def _listener_lost(self, _conn: object) -> None:
+        """The LISTEN connection dropped (a restart, a failover): listen again, with backoff, until closed."""
+        if not self._closing and (self._relisten is None or self._relisten.done()):
+            self._relisten = asyncio.create_task(self._listen_again(), name="pg-store-relisten")
+
+    async def _listen_again(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            try:
+                await self._listen()
+            except _CONNECT_ERRORS as e:
+                log.warning(
+                    "PostgreSQL store: cannot LISTEN again yet (%s); retrying in %.1f s", type(e).__name__, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.deliveries_ready.set()  # notifications sent meanwhile were lost: look once
+            return
+
+    def _notified(self, *_args: object) -> None:
+        self.deliveries_ready.set()
+
+    def _check_writable(self) -> None:
+        if self.role == "reader":
+            raise StoreUnavailable("the PostgreSQL store is opened read-only")
+        if self._pool is None or self._closing:
+            raise StoreUnavailable("store is not open")
+
+    def _pool_or_fail(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise StoreUnavailable("store is not open")
+        return self._pool
+
+    async def _tx(self, fn: Callable[[PgConn], Awaitable[T]]) -> T:
+        """``fn`` in a transaction of its own, retried on a deadlock or serialization failure."""
+        self._check_writable()
+        pool = self._pool_or_fail()
+        for attempt in range(5):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await fn(conn)
+            except _RETRIED:
+                if attempt == 4:
+                    raise
+            except _UNAVAILABLE as e:
+                raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return list(await self._pool_or_fail().fetch(sql, *args))
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the PostgreSQL store cannot be read: {type(e).__name__}: {e}") from None
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the database answers in a writable transaction."""
+        self._check_writable()
+        try:
+            await self._tx(lambda c: c.execute("SELECT 1"))
+        except StoreUnavailable:
+            raise
+        except Exception as e:
+            raise StoreUnavailable(str(e)) from e
+
+    # --- the queue --------------------------------------------------------------------------------
+
+    async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
+        """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
+        self._check_writable()
+        if not items:
+            return EnqueueResult(0, 0)
+        return await self._submit(_EnqueueOp(_prepare(items), None))
+
+    async def enqueue_with_cursor(
+        self, items: Sequence[tuple[Event, Sequence[str]]], source: str, cursor: Any, kind: str = "poll"
+    ) -> EnqueueResult:
+        """Store a poll's events and its new cursor in one transaction: both or neither survive a crash."""
+        self._check_writable()
+        prepared, blob = _prepare(items), orjson.dumps(cursor)
+        return await self._submit(_EnqueueOp(prepared, (source, kind, blob)))
+
+    async def _submit(self, op: _EnqueueOp) -> EnqueueResult:
+        if self._writer is None or self._writer.done():
+            raise StoreUnavailable("the PostgreSQL store's writer is not running")
+        self._inbox.append(op)
+        self._wake.set()
+        return await op.future
+
+    async def _run_writer(self) -> None:
+        """Group commit: every enqueue waiting when a transaction starts goes into it."""
+        while True:
+            if not self._inbox:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch: list[_EnqueueOp] = []
+            rows = 0
+            while self._inbox and rows < self.commit_max_rows:
+                op = self._inbox.popleft()
+                batch.append(op)
+                rows += max(1, len(op.items))
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_EnqueueOp]) -> None:
+        started = time.perf_counter()
+        try:
+            results, new = await self._tx(lambda c: self._apply_enqueues(c, batch))
+        except StoreUnavailable as e:
+            log.error("the PostgreSQL store cannot commit %d enqueues: %s", len(batch), e)
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(e)
+            return
+        except Exception as e:
+            if len(batch) > 1:  # one bad op must not fail the others: each alone
+                for op in batch:
+                    await self._commit([op])
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(e)
+            return
+        self.commits += 1
+        self.committed_ops += len(batch)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
+        if new:
+            self.deliveries_ready.set()
+        for op, res in zip(batch, results, strict=True):
+            if not op.future.done():
+                op.future.set_result(res)
+
+    async def _apply_enqueues(self, conn: PgConn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
+        now = self.clock()
+        lock_keys = sorted({it.event.entity_key for op in ops for it in op.items if it.event.entity_id is not None})
+        if lock_keys:
+            await conn.execute(_LOCK_KEYS, lock_keys)
+        pairs = {(it.event.source, it.event.id) for op in ops for it in op.items}
+        stored: dict[tuple[str, str], int] = {}
+        if pairs:
+            srcs, ids = zip(*pairs, strict=True)
+            for r in await conn.fetch(
+                "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
+                "ON e.source = k.s AND e.event_id = k.i",
+                list(srcs),
+                list(ids),
+            ):
+                stored[(r[1], r[2])] = r[0]
+        keys = {(it.event.source, it.event.entity or "", it.event.entity_id) for op in ops for it in op.items}
+        entities = await _read_entities(conn, {k for k in keys if k[2] is not None})  # type: ignore[misc]
+        seen: set[tuple[str, str]] = set(stored)
+        repeats: list[tuple[str, str]] = []
+        accepted_by_op: list[list[_Prepared]] = []
+        entity_rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        cursor_rows: dict[tuple[str, str], bytes] = {}
+        counts: list[list[int]] = []
+        for op in ops:
+            accepted: list[_Prepared] = []
+            dup = stale = 0
+            for it in op.items:
+                ev = it.event
+                k = (ev.source, ev.id)
+                if k in seen:
+                    dup += 1
+                    if op.cursor is None:
+                        repeats.append(k)
+                    continue
+                seen.add(k)
+                if ev.entity_id is not None:
+                    ek = (ev.source, ev.entity or "", ev.entity_id)
+                    assert it.hash is not None
+                    known = entities.get(ek)
+                    deleted = is_delete(ev)
+                    try:
+                        is_stale, keep = judge(known, it.version, it.hash, deleted)
+                    except VersionError as e:
+                        assert known is not None and known.version is not None and it.version is not None
+                        raise UnstorableEvent(
+                            f"event {ev.id!r} of source {ev.source!r} cannot be stored: its version {ev.version!r} "
+                            f"is a {version_key(it.version)[0]} but entity {ev.entity or ''}:{ev.entity_id} was last "
+                            f"seen at version {known.version!r}, a {version_key(known.version)[0]}: a source must "
+                            "give one form of version"
+                        ) from e
+                    if is_stale:
+                        stale += 1
+                        continue
+                    entities[ek] = EntityVersion(keep, it.hash, deleted, ev.id, now)
+                    entity_rows[ek] = (keep, it.hash, deleted, ev.id)
+                accepted.append(it)
+            if op.cursor is not None:
+                cursor_rows[(op.cursor[0], op.cursor[1])] = op.cursor[2]
+            accepted_by_op.append(accepted)
+            counts.append([dup, stale])
+        flat = [it for acc in accepted_by_op for it in acc]
+        row_of: dict[tuple[str, str], int] = {}
+        if flat:
+            for r in await conn.fetch(
+                "INSERT INTO events (source, event_id, type, entity_key, received_at, body) "
+                "SELECT s, i, t, k, $5, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $6::bytea[]) "
+                "AS x(s, i, t, k, b) ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id",
+                [it.event.source for it in flat],
+                [it.event.id for it in flat],
+                [it.event.type for it in flat],
+                [it.event.entity_key for it in flat],
+                now,
+                [it.body for it in flat],
+            ):
+                row_of[(r[1], r[2])] = r[0]
+        results: list[EnqueueResult] = []
+        for acc, (dup, stale) in zip(accepted_by_op, counts, strict=True):
+            raced = sum(1 for it in acc if (it.event.source, it.event.id) not in row_of)  # stored by another node
+            results.append(EnqueueResult(len(acc) - raced, dup + raced, stale))
+        lines = {(sink, it.event.entity_key) for it in flat if it.event.entity_id is not None for sink in it.sinks}
+        busy: set[tuple[str, str]] = set()
+        if lines:
+            ls, lk = zip(*lines, strict=True)
+            busy = {
+                (r[0], r[1])
+                for r in await conn.fetch(
+                    "SELECT DISTINCT d.sink, d.entity_key FROM deliveries d JOIN unnest($1::text[], $2::text[]) "
+                    "AS l(s, k) ON d.sink = l.s AND d.entity_key = l.k WHERE d.active",
+                    list(ls),
+                    list(lk),
+                )
+            }
+        d_event: list[int] = []
+        d_sink: list[str] = []
+        d_key: list[str] = []
+        d_ordered: list[bool] = []
+        d_head: list[bool | None] = []
+        for it in flat:
+            row = row_of.get((it.event.source, it.event.id))
+            if row is None:
+                continue
+            ordered = it.event.entity_id is not None
+            for sink in it.sinks:
+                head: bool | None = True
+                if ordered:
+                    line = (sink, it.event.entity_key)
+                    if line in busy:
+                        head = None
+                    else:
+                        busy.add(line)
+                d_event.append(row)
+                d_sink.append(sink)
+                d_key.append(it.event.entity_key)
+                d_ordered.append(ordered)
+                d_head.append(head)
+        if d_event:
+            await conn.execute(
+                "INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, next_attempt_at, "
+                "updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
+                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)",
+                d_event,
+                d_sink,
+                d_key,
+                d_ordered,
+                d_head,
+                now,
+            )
+            await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        if repeats:
+            rows = {**stored, **row_of}
+            dup_rows = [rows[k] for k in repeats if k in rows]
+            if dup_rows:
+                await conn.execute(
+                    "INSERT INTO audit (at, event, delivery, action, detail) SELECT $1, e, NULL, 'deduplicated', "
+                    "'received again; acknowledged, not stored twice' FROM unnest($2::bigint[]) AS e",
+                    now,
+                    dup_rows,
+                )
+        if entity_rows:
+            ks = list(entity_rows)
+            vs = [entity_rows[k] for k in ks]
+            await conn.execute(
+                "INSERT INTO entity_versions (source, entity, entity_id, version, hash, deleted, event_id, seen_at) "
+                "SELECT s, e, i, v, h, d, x, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+                "$5::text[], $6::bool[], $7::text[]) AS r(s, e, i, v, h, d, x) "
+                "ON CONFLICT (source, entity, entity_id) DO UPDATE SET version = excluded.version, "
+                "hash = excluded.hash, deleted = excluded.deleted, event_id = excluded.event_id, "
+                "seen_at = excluded.seen_at",
+                [k[0] for k in ks],
+                [k[1] for k in ks],
+                [k[2] for k in ks],
+                [v[0] for v in vs],
+                [v[1] for v in vs],
+                [v[2] for v in vs],
+                [v[3] for v in vs],
+                now,
+            )
+        for (source, kind), blob in cursor_rows.items():
+            await conn.execute(_CURSOR_UPSERT, source, kind, blob, now)
+        return results, bool(d_event)
+
+    async def lease(
+        self,
+        limit: int,
+        lease_seconds: float,
+        *,
+        exclude: Iterable[str] = (),
+        only: str | None = None,
+        due_only: bool = True,
+    ) -> list[Leased]:
+        """Lease up to ``limit`` due line heads, oldest first, skipping rows another node is leasing."""
+        excluded = sorted(exclude)
+
+        async def op(conn: PgConn) -> list[Leased]:
+            now = self.clock()
+            token = f"{self.owner}.{next(self._leases)}"
+            rows = await conn.fetch(
+                "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
+                "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
+                "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
+                "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
+                "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at",
+                now,
+                now + lease_seconds,
+                token,
+                limit,
+                due_only,
+                only,
+                excluded,
+            )
+            if not rows:
+                return []
+            bodies = {
+                r[0]: r[1]
+                for r in await conn.fetch(
+                    "SELECT id, body FROM events WHERE id = ANY($1::bigint[])", sorted({r[1] for r in rows})
+                )
+            }
+            out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
+            out.sort(key=lambda d: d.id)
+            return out
+
+        return await self._tx(op)
+
+    async def complete(self, outcomes: Sequence[Outcome]) -> None:
+        """Record what happened to leased deliveries (only those whose token still holds the lease)."""
+        if not outcomes:
+            return
+
+        async def op(conn: PgConn) -> bool:
+            now = self.clock()
+            keys = sorted({o.delivery.event.entity_key for o in outcomes if o.delivery.event.entity_id is not None})
+            if keys:
+                await conn.execute(_LOCK_KEYS, keys)
+            held: set[int] = set()
+            by_token: dict[str, list[int]] = {}
+            for o in outcomes:
+                by_token.setdefault(o.delivery.token, []).append(o.delivery.id)
+            for token, ids in by_token.items():
+                held.update(
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT id FROM deliveries WHERE id = ANY($1::bigint[]) AND state = 'leased' "
+                        "AND lease_owner = $2 FOR UPDATE",
+                        ids,
+                        token,
+                    )
+                )
+            changed = False
+            audit: list[tuple[Any, ...]] = []
+            for o in outcomes:
+                d = o.delivery
+                if d.id not in held:
+                    log.warning(
+                        "stale %s for delivery %d ignored: its lease (%s) expired and was taken over",
+                        o.kind,
+                        d.id,
+                        d.token or "no token",
+                    )
+                    continue
+                if o.kind == "done":
+                    await conn.execute(
+                        "UPDATE deliveries SET state = 'done', active = NULL, head = NULL, attempts = attempts + 1, "
+                        "updated_at = $1, lease_until = NULL, lease_owner = NULL, last_error = NULL WHERE id = $2",
+                        now,
+                        d.id,
+                    )
+                elif o.kind == "retry":
+                    inc = 1 if o.count_attempt else 0
+                    await conn.execute(
+                        "UPDATE deliveries SET state = 'ready', attempts = attempts + $1, next_attempt_at = $2, "
+                        "updated_at = $3, last_error = $4, lease_until = NULL, lease_owner = NULL WHERE id = $5",
+                        inc,
+                        o.next_attempt_at or now,
+                        now,
+                        o.error,
+                        d.id,
+                    )
+                    audit.append((d.event_row, d.id, "retry" if inc else "deferred", o.error))
+                    changed = True
+                elif o.kind == "dead":
+                    await conn.execute(
+                        "UPDATE deliveries SET state = 'dead', active = NULL, head = NULL, attempts = attempts + 1, "
+                        "updated_at = $1, last_error = $2, lease_until = NULL, lease_owner = NULL WHERE id = $3",
+                        now,
+                        o.error,
+                        d.id,
+                    )
+                    audit.append((d.event_row, d.id, "dead", o.error))
+                else:
+                    await conn.execute(
+                        "UPDATE deliveries SET state = 'ready', updated_at = $1, lease_until = NULL, "
+                        "lease_owner = NULL WHERE id = $2",
+                        now,
+                        d.id,
+                    )
+                    changed = True
+            if audit:
+                await _audit(conn, now, audit)
+            finished = [
+                o.delivery
+                for o in outcomes
+                if o.delivery.id in held and o.kind in ("done", "dead") and o.delivery.event.entity_id is not None
+            ]
+            if finished:
+                promoted = await conn.fetch(
+                    "UPDATE deliveries SET head = true WHERE id IN (SELECT min(d.id) FROM deliveries d "
+                    "JOIN unnest($1::text[], $2::text[]) AS l(s, k) ON d.sink = l.s AND d.entity_key = l.k "
+                    "WHERE d.active GROUP BY d.sink, d.entity_key) AND head IS NULL RETURNING id",
+                    [d.sink for d in finished],
+                    [d.event.entity_key for d in finished],
+                )
+                changed = changed or bool(promoted)
+            if changed:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return changed
+
+        if await self._tx(op):
+            self.deliveries_ready.set()
+
+    async def _release(self, owner: str | None, expired_before: float | None) -> int:
+        async def op(conn: PgConn) -> int:
+            rows = await conn.fetch(
+                "UPDATE deliveries SET state = 'ready', lease_until = NULL, lease_owner = NULL, updated_at = $1 "
+                "WHERE state = 'leased' AND ($2::text IS NULL OR starts_with(lease_owner, $2)) "
+                "AND ($3::float8 IS NULL OR lease_until < $3) RETURNING id",
+                self.clock(),
+                None if owner is None else owner + ".",
+                expired_before,
+            )
+            if rows:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return len(rows)
+
+        return await self._tx(op)
+
+    async def release_owned(self) -> int:
+        """Hand back every lease this node holds (clean shutdown); other nodes' leases are theirs."""
+        return await self._release(self.owner, None)
+
+    async def reclaim_expired(self) -> int:
+        """Make deliveries whose lease ran out ready again (their node died or hung)."""
+        n = await self._release(None, self.clock())
+        if n:
+            log.warning("reclaimed %d deliveries whose lease expired", n)
+            self.deliveries_ready.set()
+        return n
+
+    async def expedite(self, sink: str) -> int:
+        """Make a sink's waiting retries due now (its breaker just closed)."""
+
+        async def op(conn: PgConn) -> int:
+            now = self.clock()
+            rows = await conn.fetch(
+                "UPDATE deliveries SET next_attempt_at = $1 WHERE state = 'ready' AND sink = $2 "
+                "AND next_attempt_at > $1 RETURNING id",
+                now,
+                sink,
+            )
+            if rows:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return len(rows)
+
+        n = await self._tx(op)
+        if n:
+            self.deliveries_ready.set()
+        return n
+
+    async def next_due(self, exclude: Iterable[str] = ()) -> float | None:
+        rows = await self._fetch(
+            "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'ready' AND head AND sink <> ALL($1::text[])",
+            sorted(exclude),
+        )
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    # --- cursors and the ledger -------------------------------------------------------------------
+
+    async def cursor_get(self, source: str, kind: str = "poll") -> Any:
+        rows = await self._fetch("SELECT value FROM cursors WHERE source = $1 AND kind = $2", source, kind)
+        return orjson.loads(rows[0][0]) if rows else None
+
+    async def cursor_set(self, source: str, value: Any, kind: str = "poll") -> None:
+        blob = orjson.dumps(value)
+
+        async def op(conn: PgConn) -> None:
+            if value is None:
+                await conn.execute("DELETE FROM cursors WHERE source = $1 AND kind = $2", source, kind)
+            else:
+                await conn.execute(_CURSOR_UPSERT, source, kind, blob, self.clock())
+
+        await self._tx(op)
+
+    async def cursors(self) -> list[CursorRow]:
+        rows = await self._fetch("SELECT source, kind, value, updated_at FROM cursors ORDER BY source, kind")
+        return [CursorRow(r[0], r[1], orjson.loads(r[2]), r[3]) for r in rows]
+
+    async def entity_versions(
+        self, source: str, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], EntityVersion]:
+        pool = self._pool_or_fail()
+        async with pool.acquire() as conn:
+            found = await _read_entities(conn, {(source, e, i) for e, i in keys})
+        return {(k[1], k[2]): v for k, v in found.items()}
+
+    # --- dead letters and operator views ----------------------------------------------------------
+
+    async def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        rows = await self._fetch(
+            "SELECT d.id, e.event_id, e.source, d.sink, d.attempts, d.updated_at, d.last_error FROM deliveries d "
+            "JOIN events e ON e.id = d.event WHERE d.state = 'dead' AND ($1::text IS NULL OR d.sink = $1) "
+            "ORDER BY d.id LIMIT $2",
+            sink or None,
+            limit,
+        )
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "") for r in rows]
+
+    async def delivery(self, delivery_id: int) -> DeliveryDetail | None:
+        rows = await self._fetch(
+            "SELECT d.id, d.sink, d.state, d.attempts, d.created_at, d.updated_at, d.next_attempt_at, "
+            "d.last_error, e.body, e.id FROM deliveries d JOIN events e ON e.id = d.event WHERE d.id = $1",
+            delivery_id,
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        audit = [
+            AuditEntry(a[0], a[1], a[2], a[3])
+            for a in await self._fetch(
+                "SELECT at, delivery, action, detail FROM audit WHERE event = $1 "
+                "AND (delivery = $2 OR delivery IS NULL) ORDER BY id",
+                r[9],
+                delivery_id,
+            )
+        ]
+        if r[2] == "done" and r[7] is None:
+            audit.append(AuditEntry(r[5], delivery_id, "delivered", f"sink={r[1]} attempts={r[3]}"))
+        return DeliveryDetail(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], Event.from_json(r[8]), audit)
+
+    async def replay(
+        self, ids: Sequence[int] | None = None, sink: str | None = None, *, include_superseded: bool = True
+    ) -> ReplayResult:
+        """Make dead deliveries ready again (attempts reset); superseded ones stay dead if asked."""
+
+        async def op(conn: PgConn) -> ReplayResult:
+            now = self.clock()
+            rows = await _dead_rows(conn, ids, sink)
+            keys = sorted({r[6] for r in rows})
+            if keys:
+                await conn.execute(_LOCK_KEYS, keys)
+                rows = await _dead_rows(conn, ids, sink)  # as committed once the lines are ours
+            overtaken: list[int] = []
+            if not include_superseded and rows:
+                events = {r[0]: Event.from_json(r[4]) for r in rows}
+                known = await _read_entities(
+                    conn,
+                    {(e.source, e.entity or "", e.entity_id) for e in events.values() if e.entity_id is not None},
+                )
+                for r in rows:
+                    ev = events[r[0]]
+                    if ev.entity_id is None:
+                        continue
+                    try:
+                        if superseded(known.get((ev.source, ev.entity or "", ev.entity_id)), ev):
+                            overtaken.append(r[0])
+                    except VersionError as e:
+                        log.warning("replay: cannot tell whether delivery %d is superseded: %s", r[0], e)
+                rows = [r for r in rows if r[0] not in overtaken]
+            if rows:
+                await conn.execute(
+                    "UPDATE deliveries SET state = 'ready', active = true, head = NULL, attempts = 0, "
+                    "next_attempt_at = $1, updated_at = $1, created_at = $1 WHERE id = ANY($2::bigint[])",
+                    now,
+                    [r[0] for r in rows],
+                )
+                for line in sorted({(r[5], r[6]) for r in rows}):
+                    await _settle_head(conn, *line)
+                await _audit(
+                    conn, now, [(r[1], r[0], "replayed", f"after {r[2]} attempts; last error: {r[3]}") for r in rows]
+                )
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return ReplayResult(len(rows), overtaken)
+
+        result = await self._tx(op)
+        if result.replayed:
+            self.deliveries_ready.set()
+        return result
+
+    async def purge(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
+        async def op(conn: PgConn) -> int:
+            now = self.clock()
+            rows = await _dead_rows(conn, ids, sink)
+            if rows:
+                await conn.execute(
+                    "UPDATE deliveries SET state = 'done', active = NULL, updated_at = $1, "
+                    "last_error = 'purged from the DLQ' WHERE id = ANY($2::bigint[]) AND state = 'dead'",
+                    now,
+                    [r[0] for r in rows],
+                )
+                await _audit(conn, now, [(r[1], r[0], "purged", None) for r in rows])
+            return len(rows)
+
+        return await self._tx(op)
+
+    def record_rejection(
+        self, source: str, status: int, reason: str, remote: str | None, headers: dict[str, str], keep: int
+    ) -> None:
+        """Remember a refused webhook without waiting: a bounded buffer, flushed by one task at a time."""
+        if self.role == "reader" or self._pool is None or self._closing or keep <= 0:
+            return
+        if len(self._rejections) == self._rejections.maxlen:
+            self.rejections_dropped += 1
+        self._rejections.append((self.clock(), source, status, reason, remote, orjson.dumps(headers).decode()))
+        self._rejections_keep = keep
+        if self._rejection_task is None or self._rejection_task.done():
+            self._rejection_task = asyncio.create_task(self._flush_rejections())
+
+    async def _flush_rejections(self) -> None:
+        rows = list(self._rejections)
+        self._rejections.clear()
+
+        async def op(conn: PgConn) -> None:
+            await conn.executemany(
+                "INSERT INTO rejections (at, source, status, reason, remote, headers) VALUES ($1, $2, $3, $4, $5, $6)",
+                rows,
+            )
+            await conn.execute(
+                "DELETE FROM rejections WHERE id <= (SELECT max(id) FROM rejections) - $1", self._rejections_keep
+            )
+
+        try:
+            await self._tx(op)
+        except Exception as e:
+            log.warning("could not record a rejected webhook: %s", e)
+
+    async def rejections(self, limit: int = 50, source: str | None = None) -> list[Rejection]:
+        rows = await self._fetch(
+            "SELECT at, source, status, reason, remote, headers FROM rejections "
+            "WHERE ($1::text IS NULL OR source = $1) ORDER BY id DESC LIMIT $2",
+            source or None,
+            limit,
+        )
+        return [Rejection(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5])) for r in rows]
+
+    async def events_since(
+        self, since: float, *, after: int = 0, limit: int = 1000, source: str | None = None
+    ) -> list[tuple[int, Event]]:
+        """Retained events received at or after ``since``, oldest first, from row ``after`` on (``integrand replay``)."""
+        rows = await self._fetch(
+            "SELECT id, body FROM events WHERE received_at >= $1 AND id > $2 AND ($3::text IS NULL OR source = $3) "
+            "ORDER BY id LIMIT $4",
+            since,
+            after,
+            source,
+            limit,
+        )
+        return [(int(r[0]), Event.from_json(r[1])) for r in rows]
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._fetch("SELECT sink, state, count(*) FROM deliveries GROUP BY sink, state")
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    async def event_count(self) -> int:
+        rows = await self._fetch("SELECT count(*) FROM events")
+        return int(rows[0][0])
+
+    # --- retention and connector state ------------------------------------------------------------
+
+    async def prune(self, older_than: float, chunk: int = 200) -> int:
+        """One step of a retention pass (the contract of ``Retention.prune``): >0 rows deleted, 0 at its end."""
+        phases = ("events", "tombstones", "loop_guard")
+        if self._prune_at[0] == "over":
+            self._prune_at = (phases[0], None)
+            return 0
+        while True:
+            phase, pos = self._prune_at
+            step = functools.partial(_PRUNE[phase], older_than, pos, chunk)
+            deleted, nxt = await self._tx(step)
+            self.pruned[phase] += deleted
+            if nxt is None:
+                following = phases[phases.index(phase) + 1 :]
+                if not following:
+                    self._prune_at = ("over", None) if deleted else (phases[0], None)
+                    return deleted
+                self._prune_at = (following[0], None)
+            else:
+                self._prune_at = (phase, nxt)
+            if deleted:
+                return deleted
+
+    async def state_get(self, scope: str, key: str) -> Any:
+        rows = await self._fetch("SELECT value FROM state WHERE scope = $1 AND key = $2", scope, key)
+        return orjson.loads(rows[0][0]) if rows else None
+
+    async def state_set(self, scope: str, key: str, value: Any) -> None:
+        blob = orjson.dumps(value)
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO state (scope, key, value, updated_at) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                scope,
+                key,
+                blob,
+                self.clock(),
+            )
+        )
+
+
+def _display(dsn: str) -> str:
+    """A DSN fit to show: scheme, host, port and database, never the user's password or the query."""
+    u = urllib.parse.urlsplit(dsn)
+    if not u.scheme.startswith("postgres"):
+        return "a PostgreSQL database (DSN not shown)"
+    host = u.hostname or "localhost"
+    return f"{u.scheme or 'postgresql'}://{host}{':' + str(u.port) if u.port else ''}{u.path}"
+
+
+_CURSOR_UPSERT = (
+    "INSERT INTO cursors (source, kind, value, updated_at) VALUES ($1, $2, $3, $4) "
+    "ON CONFLICT (source, kind) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+)
+
+
+async def _read_entities(conn: PgConn, keys: set[tuple[str, str, str]]) -> dict[tuple[str, str, str], EntityVersion]:
+    if not keys:
+        return {}
+    s, e, i = zip(*keys, strict=True)
+    rows = await conn.fetch(
+        "SELECT v.source, v.entity, v.entity_id, v.version, v.hash, v.deleted, v.event_id, v.seen_at "
+        "FROM entity_versions v JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, e, i) "
+        "ON v.source = k.s AND v.entity = k.e AND v.entity_id = k.i",
+        list(s),
+        list(e),
+        list(i),
+    )
+    return {(r[0], r[1], r[2]): EntityVersion(r[3], r[4], r[5], r[6], r[7]) for r in rows}
+
+
+async def _audit(conn: PgConn, now: float, rows: Sequence[tuple[Any, ...]]) -> None:
+    await conn.executemany(
+        "INSERT INTO audit (at, event, delivery, action, detail) VALUES ($1, $2, $3, $4, $5)",
+        [(now, *r) for r in rows],
+    )
+
+
+async def _dead_rows(conn: PgConn, ids: Sequence[int] | None, sink: str | None) -> list[asyncpg.Record]:
+    """Dead deliveries as (id, event, attempts, last_error, body, sink, entity key)."""
+    return list(
+        await conn.fetch(
+            "SELECT d.id, d.event, d.attempts, d.last_error, e.body, d.sink, d.entity_key FROM deliveries d "
+            "JOIN events e ON e.id = d.event WHERE d.state = 'dead' AND ($1::bigint[] IS NULL OR d.id = ANY($1)) "
+            "AND ($2::text IS NULL OR d.sink = $2) ORDER BY d.id",
+            None if ids is None else list(ids),
+            sink or None,
+        )
+    )
+
+
+async def _settle_head(conn: PgConn, sink: str, key: str) -> None:
+    """The oldest active delivery of a line becomes its head, unless one of the line is in flight."""
+    rows = await conn.fetch(
+        "SELECT id, state, head FROM deliveries WHERE sink = $1 AND entity_key = $2 AND active", sink, key
+    )
+    if not rows or any(r[1] == "leased" and r[2] for r in rows):
+        return
+    oldest = min(r[0] for r in rows)
+    # Two statements: the unique index on heads is checked row by row.
+    await conn.execute(
+        "UPDATE deliveries SET head = NULL WHERE sink = $1 AND entity_key = $2 AND active AND head AND id <> $3",
+        sink,
+        key,
+        oldest,
+    )
+    await conn.execute("UPDATE deliveries SET head = true WHERE id = $1 AND head IS NULL", oldest)
+
+
+async def _prune_events(older_than: float, after: Any, chunk: int, conn: PgConn) -> tuple[int, Any]:
+    at, last = after if after is not None else (float("-inf"), 0)
+    rows = await conn.fetch(
+        "SELECT p.id, p.received_at, EXISTS (SELECT 1 FROM deliveries d WHERE d.event = p.id AND d.state <> 'done') "
+        "FROM events p WHERE (p.received_at, p.id) > ($1, $2) AND p.received_at < $3 "
+        "ORDER BY p.received_at, p.id LIMIT $4",
+        at,
+        last,
+        older_than,
+        chunk,
+    )
+    ids = [r[0] for r in rows if not r[2]]
+    if ids:
+        await conn.execute("DELETE FROM deliveries WHERE event = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM audit WHERE event = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM events WHERE id = ANY($1::bigint[])", ids)
+    return len(ids), ((rows[-1][1], rows[-1][0]) if len(rows) == chunk else None)
+
+
+async def _prune_tombstones(older_than: float, after: Any, chunk: int, conn: PgConn) -> tuple[int, Any]:
+    n = len(
+        await conn.fetch(
+            "DELETE FROM entity_versions WHERE (source, entity, entity_id) IN (SELECT source, entity, entity_id "
+            "FROM entity_versions WHERE deleted AND seen_at < $1 LIMIT $2) RETURNING 1",
+            older_than,
+            chunk,
+        )
+    )
+    return n, (True if n == chunk else None)
+
+
+async def _prune_loop_guard(older_than: float, after: Any, chunk: int, conn: PgConn) -> tuple[int, Any]:
+    n = len(
+        await conn.fetch(
+            "DELETE FROM state WHERE (scope, key) IN (SELECT scope, key FROM state "
+            "WHERE substr(scope, 1, 11) = 'loop-guard:' AND updated_at < $1 LIMIT $2) RETURNING 1",  # LOOP_GUARD_SCOPE
+            older_than,
+            chunk,
+        )
+    )
+    return n, (True if n == chunk else None)
+
+
+_PRUNE: dict[str, Callable[[float, Any, int, PgConn], Awaitable[tuple[int, Any]]]] = {
+    "events": _prune_events,
+    "tombstones": _prune_tombstones,
+    "loop_guard": _prune_loop_guard,
+}
