@@ -233,3 +233,16 @@ async def test_events_since_pages_through_retained_events(store: StoreBackend, c
     assert first.id == "a"
     assert [e.id for _, e in await store.events_since(0, after=row)] == ["b", "c"]
     assert [e.id for _, e in await store.events_since(0, source="o")] == ["b"]
+
+
+async def test_one_unstorable_event_fails_alone_in_a_group_commit(store: StoreBackend, peer: StoreBackend) -> None:
+    """Concurrent enqueues share a commit; the one whose data cannot be serialised fails, the others are stored."""
+    from integrand.store import UnstorableEvent
+
+    bad = Event(id="bad", source="s", type="t", data={1: "a non-string key"}, entity="E", entity_id="x", version="1")
+    calls = [store.enqueue([(ev(f"g{i}", entity_id=f"g{i}", version="1"), ["k"])]) for i in range(5)]
+    calls.insert(2, store.enqueue([(bad, ["k"])]))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[2], UnstorableEvent)
+    assert [r.accepted for r in results if not isinstance(r, BaseException)] == [1] * 5
+    assert await peer.event_count() == 5

@@ -45,7 +45,7 @@ from .deadletters import REJECTIONS_BUFFERED
 from .ledger import is_delete, judge, superseded
 from .pg_schema import MIGRATION_LOCK, PG_MIGRATIONS
 from .pg_views import PgOperatorViews
-from .queue import _prepare, _Prepared
+from .queue import _prepare, _Prepared, _serialised
 from .records import (
     AuditEntry,
     CursorRow,
@@ -370,6 +370,7 @@ class PgStore(PgOperatorViews):
         entity_rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         cursor_rows: dict[tuple[str, str], bytes] = {}
         counts: list[list[int]] = []
+        bodies: dict[tuple[str, str], bytes] = {}
         for op in ops:
             accepted: list[_Prepared] = []
             dup = stale = 0
@@ -382,13 +383,16 @@ class PgStore(PgOperatorViews):
                         repeats.append(k)
                     continue
                 seen.add(k)
+                # Serialised here, like the SQLite writer does: a failure fails this merged batch, which is
+                # then retried op by op, so only the bad event's caller gets UnstorableEvent.
+                bodies[k], h = _serialised(ev)
                 if ev.entity_id is not None:
                     ek = (ev.source, ev.entity or "", ev.entity_id)
-                    assert it.hash is not None
+                    assert h is not None
                     known = entities.get(ek)
                     deleted = is_delete(ev)
                     try:
-                        is_stale, keep = judge(known, it.version, it.hash, deleted)
+                        is_stale, keep = judge(known, it.version, h, deleted)
                     except VersionError as e:
                         assert known is not None and known.version is not None and it.version is not None
                         raise UnstorableEvent(
@@ -400,8 +404,8 @@ class PgStore(PgOperatorViews):
                     if is_stale:
                         stale += 1
                         continue
-                    entities[ek] = EntityVersion(keep, it.hash, deleted, ev.id, now)
-                    entity_rows[ek] = (keep, it.hash, deleted, ev.id)
+                    entities[ek] = EntityVersion(keep, h, deleted, ev.id, now)
+                    entity_rows[ek] = (keep, h, deleted, ev.id)
                 accepted.append(it)
             if op.cursor is not None:
                 cursor_rows[(op.cursor[0], op.cursor[1])] = op.cursor[2]
@@ -419,7 +423,7 @@ class PgStore(PgOperatorViews):
                 [it.event.type for it in flat],
                 [it.event.entity_key for it in flat],
                 now,
-                [it.body for it in flat],
+                [bodies[(it.event.source, it.event.id)] for it in flat],
             ):
                 row_of[(r[1], r[2])] = r[0]
         results: list[EnqueueResult] = []
