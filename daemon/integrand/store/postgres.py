@@ -76,6 +76,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.InsufficientResourcesError,
+    # What asyncpg raises when a transaction's rollback meets a connection the server has just terminated.
+    asyncpg.exceptions.InternalClientError,
 )
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (*_UNAVAILABLE, asyncpg.PostgresError)
 _RETRIED: tuple[type[BaseException], ...] = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -252,13 +254,22 @@ class PgStore(PgOperatorViews):
         pool = self._pool_or_fail()
         for attempt in range(5):
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                conn = await pool.acquire()
+            except _UNAVAILABLE as e:
+                raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+            try:
+                async with conn.transaction():
                     return await fn(conn)
             except _RETRIED:
                 if attempt == 4:
                     raise
             except _UNAVAILABLE as e:
+                # A connection the server dropped mid-transaction is in no known state: never hand it out again.
+                conn.terminate()
                 raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+            finally:
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await pool.release(conn)
         raise AssertionError("unreachable")
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
