@@ -112,4 +112,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX entity_tombstones ON entity_versions (seen_at) WHERE deleted = 1;
     CREATE INDEX state_loop_guard_age ON state (updated_at) WHERE substr(scope, 1, 11) = 'loop-guard:';
     """,
+    # 6: the webhook request each event arrived in (X-Request-Id: the listener's or a trusted proxy's), for
+    # its story; NULL for polled, streamed and reconciled events.
+    """
+    ALTER TABLE events ADD COLUMN request_id TEXT;
+    """,
 ]
