@@ -117,4 +117,28 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE events ADD COLUMN request_id TEXT;
     """,
+    # 7: deliveries per (sink, state), kept by triggers in the transaction that changes them, so `integrand
+    # status`, /metrics and systemd's STATUS= read a few rows instead of counting every delivery (413 ms
+    # with 200,000 retained on a loaded machine). Rows at 0 stay (a sink's states recur); readers skip them.
+    """
+    CREATE TABLE delivery_counts (
+        sink TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (sink, state)
+    ) WITHOUT ROWID;
+    INSERT INTO delivery_counts (sink, state, n) SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state;
+    CREATE TRIGGER deliveries_count_insert AFTER INSERT ON deliveries BEGIN
+        INSERT INTO delivery_counts (sink, state, n) VALUES (new.sink, new.state, 1)
+            ON CONFLICT (sink, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER deliveries_count_update AFTER UPDATE OF state ON deliveries WHEN old.state IS NOT new.state BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE sink = old.sink AND state = old.state;
+        INSERT INTO delivery_counts (sink, state, n) VALUES (new.sink, new.state, 1)
+            ON CONFLICT (sink, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER deliveries_count_delete AFTER DELETE ON deliveries BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE sink = old.sink AND state = old.state;
+    END;
+    """,
 ]
