@@ -71,7 +71,7 @@ RELEASE_TIMEOUT = 5.0  # seconds the shutdown waits to hand held leases back
 @dataclass
 class Activity:
     """When the daemon last did work (events stored, deliveries done; monotonic), so idle-time work knows
-    it is idle. Not the store's commits: an idle dispatcher still commits an empty lease every second."""
+    it is idle. Not the store's commits: maintenance commits on a schedule whatever the load."""
 
     work: float = -1.0  # events stored + delivery outcomes, as last seen
     changed_at: float = field(default_factory=time.monotonic)
