@@ -1,12 +1,9 @@
-"""``integrand run`` as a real subprocess for crash and lifecycle tests: start, find its ports, signal, kill."""
+"""``integrand run`` as a real subprocess for crash and lifecycle tests (``DaemonProcess``, one class with
+connector authors' ``integrand.testing``), and what such tests send and read."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,90 +12,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .helpers import signed_headers, wait_for
+from integrand.testing import DaemonProcess
 
-READY = re.compile(r"ready: webhooks on [^:]+:(\d+), admin on (?:[^:]+:(\d+)|off)")
+from .helpers import signed_headers
 
-
-class DaemonProcess:
-    """One ``integrand run`` child; its log goes to a file so nothing blocks on a full pipe."""
-
-    def __init__(
-        self,
-        config: Path,
-        log: Path,
-        *,
-        env: dict[str, str] | None = None,
-        python: Sequence[str] = ("-m", "integrand.cli"),
-        pass_fds: Sequence[int] = (),
-    ):
-        self.config = config
-        self.log = log
-        self.env = env or {}
-        # What runs `integrand run`: the module by default; a wrapper script (``-c …``) for fault injection.
-        self.python = tuple(python)
-        self.pass_fds = tuple(pass_fds)
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-        self.admin_port: int | None = None
-        self._log_from = 0
-
-    async def start(self, timeout: float = 20.0) -> None:
-        self._log_from = self.log.stat().st_size if self.log.exists() else 0
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                *self.python,
-                "run",
-                "--config",
-                str(self.config),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                pass_fds=self.pass_fds,
-            )
-        await wait_for(self._ready, timeout=timeout, interval=0.05)
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        m = READY.search(self.output())
-        if m is None:
-            if self.proc.returncode is not None:
-                raise AssertionError(f"integrand exited with {self.proc.returncode}:\n{self.output()}")
-            return False
-        self.port = int(m.group(1))
-        self.admin_port = int(m.group(2)) if m.group(2) else None
-        return True
-
-    def output(self) -> str:
-        """This run's log (a restart appends to the same file)."""
-        if not self.log.exists():
-            return ""
-        return self.log.read_bytes()[self._log_from :].decode(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def url(self, source: str = "demo") -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/{source}"
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    async def kill(self) -> None:
-        """SIGKILL and reap: nothing of this process runs afterwards."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+__all__ = ["DaemonProcess", "deadline", "jsonl_ids", "send_many"]
 
 
 async def send_many(

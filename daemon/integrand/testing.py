@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -263,17 +264,33 @@ async def running_daemon(config: Path | Any) -> AsyncIterator[Any]:
 
 
 class DaemonProcess:
-    """``integrand run`` as a real child process, for crash tests: ``start``, ``kill`` (-9), ``stop`` (SIGTERM).
+    """``integrand run`` as a real child process, for crash and lifecycle tests: ``start``, ``kill`` (-9),
+    ``stop`` (SIGTERM), ``signal``, ``wait``; ``port``/``admin_port`` are read from its ``ready`` line.
 
-    Its log goes to a file (nothing blocks on a full pipe); ``output()`` is this run's part of it.
-    ``env`` adds variables (e.g. ``PYTHONPATH``) to the child's environment.
-    """
+    Its log goes to a file (nothing blocks on a full pipe); ``output()`` is this run's part of it (a
+    restart appends to the same file). ``env`` adds variables (e.g. ``PYTHONPATH``) to the child's
+    environment; ``python`` is what runs ``integrand run`` (the module by default, a ``-c`` wrapper for
+    fault injection); ``pass_fds`` are inherited (socket activation)."""
 
-    def __init__(self, config: Path, log: Path, env: Mapping[str, str] | None = None):
+    READY = re.compile(r"ready: webhooks on [^:]+:(\d+), admin on (?:[^:]+:(\d+)|off)")
+
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        python: Sequence[str] = ("-m", "integrand.cli"),
+        pass_fds: Sequence[int] = (),
+    ):
         self.config = config
         self.log = log
         self.env = dict(env or {})
+        self.python = tuple(python)
+        self.pass_fds = tuple(pass_fds)
         self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.admin_port: int | None = None
         self._log_from = 0
 
     async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a deadline that fails the test
@@ -283,8 +300,7 @@ class DaemonProcess:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "integrand.cli",
+                *self.python,
                 "run",
                 "--config",
                 str(self.config),
@@ -292,20 +308,41 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                pass_fds=self.pass_fds,
             )
+        await wait_for(self._ready, timeout=timeout, interval=0.05)
 
-        def ready() -> bool:
-            assert self.proc is not None
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        m = self.READY.search(self.output())
+        if m is None:
             if self.proc.returncode is not None:
                 raise AssertionError(f"integrand exited with {self.proc.returncode}:\n{self.output()}")
-            return " ready: webhooks on " in self.output()
-
-        await wait_for(ready, timeout=timeout, interval=0.05)
+            return False
+        self.port = int(m.group(1))
+        self.admin_port = int(m.group(2)) if m.group(2) else None
+        return True
 
     def output(self) -> str:
         if not self.log.exists():
             return ""
         return self.log.read_bytes()[self._log_from :].decode(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def url(self, source: str = "demo") -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/{source}"
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 20.0) -> int:  # noqa: ASYNC109
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
 
     async def kill(self) -> None:
         """SIGKILL and reap: nothing of this process runs afterwards."""
