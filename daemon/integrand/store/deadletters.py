@@ -38,7 +38,12 @@ class DeadLetters(Engine):
 
         Rejections wait in a bounded buffer and are written by one op per commit, however many
         arrive meanwhile: under a flood of bad requests the oldest unwritten ones are dropped (and
-        counted in ``rejections_dropped``) rather than growing memory or the writer's queue."""
+        counted in ``rejections_dropped``) rather than growing memory or the writer's queue.
+
+        Not waiting for the commit is deliberate: a refusal acknowledges nothing (the sender is told
+        no, so there is no data to lose), an unauthenticated client must not make the port wait on the
+        store, and a refusal must still be answered when the store cannot commit. The cost: a crash
+        loses the last refusals not yet written (the log line of each was written already)."""
         if not self._writing() or keep <= 0:
             return
         if len(self._rejection_buffer) == self._rejection_buffer.maxlen:
