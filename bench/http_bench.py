@@ -253,6 +253,7 @@ class LineCounter:
 def e2e_once(connections: int, seconds: float, tag: str, drain_timeout: float = 120.0) -> dict[str, Any]:
     """From the first request to the last line the jsonl sink wrote: sustained events per second."""
     with server("integrand") as srv:
+        cpu0 = proc_cpu(srv.proc.pid)
         t0 = time.time()
         res = run_wrk(srv.url, connections, seconds, tag)
         t_load_end = time.time()
@@ -265,10 +266,13 @@ def e2e_once(connections: int, seconds: float, tag: str, drain_timeout: float = 
             time.sleep(0.05)
             stored = count_events(srv.db)
         t_last = srv.jsonl.stat().st_mtime
+        server_cpu = proc_cpu(srv.proc.pid) - cpu0
         res.update(proc_status(srv.proc.pid))
     res["stored"] = stored
     res["lines"] = counter.lines
     res["e2e_seconds"] = t_last - t0
     res["e2e_eps"] = counter.lines / (t_last - t0)
     res["drain_after_load_s"] = max(0.0, t_last - t_load_end)
+    # The daemon's CPU per event, webhook in to line out: what a busy machine's preemption does not inflate.
+    res["e2e_cpu_us_per_event"] = server_cpu / max(1, counter.lines) * 1e6
     return res

@@ -39,7 +39,7 @@ import json, sys
 sys.path.insert(0, {bench!r})
 import http_bench
 res = http_bench.e2e_once(64, {seconds}, "cmp")
-print(json.dumps({{"e2e_eps": res["e2e_eps"]}}))
+print(json.dumps({{"e2e_eps": res["e2e_eps"], "e2e_cpu_us_per_event": res["e2e_cpu_us_per_event"]}}))
 """
 
 HOLDS = [sys.executable, str(HERE / "store_holds.py"), "--runs", "10", "--json", "--src"]
@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-store", action="store_true", help="the end-to-end benchmark only")
     args = ap.parse_args()
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     if not args.skip_e2e:
@@ -73,10 +74,10 @@ def main() -> int:
     load = os.getloadavg()
     for r in range(args.runs):
         for side, src in sides.items():
-            parts = [
-                run([sys.executable, "-c", STORE.format(bench=str(HERE), events=args.events)], src),
-                run([*HOLDS, str(src)], src),
-            ]
+            parts = []
+            if not args.skip_store:
+                parts.append(run([sys.executable, "-c", STORE.format(bench=str(HERE), events=args.events)], src))
+                parts.append(run([*HOLDS, str(src)], src))
             if not args.skip_e2e:
                 parts.append(run([sys.executable, "-c", E2E.format(bench=str(HERE), seconds=args.seconds)], src))
             for part in parts:
