@@ -111,7 +111,7 @@ async def posted_request_ids(tmp_path: Path, base: str, sent: str | None) -> tup
 
 async def test_every_webhook_gets_a_request_id_stored_with_its_events(tmp_path: Path) -> None:
     stored, refused, kept = await posted_request_ids(tmp_path, BASE, None)
-    assert len(stored) == 32 and int(stored, 16) >= 0  # integrand's own: a UUID's hex
+    assert len(stored) == 32 and int(stored, 16) >= 0  # integrand's own: 32 hex digits
     assert refused != stored and kept == stored
 
 

@@ -15,7 +15,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # aiohttp sends "Server: Python/3.11 aiohttp/3.x" unless told otherwise: a version list for scanners.
 SERVER = "integrand"
-REQUEST_ID = "request_id"  # the key of a request's id in the aiohttp request's mapping (listener.py reads it)
+REQUEST_ID = web.RequestKey("request_id", str)  # a request's id in its aiohttp mapping (listener.py reads it)
 # What a proxy's request id may look like to be kept (a UUID, a hex string, AWS's Root=…;…): anything else,
 # or anything longer, is replaced by integrand's own (it ends up in logs, the store and a response header).
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:;=/+@-]{1,128}")
