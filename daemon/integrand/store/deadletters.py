@@ -184,9 +184,26 @@ class DeadLetters(Engine):
         return await self._submit(op)
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        """Deliveries per (sink, state), as the schema's triggers keep them (a few rows, whatever the backlog)."""
-        async with self._read().execute("SELECT sink, state, n FROM delivery_counts WHERE n > 0") as cur:
-            return {(r[0], r[1]): r[2] for r in await cur.fetchall()}
+        """Deliveries per (sink, state): the schema's triggers keep them per sink for pending (ready or
+        leased), done and dead, and the leased ones are counted on their index (what is in flight)."""
+        conn = self._read()
+        async with conn.execute("SELECT sink, state, n FROM delivery_counts WHERE n > 0") as cur:
+            kept = {(r[0], r[1]): r[2] for r in await cur.fetchall()}
+        async with conn.execute(
+            "SELECT sink, COUNT(*) FROM deliveries INDEXED BY deliveries_leased WHERE state = 'leased' GROUP BY sink"
+        ) as cur:
+            leased = {r[0]: r[1] for r in await cur.fetchall()}
+        out: dict[tuple[str, str], int] = {}
+        for (sink, state), n in kept.items():
+            if state != "pending":
+                out[(sink, state)] = n
+                continue
+            held = leased.get(sink, 0)
+            if held:
+                out[(sink, "leased")] = held
+            if n - held:
+                out[(sink, "ready")] = n - held
+        return out
 
     async def event_count(self) -> int:
         async with self._read().execute("SELECT COUNT(*) FROM events") as cur:
