@@ -44,8 +44,9 @@ def _restart_only(old: Settings, new: Settings) -> list[str]:
     ):
         if getattr(old.daemon, key) != getattr(new.daemon, key):
             keys.append(f"daemon.{key}")
-    if old.admin != new.admin:
-        keys.append("admin")
+    for key in ("enabled", "listen", "socket"):
+        if getattr(old.admin, key) != getattr(new.admin, key):
+            keys.append(f"admin.{key}")
     if old.store != new.store:
         keys.append("store")
     if getattr(old, "syncs", ()) != getattr(new, "syncs", ()):
@@ -147,6 +148,11 @@ async def _reload(d: Daemon) -> bool:
     d.listener.rejections_kept = new.daemon.rejections_kept
     if new.daemon.log_level != old.daemon.log_level:
         logging.getLogger().setLevel(new.daemon.log_level.upper())
+    if old.admin.token != new.admin.token and d.admin is not None:
+        d.admin.set_token(new.admin.token)  # validated with the config: never removed from a non-loopback listen
+        log.warning("reload: admin.token changed; requests with the old token are refused from now on")
+    if old.alerts != new.alerts:
+        _apply_alerts(d, new)
 
     sinks = {
         n: d.dispatcher.sinks[n] if n in sink_same else sink_runtime(new, n, d.connectors[f"sink:{n}"])
@@ -206,6 +212,25 @@ async def _reload(d: Daemon) -> bool:
         len(new.routes),
     )
     return True
+
+
+def _apply_alerts(d: Daemon, new: Settings) -> None:
+    """The ``[alerts]`` notifier reads its settings at every check; start it if it is newly configured.
+
+    A changed ``webhook_url`` is told what is firing at its next check; a removed one stops the notifier."""
+    from .alerts import run_alerts
+
+    task = d.tasks.get("alerts")
+    running = task is not None and not task.done()
+    if new.alerts.webhook_url is not None and not running:
+        d.spawn("alerts", run_alerts(d))
+        log.info("reload: [alerts] notifier started")
+    elif new.alerts.webhook_url is None and running:
+        assert task is not None
+        task.cancel()
+        log.info("reload: [alerts] notifier stopped (no webhook_url)")
+    else:
+        log.info("reload: [alerts] settings applied from the next check")
 
 
 async def _close_later(connectors: list[Connector[Any]], after: float) -> None:
