@@ -122,6 +122,7 @@ class PgStore(PgOperatorViews):
         self.on_commit: Callable[[float, int], None] | None = None
         self.commits = 0
         self.committed_ops = 0
+        self._failing_commits = 0  # group commits failed since the last that succeeded (logged once per outage)
         self.rejections_dropped = 0
         self._leases = itertools.count(1)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -334,7 +335,12 @@ class PgStore(PgOperatorViews):
         try:
             results, new = await self._tx(lambda c: self._apply_enqueues(c, batch))
         except StoreUnavailable as e:
-            log.error("the PostgreSQL store cannot commit %d enqueues: %s", len(batch), e)
+            # Once per outage, not per commit: while PostgreSQL is away every sender retries, and each batch fails.
+            if not self._failing_commits:
+                log.error(
+                    "the PostgreSQL store cannot commit %d enqueues: %s (until it can, each is refused)", len(batch), e
+                )
+            self._failing_commits += 1
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(e)
@@ -347,6 +353,9 @@ class PgStore(PgOperatorViews):
             if not batch[0].future.done():
                 batch[0].future.set_exception(e)
             return
+        if self._failing_commits:
+            log.warning("the PostgreSQL store commits again (%d group commits had failed)", self._failing_commits)
+            self._failing_commits = 0
         self.commits += 1
         self.committed_ops += len(batch)
         if self.on_commit is not None:
