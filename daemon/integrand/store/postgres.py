@@ -125,6 +125,7 @@ class PgStore(PgOperatorViews):
         self.on_commit: Callable[[float, int], None] | None = None
         self.commits = 0
         self.committed_ops = 0
+        self._failing_commits = 0  # group commits failed since the last that succeeded (logged once per outage)
         self.rejections_dropped = 0
         self._leases = itertools.count(1)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -339,7 +340,12 @@ class PgStore(PgOperatorViews):
         try:
             results, new = await self._tx(lambda c: self._apply_enqueues(c, batch))
         except StoreUnavailable as e:
-            log.error("the PostgreSQL store cannot commit %d enqueues: %s", len(batch), e)
+            # Once per outage, not per commit: while PostgreSQL is away every sender retries, and each batch fails.
+            if not self._failing_commits:
+                log.error(
+                    "the PostgreSQL store cannot commit %d enqueues: %s (until it can, each is refused)", len(batch), e
+                )
+            self._failing_commits += 1
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(e)
@@ -352,6 +358,9 @@ class PgStore(PgOperatorViews):
             if not batch[0].future.done():
                 batch[0].future.set_exception(e)
             return
+        if self._failing_commits:
+            log.warning("the PostgreSQL store commits again (%d group commits had failed)", self._failing_commits)
+            self._failing_commits = 0
         self.commits += 1
         self.committed_ops += len(batch)
         if self.on_commit is not None:
@@ -602,6 +611,11 @@ class PgStore(PgOperatorViews):
                 )
             changed = False
             audit: list[tuple[Any, ...]] = []
+            rows: list[int] = []
+            kinds: list[str] = []
+            incs: list[int] = []
+            dues: list[float | None] = []
+            errors: list[str | None] = []
             for o in outcomes:
                 d = o.delivery
                 if d.id not in held:
@@ -612,43 +626,20 @@ class PgStore(PgOperatorViews):
                         d.token or "no token",
                     )
                     continue
-                if o.kind == "done":
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'done', active = NULL, head = NULL, attempts = attempts + 1, "
-                        "updated_at = $1, lease_until = NULL, lease_owner = NULL, last_error = NULL WHERE id = $2",
-                        now,
-                        d.id,
-                    )
-                elif o.kind == "retry":
-                    inc = 1 if o.count_attempt else 0
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'ready', attempts = attempts + $1, next_attempt_at = $2, "
-                        "updated_at = $3, last_error = $4, lease_until = NULL, lease_owner = NULL WHERE id = $5",
-                        inc,
-                        o.next_attempt_at or now,
-                        now,
-                        o.error,
-                        d.id,
-                    )
+                inc = 1 if o.kind in ("done", "dead") or (o.kind == "retry" and o.count_attempt) else 0
+                rows.append(d.id)
+                kinds.append(o.kind)
+                incs.append(inc)
+                dues.append((o.next_attempt_at or now) if o.kind == "retry" else None)
+                errors.append(o.error)
+                if o.kind == "retry":
                     audit.append((d.event_row, d.id, "retry" if inc else "deferred", o.error))
-                    changed = True
                 elif o.kind == "dead":
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'dead', active = NULL, head = NULL, attempts = attempts + 1, "
-                        "updated_at = $1, last_error = $2, lease_until = NULL, lease_owner = NULL WHERE id = $3",
-                        now,
-                        o.error,
-                        d.id,
-                    )
                     audit.append((d.event_row, d.id, "dead", o.error))
-                else:
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'ready', updated_at = $1, lease_until = NULL, "
-                        "lease_owner = NULL WHERE id = $2",
-                        now,
-                        d.id,
-                    )
+                if o.kind in ("retry", "release"):
                     changed = True
+            if rows:  # one statement for the whole batch, not one round trip per delivery
+                await conn.execute(_COMPLETE, now, rows, kinds, incs, dues, errors)
             if audit:
                 await _audit(conn, now, audit)
             finished = [
@@ -967,6 +958,22 @@ def _display(dsn: str) -> str:
     host = u.hostname or "localhost"
     return f"{u.scheme or 'postgresql'}://{host}{':' + str(u.port) if u.port else ''}{u.path}"
 
+
+# What ``complete`` records, per delivery: done and dead end its line's turn (active and head cleared),
+# retry waits for its due time, release hands the lease back; a counted attempt adds one.
+_COMPLETE = (
+    "UPDATE deliveries d SET "
+    "state = CASE u.k WHEN 'done' THEN 'done' WHEN 'dead' THEN 'dead' ELSE 'ready' END, "
+    "active = CASE WHEN u.k IN ('done', 'dead') THEN NULL ELSE d.active END, "
+    "head = CASE WHEN u.k IN ('done', 'dead') THEN NULL ELSE d.head END, "
+    "attempts = d.attempts + u.inc, "
+    "next_attempt_at = CASE WHEN u.k = 'retry' THEN u.due ELSE d.next_attempt_at END, "
+    "updated_at = $1, "
+    "last_error = CASE u.k WHEN 'done' THEN NULL WHEN 'release' THEN d.last_error ELSE u.err END, "
+    "lease_until = NULL, lease_owner = NULL "
+    "FROM unnest($2::bigint[], $3::text[], $4::int[], $5::float8[], $6::text[]) AS u(id, k, inc, due, err) "
+    "WHERE d.id = u.id"
+)
 
 _CURSOR_UPSERT = (
     "INSERT INTO cursors (source, kind, value, updated_at) VALUES ($1, $2, $3, $4) "
