@@ -71,7 +71,7 @@ RELEASE_TIMEOUT = 5.0  # seconds the shutdown waits to hand held leases back
 @dataclass
 class Activity:
     """When the daemon last did work (events stored, deliveries done; monotonic), so idle-time work knows
-    it is idle. Not the store's commits: an idle dispatcher still commits an empty lease every second."""
+    it is idle. Not the store's commits: maintenance commits on a schedule whatever the load."""
 
     work: float = -1.0  # events stored + delivery outcomes, as last seen
     changed_at: float = field(default_factory=time.monotonic)
@@ -483,14 +483,24 @@ async def _maintenance(d: Daemon) -> None:
         try:
             await d.store.reclaim_expired()
             cutoff = time.time() - d.settings.store.retention
+            before = dict(getattr(d.store, "pruned", {}))
             total = 0
             while (n := await d.store.prune(cutoff)) > 0:
                 total += n
                 await asyncio.sleep(0)  # let webhooks' commits in between chunks
             if total:
-                log.info("retention: pruned %d delivered events", total)
+                log.info("retention: %s", pruned_line(before, getattr(d.store, "pruned", {})))
         except Exception as e:
             log.warning("maintenance failed (will retry): %s", e)
+
+
+def pruned_line(before: dict[str, int], after: dict[str, int]) -> str:
+    """What one retention pass deleted, by kind (the store counts rows per kind: ``Store.pruned``)."""
+    n = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return (
+        f"deleted {n.get('events', 0)} delivered events past [store] retention (with their deliveries and "
+        f"audit), {n.get('tombstones', 0)} delete markers and {n.get('loop_guard', 0)} loop-guard entries"
+    )
 
 
 async def _truncate_wal_when_idle(d: Daemon) -> None:

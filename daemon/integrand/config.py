@@ -31,7 +31,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 class DaemonSettings(StrictModel):
     listen: ListenAddress = HostPort("127.0.0.1", 8080)
-    state_dir: RelPath = Path("var")
+    # Relative (the default too) to the config file's folder, never to the working directory the command runs in.
+    state_dir: RelPath = Field(default=Path("var"), validate_default=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     # Levels for named loggers, e.g. {aiosqlite = "debug"}: libraries' loggers stay at warning otherwise.
