@@ -52,7 +52,7 @@ from .errors import (
     UnsupportedMediaType,
     WebhookRejected,
 )
-from .events import Event, content_id, utcnow_iso
+from .events import Event, content_id, storage_problem, utcnow_iso
 from .httpclient import Http, HttpPool, RateLimiter, Response, error_for_status
 from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
@@ -97,6 +97,7 @@ __all__ = [
     "content_id",
     "envelope_event",
     "error_for_status",
+    "storage_problem",
     "utcnow_iso",
 ]
 
@@ -392,6 +393,10 @@ def envelope_event(body: Any) -> Event | None:
         raise PayloadError(f"not an integrand envelope ({e})") from None
     if not all(isinstance(getattr(ev, k), str) for k in ("id", "source", "type")) or not isinstance(ev.meta, dict):
         raise PayloadError("not an integrand envelope (id, source and type must be strings, meta an object)")
+    optional = ("received_at", "entity", "entity_id", "version", "occurred_at")
+    if not all(getattr(ev, k) is None or isinstance(getattr(ev, k), str) for k in optional):
+        # Found by fuzzing: {"entity": false} reached the store, whose enqueue then failed on it.
+        raise PayloadError("not an integrand envelope (received_at, entity, entity_id, version, occurred_at: strings)")
     return ev
 
 

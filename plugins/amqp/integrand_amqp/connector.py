@@ -44,6 +44,7 @@ from integrand.connector import (
     StreamingSource,
     content_id,
     envelope_event,
+    storage_problem,
 )
 
 REASON_HEADER = "x-integrand-rejected"
@@ -345,6 +346,13 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
         return StreamBatch(events, self._count, token=(msgs, bad, dlx), rejected=rejected)
 
     def _event(self, m: aio_pika.abc.AbstractIncomingMessage) -> Event:
+        ev = self._parse(m)
+        if (why := storage_problem(ev)) is not None:
+            # Rejected (dead-lettered) here: handed to the store, it would fail its whole batch forever.
+            raise _Unparsable(f"cannot be stored: {why}")
+        return ev
+
+    def _parse(self, m: aio_pika.abc.AbstractIncomingMessage) -> Event:
         headers = {k: v for k, v in (m.headers or {}).items() if isinstance(v, str)}
         try:
             body = orjson.loads(m.body)

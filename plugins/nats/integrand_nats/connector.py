@@ -45,6 +45,7 @@ from integrand.connector import (
     StreamBatch,
     StreamingSource,
     envelope_event,
+    storage_problem,
 )
 
 # The client's own reconnect attempts (0.5 s apart) before it gives up; then the sink reconnects on its next
@@ -330,6 +331,13 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         return StreamBatch(events, last, token=p, rejected=rejected)
 
     def _event(self, m: Msg, seq: int, delivered: int) -> Event:
+        ev = self._parse(m, seq)
+        if (why := storage_problem(ev)) is not None:
+            # Rejected (and term-ed) here: handed to the store, it would fail its whole batch forever.
+            raise _Unparsable(f"cannot be stored: {why}")
+        return ev
+
+    def _parse(self, m: Msg, seq: int) -> Event:
         headers = m.headers or {}
         try:
             body = orjson.loads(m.data)
