@@ -129,8 +129,11 @@ class SourcePoller:
             async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
                 await self.poll_once()
 
-    def nudge(self, changes: int = 1) -> None:
-        """A webhook brought ``changes`` for this source: poll soon (debounced), within the request budget."""
+    def nudge(self, changes: int = 0) -> None:
+        """Poll soon (debounced), within the request budget; ``changes``: how many a webhook brought.
+
+        Webhook-delivered changes are what earns the webhooks trust (see ``pollpolicy.trusting``);
+        a nudge without them (a cursor set by the admin API) only brings the poll forward."""
         self.pushed += changes
         if not self.settings.nudge:
             return
