@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -106,6 +107,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
     batch_size = 256
 
     _nc: Client | None = None
+    _acks: _Acks | None = None
     _lock: asyncio.Lock | None = None
 
     def __init__(self, config: NatsConfig, ctx: ConnectorContext):
@@ -122,6 +124,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             with contextlib.suppress(Exception):
                 await self._nc.close()
             self._nc = None
+            self._acks = None
 
     async def _connect(self, reconnects: int) -> Client:
         c = self.config
@@ -148,12 +151,17 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
 
     # --- sink -----------------------------------------------------------------------------------
 
-    async def _client(self) -> Client:
+    async def _publisher(self) -> _Acks:
+        """The connection and its one PubAck subscription, (re)made when the client gave up reconnecting."""
         assert self._lock is not None
         async with self._lock:
-            if self._nc is None or self._nc.is_closed:
+            if self._nc is None or self._nc.is_closed or self._acks is None or self._acks.nc is not self._nc:
+                if self._nc is not None:
+                    with contextlib.suppress(Exception):
+                        await self._nc.close()
                 self._nc = await self._connect(reconnects=RECONNECTS)
-            return self._nc
+                self._acks = await _Acks.open(self._nc)
+            return self._acks
 
     def _message(self, event: Event) -> tuple[str, bytes, dict[str, str]]:
         headers = {"Nats-Msg-Id": event.key, "Content-Type": "application/json", "Integrand-Type": event.type}
@@ -161,6 +169,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             ("Integrand-Entity", event.entity),
             ("Integrand-Entity-Id", event.entity_id),
             ("Integrand-Version", event.version),
+            ("Nats-Expected-Stream", self.config.expect_stream),
         ):
             if value is not None:
                 headers[name] = value
@@ -173,36 +182,28 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             raise err
 
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
-        """Publish all, in order, then wait for every PubAck: a delivery is done only with its ack."""
-        nc = await self._client()
-        js = nc.jetstream(timeout=self.config.publish_timeout)
-        futures: list[asyncio.Future[api.PubAck] | BaseException] = []
-        for ev in events:
-            subject, payload, headers = self._message(ev)
-            try:
-                futures.append(
-                    await js.publish_async(subject, payload, headers=headers, stream=self.config.expect_stream)
-                )
-            except (nats.errors.Error, OSError) as e:
-                futures.append(RetryableError(f"NATS publish to {subject!r} failed: {type(e).__name__}: {e}"))
-        waiting = [f for f in futures if not isinstance(f, BaseException)]
-        if waiting:  # one wait for the whole batch: a wait_for per message costs a task each
-            await asyncio.wait(waiting, timeout=self.config.publish_timeout)
-        results: list[BaseException | None] = []
-        for ev, fut in zip(events, futures, strict=True):
-            if isinstance(fut, BaseException):
-                results.append(fut)
-            elif not fut.done():
-                fut.cancel()
-                results.append(RetryableError(f"no PubAck for {ev.key} within {self.config.publish_timeout:g} s"))
-            elif (err := fut.exception()) is None:
-                results.append(None)
-            elif isinstance(err, nats.js.errors.NoStreamResponseError):
-                results.append(RetryableError(f"no JetStream stream takes subject {self._template.render(ev)!r}"))
-            elif isinstance(err, nats.js.errors.APIError):
-                results.append(_api_error(err, ev))
-            else:
-                results.append(RetryableError(f"NATS publish failed: {type(err).__name__}: {err}"))
+        """Publish a batch with every message in flight at once; a delivery is done only with its PubAck.
+
+        Per-entity order: events of one entity go out in waves, the next only after the previous one's
+        PubAck, and an entity whose event failed sends nothing after it in this batch. (The dispatcher
+        leases only the head of each entity's line, so a batch from it is a single wave.)"""
+        acks = await self._publisher()
+        deadline = asyncio.get_running_loop().time() + self.config.publish_timeout
+        results: list[BaseException | None] = [None] * len(events)
+        failed: dict[str, str] = {}  # entity key -> the key of its event that failed
+        for wave in _waves(events):
+            todo = []
+            for i in wave:
+                before = failed.get(events[i].entity_key)
+                if before is None:
+                    todo.append(i)
+                else:
+                    results[i] = RetryableError(f"{events[i].key} not sent: {before}, before it in its entity, failed")
+            got = await acks.publish([(events[i], *self._message(events[i])) for i in todo], deadline)
+            for i, err in zip(todo, got, strict=True):
+                results[i] = err
+                if err is not None:
+                    failed[events[i].entity_key] = events[i].key
         return results
 
     # --- source ---------------------------------------------------------------------------------
@@ -381,15 +382,116 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         return True
 
 
+def _waves(events: Sequence[Event]) -> list[list[int]]:
+    """Indices of ``events`` in rounds holding at most one event per entity, each entity's in batch order."""
+    seen: dict[str, int] = {}
+    waves: list[list[int]] = []
+    for i, ev in enumerate(events):
+        n = seen.get(ev.entity_key, 0)
+        seen[ev.entity_key] = n + 1
+        if n == len(waves):
+            waves.append([])
+        waves[n].append(i)
+    return waves
+
+
+class _Acks:
+    """PubAcks by reply subject: one wildcard subscription per connection, one future per batch.
+
+    The client's ``publish_async`` costs a semaphore wait, a future, a callback and a PubAck object per
+    message; a batch needs only its count of outstanding acks and the errors among them."""
+
+    def __init__(self, nc: Client, prefix: str) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self._tokens = itertools.count()
+        self._waiting: dict[str, tuple[_Round, int]] = {}
+
+    @classmethod
+    async def open(cls, nc: Client) -> _Acks:
+        acks = cls(nc, nc.new_inbox() + ".")
+        try:
+            await nc.subscribe(acks.prefix + "*", cb=acks._reply)
+        except (nats.errors.Error, OSError) as e:
+            raise RetryableError(f"NATS: cannot subscribe for PubAcks: {type(e).__name__}: {e}") from None
+        return acks
+
+    async def publish(
+        self, messages: Sequence[tuple[Event, str, bytes, dict[str, str]]], deadline: float
+    ) -> list[BaseException | None]:
+        """Publish all, then wait (until ``deadline``, loop time) for each one's PubAck or error."""
+        r = _Round(messages)
+        tokens: list[str] = []
+        for j, (_ev, subject, payload, headers) in enumerate(messages):
+            token = str(next(self._tokens))
+            tokens.append(token)
+            self._waiting[token] = (r, j)
+            try:
+                await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+            except (nats.errors.Error, OSError) as e:
+                r.settle(j, RetryableError(f"NATS publish to {subject!r} failed: {type(e).__name__}: {e}"))
+        if r.left:
+            await asyncio.wait([r.done], timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        for j, token in enumerate(tokens):
+            self._waiting.pop(token, None)
+            if r.results[j] is _NO_ACK:
+                ev = messages[j][0]
+                r.results[j] = RetryableError(f"no PubAck for {ev.key} from NATS in time")
+        return [e if isinstance(e, BaseException) else None for e in r.results]
+
+    async def _reply(self, msg: Msg) -> None:
+        entry = self._waiting.pop(msg.subject[len(self.prefix) :], None)
+        if entry is None:  # late, after its batch gave up on it
+            return
+        r, j = entry
+        ev, subject = r.messages[j][0], r.messages[j][1]
+        if msg.headers and msg.headers.get("Status") == "503":
+            r.settle(j, RetryableError(f"no JetStream stream takes subject {subject!r}"))
+            return
+        try:
+            resp = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            r.settle(j, RetryableError(f"NATS answered {ev.key} with something not a PubAck: {msg.data[:100]!r}"))
+            return
+        err = resp.get("error") if isinstance(resp, dict) else None
+        r.settle(j, None if err is None else _api_error(err, ev))
+
+
+_NO_ACK = object()
+
+
+class _Round:
+    """One wave of a batch in flight: its messages, what came back for each, and when all have."""
+
+    def __init__(self, messages: Sequence[tuple[Event, str, bytes, dict[str, str]]]) -> None:
+        self.messages = messages
+        self.results: list[object] = [_NO_ACK] * len(messages)
+        self.left = len(messages)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not messages:
+            self.done.set_result(None)
+
+    def settle(self, j: int, result: BaseException | None) -> None:
+        if self.results[j] is not _NO_ACK:
+            return
+        self.results[j] = result
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
 class _Unparsable(Exception):
     """A consumed message that can never become an event."""
 
 
-def _api_error(e: nats.js.errors.APIError, ev: Event) -> BaseException:
-    code = getattr(e, "code", None) or 0
-    desc = getattr(e, "description", None) or str(e)
+def _api_error(err: Any, ev: Event) -> BaseException:
+    """A PubAck's ``error`` ({"code", "err_code", "description"}) as what integrand does next."""
+    if not isinstance(err, dict):
+        return RetryableError(f"JetStream did not store {ev.key}: {err!r}")
+    code = err.get("code") or 0
+    desc = err.get("description") or "no description"
     if code in (401, 403):
         return AuthError(f"JetStream refused {ev.key}: {desc}")
     if code == 400:
-        return PermanentError(f"JetStream rejected {ev.key}: {desc} (err_code {getattr(e, 'err_code', None)})")
+        return PermanentError(f"JetStream rejected {ev.key}: {desc} (err_code {err.get('err_code')})")
     return RetryableError(f"JetStream did not store {ev.key}: {desc}")
