@@ -45,7 +45,7 @@ from integrand.connector import (
     Sink,
     StreamBatch,
     StreamingSource,
-    envelope_event,
+    message_event,
 )
 
 # The client's own reconnect attempts (0.5 s apart) before it gives up; then the sink reconnects on its next
@@ -71,8 +71,8 @@ class NatsConfig(ConnectorConfig):
     batch: int = Field(default=256, ge=1, le=10_000)
     fetch_wait: Duration = 1.0
     ack_wait: Duration = 30.0
-    # Unset: one batch. integrand reads a batch, commits, acks, reads the next, so more buys nothing, and it
-    # keeps per-subject order across a crash: the unacked batch is redelivered before anything newer.
+    # Unset: two batches, the one integrand commits and the next, fetched meanwhile. Bounded, so after a
+    # crash the unacked ones are redelivered (in stream order) before anything newer: per-subject order holds.
     max_ack_pending: int | None = Field(default=None, ge=1)
     nak_delay: Duration = 5.0
     create_consumer: bool = True
@@ -93,6 +93,7 @@ class _Pending:
     msgs: Sequence[Msg]
     bad: set[int] = field(default_factory=set)
     keepalive: asyncio.Task[None] | None = None
+    released: bool = False  # handed back (nak) after the store refused it
 
     def stop(self) -> None:
         if self.keepalive is not None:
@@ -213,6 +214,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         assert c.stream is not None and c.durable is not None
         nc = await self._connect(reconnects=RECONNECTS)
         pending: list[_Pending] = []
+        ahead: asyncio.Future[list[Msg]] | None = None
         try:
             js = nc.jetstream(timeout=max(5.0, c.connect_timeout))
             psub = await self._subscribe(js, position)
@@ -220,25 +222,56 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             # and the consumer's ack floor, not this high-water mark, is what tracks them.
             high = int(position or 0)
             while True:
-                try:
-                    msgs = await psub.fetch(c.batch, timeout=c.fetch_wait)
-                except TimeoutError:  # nothing waiting (nats-py raises both its own and the builtin one)
-                    continue
-                except nats.js.errors.NotFoundError as e:
-                    raise RetryableError(f"consumer {c.durable!r} on stream {c.stream!r} is gone: {e}") from None
-                except nats.errors.Error as e:
-                    raise RetryableError(f"NATS fetch failed: {type(e).__name__}: {e}") from None
+                fetch, ahead = ahead or asyncio.ensure_future(self._fetch(psub)), None
+                msgs = await fetch
                 if not msgs:
                     continue
                 batch = self._batch(nc, msgs, pending, high)
                 high = batch.position
+                # The next batch is fetched while integrand commits this one (the consumer allows two
+                # batches unacked), so a fetch's round trip does not wait behind a commit's fsync.
+                ahead = asyncio.ensure_future(self._fetch(psub))
                 yield batch
                 pending[:] = [p for p in pending if p.keepalive is not None]
+                if batch.token.released:
+                    # This batch went back upstream: what was fetched after it goes back too (after its
+                    # fetch ends, so nothing of it is left to the next one), and nothing newer is
+                    # committed before the redelivery.
+                    await self._hand_back(ahead, self.config.nak_delay, wait=True)
+                    ahead = None
         finally:
+            # What integrand holds and has not acked goes back now, oldest first, so the next
+            # connection reads it again in stream order (rather than after ack_wait, behind the rest).
             for p in pending:
+                unsettled = p.keepalive is not None
                 p.stop()
+                if unsettled:
+                    with contextlib.suppress(BaseException):
+                        for m in p.msgs:
+                            await m.nak()
+            if ahead is not None:
+                await self._hand_back(ahead, None, wait=False)
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _fetch(self, psub: Any) -> list[Msg]:
+        c = self.config
+        try:
+            return list(await psub.fetch(c.batch, timeout=c.fetch_wait))
+        except TimeoutError:  # nothing waiting (nats-py raises both its own and the builtin one)
+            return []
+        except nats.js.errors.NotFoundError as e:
+            raise RetryableError(f"consumer {c.durable!r} on stream {c.stream!r} is gone: {e}") from None
+        except nats.errors.Error as e:
+            raise RetryableError(f"NATS fetch failed: {type(e).__name__}: {e}") from None
+
+    async def _hand_back(self, ahead: asyncio.Future[list[Msg]], delay: float | None, *, wait: bool) -> None:
+        """Give a fetched (or still fetching) batch integrand did not take back to the server: ``nak``."""
+        if not wait and not ahead.done():
+            ahead.cancel()  # closing: what it would have got is redelivered after ack_wait
+        with contextlib.suppress(BaseException):
+            for m in await ahead:
+                await m.nak(delay=delay)
 
     async def _subscribe(self, js: Any, position: Any) -> Any:
         c = self.config
@@ -271,7 +304,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
                 durable_name=c.durable,
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=c.ack_wait,
-                max_ack_pending=c.max_ack_pending or c.batch,
+                max_ack_pending=c.max_ack_pending or 2 * c.batch,
                 max_deliver=-1,  # integrand naks only when its store refuses: never drop a message for that
                 filter_subject=c.filter_subject,
             )
@@ -293,62 +326,37 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         rejected: list[Rejected] = []
         p = _Pending(nc, msgs)
         last = high
+        stream = str(self.config.stream)
         for i, m in enumerate(msgs):
-            md = m.metadata
-            seq = int(md.sequence.stream)
+            seq = stream_sequence(m.reply)
             last = max(last, seq)
             try:
-                events.append(self._event(m, seq, int(md.num_delivered)))
-            except _Unparsable as e:
+                events.append(self._event(m, seq))
+            except PayloadError as e:
                 p.bad.add(i)
                 rejected.append(
                     Rejected(
-                        f"NATS message {md.stream}:{seq} on {m.subject}: {e}",
-                        {"subject": m.subject, "stream": str(md.stream), "seq": str(seq)},
+                        f"NATS message {stream}:{seq} on {m.subject}: {e}",
+                        {"subject": m.subject, "stream": stream, "seq": str(seq)},
                     )
                 )
         p.keepalive = asyncio.ensure_future(self._keepalive(p))
         pending.append(p)
         return StreamBatch(events, last, token=p, rejected=rejected)
 
-    def _event(self, m: Msg, seq: int, delivered: int) -> Event:
+    def _event(self, m: Msg, seq: int) -> Event:
         headers = m.headers or {}
-        try:
-            body = orjson.loads(m.data)
-        except orjson.JSONDecodeError as e:
-            raise _Unparsable(f"not JSON ({e})") from None
-        nats_meta = {"subject": m.subject, "stream": self.config.stream, "seq": seq}
-        msg_id = headers.get("Nats-Msg-Id")
-        fmt = self.config.format
-        inner = None
-        if fmt != "json":
-            try:
-                inner = envelope_event(body)
-            except PayloadError as e:
-                raise _Unparsable(str(e)) from None
-        if inner is not None:
-            return Event(
-                id=msg_id or inner.key,
-                source=self.ctx.name,
-                type=inner.type,
-                data=inner.data,
-                entity=inner.entity,
-                entity_id=inner.entity_id,
-                version=inner.version,
-                occurred_at=inner.occurred_at,
-                meta={**(inner.meta or {}), "origin": inner.source, "nats": nats_meta},
-            )
-        if fmt == "envelope":
-            raise _Unparsable("not an integrand envelope (needs id, source, type, data)")
-        return Event(
-            id=msg_id or f"{self.config.stream}:{seq}",
+        return message_event(
+            m.data,
             source=self.ctx.name,
+            format=self.config.format,
+            message_id=headers.get("Nats-Msg-Id"),
+            fallback_id=lambda: f"{self.config.stream}:{seq}",
             type=headers.get("Integrand-Type") or m.subject,
-            data=body,
             entity=headers.get("Integrand-Entity"),
             entity_id=headers.get("Integrand-Entity-Id"),
             version=headers.get("Integrand-Version"),
-            meta={"nats": nats_meta},
+            meta={"nats": {"subject": m.subject, "stream": self.config.stream, "seq": seq}},
         )
 
     async def _keepalive(self, p: _Pending) -> None:
@@ -374,6 +382,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
     async def refused(self, batch: StreamBatch, error: BaseException) -> bool:
         p: _Pending = batch.token
         p.stop()
+        p.released = True
         try:
             for m in p.msgs:
                 await m.nak(delay=self.config.nak_delay)
@@ -480,8 +489,16 @@ class _Round:
             self.done.set_result(None)
 
 
-class _Unparsable(Exception):
-    """A consumed message that can never become an event."""
+def stream_sequence(reply: str) -> int:
+    """The stream sequence in a JetStream message's ack subject (the client's ``metadata`` parses all of it,
+    with a datetime, per message: a tenth of the consume path's time).
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.…`` (9 tokens) or, with a domain and account hash,
+    ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.…`` (11 or more)."""
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise RetryableError(f"not a JetStream message (reply subject {reply!r})")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
 def _api_error(err: Any, ev: Event) -> BaseException:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from integrand_nats import NatsConnector
-from integrand_nats.connector import _waves
+from integrand_nats.connector import _waves, stream_sequence
 from nats.js.api import StreamConfig
 from nats_support import NATS_URL, connect, random_name, temp_stream
 
@@ -72,6 +72,14 @@ async def test_sink_waits_for_pubacks_and_msg_id_dedups_retries(tmp_path: Path, 
                 [err] = await s2.deliver_batch([other])
             assert isinstance(err, RetryableError)
             assert "no JetStream stream takes subject 'integrand_test_unbound.nowhere'" in str(err)
+
+
+def test_stream_sequence_from_both_ack_subject_forms() -> None:
+    assert stream_sequence("$JS.ACK.ORDERS.integrand.1.42.40.1733570000000000000.7") == 42
+    assert stream_sequence("$JS.ACK._.ACCHASH.ORDERS.integrand.2.43.41.1733570000000000000.6.tok") == 43
+    assert stream_sequence("$JS.ACK.hub.ACCHASH.ORDERS.integrand.2.44.41.1733570000000000000.6") == 44
+    with pytest.raises(RetryableError, match="not a JetStream message"):
+        stream_sequence("_INBOX.abc")
 
 
 @given(st.lists(st.sampled_from(["a", "b", "c", None]), max_size=30))
