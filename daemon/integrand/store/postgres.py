@@ -146,7 +146,12 @@ class PgStore(PgOperatorViews):
             settings["default_transaction_read_only"] = "on"
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self.pool_size, server_settings=settings, timeout=10
+                self._dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings=settings,
+                timeout=10,
+                reset=_keep_session,
             )
             assert self._pool is not None
             if self.role == "reader":
@@ -938,6 +943,14 @@ class PgStore(PgOperatorViews):
                 self.clock(),
             )
         )
+
+
+async def _keep_session(_conn: object) -> None:
+    """A pool connection handed back is not reset (asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL`` each time: one more round trip and four statements per transaction). The
+    store keeps no session state on pool connections: its locks are transaction-scoped
+    (``pg_advisory_xact_lock``), it sets nothing with ``SET`` and LISTENs on a connection of its own. An
+    open transaction is still rolled back by the pool before this is called."""
 
 
 def _display(dsn: str) -> str:
