@@ -84,6 +84,12 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert "HTTP 503" in details["retry"]
             assert "HTTP 400" in details["dead"] and "request id crm-req-9" in details["dead"]
             assert details["routed"] == "to sink crm"
+            # Received with the source and the webhook request's id (answered as X-Request-Id), as stored;
+            # the provider's retry came in another request, which the deduplicated line names.
+            rid = story["event"]["request_id"]
+            assert len(rid) == 32 and details["received"] == f"source=demo request_id={rid}"
+            assert details["deduplicated"].startswith("received again (request ")
+            assert rid not in details["deduplicated"]
             # By integrand's own number and by source:id, the same story.
             row = story["event"]["row"]
             assert (await get(s, admin_url(d, f"/api/events/{row}")))[1] == stories
@@ -96,6 +102,8 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert lines[0] == f"event {row}: demo:e1 (customer.updated)"
             steps = [ln.split()[2] for ln in lines[lines.index("  story:") + 1 :]]
             assert steps == actions
+            [received] = [ln for ln in lines[lines.index("  story:") + 1 :] if ln.split()[2] == "received"]
+            assert received.endswith(f"source=demo request_id={rid}")
             rc, out, _ = await cli("events", "show", "e1", "--json")  # for scripts: the API's answer
             assert rc == 0 and orjson.loads(out) == stories
             rc, out, _ = await cli("status", "--json")

@@ -107,6 +107,7 @@ class Daemon:
     fatal: str | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reloads: int = 0  # successful reloads, for tests and the status
+    admin: Any = None  # the admin listener's handlers (admin.Admin) once bound: a reload sets its token
     activity: Activity = field(default_factory=lambda: Activity())
 
     def stop(self) -> None:

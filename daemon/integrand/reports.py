@@ -282,6 +282,7 @@ def story_json(s: EventStory) -> dict[str, Any]:
             "type": s.event.type,
             "stored_at": iso(s.event.received_at),
             "received_at": body.get("received_at"),
+            "request_id": s.event.request_id,
             "entity": body.get("entity"),
             "entity_id": body.get("entity_id"),
             "version": body.get("version"),
@@ -337,6 +338,7 @@ async def events_list(
                     "source": ev.source,
                     "type": ev.type,
                     "stored_at": iso(ev.received_at),
+                    "request_id": ev.request_id,
                     "deliveries": states,
                 }
             )

@@ -94,4 +94,8 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX entity_tombstones ON entity_versions (seen_at) WHERE deleted
     """,
+    # 2: SQLite's version 6, the webhook request each event arrived in (NULL for pulled events).
+    """
+    ALTER TABLE events ADD COLUMN request_id TEXT
+    """,
 ]

@@ -45,7 +45,7 @@ from .deadletters import REJECTIONS_BUFFERED
 from .ledger import is_delete, judge, superseded
 from .pg_schema import MIGRATION_LOCK, PG_MIGRATIONS
 from .pg_views import PgOperatorViews
-from .queue import _prepare, _Prepared, _serialised
+from .queue import _again, _prepare, _Prepared, _serialised
 from .records import (
     AuditEntry,
     CursorRow,
@@ -89,11 +89,14 @@ _LOCK_KEYS = (
 
 
 class _EnqueueOp:
-    __slots__ = ("cursor", "future", "items")
+    __slots__ = ("cursor", "future", "items", "request_id")
 
-    def __init__(self, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None):
+    def __init__(
+        self, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None, request_id: str | None = None
+    ):
         self.items = items
         self.cursor = cursor
+        self.request_id = request_id  # the webhook request these events arrived in (their story shows it)
         self.future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
 
 
@@ -296,12 +299,14 @@ class PgStore(PgOperatorViews):
 
     # --- the queue --------------------------------------------------------------------------------
 
-    async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
+    async def enqueue(
+        self, items: Sequence[tuple[Event, Sequence[str]]], *, request_id: str | None = None
+    ) -> EnqueueResult:
         """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
         self._check_writable()
         if not items:
             return EnqueueResult(0, 0)
-        return await self._submit(_EnqueueOp(_prepare(items), None))
+        return await self._submit(_EnqueueOp(_prepare(items), None, request_id))
 
     async def enqueue_with_cursor(
         self, items: Sequence[tuple[Event, Sequence[str]]], source: str, cursor: Any, kind: str = "poll"
@@ -390,8 +395,9 @@ class PgStore(PgOperatorViews):
         keys = {(it.event.source, it.event.entity or "", it.event.entity_id) for op in ops for it in op.items}
         entities = await _read_entities(conn, {k for k in keys if k[2] is not None})  # type: ignore[misc]
         seen: set[tuple[str, str]] = set(stored)
-        repeats: list[tuple[str, str]] = []
+        repeats: list[tuple[str, str, str | None]] = []
         accepted_by_op: list[list[_Prepared]] = []
+        request_of: dict[tuple[str, str], str | None] = {}
         entity_rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         cursor_rows: dict[tuple[str, str], bytes] = {}
         counts: list[list[int]] = []
@@ -405,7 +411,7 @@ class PgStore(PgOperatorViews):
                 if k in seen:
                     dup += 1
                     if op.cursor is None:
-                        repeats.append(k)
+                        repeats.append((*k, op.request_id))
                     continue
                 seen.add(k)
                 # Serialised here, like the SQLite writer does: a failure fails this merged batch, which is
@@ -432,6 +438,7 @@ class PgStore(PgOperatorViews):
                     entities[ek] = EntityVersion(keep, h, deleted, ev.id, now)
                     entity_rows[ek] = (keep, h, deleted, ev.id)
                 accepted.append(it)
+                request_of[k] = op.request_id
             if op.cursor is not None:
                 cursor_rows[(op.cursor[0], op.cursor[1])] = op.cursor[2]
             accepted_by_op.append(accepted)
@@ -440,15 +447,17 @@ class PgStore(PgOperatorViews):
         row_of: dict[tuple[str, str], int] = {}
         if flat:
             for r in await conn.fetch(
-                "INSERT INTO events (source, event_id, type, entity_key, received_at, body) "
-                "SELECT s, i, t, k, $5, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $6::bytea[]) "
-                "AS x(s, i, t, k, b) ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id",
+                "INSERT INTO events (source, event_id, type, entity_key, received_at, body, request_id) "
+                "SELECT s, i, t, k, $5, b, r FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $6::bytea[], "
+                "$7::text[]) AS x(s, i, t, k, b, r) ON CONFLICT (source, event_id) DO NOTHING "
+                "RETURNING id, source, event_id",
                 [it.event.source for it in flat],
                 [it.event.id for it in flat],
                 [it.event.type for it in flat],
                 [it.event.entity_key for it in flat],
                 now,
                 [bodies[(it.event.source, it.event.id)] for it in flat],
+                [request_of[(it.event.source, it.event.id)] for it in flat],
             ):
                 row_of[(r[1], r[2])] = r[0]
         results: list[EnqueueResult] = []
@@ -506,13 +515,14 @@ class PgStore(PgOperatorViews):
             await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
         if repeats:
             rows = {**stored, **row_of}
-            dup_rows = [rows[k] for k in repeats if k in rows]
+            dup_rows = [(rows[(src, eid)], _again(rid)) for src, eid, rid in repeats if (src, eid) in rows]
             if dup_rows:
                 await conn.execute(
-                    "INSERT INTO audit (at, event, delivery, action, detail) SELECT $1, e, NULL, 'deduplicated', "
-                    "'received again; acknowledged, not stored twice' FROM unnest($2::bigint[]) AS e",
+                    "INSERT INTO audit (at, event, delivery, action, detail) SELECT $1, e, NULL, 'deduplicated', t "
+                    "FROM unnest($2::bigint[], $3::text[]) AS x(e, t)",
                     now,
-                    dup_rows,
+                    [r[0] for r in dup_rows],
+                    [r[1] for r in dup_rows],
                 )
         if entity_rows:
             ks = list(entity_rows)
