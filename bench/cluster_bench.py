@@ -81,7 +81,18 @@ class PrivatePostgres:
         subprocess.run([*run, "mkdir", "-p", str(self.root / "sock")], check=True, timeout=10)
         opts = f"-c port={self.port} -c listen_addresses=127.0.0.1 -k {self.root / 'sock'} -c max_connections=100"
         subprocess.run(
-            [*run, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-w", "-l", str(self.root / "log"), "start"],
+            [
+                *run,
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-w",
+                "-l",
+                str(self.root / "log"),
+                "start",
+            ],
             check=True,
             capture_output=True,
             timeout=120,
