@@ -383,7 +383,10 @@ class PgStore(PgOperatorViews):
             await conn.execute(_LOCK_KEYS, lock_keys)
         pairs = {(it.event.source, it.event.id) for op in ops for it in op.items}
         stored: dict[tuple[str, str], int] = {}
-        if pairs:
+        # Without entities nothing needs to know beforehand which events are stored already (no stale guard,
+        # no line heads): the INSERT's ON CONFLICT tells, and repeats are looked up after it, only if any.
+        look_first = bool(lock_keys)
+        if pairs and look_first:
             srcs, ids = zip(*pairs, strict=True)
             for r in await conn.fetch(
                 "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
@@ -460,6 +463,17 @@ class PgStore(PgOperatorViews):
                 [request_of[(it.event.source, it.event.id)] for it in flat],
             ):
                 row_of[(r[1], r[2])] = r[0]
+        if not look_first and len(row_of) < len(flat):  # stored before this batch: duplicates, found afterwards
+            again = [(op, it) for op, acc in zip(ops, accepted_by_op, strict=True) for it in acc]
+            again = [(op, it) for op, it in again if (it.event.source, it.event.id) not in row_of]
+            for r in await conn.fetch(
+                "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
+                "ON e.source = k.s AND e.event_id = k.i",
+                [it.event.source for _, it in again],
+                [it.event.id for _, it in again],
+            ):
+                stored[(r[1], r[2])] = r[0]
+            repeats += [(it.event.source, it.event.id, op.request_id) for op, it in again if op.cursor is None]
         results: list[EnqueueResult] = []
         for acc, (dup, stale) in zip(accepted_by_op, counts, strict=True):
             raced = sum(1 for it in acc if (it.event.source, it.event.id) not in row_of)  # stored by another node
@@ -501,18 +515,19 @@ class PgStore(PgOperatorViews):
                 d_ordered.append(ordered)
                 d_head.append(head)
         if d_event:
-            await conn.execute(
-                "INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, next_attempt_at, "
-                "updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
-                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)",
+            await conn.execute(  # the deliveries and the NOTIFY that wakes every node's dispatcher: one round trip
+                "WITH d AS (INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, "
+                "next_attempt_at, updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
+                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)) "
+                "SELECT pg_notify($7, '')",
                 d_event,
                 d_sink,
                 d_key,
                 d_ordered,
                 d_head,
                 now,
+                CHANNEL,
             )
-            await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
         if repeats:
             rows = {**stored, **row_of}
             dup_rows = [(rows[(src, eid)], _again(rid)) for src, eid, rid in repeats if (src, eid) in rows]
