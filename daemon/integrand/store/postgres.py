@@ -281,6 +281,29 @@ class PgStore(PgOperatorViews):
                     await pool.release(conn)
         raise AssertionError("unreachable")
 
+    async def _one(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """A write that is one statement, committed on its own: no BEGIN and COMMIT round trips around it."""
+        self._check_writable()
+        pool = self._pool_or_fail()
+        try:
+            conn = await pool.acquire()
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        try:
+            for attempt in range(5):
+                try:
+                    return list(await conn.fetch(sql, *args))
+                except _RETRIED:
+                    if attempt == 4:
+                        raise
+        except _UNAVAILABLE as e:
+            conn.terminate()  # in no known state: never handed out again
+            raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             return list(await self._pool_or_fail().fetch(sql, *args))
@@ -574,40 +597,51 @@ class PgStore(PgOperatorViews):
         """Lease up to ``limit`` due line heads, oldest first, skipping rows another node is leasing."""
         excluded = sorted(exclude)
 
-        async def op(conn: PgConn) -> list[Leased]:
-            now = self.clock()
-            token = f"{self.owner}.{next(self._leases)}"
-            rows = await conn.fetch(
-                "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
-                "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
-                "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
-                "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
-                "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at",
-                now,
-                now + lease_seconds,
-                token,
-                limit,
-                due_only,
-                only,
-                excluded,
-            )
-            if not rows:
-                return []
-            bodies = {
-                r[0]: r[1]
-                for r in await conn.fetch(
-                    "SELECT id, body FROM events WHERE id = ANY($1::bigint[])", sorted({r[1] for r in rows})
-                )
-            }
-            out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
-            out.sort(key=lambda d: d.id)
-            return out
-
-        return await self._tx(op)
+        now = self.clock()
+        token = f"{self.owner}.{next(self._leases)}"
+        # One statement, committed on its own: the rows, their leases and the events' bodies in one round trip.
+        rows = await self._one(
+            "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
+            "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
+            "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
+            "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at, "
+            "(SELECT e.body FROM events e WHERE e.id = d.event)",
+            now,
+            now + lease_seconds,
+            token,
+            limit,
+            due_only,
+            only,
+            excluded,
+        )
+        out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(r[5]), token) for r in rows]
+        out.sort(key=lambda d: d.id)
+        return out
 
     async def complete(self, outcomes: Sequence[Outcome]) -> None:
         """Record what happened to leased deliveries (only those whose token still holds the lease)."""
         if not outcomes:
+            return
+        if all(o.kind == "done" and o.delivery.event.entity_id is None for o in outcomes):
+            # The common batch (delivered, no entity line to move on, nothing to audit): one statement.
+            done = await self._one(
+                "UPDATE deliveries d SET state = 'done', active = NULL, head = NULL, attempts = d.attempts + 1, "
+                "updated_at = $1, lease_until = NULL, lease_owner = NULL, last_error = NULL "
+                "FROM unnest($2::bigint[], $3::text[]) AS u(id, tok) "
+                "WHERE d.id = u.id AND d.state = 'leased' AND d.lease_owner = u.tok RETURNING d.id",
+                self.clock(),
+                [o.delivery.id for o in outcomes],
+                [o.delivery.token for o in outcomes],
+            )
+            held = {r[0] for r in done}
+            for o in outcomes:
+                if o.delivery.id not in held:
+                    log.warning(
+                        "stale done for delivery %d ignored: its lease (%s) expired and was taken over",
+                        o.delivery.id,
+                        o.delivery.token or "no token",
+                    )
             return
 
         async def op(conn: PgConn) -> bool:
