@@ -74,7 +74,8 @@ async def build_store(path: Path) -> dict[str, str]:
                 (ev("cust-v1", entity="customer", entity_id="1", version="1"), ["out"]),
                 (ev("cust-v2", entity="customer", entity_id="1", version="2"), ["out"]),
                 (ev("gone", type="customer.deleted", entity="customer", entity_id="9", version="3"), ["out"]),
-            ]
+            ],
+            request_id="req-7f3a",
         )
         assert (await s.enqueue([(ev("ready-0"), ["out"])])).duplicates == 1  # audited as deduplicated
         await s.enqueue_with_cursor([], "demo", {"page": "p7", "since": "2026-12-01T00:00:00Z"})
@@ -174,9 +175,11 @@ async def test_a_store_in_every_state_moves_to_postgres_and_runs_there(
     conn = await asyncpg.connect(dsn)
     try:
         leftover = await conn.fetchval("SELECT count(*) FROM deliveries WHERE lease_owner IS NOT NULL")
+        requests = await conn.fetch("SELECT DISTINCT request_id FROM events WHERE event_id LIKE 'ready-%'")
         next_id = await conn.fetchval("SELECT nextval(pg_get_serial_sequence('events', 'id'))")
     finally:
         await conn.close()
+    assert [r[0] for r in requests] == ["req-7f3a"]  # the webhook request each event arrived in
     assert leftover == 0 and next_id == 14  # new events continue after the copied ids
 
     # A node on the PostgreSQL store delivers what was pending (in entity order), then replays the DLQ.

@@ -54,7 +54,7 @@ def _flag(v: Any) -> bool | None:
 
 
 def _event(r: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (r[0], r[1], r[2], r[3], r[4], float(r[5]), _blob(r[6]))
+    return (r[0], r[1], r[2], r[3], r[4], float(r[5]), _blob(r[6]), r[7])
 
 
 def _delivery(r: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -99,8 +99,8 @@ def _delivery(r: tuple[Any, ...]) -> tuple[Any, ...]:
 TABLES: tuple[Table, ...] = (
     Table(
         "events",
-        "SELECT id, source, event_id, type, entity_key, received_at, body FROM events ORDER BY id",
-        ("id", "source", "event_id", "type", "entity_key", "received_at", "body"),
+        "SELECT id, source, event_id, type, entity_key, received_at, body, request_id FROM events ORDER BY id",
+        ("id", "source", "event_id", "type", "entity_key", "received_at", "body", "request_id"),
         _event,
         serial=True,
     ),
@@ -167,6 +167,7 @@ TABLES: tuple[Table, ...] = (
     ),
 )
 TABLE_NAMES = tuple(t.name for t in TABLES)
+# SQLite's delivery_counts (kept by triggers) has no PostgreSQL twin: PostgreSQL counts deliveries itself.
 
 
 class MigrateError(Exception):

@@ -149,7 +149,12 @@ class PgStore(PgOperatorViews):
             settings["default_transaction_read_only"] = "on"
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self.pool_size, server_settings=settings, timeout=10
+                self._dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings=settings,
+                timeout=10,
+                reset=_keep_session,
             )
             assert self._pool is not None
             if self.role == "reader":
@@ -276,6 +281,29 @@ class PgStore(PgOperatorViews):
                     await pool.release(conn)
         raise AssertionError("unreachable")
 
+    async def _one(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """A write that is one statement, committed on its own: no BEGIN and COMMIT round trips around it."""
+        self._check_writable()
+        pool = self._pool_or_fail()
+        try:
+            conn = await pool.acquire()
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        try:
+            for attempt in range(5):
+                try:
+                    return list(await conn.fetch(sql, *args))
+                except _RETRIED:
+                    if attempt == 4:
+                        raise
+        except _UNAVAILABLE as e:
+            conn.terminate()  # in no known state: never handed out again
+            raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             return list(await self._pool_or_fail().fetch(sql, *args))
@@ -378,7 +406,10 @@ class PgStore(PgOperatorViews):
             await conn.execute(_LOCK_KEYS, lock_keys)
         pairs = {(it.event.source, it.event.id) for op in ops for it in op.items}
         stored: dict[tuple[str, str], int] = {}
-        if pairs:
+        # Without entities nothing needs to know beforehand which events are stored already (no stale guard,
+        # no line heads): the INSERT's ON CONFLICT tells, and repeats are looked up after it, only if any.
+        look_first = bool(lock_keys)
+        if pairs and look_first:
             srcs, ids = zip(*pairs, strict=True)
             for r in await conn.fetch(
                 "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
@@ -455,6 +486,17 @@ class PgStore(PgOperatorViews):
                 [request_of[(it.event.source, it.event.id)] for it in flat],
             ):
                 row_of[(r[1], r[2])] = r[0]
+        if not look_first and len(row_of) < len(flat):  # stored before this batch: duplicates, found afterwards
+            again = [(op, it) for op, acc in zip(ops, accepted_by_op, strict=True) for it in acc]
+            again = [(op, it) for op, it in again if (it.event.source, it.event.id) not in row_of]
+            for r in await conn.fetch(
+                "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
+                "ON e.source = k.s AND e.event_id = k.i",
+                [it.event.source for _, it in again],
+                [it.event.id for _, it in again],
+            ):
+                stored[(r[1], r[2])] = r[0]
+            repeats += [(it.event.source, it.event.id, op.request_id) for op, it in again if op.cursor is None]
         results: list[EnqueueResult] = []
         for acc, (dup, stale) in zip(accepted_by_op, counts, strict=True):
             raced = sum(1 for it in acc if (it.event.source, it.event.id) not in row_of)  # stored by another node
@@ -496,18 +538,19 @@ class PgStore(PgOperatorViews):
                 d_ordered.append(ordered)
                 d_head.append(head)
         if d_event:
-            await conn.execute(
-                "INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, next_attempt_at, "
-                "updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
-                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)",
+            await conn.execute(  # the deliveries and the NOTIFY that wakes every node's dispatcher: one round trip
+                "WITH d AS (INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, "
+                "next_attempt_at, updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
+                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)) "
+                "SELECT pg_notify($7, '')",
                 d_event,
                 d_sink,
                 d_key,
                 d_ordered,
                 d_head,
                 now,
+                CHANNEL,
             )
-            await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
         if repeats:
             rows = {**stored, **row_of}
             dup_rows = [(rows[(src, eid)], _again(rid)) for src, eid, rid in repeats if (src, eid) in rows]
@@ -554,40 +597,51 @@ class PgStore(PgOperatorViews):
         """Lease up to ``limit`` due line heads, oldest first, skipping rows another node is leasing."""
         excluded = sorted(exclude)
 
-        async def op(conn: PgConn) -> list[Leased]:
-            now = self.clock()
-            token = f"{self.owner}.{next(self._leases)}"
-            rows = await conn.fetch(
-                "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
-                "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
-                "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
-                "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
-                "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at",
-                now,
-                now + lease_seconds,
-                token,
-                limit,
-                due_only,
-                only,
-                excluded,
-            )
-            if not rows:
-                return []
-            bodies = {
-                r[0]: r[1]
-                for r in await conn.fetch(
-                    "SELECT id, body FROM events WHERE id = ANY($1::bigint[])", sorted({r[1] for r in rows})
-                )
-            }
-            out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
-            out.sort(key=lambda d: d.id)
-            return out
-
-        return await self._tx(op)
+        now = self.clock()
+        token = f"{self.owner}.{next(self._leases)}"
+        # One statement, committed on its own: the rows, their leases and the events' bodies in one round trip.
+        rows = await self._one(
+            "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
+            "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
+            "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
+            "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at, "
+            "(SELECT e.body FROM events e WHERE e.id = d.event)",
+            now,
+            now + lease_seconds,
+            token,
+            limit,
+            due_only,
+            only,
+            excluded,
+        )
+        out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(r[5]), token) for r in rows]
+        out.sort(key=lambda d: d.id)
+        return out
 
     async def complete(self, outcomes: Sequence[Outcome]) -> None:
         """Record what happened to leased deliveries (only those whose token still holds the lease)."""
         if not outcomes:
+            return
+        if all(o.kind == "done" and o.delivery.event.entity_id is None for o in outcomes):
+            # The common batch (delivered, no entity line to move on, nothing to audit): one statement.
+            done = await self._one(
+                "UPDATE deliveries d SET state = 'done', active = NULL, head = NULL, attempts = d.attempts + 1, "
+                "updated_at = $1, lease_until = NULL, lease_owner = NULL, last_error = NULL "
+                "FROM unnest($2::bigint[], $3::text[]) AS u(id, tok) "
+                "WHERE d.id = u.id AND d.state = 'leased' AND d.lease_owner = u.tok RETURNING d.id",
+                self.clock(),
+                [o.delivery.id for o in outcomes],
+                [o.delivery.token for o in outcomes],
+            )
+            held = {r[0] for r in done}
+            for o in outcomes:
+                if o.delivery.id not in held:
+                    log.warning(
+                        "stale done for delivery %d ignored: its lease (%s) expired and was taken over",
+                        o.delivery.id,
+                        o.delivery.token or "no token",
+                    )
             return
 
         async def op(conn: PgConn) -> bool:
@@ -948,6 +1002,14 @@ class PgStore(PgOperatorViews):
                 self.clock(),
             )
         )
+
+
+async def _keep_session(_conn: object) -> None:
+    """A pool connection handed back is not reset (asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL`` each time: one more round trip and four statements per transaction). The
+    store keeps no session state on pool connections: its locks are transaction-scoped
+    (``pg_advisory_xact_lock``), it sets nothing with ``SET`` and LISTENs on a connection of its own. An
+    open transaction is still rolled back by the pool before this is called."""
 
 
 def _display(dsn: str) -> str:
