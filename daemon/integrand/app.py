@@ -296,7 +296,6 @@ def cluster_owner(d: Daemon) -> ClusterOwner:
         metrics=d.metrics,
         on_nodes=d.http.set_share,
     )
-    d.http.user_agent = f"integrand/{__version__} (node {owner.node_id})"
     return owner
 
 
@@ -322,6 +321,8 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         await store.close()
         raise
     http = HttpPool()
+    if s.store.backend == "postgres":  # before the connectors start: they may copy it into sessions of their own
+        http.set_user_agent(f"integrand/{__version__} (node {s.cluster.node_id or default_node_id()})")
     try:
         await http.start()
         for role, table in (("source", s.sources), ("sink", s.sinks)):

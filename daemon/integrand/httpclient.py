@@ -281,6 +281,12 @@ class HttpPool:
             lim.retries = retries
         return lim
 
+    def set_user_agent(self, agent: str) -> None:
+        """What every request says it is from now on (started or not)."""
+        self.user_agent = agent
+        if self._session is not None:
+            self._session.headers["User-Agent"] = agent
+
     def set_share(self, nodes: int, rank: int) -> None:
         """``nodes`` nodes share every account's budget now (this one ranked ``rank``): re-cut each one."""
         if (nodes, rank) == self.share:
@@ -339,6 +345,11 @@ class Http:
         self._pinned: dict[str, None] = {}
         self._recent: dict[str, None] = {}  # an ordered set, newest last
         self._secrets: list[str] = []
+
+    @property
+    def user_agent(self) -> str | None:
+        """The User-Agent the daemon's requests carry (a cluster node's names the node); None: aiohttp's."""
+        return self.pool.user_agent
 
     def add_secret(self, value: str) -> None:
         """Never log ``value`` (an access token fetched at run time, say) in any request or response line.

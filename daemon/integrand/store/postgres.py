@@ -366,11 +366,12 @@ class PgStore(PgOperatorViews):
 
     async def _apply_enqueues(self, conn: PgConn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
         now = self.clock()
-        for fence in {id(op.fence): op.fence for op in ops if op.fence is not None}.values():
-            await _check_fence(conn, fence)
         lock_keys = sorted({it.event.entity_key for op in ops for it in op.items if it.event.entity_id is not None})
         if lock_keys:
             await conn.execute(_LOCK_KEYS, lock_keys)
+        # After the entity locks, which may be waited for: the fence is judged as of the writes that follow.
+        for fence in {id(op.fence): op.fence for op in ops if op.fence is not None}.values():
+            await _check_fence(conn, fence)
         pairs = {(it.event.source, it.event.id) for op in ops for it in op.items}
         stored: dict[tuple[str, str], int] = {}
         if pairs:
@@ -1137,7 +1138,10 @@ async def _check_fence(conn: PgConn, fence: Fence) -> None:
         f"node {row[0]} holds it with token {row[1]}" if row is not None and row[2] and row[0] else "nobody holds it"
     )
     why = f"lease {fence.lease}: token {fence.token} is stale ({now_held})"
-    log.warning("commit refused by the fencing token: %s; this node stops the singleton", why)
+    if fence.lost:  # queued before this node handed the lease back or lost it: already stopped, nothing new
+        log.info("commit refused by the fencing token: %s (queued before this node gave the singleton up)", why)
+    else:
+        log.warning("commit refused by the fencing token: %s; this node stops the singleton", why)
     fence.refused(why)
     raise LeaseLost(f"commit refused: {why}", lease=fence.lease, token=fence.token)
 
