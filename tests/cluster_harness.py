@@ -209,7 +209,7 @@ class Cluster:
         self.rounds: list[Round] = []
         self._stop = asyncio.Event()
         self._load: list[asyncio.Task[None]] = []
-        self.db: asyncpg.Connection[asyncpg.Record] | None = None
+        self.db: asyncpg.Pool[asyncpg.Record] | None = None  # a pool: rounds are measured concurrently
 
     # --- set up and tear down -------------------------------------------------------------------
 
@@ -224,7 +224,7 @@ class Cluster:
             (d / "config.toml").write_text(cfg_body)
             self.nodes.append(DaemonProcess(d / "config.toml", self.tmp / f"n{i}.log", env=env))
         await self.nodes[0].start(timeout=60)  # migrates the schema; then the cursor log goes in
-        self.db = await asyncpg.connect(self.dsn)
+        self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
         await self.db.execute(CURSOR_LOG)
         await asyncio.gather(*(n.start(timeout=60) for n in self.nodes[1:]))
         await self._learn_ids()

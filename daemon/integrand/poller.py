@@ -39,7 +39,7 @@ from .pollpolicy import (
     to_json,
 )
 from .routes import Router
-from .store import EnqueueResult, Store, version_newer
+from .store import EnqueueResult, StoreBackend, version_newer
 
 log = logging.getLogger("integrand.poller")
 
@@ -67,7 +67,7 @@ class SourcePoller:
         self,
         name: str,
         connector: PollingSource,
-        store: Store,
+        store: StoreBackend,
         router: Router,
         settings: PollSettings,
         *,
@@ -277,7 +277,7 @@ class ReconcileReport:
 async def reconcile_once(
     name: str,
     connector: ReconcilingSource,
-    store: Store,
+    store: StoreBackend,
     router: Router,
     *,
     window: float | None,
@@ -375,7 +375,7 @@ def next_reconcile(spec: str, after: float) -> float:
 async def run_reconciler(
     name: str,
     connector: ReconcilingSource,
-    store: Store,
+    store: StoreBackend,
     router: Router,
     settings: PollSettings,
     *,
