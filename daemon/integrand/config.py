@@ -104,6 +104,16 @@ class StoreSettings(StrictModel):
     pool_size: int = Field(default=8, gt=0)  # connections per node to the PostgreSQL store
 
 
+class ClusterSettings(StrictModel):
+    """``[cluster]``: several nodes on one PostgreSQL store (ignored on SQLite but for the node id)."""
+
+    # How this node is named in `integrand status`, the nodes table and metrics; default host:pid.
+    node_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # A singleton's lease lapses this long after its holder's last renewal (renewed every lease_ttl / 3):
+    # the longest a dead node's sources wait for another node.
+    lease_ttl: Duration = Field(default=15.0, ge=1.0, le=3600.0)
+
+
 class RetrySettings(StrictModel):
     base: Duration = 1.0
     cap: Duration = 3600.0
@@ -267,6 +277,7 @@ class Settings:
     warnings: tuple[str, ...] = field(default=())
     syncs: tuple[SyncSettings, ...] = field(default=())
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def admin_socket(self) -> Path | None:
@@ -339,7 +350,10 @@ def parse_config(
     registry = registry or Registry.default()
     problems: list[str] = []
     ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
-    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "syncs", "alerts", "connections"}
+    known = {
+        "daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "syncs", "alerts", "connections",
+        "cluster",
+    }  # fmt: skip
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -356,6 +370,7 @@ def parse_config(
     store = section("store", StoreSettings)
     dispatcher = section("dispatcher", DispatcherSettings)
     alerts = section("alerts", AlertSettings)
+    cluster = section("cluster", ClusterSettings)
 
     raw, shared = connections.expand(raw, {"sources": SOURCE_CORE_KEYS, "sinks": SINK_CORE_KEYS}, problems)
     sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
@@ -446,6 +461,7 @@ def parse_config(
         warnings=warnings,
         syncs=syncs,
         alerts=alerts,
+        cluster=cluster,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import PollSettings, reconcile_schedule
 from .connector import PollingSource, ReconcilingSource
-from .errors import AuthError, RetryableError, StoreUnavailable
+from .errors import AuthError, LeaseLost, RetryableError, StoreUnavailable
 from .events import Event, content_id
 from .intake import intake
 from .metrics import Metrics
@@ -40,7 +40,7 @@ from .pollpolicy import (
     trusting,
 )
 from .routes import Router
-from .store import EnqueueResult, Store, version_newer
+from .store import EnqueueResult, StoreBackend, version_newer
 
 log = logging.getLogger("integrand.poller")
 
@@ -69,7 +69,7 @@ class SourcePoller:
         self,
         name: str,
         connector: PollingSource,
-        store: Store,
+        store: StoreBackend,
         router: Router,
         settings: PollSettings,
         *,
@@ -98,6 +98,9 @@ class SourcePoller:
         self.last_poll_at: float | None = None  # when the last poll started, and the last that succeeded
         self.last_ok_at: float | None = None
         self.cursor_lock = asyncio.Lock()
+        # Seconds between saves of the learnt state; 0 on a cluster, where another node may carry on from it
+        # at any moment (its request log is the source's budget).
+        self.save_every = SAVE_EVERY
         self._wake = asyncio.Event()
 
     async def load(self) -> None:
@@ -165,6 +168,8 @@ class SourcePoller:
         except (RetryableError, AuthError, StoreUnavailable) as e:
             obs = Observation(started, error=True, retry_after=getattr(e, "retry_after", None))
             self._failed(e, "error")
+        except LeaseLost:
+            raise  # another node runs this source now (ownership.py stops this task)
         except Exception as e:
             log.exception("source %s: poll failed", self.name)
             obs = Observation(started, error=True)
@@ -207,7 +212,7 @@ class SourcePoller:
         self.next_at = now + decision.delay
         self.not_before = self.next_at if decision.reason in ("retry-after", "provider-budget", "budget") else 0.0
         self.metrics.poll_interval.labels(self.name).set(decision.delay)
-        if self._saved_at is None or now - self._saved_at >= SAVE_EVERY or self.state.hour != hour:
+        if self._saved_at is None or now - self._saved_at >= self.save_every or self.state.hour != hour:
             await self.save()
         return decision
 
@@ -282,7 +287,7 @@ class ReconcileReport:
 async def reconcile_once(
     name: str,
     connector: ReconcilingSource,
-    store: Store,
+    store: StoreBackend,
     router: Router,
     *,
     window: float | None,
@@ -380,7 +385,7 @@ def next_reconcile(spec: str, after: float) -> float:
 async def run_reconciler(
     name: str,
     connector: ReconcilingSource,
-    store: Store,
+    store: StoreBackend,
     router: Router,
     settings: PollSettings,
     *,
