@@ -1,4 +1,4 @@
-"""The operator's commands: ``status``, ``dlq …``, ``events …``, ``cursor …``, ``reconcile``, ``auth``.
+"""The operator's commands: ``status``, ``dlq …``, ``events …``, ``saga show``, ``cursor …``, ``reconcile``, ``auth``.
 
 Each asks the running daemon over its admin socket when there is one (see :mod:`integrand.cliops`),
 and loads the config without reading secrets it does not need, so they work in an operator's shell
@@ -240,6 +240,28 @@ def _print_events(rows: list[dict[str, Any]]) -> int:
     return 0
 
 
+def cmd_saga(args: argparse.Namespace) -> int:
+    """``integrand saga show ID``: the saga's stored record, step by step."""
+    from .sagarunner import SCOPE, describe
+
+    settings = load_lazily(args)
+    ident = args.id
+    # A saga id names its saga (``…~NAME``); an event's SOURCE:ID finds the sagas the config runs for it.
+    keys = [ident] if "~" in ident else [f"{ident}~{sg.name}" for sg in settings.sagas] or [ident]
+
+    async def do() -> int:
+        async with _ops(settings, write=False) as ops:
+            found = [rec for rec in [await ops.state_get(SCOPE, k) for k in keys] if rec is not None]
+        if not found:
+            raise NotFound(f"no saga {ident!r} in the store (a saga id looks like SOURCE:EVENT_ID~SAGA)")
+        if args.json:
+            return _json(found if len(found) > 1 else found[0])
+        print("\n\n".join("\n".join(describe(rec)) for rec in found))
+        return 0
+
+    return _run(do)
+
+
 # --- cursor, reconcile, auth (writes) ---------------------------------------------------------------
 
 
@@ -316,7 +338,7 @@ async def _reconcile_here(settings: Settings, args: argparse.Namespace, store: A
     inst = cs.cls(cs.options, ctx)
     await inst.start()
     try:
-        return await reconcile_once(args.source, inst, store, Router(settings.routes), window=window)
+        return await reconcile_once(args.source, inst, store, Router(settings.routes, settings.sagas), window=window)
     finally:
         await inst.close()
         await ctx.http.pool.close()
