@@ -45,7 +45,7 @@ from .connector import Enricher, Sink
 from .errors import AuthError, PermanentError, RetryableError
 from .events import Event
 from .keypaths import format_errors
-from .routes import FieldMapping, FieldSpecIn, FilterSettings, LoopGuardSettings, envelope, load_mapping
+from .routes import FieldMapping, FieldSpecIn, FilterSettings, LoopGuardSettings, dig, envelope, load_mapping
 from .types import RelPath, StrictModel
 from .validate import RouteValidator, ValidateSettings, compile_validator
 
@@ -88,6 +88,16 @@ class CompensateSettings(_Mapped):
 
     sink: str
     type: str = "saga.compensate"  # the event type the sink receives (e.g. "contact.deleted" deletes)
+    # A dotted path that must hold a true value for the undo to be sent, e.g. "step.created": a step that
+    # updated an existing record is not deleted by the undo of a create. Unset: always undo.
+    only_if: str | None = None
+
+    @field_validator("only_if")
+    @classmethod
+    def _only_if(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[^.\s]+(\.[^.\s]+)*$", v):
+            raise ValueError(f"{v!r} is not a dotted path such as 'step.created'")
+        return v
 
 
 class StepSettings(_Mapped):
@@ -401,8 +411,11 @@ class SagaRunner(Sink):
         assert comp is not None
         name = action.step.name
         attempt = st.compensation_attempts + 1
+        root = self._root(source_event, st, name)
+        if comp.only_if is not None and not dig(root, comp.only_if):
+            self._note(rec, name, "undo", "skipped", f"{comp.only_if} is not set: nothing to undo", attempt)
+            return policy.on_outcome(st, self.steps, "ok"), None
         try:
-            root = self._root(source_event, st, name)
             data = c.undo.apply_root(root, source_event.id) if c.undo is not None else source_event.data
             ev = self._step_event(source_event, st, action.key, comp.type, data, name, True)
         except PermanentError as e:

@@ -6,6 +6,7 @@ Salesforce pages are cited where a behaviour depends on them.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -442,6 +443,10 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
 
     async def deliver(self, event: Event) -> None:
         """Upsert one record by external id (201 created, 200/204 updated; 300 several matches), or delete it."""
+        await self.deliver_result(event)
+
+    async def deliver_result(self, event: Event) -> dict[str, Any] | None:
+        """``deliver``, returning the record's Salesforce ``id`` (and ``created``) when the answer carries them."""
         obj, ext = self._target(event)
         rec = self._record(event, ext)
         value = quote(str(rec[ext]), safe="")
@@ -452,13 +457,20 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
             except PermanentError as e:
                 if "NOT_FOUND" not in str(e) and "ENTITY_IS_DELETED" not in str(e):
                     raise
-            return
+            return None
         body = {k: v for k, v in rec.items() if k != ext}
         res = await self.client.request(self.ctx.http, "PATCH", path, json=body, ok=(200, 201, 204, 300))
         if res.status == 300:
             urls = orjson.loads(res.body) if res.body else []
             ids = [str(u).rsplit("/", 1)[-1] for u in urls] if isinstance(urls, list) else []
             raise PermanentError(f"{obj}.{ext} = {rec[ext]!r} matches several records {ids}; nothing was changed")
+        out: dict[str, Any] = {ext: rec[ext]}
+        if res.body:  # 201 (and 200 since API 46) carry {"id", "success", "created"}; 204 carries nothing
+            with contextlib.suppress(orjson.JSONDecodeError):
+                answer = orjson.loads(res.body)
+                if isinstance(answer, dict) and answer.get("id"):
+                    out.update(id=str(answer["id"]), created=bool(answer.get("created")))
+        return out
 
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
         """sObject Collections upserts, ≤ 200 records of one type per call with ``allOrNone=false``.
