@@ -6,16 +6,20 @@ Salesforce pages are cited where a behaviour depends on them.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import hmac
-from collections.abc import Sequence
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import orjson
 
 from integrand.connector import (
+    AuthError,
     Connector,
     Enricher,
     Event,
@@ -83,10 +87,51 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
                 concurrent_limit_wait=c.concurrent_limit_wait,
                 call_options=f"client={c.client_name}" if c.client_name else None,
                 timeout=c.timeout,
+                clock=self.ctx.clock,
             ),
         )
         # No automatic resends under the org's key: the poller and dispatcher retry with their own backoff.
         self.ctx.http.limit(rate_key, retries=0)
+
+    async def authorize(self, ask: Callable[[str], Awaitable[str]], say: Callable[[str], None]) -> str:
+        """``integrand auth NAME``: the web-server flow once, in a terminal, for the refresh-token grant.
+
+        Prints the authorize URL (with PKCE's code_challenge and a state), takes the address the browser
+        was sent back to, exchanges the code and stores the refresh token encrypted (``token_key``)."""
+        c = self.config
+        if c.auth != "refresh_token":
+            raise AuthError(f"auth = {c.auth!r} signs in by itself; only auth = 'refresh_token' needs `integrand auth`")
+        verifier = secrets.token_urlsafe(64)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        state = secrets.token_urlsafe(16)
+        query = {
+            "response_type": "code",
+            "client_id": c.client_id.reveal(),
+            "redirect_uri": c.redirect_uri,
+            "scope": c.oauth_scopes,
+            "state": state,
+            "code_challenge": challenge,
+        }
+        url = f"{c.login_host}/services/oauth2/authorize?{urlencode(query)}"
+        say("Open this URL in a browser, log in as the integration user and allow access, then paste the")
+        say("address your browser was sent to (it starts with the redirect_uri; the page itself may not load):")
+        say(url)
+        answer = (await ask("redirected URL: ")).strip()
+        q = parse_qs(urlsplit(answer).query)
+        if "error" in q:
+            raise AuthError(f"Salesforce refused: {q['error'][0]}: {q.get('error_description', [''])[0]}")
+        if q.get("state", [""])[0] != state:
+            raise AuthError("the pasted URL's state does not match this request (paste the newest redirect)")
+        code = q.get("code", [""])[0]
+        if not code:
+            raise AuthError("the pasted URL carries no code")
+        session = await self.sessions.exchange_code(self.ctx.http, code, c.redirect_uri, verifier)
+        if c.org_id and session.org_id and session.org_id[:15] != c.org_id[:15]:
+            raise AuthError(f"you authorized org {session.org_id}, but this connector is configured for {c.org_id}")
+        return (
+            f"refresh token for org {session.org_id or '?'} stored (encrypted with token_key); "
+            f"sessions now come from it (instance {session.instance_url})"
+        )
 
     async def call(self, method: str, rest: str, **kw: Any) -> Any:
         """One REST call under ``/services/data/vXX.X/``; the parsed JSON body (None for 204)."""
