@@ -182,6 +182,8 @@ async def test_all_steps_in_order_each_result_feeds_the_next(tmp_path: Path, sys
         assert rc == 0, out
         assert "status done" in out and "1. a" in out and "3. c" in out
         assert out.count("run b") == 3 and "retry" in out
+        rc, out, _ = await cli(cfg, "events", "show", "demo:msg_ok")  # the event's story tells the saga too
+        assert rc == 0 and "delivery 1 to ~saga:order: done" in out and f"saga {sid}" in out and "run c" in out
     finally:
         await daemon.kill()
 
@@ -277,3 +279,28 @@ async def test_a_failing_compensation_reaches_the_dlq_flagged_and_a_replay_finis
         assert all(not sys_.records.get(s) for s in "abc")
     finally:
         await daemon.kill()
+
+
+async def test_the_admin_api_serves_a_saga(tmp_path: Path, systems: tuple[Systems, str]) -> None:
+    from .helpers import BASE as ADMIN_BASE
+    from .helpers import admin_url, hook_url, running, settings_for
+
+    _, url = systems
+    body = config(url).split("[sources.demo]", 1)[1]
+    settings = settings_for(tmp_path, "[sources.demo]" + body, ADMIN_BASE + '\n[dispatcher.retry]\nbase = "50ms"\n')
+    async with running(settings) as d, aiohttp.ClientSession() as session:
+        status, _ = await post_signed(session, hook_url(d), {"type": "order.created", "key": "K-9"}, "msg_api")
+        assert status in (200, 202)
+        sid = "demo:msg_api~order"
+
+        async def done() -> bool:
+            rec = await d.store.state_get("saga", sid)
+            return isinstance(rec, dict) and rec.get("finished") == "done"
+
+        await wait_for(done, timeout=20)
+        async with session.get(admin_url(d, "/api/sagas/demo:msg_api")) as r:
+            assert r.status == 200
+            [rec] = await r.json()
+        assert rec["id"] == sid and rec["status"] == "done" and set(rec["state"]["results"]) == {"a", "b", "c"}
+        async with session.get(admin_url(d, "/api/sagas/demo:nope")) as r:
+            assert r.status == 404 and "no saga" in (await r.json())["error"]

@@ -189,9 +189,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     settings = load_lazily(args)
 
     async def do() -> int:
+        sagas: dict[str, list[str]] = {}  # saga id → its story, for deliveries to a saga's runner
         async with _ops(settings, write=False) as ops:
             if args.events_action == "show":
                 stories = await ops.events_show(args.id)
+                if not args.json:
+                    sagas = await _saga_stories(ops, stories)
             else:
                 rows = await ops.events_list(args.source, args.since, args.state, args.limit)
         if args.json:
@@ -214,6 +217,9 @@ def cmd_events(args: argparse.Namespace) -> int:
                 out.append("  " + ", ".join(about))
             for d in s["deliveries"]:
                 out.append(f"  delivery {d['id']} to {d['sink']}: {d['state']}, {d['attempts']} attempt(s)")
+                story = sagas.get(f"{ev['source']}:{ev['id']}~{d['sink'].removeprefix('~saga:')}")
+                if d["sink"].startswith("~saga:") and story:
+                    out.extend("    " + line for line in story)
             out.append("  story:")
             for h in s["history"]:
                 detail = h["detail"].splitlines()[0] if h["detail"] else ""
@@ -223,6 +229,22 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 0
 
     return _run(do)
+
+
+async def _saga_stories(ops: Any, stories: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The saga record behind each delivery to a ``~saga:NAME`` runner, as ``saga show`` prints it."""
+    from .sagarunner import SCOPE, describe
+
+    out: dict[str, list[str]] = {}
+    for s in stories:
+        ev = s["event"]
+        for d in s["deliveries"]:
+            if d["sink"].startswith("~saga:"):
+                sid = f"{ev['source']}:{ev['id']}~{d['sink'].removeprefix('~saga:')}"
+                rec = await ops.state_get(SCOPE, sid)
+                if isinstance(rec, dict):
+                    out[sid] = describe(rec)
+    return out
 
 
 def _print_events(rows: list[dict[str, Any]]) -> int:
@@ -242,16 +264,15 @@ def _print_events(rows: list[dict[str, Any]]) -> int:
 
 def cmd_saga(args: argparse.Namespace) -> int:
     """``integrand saga show ID``: the saga's stored record, step by step."""
-    from .sagarunner import SCOPE, describe
+    from .sagarunner import describe, find_sagas
 
     settings = load_lazily(args)
     ident = args.id
-    # A saga id names its saga (``…~NAME``); an event's SOURCE:ID finds the sagas the config runs for it.
-    keys = [ident] if "~" in ident else [f"{ident}~{sg.name}" for sg in settings.sagas] or [ident]
 
     async def do() -> int:
         async with _ops(settings, write=False) as ops:
-            found = [rec for rec in [await ops.state_get(SCOPE, k) for k in keys] if rec is not None]
+            # A saga id names its saga (``…~NAME``); an event's SOURCE:ID finds the sagas the config runs for it.
+            found = await find_sagas(ops.state_get, ident, [sg.name for sg in settings.sagas])
         if not found:
             raise NotFound(f"no saga {ident!r} in the store (a saga id looks like SOURCE:EVENT_ID~SAGA)")
         if args.json:

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -563,6 +563,15 @@ def saga_runtimes(
             breaker=Breaker(b.failure_threshold, b.open_for, b.max_open_for),
         )
     return out
+
+
+async def find_sagas(
+    state_get: Callable[[str, str], Awaitable[Any]], ident: str, names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The records for ``ident``: a saga id (``…~NAME``), or an event's ``SOURCE:EVENT_ID`` (each saga in ``names``)."""
+    keys = [ident] if "~" in ident else [f"{ident}~{n}" for n in names] or [ident]
+    found = [await state_get(SCOPE, k) for k in keys]
+    return [rec for rec in found if isinstance(rec, dict)]
 
 
 def describe(rec: Mapping[str, Any]) -> list[str]:
