@@ -110,15 +110,34 @@ class FakeCRM:
             await r.read()
 
 
-def config(sf: RunningFake, hs: FakeHubSpot, crm_url: str) -> str:
-    assert sf.pubsub is not None
-    sf_table = sf.toml(
-        cdc=True,
-        topic="/data/ContactChangeEvent",
-        objects=["Contact"],
-        fields={"Contact": CONTACT_FIELDS},
-    )
+def config(
+    sf: RunningFake,
+    hs: FakeHubSpot,
+    crm_url: str,
+    *,
+    hubspot_url: str | None = None,
+    feed: str = "cdc",
+    tuned: bool = True,
+    admin: bool = False,
+) -> str:
+    """The demo's config. ``feed``: "cdc" (Change Data Capture) or "outbound" (Outbound Messages at
+    /hooks/salesforce); ``tuned``: the demo's short retry backoff (False: shipped defaults); ``admin``: the
+    admin port and socket (for ``integrand reconcile``); ``hubspot_url``: HubSpot through a proxy."""
+    if feed == "cdc":
+        assert sf.pubsub is not None
+        sf_table = sf.toml(
+            cdc=True, topic="/data/ContactChangeEvent", objects=["Contact"], fields={"Contact": CONTACT_FIELDS}
+        )
+    else:
+        sf_table = sf.toml(objects=["Contact"], fields={"Contact": CONTACT_FIELDS})
     props = '["email", "firstname", "lastname", "phone", "salesforce_key"]'
+    admin_table = 'listen = "127.0.0.1:0"' if admin else "enabled = false"
+    retry = '[dispatcher.retry]\nbase = "200ms"\ncap = "5s"\n' if tuned else ""
+    streaming = (
+        '[sources.salesforce.streaming]\nbackoff_base = "200ms"\nbackoff_cap = "5s"\n'
+        if tuned and feed == "cdc"
+        else ""
+    )
     return f"""
 [daemon]
 listen = "127.0.0.1:0"
@@ -126,11 +145,9 @@ state_dir = "."
 log_level = "info"
 
 [admin]
-enabled = false
+{admin_table}
 
-[dispatcher.retry]
-base = "200ms"
-cap = "5s"
+{retry}
 
 # One Salesforce org for the CDC source and the confirmation sink: one session, one API budget.
 [connections.sf]
@@ -142,9 +159,7 @@ connection = "sf"
 enabled = false                 # CDC is the feed; the nightly reconciliation catches what it missed
 reconcile = "0 3 * * *"
 
-[sources.salesforce.streaming]
-backoff_base = "200ms"
-backoff_cap = "5s"
+{streaming}
 
 [sinks.sf_confirm]
 connection = "sf"
@@ -154,7 +169,7 @@ external_id_field = "Integration_Key__c"
 [sinks.hubspot_contacts]
 connector = "hubspot"
 access_token = "{hs.private_token}"
-api_base = "{hs.url}"
+api_base = "{hubspot_url or hs.url}"
 properties = {props}
 id_property = "email"
 

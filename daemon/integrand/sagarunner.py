@@ -30,6 +30,7 @@ saga's record: every step and compensation attempt with its outcome and time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -60,6 +61,7 @@ VIRTUAL = "~saga:"
 SCOPE = "saga"  # the store's connector-state scope that holds every saga's record
 HISTORY_KEPT = 200  # attempts kept in a saga's record (a step retried for days stays readable)
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+_RUNS = itertools.count(1)  # delivery attempts of sagas in this process, for the history
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -288,6 +290,7 @@ class SagaRunner(Sink):
         rec = await self.state.get(sid)
         if rec is None:
             rec = await self._begin(sid, event)
+        rec["run"] = next(_RUNS)  # this delivery attempt, named in the history entries it adds
         st = _state(rec)
         if st.status == "manual":
             # A redelivery (a replay of its dead letter, or a crash before the dead letter was recorded):
@@ -355,11 +358,12 @@ class SagaRunner(Sink):
         meta = {**source_event.meta, "saga": {"id": st.saga_id, "name": self.name, "step": step, "undo": undo}}
         return replace(source_event, id=source_event.id + suffix, type=type_, data=data, meta=meta)
 
-    async def _call(self, sink_name: str, event: Event) -> tuple[Any, BaseException | None, float]:
-        """Deliver a step's event: (result, error, seconds spent in the sink)."""
+    async def _call(self, rec: dict[str, Any], sink_name: str, event: Event) -> tuple[Any, BaseException | None, float]:
+        """Deliver a step's event: (result, error, seconds spent in the sink); notes when the call started."""
         sink = self._sink(sink_name)
         if sink is None:
             return None, RetryableError(f"sink {sink_name!r} is not configured now (removed by a reload?)"), 0.0
+        rec["call_started"] = time.time()
         t0 = time.perf_counter()
         try:
             result = await sink.deliver_result(event)
@@ -383,7 +387,7 @@ class SagaRunner(Sink):
         except PermanentError as e:  # the mapping or the schema: this step can never be sent
             result, err, took = None, e, 0.0  # type: tuple[Any, BaseException | None, float]
         else:
-            result, err, took = await self._call(action.step.sink, ev)
+            result, err, took = await self._call(rec, action.step.sink, ev)
         if err is None:
             rec["attempts"][name] = attempt
             self._note(rec, name, "run", "ok", _brief(result), attempt, took)
@@ -421,7 +425,7 @@ class SagaRunner(Sink):
         except PermanentError as e:
             result, err, took = None, e, 0.0  # type: tuple[Any, BaseException | None, float]
         else:
-            result, err, took = await self._call(comp.sink, ev)
+            result, err, took = await self._call(rec, comp.sink, ev)
         if err is None:
             self._note(rec, name, "undo", "ok", _brief(result), attempt, took)
             return policy.on_outcome(st, self.steps, "ok", result=result), None
@@ -491,6 +495,11 @@ class SagaRunner(Sink):
         now = self.clock()
         entry: dict[str, Any] = {"at": _now_iso(now), "step": step, "action": action, "outcome": outcome}
         entry["attempt"] = attempt
+        # When the call started and returned (µs) and which delivery attempt ran it: integrand's own time
+        # between steps is a step's start minus the previous step's return, within one attempt.
+        entry["t"] = round(time.time(), 6)
+        entry["t0"] = round(rec.pop("call_started", entry["t"]), 6)
+        entry["run"] = rec.get("run")
         entry["sink_ms"] = round(took * 1000, 3)
         if detail:
             entry["detail"] = detail[:2000]
