@@ -33,6 +33,7 @@ from .ownership import ClusterOwner, LocalOwner, Owner, default_node_id
 from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
+from .sagarunner import saga_runtimes
 from .sdnotify import Notifier, listen_fds
 from .store import Store
 from .store.backends import daemon_store
@@ -346,7 +347,14 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         await rt.connector.start()  # type: ignore[attr-defined]  # an Aggregator: resumes its open windows
         connectors[f"sink:{name}"] = rt.connector  # type: ignore[assignment]  # closed with the others
         sinks[name] = rt
-    router = Router(s.routes)
+    live: dict[str, Any] = {}  # the dispatcher, once built: a saga finds its steps' sinks there (reloads swap them)
+
+    def step_sink(name: str) -> Sink | None:
+        rt = live["dispatcher"].sinks.get(name) if "dispatcher" in live else None
+        return rt.connector if rt is not None else None
+
+    sinks.update(saga_runtimes(s, store, step_sink, source_instances, metrics=metrics, clock=clock))
+    router = Router(s.routes, s.sagas)
     pollers: dict[str, SourcePoller] = {}
 
     def nudge(source: str, events: Sequence[Event]) -> None:
@@ -382,6 +390,7 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         routes=route_runtime,
         linger=s.dispatcher.linger,
     )
+    live["dispatcher"] = dispatcher
     streamers = streamers_for(s, connectors, store, router, metrics)
     d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers, clock=clock)
     if notifier is not None:

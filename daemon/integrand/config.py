@@ -22,6 +22,7 @@ from .plugins import PluginError, Registry
 from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
 from .routes import RouteSettings as RouteSettings
 from .routes import load_mapping
+from .sagarunner import SagaSettings, parse_sagas
 from .secrets import SecretValue
 from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
 from .validate import compile_validator
@@ -278,6 +279,7 @@ class Settings:
     syncs: tuple[SyncSettings, ...] = field(default=())
     alerts: AlertSettings = field(default_factory=AlertSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    sagas: tuple[SagaSettings, ...] = field(default=())  # [[sagas]]: multi-step routes (integrand.sagarunner)
 
     @property
     def admin_socket(self) -> Path | None:
@@ -351,8 +353,8 @@ def parse_config(
     problems: list[str] = []
     ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
     known = {
-        "daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "syncs", "alerts", "connections",
-        "cluster",
+        "daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "sagas", "syncs", "alerts",
+        "connections", "cluster",
     }  # fmt: skip
     for key in raw:
         if key not in known:
@@ -416,6 +418,7 @@ def parse_config(
         routes.append(route)
 
     syncs = _syncs(raw.get("syncs", []), sources, all_sources, all_sinks, ctx, problems)
+    sagas = parse_sagas(raw.get("sagas", []), ctx, sources, all_sources, all_sinks, problems)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
         problems.append("admin.listen: must differ from daemon.listen (admin endpoints are never on the webhook port)")
@@ -441,7 +444,7 @@ def parse_config(
     warnings = tuple(
         f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
         for name in sources
-        if not any(r.from_ == name for r in routes)
+        if not any(r.from_ == name for r in routes) and not any(sg.from_ == name for sg in sagas)
     ) + tuple(  # a connector's own "accepted, but know this" (e.g. an unsigned webhook source)
         f"{cs.role}s.{name}: {w}"
         for table in (sources, sinks)
@@ -462,6 +465,7 @@ def parse_config(
         syncs=syncs,
         alerts=alerts,
         cluster=cluster,
+        sagas=sagas,
     )
 
 

@@ -543,3 +543,10 @@ class Sink(ABC):
             else:
                 results.append(None)
         return results
+
+    async def deliver_result(self, event: Event) -> Mapping[str, Any] | None:
+        """Deliver one event and return what the sink answered (the ids it assigned), for a saga's later steps.
+
+        The default delivers and returns None; override it where the provider's answer names the record."""
+        await self.deliver(event)
+        return None
