@@ -71,6 +71,9 @@ class Metrics:
             "integrand_events_enqueued", "Events stored, by source and outcome", ["source", "outcome"], r
         )
         self.deliveries = Tally("integrand_deliveries", "Delivery attempts by sink and outcome", ["sink", "outcome"], r)
+        self.sagas = Tally(
+            "integrand_sagas", "Sagas finished, by saga and status (done, compensated, manual)", ["saga", "status"], r
+        )
         self.delivery_seconds = Histogram(
             "integrand_delivery_seconds", "Time a sink took per batch", ["sink"], registry=r
         )

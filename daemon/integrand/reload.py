@@ -19,7 +19,7 @@ from .config import ConnectorSettings, Settings, load_config
 from .connector import Connector
 from .errors import ConfigError
 from .routes import Router, RouteRuntime
-from .streamer import streamers_for
+from .streamer import STOP_GRACE, streamers_for
 
 if TYPE_CHECKING:
     from .app import Daemon
@@ -141,7 +141,7 @@ async def _reload(d: Daemon) -> bool:
     retired += [d.connectors.pop(f"sink:{n}") for n in sink_removed + sink_changed]
     d.connectors.update(started)
     d.settings = new
-    router = Router(new.routes)
+    router = Router(new.routes, new.sagas)
     d.listener.router = router
     d.listener.sources = {n: source_runtime(new, n, d.connectors[f"source:{n}"]) for n in new.sources}
     d.listener.public_url = new.daemon.public_url.rstrip("/") if new.daemon.public_url else None
@@ -163,9 +163,12 @@ async def _reload(d: Daemon) -> bool:
     sinks.update({n: rt for n, rt in d.dispatcher.sinks.items() if n not in old.sinks})
     if [r.aggregate for r in old.routes] != [r.aggregate for r in new.routes]:
         log.warning("reload: route aggregation settings changed; they take effect when integrand restarts")
+    if old.sagas != new.sagas:
+        log.warning("reload: [[sagas]] changed; they take effect when integrand restarts")
     d.dispatcher.routes = route_runtime
     d.dispatcher.replace_sinks(sinks, d.dispatcher.absent | set(sink_removed))
 
+    stopping: list[asyncio.Task[Any]] = []
     for name in src_removed + src_changed:
         # A streaming source is stopped like at shutdown: what it had not committed is not acked, so
         # the broker redelivers it to the new connector.
@@ -173,8 +176,14 @@ async def _reload(d: Daemon) -> bool:
             task = d.tasks.pop(prefix + name, None)
             if task is not None:
                 task.cancel()
+                if prefix == "stream:":
+                    stopping.append(task)
         d.pollers.pop(name, None)
         d.streamers.pop(name, None)
+    if stopping:
+        # The old stream ends (its batch committed and acked, or handed back; its connection closed) before the
+        # new one subscribes: two sessions on one consumer at once would take messages out of order.
+        await asyncio.wait(stopping, timeout=STOP_GRACE + 1)
     fresh = streamers_for(new, d.connectors, d.store, router, d.metrics)
     for name in src_added + src_changed:
         poller = make_poller(d, name)
