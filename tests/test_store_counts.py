@@ -1,4 +1,4 @@
-"""Deliveries per (sink, state) as the store keeps them (schema 7's triggers) always equal a full count,
+"""Deliveries per (sink, state) as the store keeps them (schema 7 and 8's triggers) always equal a full count,
 whatever mix of enqueues, leases, outcomes, reclaims, replays, purges and retention ran, and a store
 written before schema 7 starts counting from what it already holds."""
 
@@ -116,5 +116,38 @@ async def test_a_store_from_before_schema_7_counts_what_it_holds(tmp_path: Path)
         assert await store.counts() == {("a", "ready"): 2, ("a", "dead"): 1, ("b", "done"): 1}
         await store.enqueue([(Event(id="new", source="s", type="t", data={}), ["b"])])
         assert await store.counts() == {("a", "ready"): 2, ("a", "dead"): 1, ("b", "done"): 1, ("b", "ready"): 1}
+    finally:
+        await store.close()
+
+
+async def test_a_store_at_schema_7_recounts_into_the_pending_bucket(tmp_path: Path) -> None:
+    """Schema 7 counted ready and leased apart by trigger; 8 rebuilds the counts and keeps them equal."""
+    path = tmp_path / "seven.db"
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        c.execute("PRAGMA journal_mode = WAL")
+        for script in MIGRATIONS[:7]:
+            c.executescript(script)
+        c.execute("PRAGMA user_version = 7")
+        for i, (sink, state) in enumerate([("a", "ready"), ("a", "leased"), ("a", "dead"), ("b", "done")], 1):
+            c.execute(
+                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body) "
+                "VALUES (?, 's', ?, 't', ?, 0, ?)",
+                (i, str(i), f"#{i}", Event(id=str(i), source="s", type="t", data={}).to_json()),
+            )
+            c.execute(
+                "INSERT INTO deliveries (event, sink, entity_key, state, created_at, next_attempt_at, updated_at, "
+                "lease_until, head) VALUES (?, ?, ?, ?, 0, 0, 0, ?, 1)",
+                (i, sink, f"#{i}", state, 1e12 if state == "leased" else None),
+            )
+        c.commit()
+        assert ("a", "leased", 1) in c.execute("SELECT sink, state, n FROM delivery_counts").fetchall()
+    store = Store(path)
+    await store.open()  # migrates to 8; as a daemon, releases the dead run's lease
+    try:
+        assert await store.counts() == {("a", "ready"): 2, ("a", "dead"): 1, ("b", "done"): 1}
+        [d] = await store.lease(1, 60)
+        assert await store.counts() == {("a", "ready"): 1, ("a", "leased"): 1, ("a", "dead"): 1, ("b", "done"): 1}
+        await store.complete([Outcome(d, "done")])
+        assert await store.counts() == {("a", "ready"): 1, ("a", "done"): 1, ("a", "dead"): 1, ("b", "done"): 1}
     finally:
         await store.close()
