@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,9 @@ def profile_top(path: Path, n: int = 25) -> list[str]:
 # --- the good sender and the measurement ----------------------------------------------------------------
 
 
+ERRORS: Counter[str] = Counter()  # the good sender's failures by kind: an HTTP status or the client's exception
+
+
 async def good_sender(url: str, rate: float, until: float, out: list[tuple[float, float, bool]]) -> None:
     """``rate`` webhooks a second from 127.0.0.2, each timed; a request that fails counts as an error."""
     conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0), limit=16)
@@ -209,8 +213,11 @@ async def good_sender(url: str, rate: float, until: float, out: list[tuple[float
                 async with s.post(url, data=body, headers=standard_webhook_headers(body, f"good-{i}", SECRET)) as r:
                     await r.read()
                     ok = r.status == 200
-            except (aiohttp.ClientError, TimeoutError):
+                    if not ok:
+                        ERRORS[f"HTTP {r.status}"] += 1
+            except (aiohttp.ClientError, TimeoutError) as e:
                 ok = False
+                ERRORS[type(e).__name__] += 1
             out.append((t0, time.monotonic() - t0, ok))
 
         tasks = []
@@ -331,6 +338,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "during_after_5s": {**summary(rows, t_attack + 5, t_after), **phase(t_attack + 5, t_after)},
         "after": {**summary(rows, t_after, t_end), **phase(t_after, t_end)},
         "attacker": stats,
+        "good_sender_errors_by_kind": dict(ERRORS),
         "control_burner": args.control,
         "profiled": bool(args.profile),
         "daemon_profile": profile_top(work / "daemon.prof") if args.profile else None,
