@@ -36,7 +36,14 @@ from multidict import CIMultiDict
 
 from integrand import signing
 from integrand.config import parse_config
-from integrand.connector import ConnectorConfig, ConnectorContext, Event, WebhookRequest, WebhookSource
+from integrand.connector import (
+    ConnectorConfig,
+    ConnectorContext,
+    Event,
+    PayloadError,
+    WebhookRequest,
+    WebhookSource,
+)
 from integrand.errors import ConfigError, WebhookRejected
 from integrand.listener import unstorable
 from integrand.plugins import Registry
@@ -494,13 +501,10 @@ def _broker(kind: str, data: bytes) -> None:
         if name != kind:
             continue
         m, _ = _broker_message(kind, data)
-        unparsable = type(src).__module__ + "._Unparsable"
         try:
-            ev = src._event(m, 7, 1) if kind == "nats" else src._event(m)
-        except Exception as e:
-            if f"{type(e).__module__}.{type(e).__name__}" == unparsable:
-                continue  # stored as a rejection and terminated/dead-lettered: never redelivered forever
-            raise
+            ev = src._event(m, 7) if kind == "nats" else src._event(m)
+        except PayloadError:
+            continue  # stored as a rejection and terminated/dead-lettered: never redelivered forever
         storable(ev)
 
 
