@@ -114,7 +114,7 @@ def main() -> int:
     )
     put_block(
         "fuzz",
-        "`bench/fuzz.py` (atheris; 2 shared cores, run at nice 10 beside other work):\n\n"
+        "`bench/fuzz.py` (atheris; 2 shared cores, niced, beside other work):\n\n"
         "| target | run at | executions | seconds | new corpus inputs | findings |\n|---|---|---|---|---|---|\n" + rows,
     )
     return 1 if any(r["findings"] for r in results.values()) else 0

@@ -414,7 +414,8 @@ async def crash_loop(
         while reloads:
             await asyncio.sleep(rng.uniform(0.2, 1.0))
             await up.wait()
-            hup()
+            if up.is_set():  # not cleared meanwhile: a SIGHUP before the restarted daemon's handler kills it
+                hup()
 
     load: list[asyncio.Task[None]] = []
     try:
@@ -439,15 +440,25 @@ async def crash_loop(
                 kill_in_poll.clear()
             up.clear()
             if reloads and f.rounds % 4 == 3:  # and every fourth mid-reload: once the daemon has logged the SIGHUP
-                before = hup()
-                with contextlib.suppress(AssertionError):
+
+                def since_last_hup() -> str:
+                    return daemon.output().rsplit("SIGHUP received", 1)[-1]
+
+                with contextlib.suppress(AssertionError):  # the reloads sent before are done (none is sent now)
                     await wait_for(
-                        lambda: "SIGHUP received" in daemon.output().rsplit("reloaded ", 1)[-1],
-                        timeout=5,
-                        interval=0.005,
+                        lambda: "SIGHUP received" not in daemon.output() or "reloaded " in since_last_hup(),
+                        timeout=30,
                     )
+                seen = daemon.output().count("SIGHUP received")
+
+                def logged_ours(n: int = seen) -> bool:
+                    return daemon.output().count("SIGHUP received") > n
+
+                hup()
+                with contextlib.suppress(AssertionError):
+                    await wait_for(logged_ours, timeout=30, interval=0.005)
                 await asyncio.sleep(rng.uniform(0, 0.03))
-                mid_reload = daemon.output().count("reloaded ") == before
+                mid_reload = logged_ours() and "reloaded " not in since_last_hup()
             else:
                 mid_reload = False
             acked_before = senders.acked_ids()
