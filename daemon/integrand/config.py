@@ -151,7 +151,8 @@ class PollSettings(StrictModel):
     # Unset: 60 target latencies (1 h at the default 60 s target).
     rate_half_life: Duration | None = None
     seasonal: bool = True
-    # A webhook accepted for this source brings the next poll forward to `nudge_debounce` from now.
+    # A webhook accepted for this source brings the next poll forward (to about target_latency from now,
+    # at least `nudge_debounce`); while webhooks carry most changes, scheduled polls wait max_interval.
     nudge: bool = True
     nudge_debounce: Duration = 2.0
     # Cron syntax ("0 2 * * *", UTC) or an interval ("6h"); off when unset.

@@ -23,9 +23,12 @@ What goes into λ:
   expected cost is what matters), planned with ahead of time, so the interval shortens
   before an hour that is usually busy; the profile is part of the state the poller
   persists in the store;
+* **spill**: an hour whose days vary far beyond a Poisson count (bursts at random times)
+  lends half its rate to the hours beside it (:func:`spilled`): a burst window's edges;
 * **webhook nudges** count as changes seen on time (the poller brings the next poll
   forward itself), reconciliation's missed changes as changes found (see
-  :func:`reconciled`).
+  :func:`reconciled`); while webhooks carry most changes, scheduled polls wait
+  ``max_interval`` and the nudges are the fast path (:func:`trusting`).
 
 Hard limits on top, in this order: more pages waiting → poll again at once; errors →
 exponential backoff with jitter (the learnt state is left alone); a provider's
@@ -53,6 +56,9 @@ GROWTH = 4.0  # an interval at most this many times the previous one: one wrong 
 SLOW_HALF_LIVES = 60.0  # the default half-life of the stable rate estimate, in target latencies
 FAST_HALF_LIVES = 10.0  # the fast rate estimate's half-life, in target latencies
 LAG_HALF_LIFE = 6 * HOUR  # how quickly a measured index lag is forgotten
+# An hour lends nothing while its count varies from day to day by less than half its mean beyond a
+# Poisson count's spread (sd/mean <= 0.5: office hours, a nightly export), all it may once that is 1.
+LUMPY_FROM, LUMPY_FULL = 0.25, 1.0
 
 Reason = Literal["rate", "more", "error", "retry-after", "budget", "provider-budget", "webhooks"]
 
@@ -199,9 +205,10 @@ def spilled(season: Sequence[float], season_n: Sequence[int], rates: Sequence[fl
     An hour whose days differ far more than a Poisson count would (some days a bulk import,
     some days none) holds bursts that start at random times, and a burst as likely starts
     just before or after it: one week cannot show that 08:00 never gets one when 09:00 gets
-    them on two days of five. The weight is the hour's excess dispersion across the days of
-    its kind, ``var/mean² - 1/count`` (0 for a Poisson hour, however busy; about 1 and more
-    for bursts), capped at 1. A regular hour (an export at 02:00 every night) lends nothing.
+    them on two days of five. The weight grows with the hour's excess dispersion across the
+    days of its kind, ``var/mean² - 1/count`` (about 0 for a Poisson hour however busy, 1 and
+    more for bursts): nothing up to 0.25 (sd/mean ≤ 0.5), all of it from 1. A regular hour
+    (office hours, an export at 02:00 every night) lends nothing.
     """
     lumpy = [0.0] * WEEK_HOURS
     for b in range(WEEK_HOURS):
@@ -210,7 +217,8 @@ def spilled(season: Sequence[float], season_n: Sequence[int], rates: Sequence[fl
         mean = sum(xs) / len(xs) if xs else 0.0
         if len(xs) >= 2 and mean > 0:
             var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-            lumpy[b] = min(1.0, max(0.0, var / mean**2 - 1.0 / (mean * HOUR)))
+            excess = var / mean**2 - 1.0 / (mean * HOUR)  # the dispersion beyond a Poisson count's
+            lumpy[b] = min(1.0, max(0.0, (excess - LUMPY_FROM) / (LUMPY_FULL - LUMPY_FROM)))
     out = list(rates)
     for b in range(WEEK_HOURS):
         day, h = divmod(b, 24)
