@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -56,6 +57,7 @@ from .connector import (
     utcnow_iso,
 )
 from .errors import ConfigError
+from .events import version_key
 from .plugins import Registry
 from .signing import standard_sign
 from .store import Store
@@ -68,9 +70,13 @@ __all__ = [
     "connector_context",
     "daemon_config",
     "fake_api_server",
+    "first_copies",
+    "in_entity_order",
+    "read_jsonl",
     "running_connector",
     "running_daemon",
     "standard_webhook_headers",
+    "stored_event_ids",
     "temp_store",
     "validate_config",
     "wait_for",
@@ -224,6 +230,39 @@ cap = "1s"
         + body
     )
     return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines a ``jsonl`` sink wrote (none yet: an empty list), for end-to-end assertions."""
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def stored_event_ids(db: Path, source: str) -> list[str]:
+    """The ids of the events a daemon's SQLite store (``var/integrand.db``) holds from ``source``, in the
+    order they were stored: each once, whatever was redelivered (for crash tests)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT event_id FROM events WHERE source = ? ORDER BY id", (source,))]
+
+
+def first_copies(lines: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Versions by entity id, in sink order, keeping only the first copy of each event id: what an
+    idempotent sink ends with, for asserting per-entity order after at-least-once delivery."""
+    seen: set[str] = set()
+    by_entity: dict[str, list[Any]] = {}
+    for ln in lines:
+        if ln["id"] not in seen:
+            seen.add(ln["id"])
+            by_entity.setdefault(str(ln["entity_id"]), []).append(ln["version"])
+    return by_entity
+
+
+def in_entity_order(lines: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every entity's first copies (``first_copies``) reached the sink oldest version first."""
+    return all(vs == sorted(vs, key=lambda v: version_key(str(v))) for vs in first_copies(lines).values())
 
 
 def standard_webhook_headers(body: bytes, msg_id: str, secret: str, ts: int | None = None) -> dict[str, str]:
