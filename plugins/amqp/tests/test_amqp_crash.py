@@ -9,6 +9,7 @@ import aio_pika
 import aiohttp
 import orjson
 from amqp_support import (
+    CuttableProxy,
     channel,
     consuming,
     cut_connections,
@@ -267,3 +268,108 @@ max_open_for = "1s"
     ids = stored(tmp_path / "var" / "integrand.db", "bus_in")
     assert sorted(ids) == sorted(sent)  # each stored once
     assert reconnects is not None and reconnects >= 2  # the consumer really lost its connection, twice
+
+
+async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_nothing(
+    tmp_path: Path, vhost: str
+) -> None:
+    """integrand -> RabbitMQ -> integrand through a TCP proxy that aborts every connection twice (bytes in flight
+    are lost: publishes, confirms, deliveries, acks) and refuses connections for a while between. Every
+    acknowledged webhook arrives once and in entity order: no publish was taken as done without its confirm."""
+    proxy = CuttableProxy()
+    await proxy.start()
+    ex, q = name("bus"), name("in")
+    out = tmp_path / "var" / "out.jsonl"
+    url = f"amqp://127.0.0.1:{proxy.port}/"
+    cfg = daemon_config(
+        tmp_path,
+        f"""
+[sources.shop]
+connector = "webhook"
+signature = "standard-webhooks"
+secret = "{WHSEC}"
+entity_field = "entity"
+entity_id_field = "id"
+version_field = "version"
+
+[sinks.bus]
+connector = "amqp"
+url = "{url}"
+vhost = "{vhost}"
+exchange = "{ex}"
+declare_exchange = true
+publish_timeout = "2s"
+connect_timeout = "2s"
+
+[[routes]]
+from = "shop"
+to = ["bus"]
+
+[sources.bus_in]
+connector = "amqp"
+url = "{url}"
+vhost = "{vhost}"
+exchange = "{ex}"
+declare_exchange = true
+queue = "{q}"
+declare_queue = {{ type = "quorum", bind = ["shop.#"] }}
+batch = 20
+connect_timeout = "2s"
+
+[sources.bus_in.streaming]
+backoff_base = "50ms"
+backoff_cap = "300ms"
+
+[sinks.out]
+connector = "jsonl"
+path = "var/out.jsonl"
+
+[[routes]]
+from = "bus_in"
+to = ["out"]
+
+[dispatcher.breaker]
+open_for = "200ms"
+max_open_for = "1s"
+""",
+    )
+    n = 600
+    try:
+        async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
+            await wait_for(lambda: consuming(vhost, q), timeout=20)
+            hook = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop"
+            sent: list[str] = []
+
+            async def send(lane: int) -> None:
+                for i in range(lane, n, 3):
+                    body = orjson.dumps({"entity": "order", "id": f"o{i % 9}", "version": i, "n": i})
+                    async with s.post(hook, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
+                        assert r.status == 200
+                    sent.append(f"shop:w{i}")
+
+            def reconnects() -> float:
+                v = d.metrics.registry.get_sample_value("integrand_stream_reconnects_total", {"source": "bus_in"})
+                return v or 0.0
+
+            def arrived() -> int:
+                return len(read_jsonl(out))
+
+            sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(3))))
+            await wait_for(lambda: arrived() >= 80, timeout=60)
+            proxy.cut()  # mid-publish and mid-consume
+            await wait_for(lambda: arrived() >= 200, timeout=60)
+            before = reconnects()
+            proxy.refuse()  # the broker unreachable until the consumer has failed to reconnect at least once
+            await wait_for(lambda: reconnects() >= before + 2, timeout=30)
+            proxy.accept()
+            await wait_for(lambda: arrived() >= 350, timeout=60)
+            assert not sender.done(), "the cuts came too late to be mid-publish"
+            proxy.cut()
+            await sender
+            await wait_for(lambda: len({ln["id"] for ln in read_jsonl(out)}) == n, timeout=80)
+            assert reconnects() >= 3
+    finally:
+        await proxy.stop()
+    assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
+    assert in_entity_order(read_jsonl(out))
+    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(sent)  # each stored once
