@@ -67,6 +67,7 @@ __all__ = [
     "DaemonProcess",
     "FakeClock",
     "ScopedState",
+    "TcpProxy",
     "connector_context",
     "daemon_config",
     "fake_api_server",
@@ -230,6 +231,68 @@ cap = "1s"
         + body
     )
     return path
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 (``port``) in front of a server that a test can cut: ``cut()`` aborts every
+    connection through it at once, dropping whatever bytes are in flight (requests not yet at the server,
+    answers not yet at the client), and ``refuse()`` / ``accept()`` make the server unreachable for a while.
+    How a test loses connections to a server it shares with others and must not stop."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.port = 0
+        self.cuts = 0
+        self.refusing = False
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        for w in list(self._links):
+            w.transport.abort()
+        self._links.clear()
+        self.cuts += 1
+
+    def refuse(self) -> None:
+        self.refusing = True
+        self.cut()
+
+    def accept(self) -> None:
+        self.refusing = False
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._links.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._links.difference_update((writer, up_writer))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ import aiohttp
 import orjson
 import pytest
 from amqp_support import (
-    CuttableProxy,
     PrivateRabbit,
     channel,
     consuming,
@@ -21,6 +20,7 @@ from amqp_support import (
 
 from integrand.testing import (
     DaemonProcess,
+    TcpProxy,
     daemon_config,
     in_entity_order,
     read_jsonl,
@@ -278,7 +278,7 @@ async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_n
     """integrand -> RabbitMQ -> integrand through a TCP proxy that aborts every connection twice (bytes in flight
     are lost: publishes, confirms, deliveries, acks) and refuses connections for a while between. Every
     acknowledged webhook arrives once and in entity order: no publish was taken as done without its confirm."""
-    proxy = CuttableProxy()
+    proxy = TcpProxy("127.0.0.1", 5672)
     await proxy.start()
     ex, q = name("bus"), name("in")
     out = tmp_path / "var" / "out.jsonl"
@@ -358,6 +358,7 @@ max_open_for = "1s"
 
             sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(3))))
             await wait_for(lambda: arrived() >= 80, timeout=60)
+            assert not sender.done(), "the cut came too late to be mid-publish"
             proxy.cut()  # mid-publish and mid-consume
             await wait_for(lambda: arrived() >= 200, timeout=60)
             before = reconnects()
@@ -365,7 +366,6 @@ max_open_for = "1s"
             await wait_for(lambda: reconnects() >= before + 2, timeout=30)
             proxy.accept()
             await wait_for(lambda: arrived() >= 350, timeout=60)
-            assert not sender.done(), "the cuts came too late to be mid-publish"
             proxy.cut()
             await sender
             await wait_for(lambda: len({ln["id"] for ln in read_jsonl(out)}) == n, timeout=80)

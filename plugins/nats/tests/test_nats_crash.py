@@ -15,6 +15,7 @@ from nats_support import NATS_URL, OwnServer, connect, random_name, temp_stream
 
 from integrand.testing import (
     DaemonProcess,
+    TcpProxy,
     daemon_config,
     in_entity_order,
     read_jsonl,
@@ -243,6 +244,57 @@ async def test_server_killed_during_publish_and_consume_loses_nothing(tmp_path: 
         assert info.state.messages == 300  # retries after the outage were absorbed by Nats-Msg-Id
     finally:
         await server.kill()
+
+
+async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_nothing(tmp_path: Path) -> None:
+    """integrand -> JetStream -> integrand through a TCP proxy that aborts every connection (bytes in flight
+    lost: publishes, PubAcks, fetched messages, acks) twice, with the server unreachable for a while between.
+    Every acknowledged webhook arrives once and in entity order; the stream holds each message once."""
+    proxy = TcpProxy("127.0.0.1", 4222)
+    await proxy.start()
+    out = tmp_path / "var" / "out.jsonl"
+    n = 600
+    try:
+        async with temp_stream() as (_nc, js, stream):
+            url = f"nats://127.0.0.1:{proxy.port}"
+            cfg = daemon_config(tmp_path, ROUND_TRIP.format(secret=WHSEC, url=url, stream=stream))
+            async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
+                hook = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop"
+                sent: list[str] = []
+
+                async def send(lane: int) -> None:
+                    for i in range(lane, n, 3):
+                        body = orjson.dumps({"entity": "order", "id": f"o{i % 9}", "version": i, "n": i})
+                        async with s.post(hook, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
+                            assert r.status == 200
+                        sent.append(f"shop:w{i}")
+
+                def reconnects() -> float:
+                    v = d.metrics.registry.get_sample_value("integrand_stream_reconnects_total", {"source": "bus_in"})
+                    return v or 0.0
+
+                def arrived() -> int:
+                    return len(read_jsonl(out))
+
+                sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(3))))
+                await wait_for(lambda: arrived() >= 80, timeout=60)
+                assert not sender.done(), "the cut came too late to be mid-publish"
+                proxy.cut()  # mid-publish and mid-consume; the clients reconnect on their own
+                await wait_for(lambda: arrived() >= 200, timeout=60)
+                before = reconnects()
+                proxy.refuse()  # unreachable until the source has given up its connection and retried
+                await wait_for(lambda: reconnects() >= before + 1, timeout=60)
+                proxy.accept()
+                await wait_for(lambda: arrived() >= 350, timeout=60)
+                proxy.cut()
+                await sender
+                await wait_for(lambda: len({ln["id"] for ln in read_jsonl(out)}) == n, timeout=80)
+            assert (await js.stream_info(stream)).state.messages == n  # lost PubAcks' retries absorbed by Msg-Id
+    finally:
+        await proxy.stop()
+    assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
+    assert in_entity_order(read_jsonl(out))
+    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(sent)  # each stored once
 
 
 async def test_a_lost_position_alerts_and_never_skips_silently(
