@@ -173,12 +173,12 @@ async def test_a_refused_flush_keeps_the_window_and_the_redelivery_flushes_it_on
         real = store.enqueue
         calls = 0
 
-        async def refuse_once(items: Any) -> Any:
+        async def refuse_once(items: Any, **kw: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise StoreUnavailable("store cannot commit: database or disk is full")
-            return await real(items)
+            return await real(items, **kw)
 
         store.enqueue = refuse_once  # type: ignore[method-assign]
         with pytest.raises(StoreUnavailable):

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, reports
 from .errors import AuthError, ConfigError, RetryableError, StoreUnavailable
+from .secrets import SecretValue
 from .types import parse_duration
 
 if TYPE_CHECKING:
@@ -49,7 +50,12 @@ def _problem(status: int, message: str) -> web.Response:
 class Admin:
     def __init__(self, d: Daemon):
         self.d = d
-        token = d.settings.admin.token
+        self._token: bytes | None = None
+        self.set_token(d.settings.admin.token)
+
+    def set_token(self, token: SecretValue | None) -> None:
+        """The bearer token TCP requests must carry (a reload applies a new one to the next request;
+        status-page cookies holding the old one stop working with it)."""
         self._token = token.reveal().encode() if token is not None else None
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -71,6 +77,7 @@ class Admin:
         r.add_post("/api/dlq/purge", self.dlq_purge)
         r.add_get("/api/events", self.events_list)
         r.add_get("/api/events/{ident}", self.events_show)
+        r.add_get("/api/sagas/{ident}", self.saga_show)
         r.add_put("/api/cursors/{source}", self.cursor_set)
         r.add_delete("/api/cursors/{source}", self.cursor_set)
         r.add_post("/api/sources/{source}/reconcile", self.reconcile)
@@ -195,6 +202,16 @@ class Admin:
 
     async def events_show(self, request: web.Request) -> web.Response:
         return _json(await reports.events_show(self.d.store, request.match_info["ident"]))
+
+    async def saga_show(self, request: web.Request) -> web.Response:
+        """A multi-step route's record: its steps, their results and every attempt (integrand.sagarunner)."""
+        from .sagarunner import find_sagas
+
+        ident = request.match_info["ident"]
+        found = await find_sagas(self.d.store.state_get, ident, [sg.name for sg in self.d.settings.sagas])
+        if not found:
+            return _problem(404, f"no saga {ident!r} (a saga id looks like SOURCE:EVENT_ID~SAGA)")
+        return _json(found)
 
     async def events_list(self, request: web.Request) -> web.Response:
         q = request.query
@@ -353,7 +370,9 @@ async def start_admin(d: Daemon) -> list[web.BaseRunner]:
     s = d.settings
     if not s.admin.enabled:
         return []
-    app = Admin(d).app()
+    admin = Admin(d)
+    d.admin = admin  # a reload gives it a new token
+    app = admin.app()
     path = s.admin_socket
     if path is not None:
 

@@ -388,7 +388,3 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
             # Committed already: what was not acked comes back and is absorbed by the event ids.
             raise RetryableError(f"RabbitMQ ack failed: {type(e).__name__}: {e}") from None
-
-
-class _Unparsable(Exception):
-    """A consumed message that can never become an event."""

@@ -297,6 +297,8 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
                 raise lost
             self.log.error("NATS source %s: skipping a gap: %s (%s)", self.ctx.name, lost, lost.detail)
             have = first - 1
+        if consumer is not None and consumer.num_ack_pending:
+            await self._await_redelivery(int(consumer.num_ack_pending))
         if consumer is None:
             if not c.create_consumer:
                 raise PermanentError(f"durable consumer {c.durable!r} does not exist on stream {c.stream!r}")
@@ -314,6 +316,23 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             await js.add_consumer(c.stream, config=cfg)
             self.log.info("NATS source %s: created durable consumer %s on %s", self.ctx.name, c.durable, c.stream)
         return await js.pull_subscribe_bind(durable=c.durable, stream=c.stream)
+
+    async def _await_redelivery(self, pending: int) -> None:
+        """Messages a previous session fetched and never acked (it was killed, or a reload stopped it) come back
+        only after ``ack_wait``, while ``max_ack_pending`` may still leave room for newer ones: fetching now
+        would hand those over first, and the store would drop the older versions as stale when they return.
+        So wait until they are due again (the server then redelivers them before anything new)."""
+        c = self.config
+        assert c.stream is not None and c.durable is not None
+        self.log.info(
+            "NATS source %s: %d message(s) a previous session left unacknowledged; waiting ack_wait (%.1f s) "
+            "for their redelivery so that nothing newer overtakes them",
+            self.ctx.name,
+            pending,
+            c.ack_wait,
+        )
+        # A little past ack_wait: the server notices the expiry on its own timer.
+        await asyncio.sleep(c.ack_wait * 1.1 + 0.2)
 
     def resync(self, lost: PositionLost) -> AsyncIterator[StreamBatch]:
         raise PermanentError(
