@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ from .connector import (
     utcnow_iso,
 )
 from .errors import ConfigError
+from .events import version_key
 from .plugins import Registry
 from .signing import standard_sign
 from .store import Store
@@ -66,12 +68,17 @@ __all__ = [
     "DaemonProcess",
     "FakeClock",
     "ScopedState",
+    "TcpProxy",
     "connector_context",
     "daemon_config",
     "fake_api_server",
+    "first_copies",
+    "in_entity_order",
+    "read_jsonl",
     "running_connector",
     "running_daemon",
     "standard_webhook_headers",
+    "stored_event_ids",
     "temp_store",
     "validate_config",
     "wait_for",
@@ -225,6 +232,101 @@ cap = "1s"
         + body
     )
     return path
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 (``port``) in front of a server that a test can cut: ``cut()`` aborts every
+    connection through it at once, dropping whatever bytes are in flight (requests not yet at the server,
+    answers not yet at the client), and ``refuse()`` / ``accept()`` make the server unreachable for a while.
+    How a test loses connections to a server it shares with others and must not stop."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.port = 0
+        self.cuts = 0
+        self.refusing = False
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        for w in list(self._links):
+            w.transport.abort()
+        self._links.clear()
+        self.cuts += 1
+
+    def refuse(self) -> None:
+        self.refusing = True
+        self.cut()
+
+    def accept(self) -> None:
+        self.refusing = False
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._links.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._links.difference_update((writer, up_writer))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines a ``jsonl`` sink wrote (none yet: an empty list), for end-to-end assertions."""
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def stored_event_ids(db: Path, source: str) -> list[str]:
+    """The ids of the events a daemon's SQLite store (``var/integrand.db``) holds from ``source``, in the
+    order they were stored: each once, whatever was redelivered (for crash tests)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT event_id FROM events WHERE source = ? ORDER BY id", (source,))]
+
+
+def first_copies(lines: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Versions by entity id, in sink order, keeping only the first copy of each event id: what an
+    idempotent sink ends with, for asserting per-entity order after at-least-once delivery."""
+    seen: set[str] = set()
+    by_entity: dict[str, list[Any]] = {}
+    for ln in lines:
+        if ln["id"] not in seen:
+            seen.add(ln["id"])
+            by_entity.setdefault(str(ln["entity_id"]), []).append(ln["version"])
+    return by_entity
+
+
+def in_entity_order(lines: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every entity's first copies (``first_copies``) reached the sink oldest version first."""
+    return all(vs == sorted(vs, key=lambda v: version_key(str(v))) for vs in first_copies(lines).values())
 
 
 def standard_webhook_headers(body: bytes, msg_id: str, secret: str, ts: int | None = None) -> dict[str, str]:

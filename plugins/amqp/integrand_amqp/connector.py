@@ -363,6 +363,11 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
     async def ack(self, batch: StreamBatch) -> None:
         msgs, bad, dlx = batch.token
         try:
+            if not bad and msgs:
+                # One basic.ack with `multiple` for the whole batch: its delivery tags are the channel's
+                # oldest unacked ones (batches are settled in order), so nothing later is acked with them.
+                await msgs[-1].ack(multiple=True)
+                return
             for i, m in enumerate(msgs):
                 if i not in bad:
                     await m.ack()
