@@ -110,6 +110,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/poll_sim.py --webhooks --plot docs/polling-interval.png --json bench/poll_sim.json
 	$(BIN)/python bench/poll_daemon.py --seeds 1 2 3 --json bench/poll_daemon.json
+	$(BIN)/python bench/cluster_bench.py --runs 5 --json bench/cluster_results.json
 
 # Coverage-guided fuzzing from the kept corpus (tests/fuzz_corpus); FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 120
