@@ -1,18 +1,18 @@
-"""``make demo-crm-sync``: Salesforce → validation → mapping → HubSpot and a custom CRM → confirmation back in Salesforce.
+"""``make demo-crm-sync``: Salesforce → validation → mapping → HubSpot → the custom CRM → confirmation, as one saga.
 
 Nothing leaves 127.0.0.1. Three fakes stand in for the real systems: the Salesforce fake (REST API,
 OAuth, and its gRPC Pub/Sub API with Change Data Capture), the HubSpot fake, and a small custom CRM
-with its own REST API that announces its upserts by Standard Webhooks. integrand runs as
-`integrand run` on a config generated under var/demo-crm/ from the mappings and schemas in
-examples/crm-sync/:
+with its own REST API. integrand runs as `integrand run` on a config generated under var/demo-crm/
+from the mappings and schemas in examples/crm-sync/:
 
-    Salesforce Contact created ── CDC (Pub/Sub API) ──► integrand
-        ├─ enrich (fetch the Contact) → validate → map → HubSpot contact (upsert by email)
-        ├─ enrich → validate → map → CRM customer (http sink, signed, idempotent)
-        ├─ CRM webhook "customer.upserted" → Salesforce Contact.CRM_Id__c      (confirmation)
-        └─ HubSpot poll sees the contact → Salesforce Contact.HubSpot_Id__c    (confirmation)
-    integrand's own Salesforce writes carry Sforce-Call-Options client=integrand, so their CDC
-    events (changeOrigin) are not synced again: the loop guard.
+    Salesforce Contact created ── CDC (Pub/Sub API) ──► integrand: saga "contact-sync"
+        fetch the Contact once, then, each step keyed and recorded in the store:
+        1. validate → map → HubSpot contact (upsert by email)             → its id
+        2. validate → map (with the HubSpot id) → CRM customer (http sink) → its id
+        3. both ids → the Salesforce Contact (the confirmation)
+        a step that fails for good undoes the completed ones in reverse (archive / delete)
+    integrand's own Salesforce write carries Sforce-Call-Options client=integrand, so its CDC event
+    (changeOrigin) is not synced again: the loop guard.
 """
 
 from __future__ import annotations
@@ -44,16 +44,19 @@ CONTACT_FIELDS = ["FirstName", "LastName", "Email", "Phone", "Integration_Key__c
 
 
 class FakeCRM:
-    """A custom CRM: ``POST /integrand`` takes integrand's signed envelope and upserts by ``external_key``,
-    then announces the upsert to ``webhook_url`` (Standard Webhooks), as a real in-house CRM might."""
+    """A custom CRM: ``POST /integrand`` takes integrand's signed envelope and upserts by ``external_key``
+    (answering ``{"id", "created"}``), or deletes it for a ``*.deleted`` event; idempotent on the
+    ``webhook-id``. With ``webhook_url`` set it announces upserts (Standard Webhooks), as a real CRM might."""
 
     def __init__(self, secret: str, latency: float = 0.0):
         self.secret = secret
         self.latency = latency
         self.customers: dict[str, dict[str, Any]] = {}
-        self.seen: set[str] = set()
+        self.answers: dict[str, dict[str, Any]] = {}  # webhook-id → the first answer (idempotency)
         self.webhook_url = ""
         self.requests = 0
+        self.deletes = 0
+        self.refuse: set[str] = set()  # external keys answered 422 (a rule of the CRM's own), for compensation
         self._ids = itertools.count(1001)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -76,38 +79,65 @@ class FakeCRM:
             return web.json_response({"error": "bad signature"}, status=401)
         if self.latency:
             await asyncio.sleep(self.latency)
-        data = orjson.loads(body).get("data") or {}
+        if msg_id in self.answers:  # a redelivery (same webhook-id): the first answer, nothing changed
+            return web.json_response(self.answers[msg_id])
+        envelope = orjson.loads(body)
+        data = envelope.get("data") or {}
         key = str(data.get("external_key", ""))
         if not key:
             return web.json_response({"error": "external_key is required"}, status=422)
+        if key in self.refuse:
+            return web.json_response({"error": f"customer {key} is on a legal hold"}, status=422)
+        if str(envelope.get("type", "")).endswith(".deleted"):
+            self.deletes += 1
+            self.customers.pop(key, None)
+            self.answers[msg_id] = {"deleted": key}
+            return web.json_response(self.answers[msg_id])
         existing = self.customers.get(key)
         customer = {**(existing or {"id": f"crm-{next(self._ids)}"}), **data}
         self.customers[key] = customer
-        if msg_id not in self.seen:  # a redelivery (same webhook-id) is answered, not announced again
-            self.seen.add(msg_id)
+        self.answers[msg_id] = {"id": customer["id"], "created": existing is None}
+        if self.webhook_url:
             task = asyncio.get_running_loop().create_task(self._announce(customer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return web.json_response({"id": customer["id"]})
+        return web.json_response(self.answers[msg_id])
 
     async def _announce(self, customer: dict[str, Any]) -> None:
-        if not self.webhook_url:
-            return
         body = orjson.dumps({"type": "customer.upserted", "customer": customer})
         headers = standard_webhook_headers(body, f"msg_crm_{customer['id']}_{time.time_ns()}", self.secret)
         async with aiohttp.ClientSession() as s, s.post(self.webhook_url, data=body, headers=headers) as r:
             await r.read()
 
 
-def config(sf: RunningFake, hs: FakeHubSpot, crm_url: str) -> str:
-    assert sf.pubsub is not None
-    sf_table = sf.toml(
-        cdc=True,
-        topic="/data/ContactChangeEvent",
-        objects=["Contact"],
-        fields={"Contact": CONTACT_FIELDS},
-    )
+def config(
+    sf: RunningFake,
+    hs: FakeHubSpot,
+    crm_url: str,
+    *,
+    hubspot_url: str | None = None,
+    feed: str = "cdc",
+    tuned: bool = True,
+    admin: bool = False,
+) -> str:
+    """The demo's config. ``feed``: "cdc" (Change Data Capture) or "outbound" (Outbound Messages at
+    /hooks/salesforce); ``tuned``: the demo's short retry backoff (False: shipped defaults); ``admin``: the
+    admin port and socket (for ``integrand reconcile``); ``hubspot_url``: HubSpot through a proxy."""
+    if feed == "cdc":
+        assert sf.pubsub is not None
+        sf_table = sf.toml(
+            cdc=True, topic="/data/ContactChangeEvent", objects=["Contact"], fields={"Contact": CONTACT_FIELDS}
+        )
+    else:
+        sf_table = sf.toml(objects=["Contact"], fields={"Contact": CONTACT_FIELDS})
     props = '["email", "firstname", "lastname", "phone", "salesforce_key"]'
+    admin_table = 'listen = "127.0.0.1:0"' if admin else "enabled = false"
+    retry = '[dispatcher.retry]\nbase = "200ms"\ncap = "5s"\n' if tuned else ""
+    streaming = (
+        '[sources.salesforce.streaming]\nbackoff_base = "200ms"\nbackoff_cap = "5s"\n'
+        if tuned and feed == "cdc"
+        else ""
+    )
     return f"""
 [daemon]
 listen = "127.0.0.1:0"
@@ -115,11 +145,9 @@ state_dir = "."
 log_level = "info"
 
 [admin]
-enabled = false
+{admin_table}
 
-[dispatcher.retry]
-base = "200ms"
-cap = "5s"
+{retry}
 
 # One Salesforce org for the CDC source and the confirmation sink: one session, one API budget.
 [connections.sf]
@@ -131,75 +159,50 @@ connection = "sf"
 enabled = false                 # CDC is the feed; the nightly reconciliation catches what it missed
 reconcile = "0 3 * * *"
 
-[sources.salesforce.streaming]
-backoff_base = "200ms"
-backoff_cap = "5s"
+{streaming}
 
 [sinks.sf_confirm]
 connection = "sf"
 object = "Contact"
 external_id_field = "Integration_Key__c"
 
-[connections.hubspot]
+[sinks.hubspot_contacts]
 connector = "hubspot"
 access_token = "{hs.private_token}"
-api_base = "{hs.url}"
+api_base = "{hubspot_url or hs.url}"
 properties = {props}
-
-[sinks.hubspot_contacts]
-connection = "hubspot"
 id_property = "email"
-
-[sources.hubspot]
-connection = "hubspot"
-initial_lookback = "1m"
-
-[sources.hubspot.poll]
-min_interval = "250ms"
-max_interval = "2s"
-target_latency = "500ms"
 
 [sinks.crm_customers]
 connector = "http"
 url = "{crm_url}/integrand"
 secret = "{CRM_SECRET}"
 
-[sources.crm]
-connector = "webhook"
-signature = "standard-webhooks"
-secret = "{CRM_SECRET}"
-type_field = "type"
-entity_id_field = "customer.external_key"
-
-# Salesforce → HubSpot: fetch the Contact, map it, check the contract. (No loop_guard here: HubSpot's
-# echo of this write is wanted, as the confirmation; the loop ends at Salesforce by changeOrigin.)
-[[routes]]
+# The saga (examples/crm-sync/config.toml explains each key).
+[[sagas]]
+name = "contact-sync"
 from = "salesforce"
-to = ["hubspot_contacts"]
 filter = {{ type = ["contact.created", "contact.updated", "contact.undeleted"] }}
 enrich = true
+
+[[sagas.steps]]
+name = "hubspot"
+sink = "hubspot_contacts"
 mapping = "{EXAMPLE / "sf-contact-to-hubspot-contact.toml"}"
 validate = {{ schema = "{EXAMPLE / "schemas" / "hubspot-contact.json"}" }}
+compensate = {{ sink = "hubspot_contacts", type = "contact.deleted", only_if = "step.new", map = {{ id = {{ path = "step.id", required = true }} }} }}
 
-# Salesforce → the custom CRM.
-[[routes]]
-from = "salesforce"
-to = ["crm_customers"]
-filter = {{ type = ["contact.created", "contact.updated", "contact.undeleted"] }}
-enrich = true
+[[sagas.steps]]
+name = "crm"
+sink = "crm_customers"
 mapping = "{EXAMPLE / "sf-contact-to-crm-customer.toml"}"
 validate = {{ schema = "{EXAMPLE / "schemas" / "crm-customer.json"}" }}
+compensate = {{ sink = "crm_customers", type = "customer.deleted", only_if = "step.created", map = {{ external_key = {{ path = "data.Integration_Key__c", required = true }} }} }}
 
-# Confirmations: both ids written back to the Salesforce Contact.
-[[routes]]
-from = "crm"
-to = ["sf_confirm"]
-mapping = "{EXAMPLE / "crm-customer-to-sf-confirmation.toml"}"
-
-[[routes]]
-from = "hubspot"
-to = ["sf_confirm"]
-mapping = "{EXAMPLE / "hubspot-contact-to-sf-confirmation.toml"}"
+[[sagas.steps]]
+name = "confirm"
+sink = "sf_confirm"
+map = {{ Integration_Key__c = {{ path = "data.Integration_Key__c", required = true }}, HubSpot_Id__c = {{ path = "steps.hubspot.id", required = true }}, CRM_Id__c = {{ path = "steps.crm.id", required = true }} }}
 """
 
 
@@ -240,6 +243,26 @@ def confirmed(sf: RunningFake, rid: str) -> bool:
     return bool(rec.get("CRM_Id__c") and rec.get("HubSpot_Id__c"))
 
 
+async def saga_story(cfg: Path) -> str:
+    """``integrand saga show`` for the demo's one saga (its id is read from the store's saga records)."""
+    import sqlite3
+
+    db = cfg.parent / "integrand.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        keys = [r[0] for r in conn.execute("SELECT key FROM state WHERE scope = 'saga' ORDER BY updated_at")]
+    finally:
+        conn.close()
+    if not keys:
+        return "(no saga recorded)"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "integrand.cli", "saga", "show", keys[0], "--config", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return out.decode()
+
+
 async def main(workdir: Path = DEMO_DIR) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)  # noqa: ASYNC240 - the demo's setup, before anything runs
@@ -256,7 +279,6 @@ async def main(workdir: Path = DEMO_DIR) -> int:
         )
         proc, port = await start_integrand(cfg)
         try:
-            crm.webhook_url = f"http://127.0.0.1:{port}/hooks/crm"
             print(f"integrand is running (webhooks on 127.0.0.1:{port}, config {cfg})")
             deadline = time.monotonic() + 20
             while sf.pubsub.subscribes < 1:
@@ -278,7 +300,7 @@ async def main(workdir: Path = DEMO_DIR) -> int:
                 if "C-1815" in crm.customers and "crm" not in seen:
                     seen["crm"] = now - t0
                 if now - t0 > 20:
-                    print("the confirmations did not arrive within 20 s; integrand said:", file=sys.stderr)
+                    print("the confirmation did not arrive within 20 s; integrand said:", file=sys.stderr)
                     print("".join(LOG[-40:]), file=sys.stderr)
                     print(
                         f"CRM requests {crm.requests}, customers {crm.customers}; Contact now {sf.fake.get('Contact', rec['Id'])}",
@@ -289,21 +311,25 @@ async def main(workdir: Path = DEMO_DIR) -> int:
             done = time.monotonic() - t0
             contact = hs.find("contacts", "email", "ada@example.com") or {}
             final = sf.fake.get("Contact", rec["Id"]) or {}
-            print("2. Salesforce published a Change Data Capture event; integrand fetched the Contact, validated")
-            print("   and mapped it, and upserted it into both systems:")
+            print("2. Salesforce published a Change Data Capture event; integrand fetched the Contact and ran the")
+            print("   saga contact-sync, each step validated, mapped, keyed and recorded in the store:")
             print(
-                f"     HubSpot contact {contact.get('id')} (email {contact.get('properties', {}).get('email')}) after {seen.get('hubspot', done) * 1000:.0f} ms"
+                f"     step hubspot: HubSpot contact {contact.get('id')} (email {contact.get('properties', {}).get('email')}) after {seen.get('hubspot', done) * 1000:.0f} ms"
             )
-            print(f"     CRM customer {crm.customers['C-1815']['id']} after {seen.get('crm', done) * 1000:.0f} ms")
-            print("3. the confirmations came back and were written to the Salesforce Contact:")
+            cust = crm.customers["C-1815"]
             print(
-                f"     CRM_Id__c = {final.get('CRM_Id__c')}, HubSpot_Id__c = {final.get('HubSpot_Id__c')} after {done * 1000:.0f} ms"
+                f"     step crm:     CRM customer {cust['id']} with hubspot_id {cust.get('hubspot_id')} after {seen.get('crm', done) * 1000:.0f} ms"
+            )
+            print(
+                f"     step confirm: CRM_Id__c = {final.get('CRM_Id__c')}, HubSpot_Id__c = {final.get('HubSpot_Id__c')} on the Salesforce Contact after {done * 1000:.0f} ms"
             )
             await asyncio.sleep(1.0)  # let the loop guard prove itself: nothing more should happen
             print(
-                f"4. loop guard: integrand's own writes to Salesforce were not synced again "
+                f"3. loop guard: integrand's own write to Salesforce was not synced again "
                 f"(CRM upserts: {crm.requests}, HubSpot contacts: {len(hs.objects.get('contacts', {}))})"
             )
+            print("4. integrand saga show:")
+            print("   " + (await saga_story(cfg)).strip().replace("\n", "\n   "))
             return 0
         finally:
             await stop_integrand(proc)

@@ -362,6 +362,7 @@ async def crash_loop(
     streamers: int = 8,
     run_for: tuple[float, float] = (0.3, 1.5),
     drain_timeout: float = 60.0,
+    start_timeout: float = 20.0,
     kills: bool = True,
     reloads: bool = True,
 ) -> Figures:
@@ -417,7 +418,7 @@ async def crash_loop(
 
     load: list[asyncio.Task[None]] = []
     try:
-        await daemon.start()
+        await daemon.start(timeout=start_timeout)
         up.set()
         senders.url = daemon.url()
         load = [
@@ -469,7 +470,7 @@ async def crash_loop(
             if s_ahead:
                 f.cursor_ahead += len(s_ahead)
                 f.problems.append(f"round {f.rounds}: stream position {snap.position} ahead of stored: {s_ahead[:3]}")
-            await daemon.start()
+            await daemon.start(timeout=start_timeout)
             up.set()
             senders.url = daemon.url()
         # Drain: no more changes or reloads, every sender's last version acknowledged, then wait for the sink.

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from integrand.config import load_config
+from integrand.store import REJECTIONS_BUFFERED
 
 from .fake_rest import FakeRest
 from .helpers import admin_url, hook_url, post_signed, running, wait_for, write_config
@@ -300,6 +301,8 @@ async def test_metrics_types_and_values_move_as_events_flow(tmp_path: Path) -> N
                 "integrand_store_commits": "counter",
                 "integrand_store_ops": "counter",
                 "integrand_store_inline_checkpoints": "counter",
+                "integrand_store_rejections_dropped": "counter",
+                "integrand_store_pruned": "counter",
                 "integrand_build_info": "gauge",  # the text format has no info type
                 "process_resident_memory_bytes": "gauge",
                 "process_cpu_seconds": "counter",
@@ -360,6 +363,20 @@ async def test_metrics_types_and_values_move_as_events_flow(tmp_path: Path) -> N
                 value(after, "integrand_deliveries_current", "integrand_deliveries_current", sink="crm", state="done")
                 == 3
             )
+
+            # Retention deletes the three delivered events: counted by kind.
+            assert value(after, "integrand_store_pruned", "integrand_store_pruned_total", kind="events") == 0
+            while await d.store.prune(time.time() + 1) > 0:
+                pass
+            pruned = await scrape()
+            assert value(pruned, "integrand_store_pruned", "integrand_store_pruned_total", kind="events") == 3
+            assert value(pruned, "integrand_store_pruned", "integrand_store_pruned_total", kind="tombstones") == 0
+            # A flood of refusals faster than the writer: what its buffer cannot hold is dropped, and counted.
+            dropped = "integrand_store_rejections_dropped"
+            assert value(pruned, dropped, dropped + "_total") == 0
+            for i in range(REJECTIONS_BUFFERED + 25):  # no await: the writer cannot flush meanwhile
+                d.store.record_rejection("demo", 401, f"bad signature {i}", "127.0.0.1", {}, 10)
+            assert value(await scrape(), dropped, dropped + "_total") == 25
     finally:
         receiver.gate.set()
         await receiver.stop()

@@ -77,6 +77,7 @@ class Admin:
         r.add_post("/api/dlq/purge", self.dlq_purge)
         r.add_get("/api/events", self.events_list)
         r.add_get("/api/events/{ident}", self.events_show)
+        r.add_get("/api/sagas/{ident}", self.saga_show)
         r.add_put("/api/cursors/{source}", self.cursor_set)
         r.add_delete("/api/cursors/{source}", self.cursor_set)
         r.add_post("/api/sources/{source}/reconcile", self.reconcile)
@@ -201,6 +202,16 @@ class Admin:
 
     async def events_show(self, request: web.Request) -> web.Response:
         return _json(await reports.events_show(self.d.store, request.match_info["ident"]))
+
+    async def saga_show(self, request: web.Request) -> web.Response:
+        """A multi-step route's record: its steps, their results and every attempt (integrand.sagarunner)."""
+        from .sagarunner import find_sagas
+
+        ident = request.match_info["ident"]
+        found = await find_sagas(self.d.store.state_get, ident, [sg.name for sg in self.d.settings.sagas])
+        if not found:
+            return _problem(404, f"no saga {ident!r} (a saga id looks like SOURCE:EVENT_ID~SAGA)")
+        return _json(found)
 
     async def events_list(self, request: web.Request) -> web.Response:
         q = request.query

@@ -21,7 +21,7 @@ from .config import Settings, config_path, load_config
 from .connector import ConnectorContext, WebhookSource
 from .errors import ConfigError, StoreUnavailable
 from .logs import setup_logging
-from .opcmds import cmd_auth, cmd_cursor, cmd_dlq, cmd_events, cmd_reconcile, cmd_status, load_lazily
+from .opcmds import cmd_auth, cmd_cursor, cmd_dlq, cmd_events, cmd_reconcile, cmd_saga, cmd_status, load_lazily
 from .plugins import Registry
 from .types import parse_duration
 
@@ -320,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=100)
     e.add_argument("--json", action="store_true", help="print the admin API's JSON answer")
     ev.set_defaults(fn=cmd_events)
+    sg = sub.add_parser("saga", help="a multi-step route's story: steps, outcomes, compensations")
+    sgsub = sg.add_subparsers(dest="saga_action", required=True, metavar="ACTION")
+    e = with_config(sgsub.add_parser("show", help="each step and compensation with its outcome"))
+    e.add_argument("id", help="the saga id (SOURCE:EVENT_ID~SAGA, as in its dead letter), or SOURCE:EVENT_ID")
+    e.add_argument("--json", action="store_true", help="print the saga's stored record")
+    sg.set_defaults(fn=cmd_saga)
     cur = sub.add_parser("cursor", help="set or reset a polling source's cursor")
     csub = cur.add_subparsers(dest="cursor_action", required=True, metavar="ACTION")
     c = with_config(

@@ -22,6 +22,7 @@ from .plugins import PluginError, Registry
 from .routes import FilterSettings as FilterSettings  # re-exported: routes own their settings
 from .routes import RouteSettings as RouteSettings
 from .routes import load_mapping
+from .sagarunner import SagaSettings, parse_sagas
 from .secrets import SecretValue
 from .types import Duration, HostPort, ListenAddress, RelPath, StrictModel, parse_duration
 from .validate import compile_validator
@@ -31,7 +32,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 class DaemonSettings(StrictModel):
     listen: ListenAddress = HostPort("127.0.0.1", 8080)
-    state_dir: RelPath = Path("var")
+    # Relative (the default too) to the config file's folder, never to the working directory the command runs in.
+    state_dir: RelPath = Field(default=Path("var"), validate_default=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     # Levels for named loggers, e.g. {aiosqlite = "debug"}: libraries' loggers stay at warning otherwise.
@@ -101,6 +103,16 @@ class StoreSettings(StrictModel):
     # The PostgreSQL connection URL (postgresql://user@host:port/db), by secret reference only: {env = "…"}.
     dsn: SecretValue | None = None
     pool_size: int = Field(default=8, gt=0)  # connections per node to the PostgreSQL store
+
+
+class ClusterSettings(StrictModel):
+    """``[cluster]``: several nodes on one PostgreSQL store (ignored on SQLite but for the node id)."""
+
+    # How this node is named in `integrand status`, the nodes table and metrics; default host:pid.
+    node_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # A singleton's lease lapses this long after its holder's last renewal (renewed every lease_ttl / 3):
+    # the longest a dead node's sources wait for another node.
+    lease_ttl: Duration = Field(default=15.0, ge=1.0, le=3600.0)
 
 
 class RetrySettings(StrictModel):
@@ -266,6 +278,8 @@ class Settings:
     warnings: tuple[str, ...] = field(default=())
     syncs: tuple[SyncSettings, ...] = field(default=())
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    sagas: tuple[SagaSettings, ...] = field(default=())  # [[sagas]]: multi-step routes (integrand.sagarunner)
 
     @property
     def admin_socket(self) -> Path | None:
@@ -338,7 +352,10 @@ def parse_config(
     registry = registry or Registry.default()
     problems: list[str] = []
     ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
-    known = {"daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "syncs", "alerts", "connections"}
+    known = {
+        "daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "sagas", "syncs", "alerts",
+        "connections", "cluster",
+    }  # fmt: skip
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -355,6 +372,7 @@ def parse_config(
     store = section("store", StoreSettings)
     dispatcher = section("dispatcher", DispatcherSettings)
     alerts = section("alerts", AlertSettings)
+    cluster = section("cluster", ClusterSettings)
 
     raw, shared = connections.expand(raw, {"sources": SOURCE_CORE_KEYS, "sinks": SINK_CORE_KEYS}, problems)
     sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
@@ -400,6 +418,7 @@ def parse_config(
         routes.append(route)
 
     syncs = _syncs(raw.get("syncs", []), sources, all_sources, all_sinks, ctx, problems)
+    sagas = parse_sagas(raw.get("sagas", []), ctx, sources, all_sources, all_sinks, problems)
 
     if admin.enabled and daemon.listen == admin.listen and daemon.listen.port != 0:
         problems.append("admin.listen: must differ from daemon.listen (admin endpoints are never on the webhook port)")
@@ -425,7 +444,7 @@ def parse_config(
     warnings = tuple(
         f"sources.{name}: no route sends its events anywhere; they are stored but not delivered"
         for name in sources
-        if not any(r.from_ == name for r in routes)
+        if not any(r.from_ == name for r in routes) and not any(sg.from_ == name for sg in sagas)
     ) + tuple(  # a connector's own "accepted, but know this" (e.g. an unsigned webhook source)
         f"{cs.role}s.{name}: {w}"
         for table in (sources, sinks)
@@ -445,6 +464,8 @@ def parse_config(
         warnings=warnings,
         syncs=syncs,
         alerts=alerts,
+        cluster=cluster,
+        sagas=sagas,
     )
 
 

@@ -71,6 +71,9 @@ class Metrics:
             "integrand_events_enqueued", "Events stored, by source and outcome", ["source", "outcome"], r
         )
         self.deliveries = Tally("integrand_deliveries", "Delivery attempts by sink and outcome", ["sink", "outcome"], r)
+        self.sagas = Tally(
+            "integrand_sagas", "Sagas finished, by saga and status (done, compensated, manual)", ["saga", "status"], r
+        )
         self.delivery_seconds = Histogram(
             "integrand_delivery_seconds", "Time a sink took per batch", ["sink"], registry=r
         )
@@ -161,7 +164,8 @@ class Metrics:
 
 
 class _StoreTotals(Collector):
-    """The store writer's running totals (commits, ops, in-line checkpoints) as counters."""
+    """The store writer's running totals (commits, ops, in-line checkpoints, refused webhooks it had no room
+    to record, rows retention deleted) as counters."""
 
     def __init__(self, registry: CollectorRegistry):
         self.store: Any = None
@@ -188,8 +192,22 @@ class _StoreTotals(Collector):
                 "inline_checkpoint_seconds",
                 "Total time of those checkpoints: every webhook queued meanwhile waited for them",
             ),
+            (
+                "integrand_store_rejections_dropped",
+                "rejections_dropped",
+                "Refused webhooks not recorded in the store because a flood outran its writer (the oldest dropped)",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=float(getattr(store, attr, 0) or 0))
+        pruned = CounterMetricFamily(
+            "integrand_store_pruned",
+            "Rows deleted by retention: delivered events (with their deliveries and audit), delete markers "
+            "(tombstones), loop-guard entries",
+            labels=["kind"],
+        )
+        for kind, n in sorted((getattr(store, "pruned", None) or {}).items()):
+            pruned.add_metric([kind], float(n))
+        yield pruned
 
 
 class _Forward(Collector):

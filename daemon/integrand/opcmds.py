@@ -1,4 +1,4 @@
-"""The operator's commands: ``status``, ``dlq …``, ``events …``, ``cursor …``, ``reconcile``, ``auth``.
+"""The operator's commands: ``status``, ``dlq …``, ``events …``, ``saga show``, ``cursor …``, ``reconcile``, ``auth``.
 
 Each asks the running daemon over its admin socket when there is one (see :mod:`integrand.cliops`),
 and loads the config without reading secrets it does not need, so they work in an operator's shell
@@ -94,6 +94,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"poll lag {s['poll_lag'] or 0:.0f} s (target {s['target_latency']:.0f} s)"
                 + (f", last error: {s['last_error']}" if s.get("last_error") else "")
             )
+        if st.get("nodes"):
+            out.append(f"nodes ({len(st['nodes'])}):")
+            for n in st["nodes"]:
+                age = "gone" if n["heartbeat_age"] is None else f"heartbeat {n['heartbeat_age']:.1f} s ago"
+                owns = ", ".join(n["owns"]) or "no singletons"
+                out.append(f"  {n['node_id']:<24} {age}; runs {owns}")
         if st["cursors"]:
             out.append("cursors:")
             for c in st["cursors"]:
@@ -189,9 +195,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     settings = load_lazily(args)
 
     async def do() -> int:
+        sagas: dict[str, list[str]] = {}  # saga id → its story, for deliveries to a saga's runner
         async with _ops(settings, write=False) as ops:
             if args.events_action == "show":
                 stories = await ops.events_show(args.id)
+                if not args.json:
+                    sagas = await _saga_stories(ops, stories)
             else:
                 rows = await ops.events_list(args.source, args.since, args.state, args.limit)
         if args.json:
@@ -214,6 +223,9 @@ def cmd_events(args: argparse.Namespace) -> int:
                 out.append("  " + ", ".join(about))
             for d in s["deliveries"]:
                 out.append(f"  delivery {d['id']} to {d['sink']}: {d['state']}, {d['attempts']} attempt(s)")
+                story = sagas.get(f"{ev['source']}:{ev['id']}~{d['sink'].removeprefix('~saga:')}")
+                if d["sink"].startswith("~saga:") and story:
+                    out.extend("    " + line for line in story)
             out.append("  story:")
             for h in s["history"]:
                 detail = h["detail"].splitlines()[0] if h["detail"] else ""
@@ -223,6 +235,22 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 0
 
     return _run(do)
+
+
+async def _saga_stories(ops: Any, stories: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The saga record behind each delivery to a ``~saga:NAME`` runner, as ``saga show`` prints it."""
+    from .sagarunner import SCOPE, describe
+
+    out: dict[str, list[str]] = {}
+    for s in stories:
+        ev = s["event"]
+        for d in s["deliveries"]:
+            if d["sink"].startswith("~saga:"):
+                sid = f"{ev['source']}:{ev['id']}~{d['sink'].removeprefix('~saga:')}"
+                rec = await ops.state_get(SCOPE, sid)
+                if isinstance(rec, dict):
+                    out[sid] = describe(rec)
+    return out
 
 
 def _print_events(rows: list[dict[str, Any]]) -> int:
@@ -238,6 +266,27 @@ def _print_events(rows: list[dict[str, Any]]) -> int:
         )
     print("\n".join(lines))
     return 0
+
+
+def cmd_saga(args: argparse.Namespace) -> int:
+    """``integrand saga show ID``: the saga's stored record, step by step."""
+    from .sagarunner import describe, find_sagas
+
+    settings = load_lazily(args)
+    ident = args.id
+
+    async def do() -> int:
+        async with _ops(settings, write=False) as ops:
+            # A saga id names its saga (``…~NAME``); an event's SOURCE:ID finds the sagas the config runs for it.
+            found = await find_sagas(ops.state_get, ident, [sg.name for sg in settings.sagas])
+        if not found:
+            raise NotFound(f"no saga {ident!r} in the store (a saga id looks like SOURCE:EVENT_ID~SAGA)")
+        if args.json:
+            return _json(found if len(found) > 1 else found[0])
+        print("\n\n".join("\n".join(describe(rec)) for rec in found))
+        return 0
+
+    return _run(do)
 
 
 # --- cursor, reconcile, auth (writes) ---------------------------------------------------------------
@@ -316,7 +365,7 @@ async def _reconcile_here(settings: Settings, args: argparse.Namespace, store: A
     inst = cs.cls(cs.options, ctx)
     await inst.start()
     try:
-        return await reconcile_once(args.source, inst, store, Router(settings.routes), window=window)
+        return await reconcile_once(args.source, inst, store, Router(settings.routes, settings.sagas), window=window)
     finally:
         await inst.close()
         await ctx.http.pool.close()

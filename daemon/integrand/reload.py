@@ -141,7 +141,7 @@ async def _reload(d: Daemon) -> bool:
     retired += [d.connectors.pop(f"sink:{n}") for n in sink_removed + sink_changed]
     d.connectors.update(started)
     d.settings = new
-    router = Router(new.routes)
+    router = Router(new.routes, new.sagas)
     d.listener.router = router
     d.listener.sources = {n: source_runtime(new, n, d.connectors[f"source:{n}"]) for n in new.sources}
     d.listener.public_url = new.daemon.public_url.rstrip("/") if new.daemon.public_url else None
@@ -163,6 +163,8 @@ async def _reload(d: Daemon) -> bool:
     sinks.update({n: rt for n, rt in d.dispatcher.sinks.items() if n not in old.sinks})
     if [r.aggregate for r in old.routes] != [r.aggregate for r in new.routes]:
         log.warning("reload: route aggregation settings changed; they take effect when integrand restarts")
+    if old.sagas != new.sagas:
+        log.warning("reload: [[sagas]] changed; they take effect when integrand restarts")
     d.dispatcher.routes = route_runtime
     d.dispatcher.replace_sinks(sinks, d.dispatcher.absent | set(sink_removed))
 

@@ -380,7 +380,10 @@ class FieldMapping:
 
     def apply(self, event: Event) -> dict[str, Any]:
         """The target record for ``event``; MappingError (permanent) when a required field cannot be filled."""
-        root = envelope(event)
+        return self.apply_root(envelope(event), event.id)
+
+    def apply_root(self, root: Mapping[str, Any], event_id: str) -> dict[str, Any]:
+        """``apply`` from a prepared root (a saga step's: the envelope plus ``steps.<name>`` results)."""
         out: dict[str, Any] = {}
         for target, f in self.spec.items():
             value = self._value(target, f, root)
@@ -389,7 +392,7 @@ class FieldMapping:
                     value = f.default
                 elif f.required:
                     where = f.path or f.template
-                    raise MappingError(f"map.{target}: required, but {where} is missing in event {event.id}")
+                    raise MappingError(f"map.{target}: required, but {where} is missing in event {event_id}")
                 else:
                     continue
             _put(out, target, value)
@@ -434,6 +437,17 @@ def observed_fields(root: Any, targets: Sequence[str]) -> dict[str, str]:
 
 
 # --- the runtime the dispatcher calls ----------------------------------------------------------------
+
+
+class SagaRoute(Protocol):
+    """What the router needs of a ``[[sagas]]`` entry (integrand.sagarunner.SagaSettings)."""
+
+    @property
+    def from_(self) -> str: ...
+    @property
+    def filter(self) -> FilterSettings: ...
+    @property
+    def virtual_sink(self) -> str: ...
 
 
 class StateAccess(Protocol):
@@ -623,13 +637,16 @@ class Route:
 
 
 class Router:
-    def __init__(self, routes: Sequence[RouteSettings]):
+    def __init__(self, routes: Sequence[RouteSettings], sagas: Sequence[SagaRoute] = ()):
         self._by_source: dict[str, list[Route]] = {}
         for i, r in enumerate(routes):
             # An aggregated route's events go to its aggregators (virtual sinks), which feed the real ones.
             to = tuple(virtual_sink(i, s) for s in r.to) if r.aggregate is not None else tuple(r.to)
             route = Route(r.from_, to, tuple(r.filter.type), tuple(r.filter.entity))
             self._by_source.setdefault(r.from_, []).append(route)
+        for sg in sagas:  # a saga's events go to its runner (a virtual sink), which runs the steps in order
+            route = Route(sg.from_, (sg.virtual_sink,), tuple(sg.filter.type), tuple(sg.filter.entity))
+            self._by_source.setdefault(sg.from_, []).append(route)
 
     def sinks_for(self, event: Event) -> list[str]:
         out: list[str] = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
 from pydantic import field_validator
 
 from integrand import signing
@@ -64,12 +68,23 @@ class HttpSink(Connector[HttpConfig], Sink):
         return headers
 
     async def deliver(self, event: Event) -> None:
+        await self.deliver_result(event)
+
+    async def deliver_result(self, event: Event) -> Mapping[str, Any] | None:
+        """POST the event; a JSON object in a 2xx answer is the result a saga's later steps can map from."""
         # The shared helper maps the answer (error_for_status) and keeps the endpoint's X-Request-Id.
         body = event.to_json()
-        await self.ctx.http.request(
+        resp = await self.ctx.http.request(
             self.config.method,
             self.config.url,
             data=body,
             headers=self.headers_for(event, body, self.ctx.clock()),
             timeout=self.config.timeout,
         )
+        if not resp.body.strip() or "json" not in resp.headers.get("Content-Type", "").lower():
+            return None
+        try:
+            answer = orjson.loads(resp.body)
+        except orjson.JSONDecodeError:
+            return None  # delivered all the same: the endpoint simply says nothing a later step could use
+        return answer if isinstance(answer, dict) else None

@@ -14,7 +14,11 @@ How each guarantee holds with many nodes on one database:
   (sink, entity key), so one delivery per line is in flight cluster-wide; leases expire and carry a
   fencing token (``owner.n``) that ``complete`` checks;
 - a commit that makes deliveries leasable sends ``NOTIFY``; every node LISTENs and sets
-  ``deliveries_ready``, so idle dispatchers wake instead of polling.
+  ``deliveries_ready``, so idle dispatchers wake instead of polling;
+- a cursor, resume position or state commit made by a singleton's tasks (a source this node holds the
+  lease of, ``integrand.ownership``) checks the lease's fencing token in the same transaction, with the
+  lease row locked ``FOR SHARE`` so it cannot change hands before the commit: a stale token is refused
+  (``LeaseLost``), nothing of the commit stored. Leases and node heartbeats use the database's clock.
 
 Connection errors are ``StoreUnavailable`` (webhooks get 503). The DSN is never logged.
 """
@@ -31,6 +35,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 import asyncpg
@@ -39,9 +44,10 @@ import orjson
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from ..errors import StoreUnavailable
+from ..errors import LeaseLost, StoreUnavailable
 from ..events import Event, VersionError, version_key
 from .deadletters import REJECTIONS_BUFFERED
+from .fence import CURRENT, Fence
 from .ledger import is_delete, judge, superseded
 from .pg_schema import MIGRATION_LOCK, PG_MIGRATIONS
 from .pg_views import PgOperatorViews
@@ -89,7 +95,7 @@ _LOCK_KEYS = (
 
 
 class _EnqueueOp:
-    __slots__ = ("cursor", "future", "items", "request_id")
+    __slots__ = ("cursor", "fence", "future", "items", "request_id")
 
     def __init__(
         self, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None, request_id: str | None = None
@@ -97,6 +103,7 @@ class _EnqueueOp:
         self.items = items
         self.cursor = cursor
         self.request_id = request_id  # the webhook request these events arrived in (their story shows it)
+        self.fence = CURRENT.get()  # the caller's: a singleton's task commits under its lease
         self.future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
 
 
@@ -365,7 +372,11 @@ class PgStore(PgOperatorViews):
 
     async def _commit(self, batch: list[_EnqueueOp]) -> None:
         started = time.perf_counter()
-        plain = all(op.cursor is None and all(it.event.entity_id is None for it in op.items) for op in batch)
+        # A singleton's commits (a fence to check) and anything with a cursor or an entity take a transaction.
+        plain = all(
+            op.cursor is None and op.fence is None and all(it.event.entity_id is None for it in op.items)
+            for op in batch
+        )
         try:
             if plain:
                 results, new = await self._enqueue_plain(batch)
@@ -404,7 +415,7 @@ class PgStore(PgOperatorViews):
                 op.future.set_result(res)
 
     async def _enqueue_plain(self, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
-        """Webhooks without entities (no stale guard, no line heads, no cursor): the events, their deliveries
+        """Webhooks without entities (no stale guard, no line heads, no cursor, no fence): the events, their deliveries
         and the NOTIFY in one statement committed on its own, one round trip for the whole group commit.
         What ON CONFLICT skipped was stored before: a duplicate, audited as such afterwards."""
         now = self.clock()
@@ -485,6 +496,9 @@ class PgStore(PgOperatorViews):
         lock_keys = sorted({it.event.entity_key for op in ops for it in op.items if it.event.entity_id is not None})
         if lock_keys:
             await conn.execute(_LOCK_KEYS, lock_keys)
+        # After the entity locks, which may be waited for: the fence is judged as of the writes that follow.
+        for fence in {id(op.fence): op.fence for op in ops if op.fence is not None}.values():
+            await _check_fence(conn, fence)
         pairs = {(it.event.source, it.event.id) for op in ops for it in op.items}
         stored: dict[tuple[str, str], int] = {}
         # Without entities nothing needs to know beforehand which events are stored already (no stale guard,
@@ -856,13 +870,23 @@ class PgStore(PgOperatorViews):
     # --- cursors and the ledger -------------------------------------------------------------------
 
     async def cursor_get(self, source: str, kind: str = "poll") -> Any:
+        fence = CURRENT.get()
+        if fence is not None and not fence.locally_valid():
+            # A poll starts by reading its cursor: a node that cannot be sure it still holds the source's
+            # lease (it was paused, or could not renew) must not ask the provider again.
+            why = f"lease {fence.lease} (token {fence.token}) lapsed before this node could renew it"
+            fence.refused(why)
+            raise LeaseLost(f"{why}; another node may hold it", lease=fence.lease, token=fence.token)
         rows = await self._fetch("SELECT value FROM cursors WHERE source = $1 AND kind = $2", source, kind)
         return orjson.loads(rows[0][0]) if rows else None
 
     async def cursor_set(self, source: str, value: Any, kind: str = "poll") -> None:
         blob = orjson.dumps(value)
+        fence = CURRENT.get()
 
         async def op(conn: PgConn) -> None:
+            if fence is not None:
+                await _check_fence(conn, fence)
             if value is None:
                 await conn.execute("DELETE FROM cursors WHERE source = $1 AND kind = $2", source, kind)
             else:
@@ -1073,8 +1097,12 @@ class PgStore(PgOperatorViews):
 
     async def state_set(self, scope: str, key: str, value: Any) -> None:
         blob = orjson.dumps(value)
-        await self._tx(
-            lambda c: c.execute(
+        fence = CURRENT.get()
+
+        async def op(conn: PgConn) -> None:
+            if fence is not None:
+                await _check_fence(conn, fence)
+            await conn.execute(
                 "INSERT INTO state (scope, key, value, updated_at) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 scope,
@@ -1082,7 +1110,180 @@ class PgStore(PgOperatorViews):
                 blob,
                 self.clock(),
             )
+
+        await self._tx(op)
+
+    # --- nodes and singleton leases (integrand.ownership) -----------------------------------------
+
+    async def heartbeat(self, node: NodeInfo) -> tuple[float, list[NodeRow]]:
+        """Record that ``node`` is alive now (the database's clock); every node row as it stands, and now."""
+
+        async def op(conn: PgConn) -> tuple[float, list[NodeRow]]:
+            await conn.execute(
+                "INSERT INTO nodes (node_id, store_owner, host, pid, version, started_at, heartbeat_at) "
+                "VALUES ($1, $2, $3, $4, $5, integrand_now(), integrand_now()) ON CONFLICT (node_id) DO UPDATE SET "
+                "store_owner = excluded.store_owner, host = excluded.host, pid = excluded.pid, "
+                "version = excluded.version, heartbeat_at = excluded.heartbeat_at, "
+                "started_at = CASE WHEN nodes.store_owner = excluded.store_owner THEN nodes.started_at "
+                "ELSE excluded.started_at END",
+                node.node_id,
+                self.owner,
+                node.host,
+                node.pid,
+                node.version,
+            )
+            return await _nodes(conn)
+
+        return await self._tx(op)
+
+    async def nodes(self) -> tuple[float, list[NodeRow]]:
+        """The nodes' rows and the database's now (for ``integrand status``; read-only)."""
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire() as conn:
+                if await conn.fetchval("SELECT to_regclass('nodes')") is None:
+                    return time.time(), []  # a store from before version 3: no node has run on it yet
+                return await _nodes(conn)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the PostgreSQL store cannot be read: {type(e).__name__}: {e}") from None
+
+    async def leases(self) -> list[LeaseRow]:
+        rows = await self._fetch(
+            "SELECT name, owner, token, expires_at - integrand_now(), acquired_at, renewed_at FROM leases ORDER BY name"
         )
+        return [LeaseRow(r[0], r[1], int(r[2]), float(r[3]), r[4], r[5]) for r in rows]
+
+    async def acquire_lease(self, name: str, node_id: str, ttl: float) -> int | None:
+        """Take lease ``name`` if nobody holds it (or its holder let it lapse): its new, larger token, else None."""
+        rows = await self._tx(
+            lambda c: c.fetch(
+                "INSERT INTO leases AS l (name, owner, token, expires_at, acquired_at, renewed_at) "
+                "VALUES ($1, $2, 1, integrand_now() + $3, integrand_now(), integrand_now()) ON CONFLICT (name) DO UPDATE SET "
+                "owner = excluded.owner, token = l.token + 1, expires_at = excluded.expires_at, "
+                "acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at "
+                "WHERE l.expires_at <= integrand_now() RETURNING token",
+                name,
+                node_id,
+                ttl,
+            )
+        )
+        return int(rows[0][0]) if rows else None
+
+    async def renew_leases(self, held: dict[str, int], ttl: float) -> set[str]:
+        """Extend the leases this node holds (name → token) that have not lapsed; the names still held."""
+        if not held:
+            return set()
+        names = sorted(held)
+        rows = await self._tx(
+            lambda c: c.fetch(
+                "UPDATE leases l SET expires_at = integrand_now() + $3, renewed_at = integrand_now() "
+                "FROM unnest($1::text[], $2::bigint[]) AS h(n, t) "
+                "WHERE l.name = h.n AND l.token = h.t AND l.expires_at > integrand_now() RETURNING l.name",
+                names,
+                [held[n] for n in names],
+                ttl,
+            )
+        )
+        return {r[0] for r in rows}
+
+    async def release_lease(self, name: str, token: int) -> bool:
+        """Give a lease up now (a clean stop, a rebalance): another node may take it at once."""
+        rows = await self._tx(
+            lambda c: c.fetch(
+                "UPDATE leases SET owner = NULL, expires_at = integrand_now() WHERE name = $1 AND token = $2 RETURNING 1",
+                name,
+                token,
+            )
+        )
+        return bool(rows)
+
+    async def forget_node(self, node_id: str, *, dead_after: float | None) -> int:
+        """Remove a node's row; with ``dead_after``, only if its heartbeat is that many seconds old, and then
+        its leased deliveries are made ready again at once (it died: no need to wait for their leases)."""
+
+        async def op(conn: PgConn) -> int:
+            rows = await conn.fetch(
+                "DELETE FROM nodes WHERE node_id = $1 AND ($2::float8 IS NULL OR heartbeat_at < "
+                "integrand_now() - $2) RETURNING store_owner",
+                node_id,
+                dead_after,
+            )
+            if not rows or dead_after is None:
+                return 0
+            freed = await conn.fetch(
+                "UPDATE deliveries SET state = 'ready', lease_until = NULL, lease_owner = NULL, updated_at = $1 "
+                "WHERE state = 'leased' AND starts_with(lease_owner, $2) RETURNING id",
+                self.clock(),
+                rows[0][0] + ".",
+            )
+            if freed:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return len(freed)
+
+        n = await self._tx(op)
+        if n:
+            self.deliveries_ready.set()
+        return n
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself in the ``nodes`` table."""
+
+    node_id: str
+    host: str
+    pid: int
+    version: str
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node_id: str
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_age: float  # seconds since its last heartbeat, by the database's clock
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    name: str
+    owner: str | None
+    token: int
+    expires_in: float  # seconds until it lapses (negative: lapsed), by the database's clock
+    acquired_at: float
+    renewed_at: float
+
+
+async def _nodes(conn: PgConn) -> tuple[float, list[NodeRow]]:
+    now = float(await conn.fetchval("SELECT integrand_now()"))
+    rows = await conn.fetch("SELECT node_id, host, pid, version, started_at, heartbeat_at FROM nodes ORDER BY node_id")
+    return now, [NodeRow(r[0], r[1], r[2], r[3], r[4], max(0.0, now - r[5])) for r in rows]
+
+
+async def _check_fence(conn: PgConn, fence: Fence) -> None:
+    """Refuse this transaction unless ``fence`` still holds its lease (row locked until the commit)."""
+    ok = await conn.fetchval(
+        "SELECT 1 FROM leases WHERE name = $1 AND token = $2 AND expires_at > integrand_now() FOR SHARE",
+        fence.lease,
+        fence.token,
+    )
+    if ok:
+        return
+    row = await conn.fetchrow(
+        "SELECT owner, token, expires_at > integrand_now() FROM leases WHERE name = $1", fence.lease
+    )
+    now_held = (
+        f"node {row[0]} holds it with token {row[1]}" if row is not None and row[2] and row[0] else "nobody holds it"
+    )
+    why = f"lease {fence.lease}: token {fence.token} is stale ({now_held})"
+    if fence.lost:  # queued before this node handed the lease back or lost it: already stopped, nothing new
+        log.info("commit refused by the fencing token: %s (queued before this node gave the singleton up)", why)
+    else:
+        log.warning("commit refused by the fencing token: %s; this node stops the singleton", why)
+    fence.refused(why)
+    raise LeaseLost(f"commit refused: {why}", lease=fence.lease, token=fence.token)
 
 
 async def _keep_session(_conn: object) -> None:

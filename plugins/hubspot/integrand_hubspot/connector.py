@@ -432,6 +432,50 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
         if result is not None:
             raise result
 
+    async def deliver_result(self, event: Event) -> dict[str, Any] | None:
+        """One upsert (or archive) that returns the object's HubSpot id, for a saga's later steps."""
+        c = self.config
+        if _is_delete(event):
+            await self._archive(event)
+            return None
+        props = _properties(event)
+        if props is None:
+            raise PermanentError("a HubSpot upsert needs an object of properties in event data")
+        key = props.pop(c.id_property, None)
+        if key in (None, ""):
+            raise PermanentError(f"the event has no {c.id_property!r} to upsert by")
+        body = {"inputs": [{"id": str(key), "idProperty": c.id_property, "properties": props}]}
+        data = await self.api("POST", f"/crm/v3/objects/{c.object_type}/batch/upsert", body)
+        results = data.get("results") or []
+        if not results:
+            return None
+        return {"id": str(results[0].get("id")), "new": bool(results[0].get("new"))}
+
+    async def _archive(self, event: Event) -> None:
+        """Archive (HubSpot's delete) the object ``data.id`` (or the one whose ``id_property`` the data names);
+        one already gone is done: a compensation or a replayed delete must be idempotent."""
+        c = self.config
+        d = event.data if isinstance(event.data, dict) else {}
+        oid = d.get("id") or d.get("hs_object_id")
+        if oid in (None, ""):
+            key = d.get(c.id_property)
+            if key in (None, ""):
+                raise PermanentError(f"a HubSpot delete needs data.id or data.{c.id_property}")
+            found = await self.api(
+                "POST",
+                f"/crm/v3/objects/{c.object_type}/batch/read",
+                {"idProperty": c.id_property, "inputs": [{"id": str(key)}], "properties": [c.id_property]},
+            )
+            hits = found.get("results") or []
+            if not hits:
+                return
+            oid = hits[0].get("id")
+        try:
+            await self.api("DELETE", f"/crm/v3/objects/{c.object_type}/{oid}")
+        except PermanentError as e:
+            if "404" not in str(e) and "OBJECT_NOT_FOUND" not in str(e):
+                raise
+
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
         """``batch/upsert`` by ``id_property``, up to 100 at a time; a 400 on a batch is narrowed to the bad items.
 
@@ -443,6 +487,12 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
         results: list[BaseException | None] = [None] * len(events)
         inputs: dict[str, tuple[int, dict[str, Any]]] = {}
         for i, ev in enumerate(events):
+            if _is_delete(ev):
+                try:
+                    await self._archive(ev)
+                except (RetryableError, PermanentError, AuthError) as e:
+                    results[i] = e
+                continue
             props = _properties(ev)
             if props is None:
                 results[i] = PermanentError("a HubSpot upsert needs an object of properties in event data")
@@ -505,6 +555,11 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
                 props = obj.get("properties") or {}
                 out[str(props.get(c.id_property))] = props.get(c.version_property)
         return out
+
+
+def _is_delete(ev: Event) -> bool:
+    """An event the sink deletes (archives) rather than upserts: ``*.deleted`` or ``meta.deleted``."""
+    return ev.type.endswith(".deleted") or bool(ev.meta.get("deleted"))
 
 
 def _properties(ev: Event) -> dict[str, Any] | None:

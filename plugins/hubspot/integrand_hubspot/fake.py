@@ -135,8 +135,9 @@ class FakeHubSpot:
         return obj
 
     def find(self, object_type: str, prop: str, value: str) -> dict[str, Any] | None:
+        """The live (not archived) object whose ``prop`` is ``value``."""
         for obj in self.objects.get(object_type, {}).values():
-            if obj["properties"].get(prop) == value:
+            if obj["properties"].get(prop) == value and not obj["archived"]:
                 return obj
         return None
 
@@ -204,6 +205,7 @@ class FakeHubSpot:
         app.router.add_post("/crm/v3/objects/{type}/batch/upsert", self._upsert)
         app.router.add_post("/crm/v3/objects/{type}/batch/read", self._read)
         app.router.add_get("/crm/v3/objects/{type}/{id}", self._get)
+        app.router.add_delete("/crm/v3/objects/{type}/{id}", self._archive)
         return app
 
     async def start(self, port: int = 0) -> str:
@@ -379,6 +381,22 @@ class FakeHubSpot:
             if found is not None:
                 results.append({**found, "properties": {k: v for k, v in found["properties"].items() if k in wanted}})
         return web.json_response({"status": "COMPLETE", "results": results}, headers=headers)
+
+    async def _archive(self, request: web.Request) -> web.Response:
+        """``DELETE /crm/v3/objects/{type}/{id}``: archive (HubSpot's delete); 204 even if already archived."""
+        refused, headers = self._gate(request)
+        if refused:
+            return refused
+        otype = request.match_info["type"]
+        obj = self.objects.get(otype, {}).get(request.match_info["id"])
+        if obj is None:
+            return self._error(404, "Object not found", "OBJECT_NOT_FOUND")
+        if not obj["archived"]:
+            obj["archived"] = True
+            ms = self._stamp()
+            obj["updatedAt"] = iso_ms(ms)
+            self._announce(otype, obj["id"], "deletion", ms)
+        return web.Response(status=204, headers=headers)
 
     async def _get(self, request: web.Request) -> web.Response:
         refused, headers = self._gate(request)

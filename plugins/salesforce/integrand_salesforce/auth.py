@@ -95,6 +95,11 @@ class SessionManager:
         self._session: Session | None = None
         self.grants = 0  # token requests made (tests and metrics read it)
 
+    @property
+    def states(self) -> tuple[StateStore, ...]:
+        """The state stores of every connector of this org (each keeps the shared tokens and pauses)."""
+        return tuple(self._states)
+
     def attach(self, state: StateStore) -> None:
         """Share the session and the stored refresh token with another connector of the same org."""
         if all(s is not state for s in self._states):
@@ -142,7 +147,9 @@ class SessionManager:
         else:
             refresh = await self._stored_refresh_token() or s.refresh_token
             if not refresh:
-                raise AuthError("no Salesforce refresh token: set refresh_token (a secret reference) once")
+                raise AuthError(
+                    "no Salesforce refresh token: run `integrand auth NAME` once (or set refresh_token, a secret reference)"
+                )
             form = {"grant_type": "refresh_token", "refresh_token": refresh, "client_id": s.client_id}
             if s.client_secret:
                 form["client_secret"] = s.client_secret
@@ -162,7 +169,7 @@ class SessionManager:
         self.grants += 1
         return session
 
-    async def _post(self, http: Http, form: dict[str, str]) -> dict[str, Any]:
+    async def _post(self, http: Http, form: dict[str, str], grant: str | None = None) -> dict[str, Any]:
         s = self.settings
         res = await http.post(
             s.token_url,
@@ -187,13 +194,48 @@ class SessionManager:
             hint = {
                 "jwt": "check client_id, username, the certificate uploaded to the External Client App and its pre-authorized users",
                 "client_credentials": "check client_id/client_secret, my_domain_url and the app's run-as user",
-                "refresh_token": "the refresh token was revoked or expired: authorize again and set refresh_token",
+                "refresh_token": "the refresh token was revoked or expired: run `integrand auth NAME` again",
             }[s.grant]
+            if grant is not None:  # the authorization code
+                hint = "check client_secret and that redirect_uri is the app's callback URL, then authorize again"
             raise AuthError(
-                f"Salesforce refused the {s.grant} token request ({res.status} {err}: {desc}); {hint}",
+                f"Salesforce refused the {grant or s.grant} token request ({res.status} {err}: {desc}); {hint}",
                 request_id=res.request_id,
             )
         return body
+
+    async def exchange_code(self, http: Http, code: str, redirect_uri: str, verifier: str) -> Session:
+        """The web-server flow's last step (``integrand auth``): the code for a session and a refresh token,
+        which is stored encrypted before this returns; later sessions come from the refresh-token grant."""
+        s = self.settings
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": s.client_id,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+        }
+        if s.client_secret:
+            form["client_secret"] = s.client_secret
+        body = await self._post(http, form, grant="authorization code")
+        refresh = body.get("refresh_token")
+        if not isinstance(refresh, str) or not refresh:
+            raise AuthError(
+                "Salesforce issued no refresh token: give the External Client App the scopes "
+                "refresh_token and offline_access, and include them in oauth_scopes"
+            )
+        http.add_secret(str(body["access_token"]))
+        http.add_secret(refresh)
+        await self._store_refresh_token(refresh)
+        async with self._lock:
+            self._session = Session(
+                access_token=str(body["access_token"]),
+                instance_url=str(body["instance_url"]).rstrip("/"),
+                issued_at=float(body.get("issued_at", self._clock() * 1000)) / 1000,
+                id_url=str(body.get("id", "")),
+            )
+            self.grants += 1
+            return self._session
 
     # --- the refresh token at rest ----------------------------------------------------------------
 

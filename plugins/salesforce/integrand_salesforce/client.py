@@ -22,6 +22,7 @@ from integrand.connector import AuthError, Http, PermanentError, Response, Retry
 from .auth import Session, SessionManager
 
 LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
+PAUSE_KEY = "salesforce_daily_limit"  # connector state: the daily-limit pause, so a restart keeps waiting
 # Per-record statusCodes worth another attempt (a lock held by another transaction, a rolled-back
 # all-or-none batch, a platform hiccup); every other code is about the data and will not change.
 RETRYABLE_CODES = frozenset(
@@ -43,7 +44,7 @@ class Budget:
 
     used: int | None = None
     limit: int | None = None
-    paused_until: float = 0.0
+    paused_until: float = 0.0  # wall-clock seconds (it is stored, and outlives the process)
     pause_reason: str = ""
 
     @property
@@ -89,7 +90,7 @@ class SalesforceClient:
         concurrent_limit_wait: float,
         call_options: str | None,
         timeout: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ):
         self.sessions = sessions
         self.api_version = api_version
@@ -101,7 +102,38 @@ class SalesforceClient:
         self.timeout = timeout
         self.clock = clock
         self._gate = asyncio.Semaphore(max_concurrent)
+        self._pause_restored = False
+        self._pause_changed = False
         self.log = logging.getLogger("integrand.salesforce")
+
+    async def _restore_pause(self) -> None:
+        """A daily-limit pause stored before a restart still holds: read it once, before the first request."""
+        self._pause_restored = True
+        for state in self.sessions.states:
+            try:
+                raw = await state.get(PAUSE_KEY)
+            except Exception as e:  # the store is down: the first request will find out the hard way
+                self.log.warning("cannot read the stored Salesforce daily-limit pause: %s", e)
+                continue
+            if isinstance(raw, dict) and float(raw.get("until", 0)) > self.budget.paused_until:
+                self.budget.paused_until = float(raw["until"])
+                self.budget.pause_reason = str(raw.get("reason") or "daily API request limit reached")
+        wait = self.budget.paused_until - self.clock()
+        if wait > 0:
+            self.log.warning(
+                "Salesforce %s before the restart: every source and sink of this org waits %.0f s more",
+                self.budget.pause_reason,
+                wait,
+            )
+
+    async def _store_pause(self) -> None:
+        """Durable, so a restart does not spend requests on an allocation known to be gone."""
+        value = {"until": self.budget.paused_until, "reason": self.budget.pause_reason}
+        for state in self.sessions.states:
+            try:
+                await state.set(PAUSE_KEY, value)
+            except Exception as e:  # the pause still holds in this process
+                self.log.warning("cannot store the Salesforce daily-limit pause: %s", e)
 
     def api_path(self, rest: str) -> str:
         return f"/services/data/v{self.api_version}/{rest.lstrip('/')}"
@@ -125,6 +157,8 @@ class SalesforceClient:
         A 401 gets one new session and one retry; the daily-limit 403 pauses the whole org (source and
         sink) and answers RetryableError with the wait, at once, so no worker sleeps on it for hours.
         """
+        if not self._pause_restored:
+            await self._restore_pause()
         wait = self.budget.paused_until - self.clock()
         if wait > 0:
             raise RetryableError(f"Salesforce {self.budget.pause_reason}; waiting {wait:.0f} s more", retry_after=wait)
@@ -158,7 +192,11 @@ class SalesforceClient:
                     await self.sessions.renew(http, stale=session)
                     continue
                 raise AuthError(f"Salesforce refused a brand-new session (401 twice): {err}", request_id=res.request_id)
-            raise self.classify(err, res)
+            exc = self.classify(err, res)
+            if self._pause_changed:
+                self._pause_changed = False
+                await self._store_pause()
+            raise exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def classify(self, err: SalesforceApiError, res: Response) -> Exception:
@@ -173,6 +211,7 @@ class SalesforceClient:
             self.budget.pause_reason = (
                 f"daily API request limit reached (api-usage {self.budget.used}/{self.budget.limit})"
             )
+            self._pause_changed = True
             self.log.warning(
                 "Salesforce daily API request limit reached (api-usage %s/%s): every source and sink of this org "
                 "waits %.0f s, then tries again; raise the allocation or lower the polling rate",

@@ -35,6 +35,10 @@ class SalesforceConfig(ConnectorConfig):
     test_login_url: str = TEST_LOGIN_URL
     my_domain_url: str | None = None
     jwt_audience: str | None = None
+    # refresh_token: `integrand auth NAME` runs the web-server flow (with PKCE) once; the callback URL of the
+    # External Client App, and the scopes asked for (refresh_token and offline_access give the refresh token).
+    redirect_uri: str = "http://localhost:8765/salesforce/callback"
+    oauth_scopes: str = "api refresh_token offline_access"
     api_version: str = Field(default=API_VERSION, pattern=r"^\d{2,3}\.0$")
     org_id: str | None = Field(default=None, pattern=r"^00D[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?$")
     # --- source ---

@@ -6,18 +6,24 @@ Salesforce pages are cited where a behaviour depends on them.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import hmac
-from collections.abc import Sequence
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import orjson
 
 from integrand.connector import (
+    AuthError,
     Connector,
     Enricher,
     Event,
+    PayloadError,
     PermanentError,
     PollingSource,
     PollResult,
@@ -82,10 +88,51 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
                 concurrent_limit_wait=c.concurrent_limit_wait,
                 call_options=f"client={c.client_name}" if c.client_name else None,
                 timeout=c.timeout,
+                clock=self.ctx.clock,
             ),
         )
         # No automatic resends under the org's key: the poller and dispatcher retry with their own backoff.
         self.ctx.http.limit(rate_key, retries=0)
+
+    async def authorize(self, ask: Callable[[str], Awaitable[str]], say: Callable[[str], None]) -> str:
+        """``integrand auth NAME``: the web-server flow once, in a terminal, for the refresh-token grant.
+
+        Prints the authorize URL (with PKCE's code_challenge and a state), takes the address the browser
+        was sent back to, exchanges the code and stores the refresh token encrypted (``token_key``)."""
+        c = self.config
+        if c.auth != "refresh_token":
+            raise AuthError(f"auth = {c.auth!r} signs in by itself; only auth = 'refresh_token' needs `integrand auth`")
+        verifier = secrets.token_urlsafe(64)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        state = secrets.token_urlsafe(16)
+        query = {
+            "response_type": "code",
+            "client_id": c.client_id.reveal(),
+            "redirect_uri": c.redirect_uri,
+            "scope": c.oauth_scopes,
+            "state": state,
+            "code_challenge": challenge,
+        }
+        url = f"{c.login_host}/services/oauth2/authorize?{urlencode(query)}"
+        say("Open this URL in a browser, log in as the integration user and allow access, then paste the")
+        say("address your browser was sent to (it starts with the redirect_uri; the page itself may not load):")
+        say(url)
+        answer = (await ask("redirected URL: ")).strip()
+        q = parse_qs(urlsplit(answer).query)
+        if "error" in q:
+            raise AuthError(f"Salesforce refused: {q['error'][0]}: {q.get('error_description', [''])[0]}")
+        if q.get("state", [""])[0] != state:
+            raise AuthError("the pasted URL's state does not match this request (paste the newest redirect)")
+        code = q.get("code", [""])[0]
+        if not code:
+            raise AuthError("the pasted URL carries no code")
+        session = await self.sessions.exchange_code(self.ctx.http, code, c.redirect_uri, verifier)
+        if c.org_id and session.org_id and session.org_id[:15] != c.org_id[:15]:
+            raise AuthError(f"you authorized org {session.org_id}, but this connector is configured for {c.org_id}")
+        return (
+            f"refresh token for org {session.org_id or '?'} stored (encrypted with token_key); "
+            f"sessions now come from it (instance {session.instance_url})"
+        )
 
     async def call(self, method: str, rest: str, **kw: Any) -> Any:
         """One REST call under ``/services/data/vXX.X/``; the parsed JSON body (None for 204)."""
@@ -187,7 +234,10 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
         for n in msg.notifications:
             rid = str(n.fields["Id"])
             stamp = n.fields.get("SystemModstamp") or n.fields.get("LastModifiedDate")
-            version = version_of(parse_time(str(stamp))) if stamp else None
+            try:
+                version = version_of(parse_time(str(stamp))) if stamp else None
+            except (ValueError, OverflowError):  # Outbound Messages are unsigned: anyone may send one
+                raise PayloadError(f"Notification {n.id}: {stamp!r} is not a Salesforce date-time") from None
             ev_id = content_id("sf", n.sobject, rid, "", version) if version else "om_" + n.id
             created = stamp and n.fields.get("CreatedDate") == stamp
             events.append(
@@ -442,6 +492,10 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
 
     async def deliver(self, event: Event) -> None:
         """Upsert one record by external id (201 created, 200/204 updated; 300 several matches), or delete it."""
+        await self.deliver_result(event)
+
+    async def deliver_result(self, event: Event) -> dict[str, Any] | None:
+        """``deliver``, returning the record's Salesforce ``id`` (and ``created``) when the answer carries them."""
         obj, ext = self._target(event)
         rec = self._record(event, ext)
         value = quote(str(rec[ext]), safe="")
@@ -452,13 +506,20 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
             except PermanentError as e:
                 if "NOT_FOUND" not in str(e) and "ENTITY_IS_DELETED" not in str(e):
                     raise
-            return
+            return None
         body = {k: v for k, v in rec.items() if k != ext}
         res = await self.client.request(self.ctx.http, "PATCH", path, json=body, ok=(200, 201, 204, 300))
         if res.status == 300:
             urls = orjson.loads(res.body) if res.body else []
             ids = [str(u).rsplit("/", 1)[-1] for u in urls] if isinstance(urls, list) else []
             raise PermanentError(f"{obj}.{ext} = {rec[ext]!r} matches several records {ids}; nothing was changed")
+        out: dict[str, Any] = {ext: rec[ext]}
+        if res.body:  # 201 (and 200 since API 46) carry {"id", "success", "created"}; 204 carries nothing
+            with contextlib.suppress(orjson.JSONDecodeError):
+                answer = orjson.loads(res.body)
+                if isinstance(answer, dict) and answer.get("id"):
+                    out.update(id=str(answer["id"]), created=bool(answer.get("created")))
+        return out
 
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
         """sObject Collections upserts, ≤ 200 records of one type per call with ``allOrNone=false``.

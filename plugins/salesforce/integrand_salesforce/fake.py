@@ -27,7 +27,9 @@ It follows /work/shared/reference/third-party-apis.md (Salesforce section) and S
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
+import hashlib
 import itertools
 import re
 import secrets
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import jwt
@@ -116,6 +119,9 @@ class FakeSalesforce:
         self.purged_before: datetime | None = None
         self.sessions: dict[str, Session] = {}
         self.refresh_tokens: set[str] = set()
+        # The web-server flow: codes handed out by /services/oauth2/authorize → (redirect_uri, code_challenge).
+        self.auth_codes: dict[str, tuple[str, str]] = {}
+        self.callback_urls: set[str] = {"http://localhost:8765/salesforce/callback"}
         self.token_requests: list[dict[str, str]] = []
         self.requests: list[tuple[str, str]] = []
         self.faults: list[Fault] = []
@@ -268,11 +274,13 @@ class FakeSalesforce:
     def login_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/services/oauth2/token", self._token_login)
+        app.router.add_get("/services/oauth2/authorize", self._authorize)
         return app
 
     def instance_app(self) -> web.Application:
         app = web.Application(middlewares=[self._api_middleware])
         app.router.add_post("/services/oauth2/token", self._token_my_domain)
+        app.router.add_get("/services/oauth2/authorize", self._authorize)
         app.router.add_get("/services/data/", self._versions)
         app.router.add_route("*", "/services/data/{version}/{rest:.*}", self._api)
         return app
@@ -310,6 +318,42 @@ class FakeSalesforce:
     def _oauth_error(error: str, description: str, status: int = 400) -> web.Response:
         return web.json_response({"error": error, "error_description": description}, status=status)
 
+    async def _authorize(self, request: web.Request) -> web.Response:
+        """The web-server flow's consent page, with a user who approves at once: 302 to the callback with a code.
+
+        As Salesforce does: the client id must be the app's and the redirect_uri one of its callback
+        URLs (else an error page, no redirect); PKCE's code_challenge is remembered for the token request."""
+        q = request.query
+        if q.get("response_type") != "code":
+            return web.Response(status=400, text="error=unsupported_response_type")
+        if q.get("client_id") != self.client_id:
+            return web.Response(status=400, text="error=invalid_client_id&error_description=client identifier invalid")
+        redirect = q.get("redirect_uri", "")
+        if redirect not in self.callback_urls:
+            return web.Response(status=400, text="error=redirect_uri_mismatch")
+        code = "aPrx" + secrets.token_urlsafe(32) + "=="  # real codes end in ==, so they arrive %3D%3D-encoded
+        self.auth_codes[code] = (redirect, q.get("code_challenge", ""))
+        params = {"code": code, **({"state": q["state"]} if "state" in q else {})}
+        raise web.HTTPFound(f"{redirect}?{urlencode(params)}")
+
+    def _code_grant(self, form: dict[str, str]) -> str | None:
+        """The problem with an ``authorization_code`` token request, or None (the code is spent either way)."""
+        if form.get("client_id") != self.client_id:
+            return "invalid_client_id"
+        if form.get("client_secret") not in (None, self.client_secret):
+            return "invalid_client"
+        found = self.auth_codes.pop(form.get("code", ""), None)
+        if found is None:
+            return "invalid_grant"
+        redirect, challenge = found
+        if form.get("redirect_uri") != redirect:
+            return "redirect_uri_mismatch"
+        if challenge:
+            digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+            if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != challenge:
+                return "invalid_grant"
+        return None
+
     async def _token(self, request: web.Request, *, my_domain: bool) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
         self.token_requests.append(form)
@@ -335,6 +379,11 @@ class FakeSalesforce:
             if self.rotate_refresh_tokens:
                 self.refresh_tokens.discard(old)
                 refresh = self.issue_refresh_token()
+        elif grant == "authorization_code":
+            problem = self._code_grant(form)
+            if problem:
+                return self._oauth_error(problem, "authorization code invalid or expired, or a parameter differs")
+            refresh = self.issue_refresh_token()
         else:
             return self._oauth_error("unsupported_grant_type", "grant type not supported")
         token = f"{self.org_id}!AR" + secrets.token_urlsafe(48)

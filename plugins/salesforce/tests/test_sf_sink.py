@@ -116,6 +116,40 @@ async def test_the_daily_limit_is_a_wait_for_the_whole_org_not_an_auth_failure(
         assert caplog.text.count("daily API request limit reached") == 1, "reported once per pause"
 
 
+async def test_the_daily_limit_pause_survives_a_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from integrand_salesforce import auth, client
+
+    async with sf_env(tmp_path, api_limit=2) as env:
+        sink = await env.connector("dst", role="sink", object="Account", external_id_field="ExtId__c")
+        for i in range(2):
+            await sink.deliver(ev(i, ExtId__c=f"R-{i}", Name="n"))
+        with pytest.raises(RetryableError):
+            await sink.deliver(ev(5, ExtId__c="R-5", Name="n"))
+        stored = await env.store.state_get("sink:dst", client.PAUSE_KEY)
+        assert stored["until"] == pytest.approx(env.fake.clock() + 3600, abs=5)
+        # A restart: a new process has neither the shared client nor the session; the store is reopened.
+        await env.store.close()
+        client._CLIENTS.clear()
+        auth._MANAGERS.clear()
+        await env.store.open()
+        env.fake.api_usage = 0  # even if the allocation came back early, the stored pause is honoured
+        caplog.set_level(logging.WARNING)
+        seen = len(env.fake.requests)
+        sink = await env.connector("dst", role="sink", object="Account", external_id_field="ExtId__c")
+        with pytest.raises(RetryableError, match="daily API request limit reached") as e:
+            await sink.deliver(ev(6, ExtId__c="R-6", Name="n"))
+        assert e.value.retry_after is not None and 3500 < e.value.retry_after <= 3600
+        assert len(env.fake.requests) == seen, "no request spent on an allocation known to be gone"
+        assert "before the restart" in caplog.text
+        # Once the stored time has passed, requests go out again.
+        await env.store.state_set("sink:dst", client.PAUSE_KEY, {"until": env.fake.clock() - 1, "reason": "x"})
+        client._CLIENTS.clear()
+        auth._MANAGERS.clear()
+        sink = await env.connector("dst", role="sink", object="Account", external_id_field="ExtId__c")
+        await sink.deliver(ev(7, ExtId__c="R-7", Name="n"))
+        assert env.fake.find("Account", "ExtId__c", "R-7")
+
+
 async def test_the_concurrent_long_request_limit_is_a_short_wait(tmp_path: Path) -> None:
     async with sf_env(tmp_path) as env:
         sink = await env.connector("dst", role="sink", object="Account", external_id_field="ExtId__c")
