@@ -110,6 +110,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/poll_sim.py --webhooks --plot docs/polling-interval.png --json bench/poll_sim.json
 	$(BIN)/python bench/poll_daemon.py --seeds 1 2 3 --json bench/poll_daemon.json
+	$(BIN)/python bench/cluster_bench.py --runs 5 --json bench/cluster_results.json
 	# RabbitMQ and NATS JetStream through integrand beside their own clients (about 5 min; needs both running)
 	$(BIN)/python bench/brokers.py --runs 3 --messages 5000 --rate 500 --write
 

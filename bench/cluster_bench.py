@@ -1,6 +1,7 @@
 """One node on SQLite, one, two and three nodes on one PostgreSQL: throughput, p99 and CPU per event, same run.
 
     python bench/cluster_bench.py [--runs 3] [--seconds 10] [--setups sqlite1,pg1,pg2,pg3] [--json FILE]
+    python bench/cluster_bench.py --setups sqlite1,pg1,pg1before --before /path/to/old/checkout
 
 Each run measures every setup back to back (interleaved, so a change in the machine's load hits
 all of them alike). A setup is N ``integrand run`` nodes with shipped defaults (bench/http_bench.py's
@@ -197,9 +198,15 @@ def _stored_pg(dsn: str) -> int:
     return int(asyncio.run(_sql(dsn, "SELECT count(*) FROM events")))
 
 
-def measure(setup: str, pg: PrivatePostgres | None, seconds: float, tag: str) -> dict[str, Any]:
-    nodes = 1 if setup == "sqlite1" else int(setup.removeprefix("pg"))
+def measure(
+    setup: str, pg: PrivatePostgres | None, seconds: float, tag: str, before: Path | None = None
+) -> dict[str, Any]:
+    nodes = 1 if setup == "sqlite1" else int(setup.removeprefix("pg").removesuffix("before"))
     with contextlib.ExitStack() as stack:
+        if setup.endswith("before"):  # the nodes run integrand from another checkout (the code before a change)
+            assert before is not None, "--before DIR is needed for a …before setup"
+            stack.callback(os.environ.__setitem__, "PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+            os.environ["PYTHONPATH"] = str(before / "daemon")
         keys = ""
         dsn = None
         if setup != "sqlite1":
@@ -277,6 +284,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--setups", default="sqlite1,pg1,pg2,pg3")
     parser.add_argument("--json", type=Path, default=HERE / "cluster_results.json")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier commit: setup pg1before runs one node on PostgreSQL with its daemon/",
+    )
     args = parser.parse_args()
     setups = args.setups.split(",")
     out: dict[str, Any] = {"setups": setups, "seconds": args.seconds, "runs": [], "loadavg_start": os.getloadavg()}
@@ -286,7 +298,7 @@ def main() -> int:
         for r in range(args.runs):
             run: dict[str, Any] = {}
             for setup in setups:
-                m = measure(setup, pg, args.seconds, f"c{r}{setup}x{int(time.time())}")
+                m = measure(setup, pg, args.seconds, f"c{r}{setup}x{int(time.time())}", args.before)
                 with lock:
                     print(f"run {r + 1}/{args.runs} {_line(m)}", flush=True)
                 run[setup] = m

@@ -110,7 +110,7 @@ async def test_three_nodes_behind_haproxy_take_every_webhook_while_one_stops(
         haproxy, "-f", str(tmp_path / "haproxy.cfg"), "-db", stdout=log, stderr=log
     )
     try:
-        await asyncio.gather(*(node.start() for node in nodes))
+        await asyncio.gather(*(node.start(timeout=60) for node in nodes))  # three imports at once, on a busy machine
         await wait_for(lambda: all(r["status"] == "UP" for r in stats(stats_port).values() if r["svname"].startswith("node")), timeout=30, interval=0.2)  # fmt: skip
         url = f"http://127.0.0.1:{front}/hooks/demo"
         ids = [f"msg_{i:04d}" for i in range(300)]
@@ -160,6 +160,14 @@ async def test_three_nodes_behind_haproxy_take_every_webhook_while_one_stops(
             await pg.close()
         assert (refused.status, refused.remote) == (401, CLIENT)  # X-Forwarded-For believed from HAProxy only
         assert found.request_id is not None and re.fullmatch(r"[0-9A-F]+:[0-9A-F]+_[0-9A-F]+:[0-9A-F]+_.+", found.request_id)  # fmt: skip
+
+        # Every node gone (as when none can reach PostgreSQL): HAProxy answers as integrand would.
+        for node in (nodes[0], nodes[2]):
+            node.signal(signal.SIGTERM)
+        await wait_for(lambda: all(r["status"].startswith("DOWN") for r in stats(stats_port).values() if r["svname"].startswith("node")), timeout=15, interval=0.2)  # fmt: skip
+        async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+            assert "retry later" in (await resp.json())["error"]
     finally:
         proxy.terminate()
         await asyncio.wait_for(proxy.wait(), 10)

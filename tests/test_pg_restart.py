@@ -87,7 +87,7 @@ async def test_postgres_restarted_under_load_loses_nothing_and_nodes_recover(
             nodes.append(DaemonProcess(write_config(tmp_path / name, DEMO, NODE), tmp_path / f"{name}.log"))
         sinks = [tmp_path / n / "var" / "out.jsonl" for n in ("n1", "n2")]
         try:
-            await asyncio.gather(*(n.start() for n in nodes))
+            await asyncio.gather(*(n.start(timeout=60) for n in nodes))
             load = Load([n.url() for n in nodes])
             timeout = aiohttp.ClientTimeout(total=20)
             async with aiohttp.ClientSession(timeout=timeout) as session:

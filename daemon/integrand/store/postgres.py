@@ -372,8 +372,16 @@ class PgStore(PgOperatorViews):
 
     async def _commit(self, batch: list[_EnqueueOp]) -> None:
         started = time.perf_counter()
+        # A singleton's commits (a fence to check) and anything with a cursor or an entity take a transaction.
+        plain = all(
+            op.cursor is None and op.fence is None and all(it.event.entity_id is None for it in op.items)
+            for op in batch
+        )
         try:
-            results, new = await self._tx(lambda c: self._apply_enqueues(c, batch))
+            if plain:
+                results, new = await self._enqueue_plain(batch)
+            else:
+                results, new = await self._tx(lambda c: self._apply_enqueues(c, batch))
         except StoreUnavailable as e:
             # Once per outage, not per commit: while PostgreSQL is away every sender retries, and each batch fails.
             if not self._failing_commits:
@@ -405,6 +413,83 @@ class PgStore(PgOperatorViews):
         for op, res in zip(batch, results, strict=True):
             if not op.future.done():
                 op.future.set_result(res)
+
+    async def _enqueue_plain(self, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
+        """Webhooks without entities (no stale guard, no line heads, no cursor, no fence): the events, their deliveries
+        and the NOTIFY in one statement committed on its own, one round trip for the whole group commit.
+        What ON CONFLICT skipped was stored before: a duplicate, audited as such afterwards."""
+        now = self.clock()
+        flat: list[tuple[_EnqueueOp, _Prepared, bytes]] = []
+        seen: set[tuple[str, str]] = set()
+        repeats: list[tuple[str, str, str | None]] = []  # received again: (source, event id, request id)
+        in_batch: list[int] = []
+        for op in ops:
+            dup = 0
+            for it in op.items:
+                k = (it.event.source, it.event.id)
+                if k in seen:
+                    dup += 1
+                    repeats.append((*k, op.request_id))
+                    continue
+                seen.add(k)
+                flat.append((op, it, _serialised(it.event)[0]))
+            in_batch.append(dup)
+        rows: dict[tuple[str, str], int] = {}
+        if flat:
+            d_src, d_id, d_sink, d_key = [], [], [], []
+            for _, it, _body in flat:
+                for sink in it.sinks:
+                    d_src.append(it.event.source)
+                    d_id.append(it.event.id)
+                    d_sink.append(sink)
+                    d_key.append(it.event.entity_key)
+            for r in await self._one(
+                "WITH e AS (INSERT INTO events (source, event_id, type, entity_key, received_at, body, request_id) "
+                "SELECT s, i, t, k, $5, b, r FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+                "$6::bytea[], $7::text[]) AS x(s, i, t, k, b, r) ON CONFLICT (source, event_id) DO NOTHING "
+                "RETURNING id, source, event_id), "
+                "d AS (INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, next_attempt_at, "
+                "updated_at, active, head) SELECT e.id, y.sink, y.k, false, 'ready', $5, $5, $5, true, true "
+                "FROM e JOIN unnest($8::text[], $9::text[], $10::text[], $11::text[]) AS y(s, i, sink, k) "
+                "ON e.source = y.s AND e.event_id = y.i) "
+                "SELECT id, source, event_id, pg_notify($12, '') FROM e",
+                [it.event.source for _, it, _ in flat],
+                [it.event.id for _, it, _ in flat],
+                [it.event.type for _, it, _ in flat],
+                [it.event.entity_key for _, it, _ in flat],
+                now,
+                [body for _, _, body in flat],
+                [op.request_id for op, _, _ in flat],
+                d_src,
+                d_id,
+                d_sink,
+                d_key,
+                CHANNEL,
+            ):
+                rows[(r[1], r[2])] = r[0]
+        results: list[EnqueueResult] = []
+        by_op: dict[int, list[_Prepared]] = {}
+        for op, it, _ in flat:
+            by_op.setdefault(id(op), []).append(it)
+        for op, dup in zip(ops, in_batch, strict=True):
+            mine = by_op.get(id(op), [])
+            before = [it for it in mine if (it.event.source, it.event.id) not in rows]  # stored before this batch
+            repeats += [(it.event.source, it.event.id, op.request_id) for it in before]
+            results.append(EnqueueResult(len(mine) - len(before), dup + len(before), 0))
+        if repeats:
+            try:  # the events are committed: a lost line of their story must not turn the answer into a 503
+                await self._one(
+                    "INSERT INTO audit (at, event, delivery, action, detail) SELECT $1, e.id, NULL, 'deduplicated', "
+                    "x.t FROM unnest($2::text[], $3::text[], $4::text[]) AS x(s, i, t) "
+                    "JOIN events e ON e.source = x.s AND e.event_id = x.i",
+                    now,
+                    [r[0] for r in repeats],
+                    [r[1] for r in repeats],
+                    [_again(r[2]) for r in repeats],
+                )
+            except StoreUnavailable as e:
+                log.warning("could not record %d repeated webhooks in their events' story: %s", len(repeats), e)
+        return results, any(it.sinks for (op, it, _) in flat if (it.event.source, it.event.id) in rows)
 
     async def _apply_enqueues(self, conn: PgConn, ops: list[_EnqueueOp]) -> tuple[list[EnqueueResult], bool]:
         now = self.clock()
