@@ -259,6 +259,10 @@ async def test_singletons_spread_run_once_each_and_move_when_a_node_dies(stores:
             await conn.close()
         assert all(tokens[name] >= 2 for name in lost)  # taken over: a new token
         assert all(len(h) == 1 for h in running.values())
+        survivor = nodes[1].owner
+        held = {s.labels["lease"] for m in survivor.m.held.collect() for s in m.samples if s.value == 1}
+        assert held == set(survivor.held) and held
+        assert survivor.m.nodes.labels(survivor.node_id)._value.get() == 2
     finally:
         for n in nodes[1:]:
             await n.crash()

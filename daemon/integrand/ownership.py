@@ -197,7 +197,8 @@ class ClusterOwner:
             coro.close()
             return False
         h.tasks.add(task)
-        self._spawn(task, self._fenced(h.fence, task, coro))
+        t = self._spawn(task, self._fenced(h.fence, task, coro))
+        t.add_done_callback(lambda _: coro.close())  # stopped before it began: no "never awaited" warning
         return True
 
     async def _fenced(self, fence: Fence, task: str, coro: Coroutine[Any, Any, Any]) -> None:
@@ -234,7 +235,6 @@ class ClusterOwner:
     async def tick(self) -> float:
         """One round; returns the seconds until the next (earlier when a lease we may take lapses sooner)."""
         self.ticks += 1
-        t0 = time.monotonic()  # before the database stamps anything: our view of a lease never outlives it
         _, nodes = await self.store.heartbeat(self.info)
         live = [n for n in nodes if n.heartbeat_age < self.ttl or n.node_id == self.node_id]
         for n in nodes:
@@ -254,10 +254,11 @@ class ClusterOwner:
 
         held = {name: h.fence.token for name, h in self.held.items() if not h.fence.lost}
         if held:
+            sent = time.monotonic()  # before the database stamps anything: our view of a lease never outlives it
             renewed = await self.store.renew_leases(held, self.ttl)
             for name in held:
                 if name in renewed:
-                    self.held[name].fence.valid_until = t0 + self.ttl
+                    self.held[name].fence.valid_until = sent + self.ttl
                 else:
                     self._lose(name, "its renewal was refused (it lapsed, or another node holds it)")
 
@@ -277,9 +278,10 @@ class ClusterOwner:
             r = rows.get(name)
             free = r is None or r.owner is None or r.expires_in <= 0
             if free and len(self.held) < share:
+                sent = time.monotonic()
                 token = await self.store.acquire_lease(name, self.node_id, self.ttl)
                 if token is not None:
-                    self._hold(name, token, t0)
+                    self._hold(name, token, sent)
                     continue
             if r is not None and r.expires_in > 0 and len(self.held) < share:
                 wait = min(wait, r.expires_in + WAKE_SLACK)  # look again the moment it lapses
@@ -288,8 +290,8 @@ class ClusterOwner:
                 wait = min(wait, self.ttl - n.heartbeat_age + WAKE_SLACK)
         return max(WAKE_SLACK, wait)
 
-    def _hold(self, name: str, token: int, t0: float) -> None:
-        fence = Fence(name, token, valid_until=t0 + self.ttl, on_refused=self._refused)
+    def _hold(self, name: str, token: int, sent: float) -> None:
+        fence = Fence(name, token, valid_until=sent + self.ttl, on_refused=self._refused)
         self.held[name] = _Holding(fence)
         self.m.held.labels(self.node_id, name).set(1)
         self.m.changes.labels(self.node_id, name, "acquired").inc()
