@@ -17,7 +17,7 @@ EXTRA_PLUGINS ?=
 DIST_PYTHONS ?= 3.12 3.13
 
 .PHONY: install run test test-tools lint typecheck bench fuzz soak hostile clean demo-quickbooks-hubspot chromium promtool demo-crm-sync pubsub-stubs
-.PHONY: dist lock systemd-tools
+.PHONY: dist lock systemd-tools haproxy
 
 install: $(STAMP)
 
@@ -72,7 +72,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install systemd-tools chromium promtool lint typecheck test-tools
+test: install systemd-tools chromium promtool haproxy lint typecheck test-tools
 	$(BIN)/pytest
 
 # System tools the tests build with (the fault-injection shim is compiled with gcc); installed only if missing.
@@ -91,11 +91,27 @@ promtool: install
 	  mkdir -p $(VENV)/tools && cd $(VENV)/tools && apt-get update -qq && apt-get download -qq prometheus && \
 	  dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb && test -x usr/bin/promtool )
 
+# The examples/cluster test runs the real HAProxy in front of three nodes and checks the nginx alternative
+# with `nginx -t`. Both binaries are taken out of Debian's packages (their libraries installed) rather than
+# installed as packages, which would also set up, and on some machines start, services nobody asked for.
+TOOLS = $(VENV)/tools/usr/sbin
+haproxy: install
+	@command -v haproxy >/dev/null || test -x $(TOOLS)/haproxy || ( \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    liblua5.3-0 libopentracing-c-wrapper0 libpcre2-8-0 libssl3 zlib1g && \
+	  mkdir -p $(VENV)/tools && cd $(VENV)/tools && apt-get download -qq haproxy && \
+	  dpkg-deb -x haproxy_*.deb . && rm -f haproxy_*.deb && test -x usr/sbin/haproxy )
+	@command -v nginx >/dev/null || test -x $(TOOLS)/nginx || ( \
+	  mkdir -p $(VENV)/tools && cd $(VENV)/tools && apt-get download -qq nginx && \
+	  dpkg-deb -x nginx_*.deb . && rm -f nginx_*.deb && test -x usr/sbin/nginx )
+
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/poll_sim.py --webhooks --plot docs/polling-interval.png --json bench/poll_sim.json
 	$(BIN)/python bench/poll_daemon.py --seeds 1 2 3 --json bench/poll_daemon.json
+	# RabbitMQ and NATS JetStream through integrand beside their own clients (about 5 min; needs both running)
+	$(BIN)/python bench/brokers.py --runs 3 --messages 5000 --rate 500 --write
 
 # Coverage-guided fuzzing from the kept corpus (tests/fuzz_corpus); FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 120

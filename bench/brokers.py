@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import secrets
 import shutil
@@ -389,7 +390,9 @@ async def main(runs: int, n: int, rate: float) -> dict[str, Any]:
     latency_n = int(rate * 5)
     try:
         for r in range(runs):
-            print(f"run {r + 1}/{runs}", flush=True)
+            load = os.getloadavg()[0]
+            res.setdefault("load", []).append(load)
+            print(f"run {r + 1}/{runs} (load average {load:.1f})", flush=True)
             add("nats.publish.direct", await nats_publish_direct(n))
             add("nats.publish.integrand", await nats_publish_integrand(n, tmp()))
             add("nats.consume.direct", (await nats_consume_direct(n))[0])
@@ -422,22 +425,28 @@ async def main(runs: int, n: int, rate: float) -> dict[str, Any]:
 def table(out: dict[str, Any]) -> str:
     r = out["results"]
     med = {k: statistics.median(v) for k, v in r.items() if not isinstance(v[0], tuple)}
+    loads = r.get("load", [])
     lines = [
         f"{BEGIN}",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
         f"({platform.processor() or platform.machine()}, 2 cores shared with other agents' builds and tests "
         f"while this ran — a busy machine), Python {platform.python_version()}; NATS server and RabbitMQ "
         f"{_rabbit_version()} on 127.0.0.1. `python bench/brokers.py --runs {out['runs']} --messages "
-        f"{out['messages']} --rate {out['rate']:g}`; medians of {out['runs']} runs, shipped defaults.",
+        f"{out['messages']} --rate {out['rate']:g}`; medians of {out['runs']} runs, shipped defaults. "
+        f"Load average (1 min) at the start of each run: {', '.join(f'{x:.1f}' for x in loads) or '?'}.",
         "",
-        "| broker | direction | direct client (msg/s) | through integrand (msg/s) | ratio | target ≥ 0.5 |",
-        "|---|---|---|---|---|---|",
+        "| broker | direction | direct client (msg/s) | through integrand (msg/s) | ratio | ratio per run | target ≥ 0.5 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for broker, label in (("nats", "NATS JetStream"), ("amqp", "RabbitMQ (quorum queue)")):
         for d in ("publish", "consume"):
             a, b = med[f"{broker}.{d}.direct"], med[f"{broker}.{d}.integrand"]
+            per_run = ", ".join(
+                f"{y / x:.2f}" for x, y in zip(r[f"{broker}.{d}.direct"], r[f"{broker}.{d}.integrand"], strict=True)
+            )
             lines.append(
-                f"| {label} | {d} | {a:,.0f} | {b:,.0f} | {b / a:.2f} | {'met' if b / a >= 0.5 else 'not met'} |"
+                f"| {label} | {d} | {a:,.0f} | {b:,.0f} | {b / a:.2f} | {per_run} "
+                f"| {'met' if b / a >= 0.5 else 'not met'} |"
             )
     lines += [
         "",

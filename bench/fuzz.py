@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["webhook", "config", "mapping", "listing"]
+TARGETS = ["webhook", "config", "mapping", "listing", "outbound", "cdc", "nats", "amqp", "pgoutput", "outbox"]
 
 
 def run_one(target: str) -> None:
@@ -28,7 +28,18 @@ def run_one(target: str) -> None:
     import atheris
 
     sys.path.insert(0, str(ROOT))
-    with atheris.instrument_imports(include=["integrand", "integrand_hubspot", "integrand_quickbooks", "tests"]):
+    with atheris.instrument_imports(
+        include=[
+            "integrand",
+            "integrand_hubspot",
+            "integrand_quickbooks",
+            "integrand_salesforce",
+            "integrand_nats",
+            "integrand_amqp",
+            "integrand_postgres",
+            "tests",
+        ]
+    ):
         from tests import fuzz_targets
 
     fn = fuzz_targets.TARGETS[target]

@@ -44,11 +44,25 @@ from integrand.testing import standard_webhook_headers
 TARGET, MIN, MAX = 1.0, 0.2, 20.0
 LAG, PAGE, FAIL, RETRY_AFTER = 0.3, 50, 0.03, 2
 FIXED = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+# The patternless source's p95 may sit anywhere from the target to max_interval: a wider grid.
+FIXED_RANDOM = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0, 20.0)
+RANDOM_RATE = 1 / 6  # changes per second: the simulation's "random" workload (10/h at a 60 s target) in target units
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def random_schedule(seed: int, scale: float = 1.0) -> list[float]:
+    """No pattern: a Poisson process at RANDOM_RATE for 300 s (the simulation's ``random`` workload)."""
+    rng = random.Random(f"random/{seed}")
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(RANDOM_RATE / scale)
+        if t >= 300 * scale:
+            return out
+        out.append(t)
 
 
 def schedule(seed: int, scale: float = 1.0) -> list[float]:
@@ -142,12 +156,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def config(api: str, port: int, start: float) -> str:
+def config(api: str, port: int, start: float, grid: tuple[float, ...] = FIXED) -> str:
     out = [
         f'[daemon]\nlisten = "127.0.0.1:{port}"\nstate_dir = "var"\nlog_level = "info"\nshutdown_grace = "5s"\n',
         "[admin]\nenabled = false\n",
     ]
-    sources = [("adaptive", MIN, MAX), *((f"fixed-{round(t * 1000)}ms", t, t) for t in FIXED), ("hooks", MIN, MAX)]
+    sources = [("adaptive", MIN, MAX), *((f"fixed-{round(t * 1000)}ms", t, t) for t in grid), ("hooks", MIN, MAX)]
     for name, lo, hi in sources:
         out.append(
             f'[sources.{name}]\nconnector = "http-poll"\nurl = "{api}/{name}/records?since={{since}}"\n'
@@ -191,8 +205,8 @@ def pct(xs: list[float], p: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))] if s else 0.0
 
 
-async def run(seed: int, scale: float, workdir: Path) -> dict[str, Any]:
-    offsets = schedule(seed, scale)
+async def run(seed: int, scale: float, workdir: Path, workload: str = "bursty") -> dict[str, Any]:
+    offsets = random_schedule(seed, scale) if workload == "random" else schedule(seed, scale)
     duration = 300 * scale
     lead = 5.0  # the daemon starts and settles before the schedule begins
     start = time.time() + lead + 3
@@ -205,7 +219,8 @@ async def run(seed: int, scale: float, workdir: Path) -> dict[str, Any]:
     await site.start()
     api_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     port = free_port()
-    (workdir / "config.toml").write_text(config(f"http://127.0.0.1:{api_port}", port, start))
+    grid = FIXED_RANDOM if workload == "random" else FIXED
+    (workdir / "config.toml").write_text(config(f"http://127.0.0.1:{api_port}", port, start, grid))
     exe = Path(sys.executable).with_name("integrand")
     log = (workdir / "daemon.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
@@ -252,7 +267,13 @@ async def run(seed: int, scale: float, workdir: Path) -> dict[str, Any]:
             "retry_after_honoured": c.retry_after_ok,
         }
     rows["hooks"]["webhooks_dropped"] = dropped
-    return {"seed": seed, "changes": len(fake.changes), "sources": rows}
+    lost = [t for t, rid, _ in fake.changes if rid not in pushed]
+    lost_lat = [fake.copies["hooks"].first.get(rid, math.inf) - t for t, rid, _ in fake.changes if rid not in pushed]
+    rows["hooks"]["lost"] = len(lost)
+    rows["hooks"]["lost_within_target"] = sum(1 for x in lost_lat if x <= TARGET)
+    rows["hooks"]["lost_p95"] = pct(lost_lat, 95)
+    rows["hooks"]["lost_max"] = max(lost_lat, default=0.0)
+    return {"seed": seed, "workload": workload, "changes": len(fake.changes), "sources": rows}
 
 
 def best_fixed(rows: dict[str, Any], p95: float) -> tuple[float, float] | None:
@@ -274,12 +295,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", default=[1])
     ap.add_argument("--scale", type=float, default=1.0, help="stretch the schedule (0.25 for a smoke run)")
+    ap.add_argument("--workload", choices=("bursty", "random"), default="bursty")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     results = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="poll-daemon-") as d:
-            results.append(asyncio.run(run(seed, args.scale, Path(d))))
+            results.append(asyncio.run(run(seed, args.scale, Path(d), args.workload)))
     print("| seed | source | requests | p50 / p95 / p99 (s) | missed | twice | Retry-After honoured |")
     print("|---:|---|---:|---|---:|---:|---|")
     for r in results:
@@ -300,6 +322,11 @@ def main() -> None:
         bfh = best_fixed(r["sources"], h["p95"])
         if bfh is not None:
             print(f"hooks: fixed at the same p95 ÷ hooks {bfh[1] / h['requests']:.2f}x")
+        r["best_fixed_at_hooks_p95"] = bfh
+        print(
+            f"hooks: {h['lost']} webhooks lost, {h['lost_within_target']} of them seen within the target, "
+            f"p95 {h['lost_p95']:.2f} s, max {h['lost_max']:.2f} s"
+        )
     if len(results) > 1:
         ratios = [
             r["best_fixed_at_equal_p95"][1] / r["sources"]["adaptive"]["requests"]

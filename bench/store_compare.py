@@ -6,7 +6,7 @@ daemon | tar -x -C /tmp/before``); the other side is this checkout. Every measur
 subprocess whose ``PYTHONPATH`` puts that tree first (the daemon subprocesses of the end-to-end
 benchmark inherit it), so both sides run the same benchmark code. Medians of ``--runs`` are reported.
 
-Usage: python bench/store_compare.py --before /tmp/before/daemon [--runs 3] [--events 20000] [--seconds 8]
+Usage: python bench/store_compare.py --before /tmp/before/daemon [--after DIR] [--runs 3] [--events 20000] [--seconds 8]
 """
 
 from __future__ import annotations
@@ -56,12 +56,13 @@ def run(code: list[str], src: Path) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, type=Path)
+    ap.add_argument("--after", type=Path, default=AFTER, help="the daemon/ to compare (default: this checkout's)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args()
-    sides = {"before": args.before.resolve(), "after": AFTER}
+    sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     if not args.skip_e2e:
         sys.path.insert(0, str(HERE))
         import http_bench

@@ -10,6 +10,16 @@ Each target takes arbitrary bytes (from atheris in ``bench/fuzz.py``, from hypot
 - ``config``: the TOML config loader raises only ConfigError (one message per problem, with its key);
 - ``mapping``: a route's field mapping on arbitrary event data returns a record or raises MappingError;
 - ``listing``: http-poll's reading of a listing page yields events or an IntegrandError (retry, give up);
+- ``outbound``: Salesforce Outbound Messages (SOAP): fuzz bytes spliced into a real envelope's ids, types,
+  field names and values (raw, so they can break the XML too), through the connector's verify and parse;
+- ``cdc``: Salesforce Change Data Capture: fuzz bytes as an Avro payload of a change-event schema,
+  through the CDC source's decoding: events, or a PermanentError naming the event;
+- ``nats`` / ``amqp``: a broker message (headers, body) through each streaming source's reading, in
+  every ``format``: an event the store accepts, or the message is rejected (never a poison batch);
+- ``pgoutput``: PostgreSQL logical decoding messages (after a real Relation message) through the
+  decoder: transactions, or one PgoutputError saying what is malformed;
+- ``outbox``: an outbox row (op, table, before/after JSON) through the outbox source: a storable event
+  or a rejection;
 - ``http``: the raw bytes are an HTTP request for a running daemon (replayed in test_fuzz.py).
 """
 
@@ -26,7 +36,14 @@ from multidict import CIMultiDict
 
 from integrand import signing
 from integrand.config import parse_config
-from integrand.connector import ConnectorConfig, ConnectorContext, Event, WebhookRequest, WebhookSource
+from integrand.connector import (
+    ConnectorConfig,
+    ConnectorContext,
+    Event,
+    PayloadError,
+    WebhookRequest,
+    WebhookSource,
+)
 from integrand.errors import ConfigError, WebhookRejected
 from integrand.listener import unstorable
 from integrand.plugins import Registry
@@ -106,7 +123,16 @@ def webhook_sources() -> list[tuple[str, WebhookSource]]:
     return out
 
 
+ORG_ID = "00D5g000004FUZZAAA"
+SF_CONFIG = {
+    "auth": "client_credentials",
+    "client_id": "id",
+    "client_secret": "secret",
+    "my_domain_url": "https://fuzz.my.salesforce.com",
+    "org_id": ORG_ID,
+}
 PLUGINS = [
+    ("salesforce", "integrand_salesforce:SalesforceConnector", SF_CONFIG),
     ("hubspot", "integrand_hubspot.connector:HubSpotConnector", {"client_secret": HMAC_SECRET}),
     (
         "quickbooks",
@@ -321,7 +347,286 @@ def listing(data: bytes) -> None:
         ev.to_json()
 
 
-TARGETS = {"webhook": webhook, "config": config, "mapping": mapping, "listing": listing}
+# --- storability: what the store does before queueing --------------------------------------------------
+
+
+def storable(ev: Event, *, alert_ok: bool = False) -> None:
+    """Raise Finding unless the store accepts ``ev`` (the SQLite queue's own checks, in its order).
+
+    ``alert_ok``: for sources with no way to set one change aside (PostgreSQL's), the store refusing that
+    one event is the defined behaviour — the stream stops with an alert naming it, nothing is lost."""
+    from integrand.connector import storage_problem
+    from integrand.store.queue import _prepare, _serialised
+    from integrand.store.records import UnstorableEvent
+
+    why = storage_problem(ev)
+    try:
+        _prepare([(ev, ["out"])])
+        _serialised(ev)
+    except UnstorableEvent as e:
+        if why is None:
+            raise Finding(f"storage_problem() missed what the store refuses: {e}") from e
+        if not alert_ok:
+            raise Finding(f"the connector produced an event the store refuses: {e}") from e
+        return
+    if why is not None:
+        raise Finding(f"storage_problem() refuses what the store accepts: {why}")
+
+
+def _parts(data: bytes, n: int) -> list[bytes]:
+    """``data`` cut at 0xff bytes into ``n`` parts (missing ones empty), so a fuzzer can aim at each."""
+    parts = data.split(b"\xff", n - 1)
+    return parts + [b""] * (n - len(parts))
+
+
+# --- Salesforce ------------------------------------------------------------------------------------------
+
+
+def outbound(data: bytes) -> None:
+    """Salesforce Outbound Messages: the fuzz bytes are a notification's id, type, field name and values."""
+    from integrand_salesforce.outbound import envelope
+
+    nid, sobject, name, value, stamp, extra = _parts(data, 6)
+    body = envelope(
+        ORG_ID,
+        "04k5g000000FUZZ",
+        [("04l5g0000FUZZ01", "Contact", {"Id": "0035g00000FUZZ", "SystemModstamp": "2026-01-02T03:04:05.000Z"})],
+    )
+    # Raw splices (they may break the XML): the id, the sObject type, a field element, values.
+    body = body.replace(b"04l5g0000FUZZ01", nid or b"04l5g0000FUZZ01", 1)
+    body = body.replace(b"sf:Contact", b"sf:" + sobject if sobject else b"sf:Contact", 1)
+    body = body.replace(b"2026-01-02T03:04:05.000Z", stamp or b"2026-01-02T03:04:05.000Z", 1)
+    if name:
+        field = b"<sf:" + name + b">" + value + b"</sf:" + name + b">"
+        body = body.replace(b"</sObject>", field + b"</sObject>", 1)
+    if extra:
+        body = body.replace(b"</notifications>", extra + b"</notifications>", 1)
+    source = dict(webhook_sources())["salesforce"]
+    headers: CIMultiDict[str] = CIMultiDict({"SOAPAction": '""'})
+    _one(source, "salesforce", "text/xml", headers, body)
+    _one(source, "salesforce", "text/xml", headers, data)  # and the bytes alone as the body
+
+
+CDC_FIELDS = ["Id", "Name", "Phone", "OwnerId"]
+
+
+@functools.cache
+def _cdc() -> tuple[Any, Any]:
+    """The CDC source with its schema cache filled, and the parsed schema (no Pub/Sub API is reached)."""
+    import orjson
+    from integrand_salesforce.cdc import Schema
+    from integrand_salesforce.fake_pubsub import change_event_schema
+    from integrand_salesforce.streaming import SalesforceCDC
+
+    src: Any = _connector_any(SalesforceCDC, SF_CONFIG)
+    schema_json = orjson.dumps(change_event_schema("Account", CDC_FIELDS)).decode()
+    src._schemas = {"fuzz-schema": Schema(schema_json)}  # what start() and GetSchema would fill
+
+    async def fetch_many(events: Any) -> list[Any]:  # the REST read of gap events: the record as it is now
+        return list(events)
+
+    src.fetch_many = fetch_many
+    return src, src._schemas["fuzz-schema"]
+
+
+def cdc_payload(record: dict[str, Any]) -> bytes:
+    """A record written with the fuzz schema, as Salesforce's Pub/Sub API sends it."""
+    import io
+
+    import fastavro
+
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, _cdc()[1].parsed, record)
+    return buf.getvalue()
+
+
+def cdc(data: bytes) -> None:
+    """A change event payload (Avro) through the CDC source: events, or PermanentError/PositionLost naming it."""
+    from integrand_salesforce.pubsub import pubsub_api_pb2 as pb
+
+    from integrand.errors import IntegrandError
+
+    src, _ = _cdc()
+    ce = pb.ConsumerEvent(event=pb.ProducerEvent(schema_id="fuzz-schema", payload=data), replay_id=b"\x00\x01")
+    coro = src._decode(ce, None, ())
+    try:
+        coro.send(None)  # nothing in it waits: the schema is cached and gap reads are local
+    except StopIteration as done:
+        events = done.value
+    except IntegrandError:
+        return
+    else:
+        coro.close()
+        raise Finding("decoding a change event waited on something")
+    for ev in events:
+        storable(ev)
+
+
+# --- brokers ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _brokers() -> list[tuple[str, Any]]:
+    from integrand_amqp.connector import AmqpConnector
+    from integrand_nats.connector import NatsConnector
+
+    out: list[tuple[str, Any]] = []
+    for fmt in ("auto", "json", "envelope"):
+        out.append(("nats", _connector_any(NatsConnector, {"stream": "S", "durable": "d", "format": fmt})))
+        out.append(("amqp", _connector_any(AmqpConnector, {"queue": "q", "format": fmt})))
+    return out
+
+
+class _AmqpMessage:
+    """What the AMQP source reads of an incoming message (aio-pika's needs a live channel)."""
+
+    def __init__(self, body: bytes, headers: dict[str, Any], message_id: str | None, type_: str | None):
+        self.body, self.headers, self.message_id, self.type = body, headers, message_id, type_
+        self.routing_key, self.exchange = "rk.fuzz", "ex"
+
+
+def _broker_message(kind: str, data: bytes) -> tuple[Any, Any]:
+    """(connector's message, its parse function) from fuzz bytes: header lines, a blank line, the body."""
+    _, headers, body = split_request(b"\x00" + data)
+    h = {k: v for k, v in headers.items() if _utf8(k) and _utf8(v)}  # both clients hand over decoded text
+    if kind == "nats":
+        from nats.aio.msg import Msg
+
+        return Msg(_client=None, subject="S.fuzz", data=body, headers=h or None), None  # type: ignore[arg-type]
+    return _AmqpMessage(body, {k.lower(): v for k, v in h.items()}, h.get("message-id"), h.get("type")), None
+
+
+def _broker(kind: str, data: bytes) -> None:
+    for name, src in _brokers():
+        if name != kind:
+            continue
+        m, _ = _broker_message(kind, data)
+        try:
+            ev = src._event(m, 7) if kind == "nats" else src._event(m)
+        except PayloadError:
+            continue  # stored as a rejection and terminated/dead-lettered: never redelivered forever
+        storable(ev)
+
+
+def nats(data: bytes) -> None:
+    _broker("nats", data)
+
+
+def amqp(data: bytes) -> None:
+    _broker("amqp", data)
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------------
+
+
+def pg_relation() -> bytes:
+    """A Relation message (public.items: id int8 key, body jsonb, price numeric, flag bool, note text)."""
+    import struct
+
+    cols = [(1, "id", 20), (0, "body", 3802), (0, "price", 1700), (0, "flag", 16), (0, "note", 25)]
+    out = b"R" + struct.pack("!I", 16384) + b"public\0items\0" + b"d" + struct.pack("!h", len(cols))
+    for flags, name, oid in cols:
+        out += bytes([flags]) + name.encode() + b"\0" + struct.pack("!Ii", oid, -1)
+    return out
+
+
+def pgoutput(data: bytes) -> None:
+    """Messages (cut at 0xff bytes) fed to a decoder that knows public.items, inside a Begin/Commit."""
+    import struct
+
+    from integrand_postgres.pgoutput import Decoder, PgoutputError
+    from integrand_postgres.source import envelope
+
+    dec = Decoder()
+    dec.feed(pg_relation())
+    dec.feed(b"B" + struct.pack("!qqI", 1 << 32, 0, 7))
+    for msg in data.split(b"\xff"):
+        try:
+            tx = dec.feed(msg)
+        except PgoutputError:
+            dec.current = None  # the stream alerts with it; the next peek starts over
+            dec.feed(b"B" + struct.pack("!qqI", 1 << 32, 0, 7))
+            continue
+        for seq, ch in enumerate(tx.changes if tx is not None else []):
+            rel = ch.relation
+            storable(  # the event the logical stream makes of it (logical.py)
+                alert_ok=True,
+                ev=envelope(
+                    source="fuzz",
+                    mode="logical",
+                    db="db",
+                    schema=rel.schema,
+                    table=rel.name,
+                    op=ch.op,
+                    before=ch.before,
+                    after=ch.after,
+                    key_cols=[c for c, _, k in rel.columns if k],
+                    version=str(tx.commit_lsn * 1000 + seq) if tx is not None else None,
+                    event_id=f"lsn-{seq}",
+                    ts_ms=tx.commit_ts_ms if tx is not None else 0,
+                ),
+            )
+
+
+def outbox(data: bytes) -> None:
+    """An outbox row built from fuzz JSON: [op, schema, table, before, after, txid]."""
+    from datetime import UTC, datetime
+
+    import orjson
+    from integrand_postgres.source import TableKeys
+
+    from integrand.errors import IntegrandError
+
+    try:
+        row = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        row = [data[:1].decode("latin-1"), "public", data[1:20].decode("utf-8", "replace"), None, {"id": 1}, 5]
+    if not isinstance(row, list):
+        row = [row]
+    op, schema, table, before, after, txid = (row + [None] * 6)[:6]
+    src = _outbox_source()
+    keys = TableKeys({("public", "items"): ["id"]}, {("public", "items"): ["bigint"]}, "db")
+    record = (
+        1,
+        txid if isinstance(txid, int) else 5,
+        datetime(2026, 1, 2, tzinfo=UTC),
+        schema if isinstance(schema, str) else "public",
+        table if isinstance(table, str) else "items",
+        op if isinstance(op, str) else "c",
+        before,
+        after,
+    )
+    try:
+        ev = src._outbox_event(record, keys)
+    except IntegrandError:
+        return
+    storable(ev, alert_ok=True)
+
+
+@functools.cache
+def _outbox_source() -> Any:
+    from integrand_postgres.source import PostgresSource
+
+    return _connector_any(PostgresSource, {"dsn": "postgresql://127.0.0.1/fuzz", "tables": ["public.items"]})
+
+
+def _connector_any(cls: type[Any], cfg: dict[str, Any]) -> Any:
+    config: ConnectorConfig = cls.Config.model_validate(cfg, context={"base_dir": Path(".")})
+    return cls(config, ConnectorContext(name="fuzz", role="source", base_dir=Path("."), state=_NoState()))
+
+
+TARGETS = {
+    "webhook": webhook,
+    "config": config,
+    "mapping": mapping,
+    "listing": listing,
+    "outbound": outbound,
+    "cdc": cdc,
+    "nats": nats,
+    "amqp": amqp,
+    "pgoutput": pgoutput,
+    "outbox": outbox,
+}
 
 
 def corpus(target: str) -> list[Path]:

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from integrand.config import load_config
+from integrand.store import REJECTIONS_BUFFERED
 
 from .fake_rest import FakeRest
 from .helpers import admin_url, hook_url, post_signed, running, wait_for, write_config
@@ -84,6 +85,12 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert "HTTP 503" in details["retry"]
             assert "HTTP 400" in details["dead"] and "request id crm-req-9" in details["dead"]
             assert details["routed"] == "to sink crm"
+            # Received with the source and the webhook request's id (answered as X-Request-Id), as stored;
+            # the provider's retry came in another request, which the deduplicated line names.
+            rid = story["event"]["request_id"]
+            assert len(rid) == 32 and details["received"] == f"source=demo request_id={rid}"
+            assert details["deduplicated"].startswith("received again (request ")
+            assert rid not in details["deduplicated"]
             # By integrand's own number and by source:id, the same story.
             row = story["event"]["row"]
             assert (await get(s, admin_url(d, f"/api/events/{row}")))[1] == stories
@@ -96,6 +103,8 @@ async def test_one_events_story_through_the_api_and_the_cli(tmp_path: Path, caps
             assert lines[0] == f"event {row}: demo:e1 (customer.updated)"
             steps = [ln.split()[2] for ln in lines[lines.index("  story:") + 1 :]]
             assert steps == actions
+            [received] = [ln for ln in lines[lines.index("  story:") + 1 :] if ln.split()[2] == "received"]
+            assert received.endswith(f"source=demo request_id={rid}")
             rc, out, _ = await cli("events", "show", "e1", "--json")  # for scripts: the API's answer
             assert rc == 0 and orjson.loads(out) == stories
             rc, out, _ = await cli("status", "--json")
@@ -292,6 +301,8 @@ async def test_metrics_types_and_values_move_as_events_flow(tmp_path: Path) -> N
                 "integrand_store_commits": "counter",
                 "integrand_store_ops": "counter",
                 "integrand_store_inline_checkpoints": "counter",
+                "integrand_store_rejections_dropped": "counter",
+                "integrand_store_pruned": "counter",
                 "integrand_build_info": "gauge",  # the text format has no info type
                 "process_resident_memory_bytes": "gauge",
                 "process_cpu_seconds": "counter",
@@ -352,6 +363,20 @@ async def test_metrics_types_and_values_move_as_events_flow(tmp_path: Path) -> N
                 value(after, "integrand_deliveries_current", "integrand_deliveries_current", sink="crm", state="done")
                 == 3
             )
+
+            # Retention deletes the three delivered events: counted by kind.
+            assert value(after, "integrand_store_pruned", "integrand_store_pruned_total", kind="events") == 0
+            while await d.store.prune(time.time() + 1) > 0:
+                pass
+            pruned = await scrape()
+            assert value(pruned, "integrand_store_pruned", "integrand_store_pruned_total", kind="events") == 3
+            assert value(pruned, "integrand_store_pruned", "integrand_store_pruned_total", kind="tombstones") == 0
+            # A flood of refusals faster than the writer: what its buffer cannot hold is dropped, and counted.
+            dropped = "integrand_store_rejections_dropped"
+            assert value(pruned, dropped, dropped + "_total") == 0
+            for i in range(REJECTIONS_BUFFERED + 25):  # no await: the writer cannot flush meanwhile
+                d.store.record_rejection("demo", 401, f"bad signature {i}", "127.0.0.1", {}, 10)
+            assert value(await scrape(), dropped, dropped + "_total") == 25
     finally:
         receiver.gate.set()
         await receiver.stop()

@@ -173,12 +173,12 @@ async def test_a_refused_flush_keeps_the_window_and_the_redelivery_flushes_it_on
         real = store.enqueue
         calls = 0
 
-        async def refuse_once(items: Any) -> Any:
+        async def refuse_once(items: Any, **kw: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise StoreUnavailable("store cannot commit: database or disk is full")
-            return await real(items)
+            return await real(items, **kw)
 
         store.enqueue = refuse_once  # type: ignore[method-assign]
         with pytest.raises(StoreUnavailable):
@@ -189,3 +189,64 @@ async def test_a_refused_flush_keeps_the_window_and_the_redelivery_flushes_it_on
         assert await store.event_count() == 1
         [row] = await store.lease(10, 30.0)
         assert [it["id"] for it in row.event.data["items"]] == ["e0", "e1", "e2"]
+
+
+async def test_a_sighup_reload_keeps_aggregated_routes_and_their_open_windows(tmp_path: Path) -> None:
+    """reload.py keeps the aggregated routes' virtual sinks: a window open at the SIGHUP fills and flushes after
+    it, the next one too, and the reload's own change (a sink added) takes effect beside them."""
+    out, extra = tmp_path / "var" / "warehouse.jsonl", tmp_path / "var" / "extra.jsonl"
+    base = BASE.replace('log_level = "debug"', 'log_level = "info"')
+    body = SOURCE + agg_route(max_count=5, sum=["data.amount"])
+    cfg = write_config(tmp_path, body, base=base)
+    d = DaemonProcess(cfg, tmp_path / "daemon.log")
+    await d.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(3):
+                await post(session, d.url("shop"), i, f"o{i}", i)
+            await wait_for(lambda: aggregated(tmp_path / "var" / "integrand.db") == 3, timeout=20)
+            added = '\n[sinks.extra]\nconnector = "jsonl"\npath = "var/extra.jsonl"\n\n[[routes]]\nfrom = "shop"\nto = ["extra"]\n'
+            cfg.write_text(base + body + added)
+            d.signal(signal.SIGHUP)
+            await wait_for(lambda: "reloaded" in d.output(), timeout=20)
+            for i in range(3, 10):
+                await post(session, d.url("shop"), i, f"o{i}", i)
+            await wait_for(lambda: len(read_jsonl(out)) == 2, timeout=20)
+            await wait_for(lambda: len(read_jsonl(extra)) == 7, timeout=20)
+    finally:
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    first, second = read_jsonl(out)
+    assert [it["id"] for it in first["data"]["items"]] == [f"li{i}" for i in range(5)]  # 3 before the reload, 2 after
+    assert [it["id"] for it in second["data"]["items"]] == [f"li{i}" for i in range(5, 10)]
+    assert first["data"]["sums"] == {"data.amount": 10} and second["data"]["sums"] == {"data.amount": 35}
+    assert "reload rejected" not in d.output() and "Traceback" not in d.output()
+    assert [e["id"] for e in read_jsonl(extra)] == [f"li{i}" for i in range(3, 10)]
+
+
+async def test_kill9_mid_time_window_flushes_it_whole_after_the_restart(tmp_path: Path) -> None:
+    out = tmp_path / "var" / "warehouse.jsonl"
+    cfg = write_config(
+        tmp_path,
+        SOURCE + agg_route(window="5s", align=False, group_by="entity", sum=["data.amount"]),
+        base=BASE.replace('log_level = "debug"', 'log_level = "info"'),
+    )
+    d = DaemonProcess(cfg, tmp_path / "daemon.log")
+    await d.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(4):
+                await post(session, d.url("shop"), i, "A", i)
+            await wait_for(lambda: aggregated(tmp_path / "var" / "integrand.db") == 4, timeout=20)
+            await d.kill()  # a time window holding 4, only in the store
+            assert read_jsonl(out) == []
+            await d.start()
+            assert "resumed 1 open window(s) holding 4 event(s)" in d.output()
+            await wait_for(lambda: len(read_jsonl(out)) == 1, timeout=20)
+    finally:
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    [w] = read_jsonl(out)
+    assert w["data"]["closed"] == "time" and w["data"]["count"] == 4
+    assert [it["id"] for it in w["data"]["items"]] == [f"li{i}" for i in range(4)]
+    assert w["data"]["sums"] == {"data.amount": 6} and w["entity_id"] == "order:A"

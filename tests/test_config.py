@@ -199,3 +199,15 @@ def test_unknown_key_named_like_a_type(key: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"daemon": {key: {}}}, base_dir=Path("/nonexistent"))
     assert [p for p in e.value.problems if p.startswith(f"daemon.{key}: unknown key")], e.value.problems
+
+
+def test_the_default_state_dir_is_beside_the_config_file_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "etc" / "config.toml"
+    conf.parent.mkdir()
+    conf.write_text('[sources.x]\nconnector = "webhook"\nsignature = "none"\nallow_unsigned = true\n')
+    monkeypatch.chdir(tmp_path)  # a CLI command run from elsewhere finds the same store as the daemon
+    s = load_config(Path("etc/config.toml"))
+    assert s.daemon.state_dir == tmp_path / "etc" / "var"
+    assert s.db_path == tmp_path / "etc" / "var" / "integrand.db"

@@ -1,4 +1,5 @@
-"""kill -9 at random moments for a few rounds under webhooks and polling; ``make soak`` runs the long one."""
+"""kill -9 at random moments for a few rounds under webhooks, polling, a NATS stream and reloads; ``make soak``
+runs the long one."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ async def test_kill_9_loop_loses_nothing_repeats_nothing_keeps_order(tmp_path: P
     assert f.webhook_retries > 0, "no sender ever saw the daemon down: the kills did not land under load"
     assert f.polled_changes > 50
     assert f.kills_mid_poll >= 1
+    assert f.stream_acked > 100, "the NATS publisher hardly published"
+    assert f.reloads_done >= 1 and f.kills_mid_reload >= 1
     assert f.lost == f.duplicates == f.order_violations == f.cursor_ahead == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
@@ -210,3 +211,47 @@ async def test_a_poison_delivery_cannot_keep_the_breaker_open(tmp_path: Path) ->
         await wait_for(poison_dead, timeout=15)
         await wait_for(lambda: len(sk.received) == 7, timeout=10)
         assert [x.event_id for x in await d.store.dead_letters()] == ["m0"]
+
+
+async def test_an_idle_dispatcher_commits_nothing_and_still_meets_a_due_retry(tmp_path: Path) -> None:
+    """Idle, it sleeps until a commit wakes it or a retry falls due: no empty lease (a write) every second."""
+    from .receiver import Receiver
+
+    receiver = Receiver(per_event={"r1": [(503, {})]})
+    await receiver.start()
+    cfg = write_config(
+        tmp_path,
+        f"""
+[sources.demo]
+connector = "webhook"
+signature = "standard-webhooks"
+secret = "{DEMO_SECRET}"
+
+[sinks.crm]
+connector = "http"
+url = "{receiver.url}"
+retry = {{base = "1500ms", cap = "1500ms"}}
+
+[[routes]]
+from = "demo"
+to = ["crm"]
+""",
+    )
+    try:
+        async with running(load_config(cfg)) as d, aiohttp.ClientSession() as s:
+            assert (await post_signed(s, hook_url(d), {"type": "t"}, "r1"))[0] == 200
+            # The retry is due 1.5 s after the 503: the idle wakes in between find nothing due, then it goes.
+            await wait_for(lambda: [r.status for r in receiver.log] == [503, 200], timeout=15)
+            await wait_for(lambda: _done(d), timeout=10)
+            commits = d.store.commits
+            await asyncio.sleep(3.0)  # an observation window: three of the dispatcher's idle wake-ups
+            assert d.store.commits == commits
+            # And a commit still wakes it at once.
+            assert (await post_signed(s, hook_url(d), {"type": "t"}, "r2"))[0] == 200
+            await wait_for(lambda: len(receiver.log) == 3, timeout=5)
+    finally:
+        await receiver.stop()
+
+
+async def _done(d: Daemon) -> bool:
+    return (await d.store.counts()).get(("crm", "done")) == 1

@@ -91,3 +91,45 @@ def test_send_url_must_be_the_full_hooks_url(tmp_path: Path, capsys: pytest.Capt
     assert cli_main(["send", "--config", str(config), "--url", "http://127.0.0.1:8080", "demo", "/dev/null"]) == 2
     err = capsys.readouterr().err
     assert "--url needs the full webhook URL of the source, ending in /hooks/demo" in err
+
+
+async def posted_request_ids(tmp_path: Path, base: str, sent: str | None) -> tuple[str, str, str | None]:
+    """(the X-Request-Id answered to a stored webhook, to a refused one, the one its event was stored with)."""
+    async with running(settings_for(tmp_path, DEMO, base)) as d, aiohttp.ClientSession() as s:
+        extra = {"X-Request-Id": sent} if sent is not None else {}
+        body = orjson.dumps({"type": "t.x"})
+        async with s.post(hook_url(d), data=body, headers={**signed_headers(body, "m1"), **extra}) as resp:
+            assert resp.status == 200
+            stored = resp.headers["X-Request-Id"]
+        bad = {**signed_headers(body, "m2"), "webhook-signature": "v1,AAAA", **extra}
+        async with s.post(hook_url(d), data=body, headers=bad) as resp:
+            assert resp.status == 401
+            refused = resp.headers["X-Request-Id"]
+        [event] = await d.store.find_events("demo:m1")
+        return stored, refused, event.request_id
+
+
+async def test_every_webhook_gets_a_request_id_stored_with_its_events(tmp_path: Path) -> None:
+    stored, refused, kept = await posted_request_ids(tmp_path, BASE, None)
+    assert len(stored) == 32 and int(stored, 16) >= 0  # integrand's own: a UUID's hex
+    assert refused != stored and kept == stored
+
+
+async def test_a_trusted_proxys_request_id_is_kept(tmp_path: Path) -> None:
+    rid = "Root=1-67891233-abcdef012345678912345678"
+    assert await posted_request_ids(tmp_path, PROXY_BASE, rid) == (rid, rid, rid)
+
+
+async def test_a_clients_request_id_is_not_believed(tmp_path: Path) -> None:
+    # From a peer that is not a trusted proxy (and from a trusted one, an id that is not id-like): ours.
+    for i, (base, sent) in enumerate(((BASE, "chosen-by-the-client"), (PROXY_BASE, "has spaces, <and> more"))):
+        (tmp_path / str(i)).mkdir()
+        stored, _refused, kept = await posted_request_ids(tmp_path / str(i), base, sent)
+        assert stored != sent and len(stored) == 32 and kept == stored
+
+
+async def test_a_refusal_is_logged_with_its_request_id(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="integrand.listener")
+    _stored, refused, _kept = await posted_request_ids(tmp_path, BASE, None)
+    [line] = [r for r in caplog.records if "refused webhook" in r.getMessage()]
+    assert getattr(line, "request_id", None) == refused

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from integrand.connector import Event
+from integrand.connector import Event, PayloadError
 from integrand.routes import MappingError
 
 from . import fuzz_targets as t
@@ -290,3 +290,156 @@ def test_chunk_watch_never_refuses_traffic_within_the_limit(case: tuple[bytes, i
 )
 def test_a_listing_page_yields_events_or_says_why(item: dict[str, object], extra: list[object]) -> None:
     t.listing(orjson.dumps({"results": [item, *extra], "next": extra[0] if extra else None}))
+
+
+# --- the new connectors' parsers ---------------------------------------------------------------------------
+
+broker_header = st.sampled_from(
+    [b"Nats-Msg-Id", b"Integrand-Type", b"Integrand-Entity", b"Integrand-Entity-Id", b"Integrand-Version"]
+)
+
+
+@st.composite
+def broker_messages(draw: st.DrawFn) -> bytes:
+    """Header lines (the ones the sources read, with any text) and a body: JSON, an envelope, deep, or bytes."""
+    names = draw(st.lists(broker_header, max_size=5))
+    headers = b"".join(n + b": " + draw(header_text) + b"\n" for n in names)
+    kind = draw(st.sampled_from(["json", "envelope", "deep", "bytes"]))
+    if kind == "json":
+        body = orjson.dumps(draw(json_value))
+    elif kind == "envelope":
+        env = {k: draw(json_leaf) for k in draw(st.lists(st.sampled_from(ENVELOPE_KEYS), max_size=8))}
+        body = orjson.dumps({"id": "e1", "source": "s", "type": "t", "data": draw(json_value), **env})
+    elif kind == "deep":
+        n = draw(st.integers(1, 400))
+        body = b"[" * n + b"]" * n
+    else:
+        body = draw(st.binary(max_size=100))
+    return headers + b"\n" + body
+
+
+ENVELOPE_KEYS = ["id", "source", "type", "data", "entity", "entity_id", "version", "occurred_at", "meta"]
+
+
+@FAST
+@given(broker_messages())
+def test_nats_and_amqp_messages_become_storable_events_or_rejections(data: bytes) -> None:
+    t.nats(data)
+    t.amqp(data)
+
+
+def test_a_broker_message_the_store_cannot_hold_is_rejected_not_left_to_poison_its_batch() -> None:
+    """Regression: a JSON body nested past orjson's 254 levels, or an ``Integrand-Version`` that is neither a
+    number nor a time, made an event the store refuses; the streamer treats that as a permanent error, so the
+    whole batch (good messages too) stayed uncommitted and was fetched again forever."""
+    deep = b"[" * 300 + b"]" * 300
+    for kind in ("nats", "amqp"):
+        for name, src in t._brokers():
+            if name != kind:
+                continue
+            for data in (b"\n" + deep, b"Integrand-Entity-Id: k\nIntegrand-Version: banana\n\n{}"):
+                m, _ = t._broker_message(kind, data)
+                reason = "not an integrand envelope" if src.config.format == "envelope" else "cannot be stored"
+                # PayloadError: stored as a rejection, then term-ed / dead-lettered
+                with pytest.raises(PayloadError, match=reason):
+                    src._event(m, 7) if kind == "nats" else src._event(m)
+
+
+CHANGE_TYPES = ["CREATE", "UPDATE", "DELETE", "UNDELETE", "GAP_CREATE", "GAP_UPDATE", "GAP_OVERFLOW"]
+
+
+@FAST
+@given(
+    st.fixed_dictionaries(
+        {
+            "entityName": st.text(max_size=8),
+            "recordIds": st.lists(st.text(max_size=8), max_size=3),
+            "changeType": st.sampled_from(CHANGE_TYPES),
+            "changeOrigin": st.text(max_size=20),
+            "transactionKey": st.text(max_size=4),
+            "sequenceNumber": st.integers(-(2**31), 2**31 - 1),
+            "commitTimestamp": st.integers(-(2**63), 2**63 - 1),
+            "commitNumber": st.integers(-(2**63), 2**63 - 1),
+            "commitUser": st.text(max_size=4),
+            "nulledFields": st.lists(st.text(max_size=6), max_size=3),
+            "diffFields": st.lists(st.text(max_size=6), max_size=2),
+            "changedFields": st.lists(
+                st.one_of(st.text(max_size=6), st.sampled_from(["0x2", "0xff", "3-0x01"])), max_size=3
+            ),
+        }
+    ),
+    st.lists(st.one_of(st.none(), st.text(max_size=10)), min_size=4, max_size=4),
+)
+def test_a_cdc_change_event_becomes_events_or_a_permanent_error(
+    header: dict[str, object], values: list[object]
+) -> None:
+    record = {"ChangeEventHeader": header, **dict(zip(t.CDC_FIELDS, values, strict=True))}
+    t.cdc(t.cdc_payload(record))
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_cdc_payload_bytes_never_escape_as_anything_but_a_permanent_error(data: bytes) -> None:
+    t.cdc(data)
+
+
+pg_text = st.one_of(st.none(), st.binary(max_size=12), st.sampled_from([b"1", b"-3.5", b"NaN", b"t", b"{}", b"1e400"]))
+
+
+@st.composite
+def pg_messages(draw: st.DrawFn) -> bytes:
+    """Insert/Update/Delete messages for public.items (well formed or cut short), Commits, and noise."""
+    import struct
+
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from([b"I", b"U", b"D", b"C", b"T", b"X"]))
+        vals = [draw(pg_text) for _ in range(draw(st.integers(0, 6)))]
+        tup = struct.pack("!h", len(vals)) + b"".join(
+            b"n" if v is None else b"t" + struct.pack("!i", len(v)) + v for v in vals
+        )
+        if kind in (b"I", b"U", b"D"):
+            oid = draw(st.sampled_from([16384, 16384, 1]))
+            msg = kind + struct.pack("!I", oid) + draw(st.sampled_from([b"N", b"K", b"O"])) + tup
+        elif kind == b"C":
+            msg = b"C\x00" + struct.pack("!qqq", *(draw(st.integers(-(2**63), 2**63 - 1)) for _ in range(3)))
+        else:
+            msg = kind + draw(st.binary(max_size=20))
+        cut = draw(st.integers(0, len(msg)))
+        out.append(msg if draw(st.booleans()) else msg[:cut])
+    return b"\xff".join(out)
+
+
+@FAST
+@given(pg_messages())
+def test_pgoutput_messages_decode_or_say_what_is_malformed(data: bytes) -> None:
+    t.pgoutput(data)
+
+
+def test_a_numeric_past_64_bits_decodes_to_a_float_not_an_integer_the_store_cannot_write() -> None:
+    """Regression: pgoutput turned numeric 123456789012345678901234567890 into a Python int, which orjson
+    cannot write: the logical stream's batch failed for good (the outbox mode's to_jsonb gives a float)."""
+    from integrand_postgres.pgoutput import value
+
+    assert value(1700, "123456789012345678901234567890") == pytest.approx(1.2345678901234568e29)
+    assert value(1700, "9223372036854775807") == 9223372036854775807
+    assert value(1700, "-9223372036854775808") == -9223372036854775808
+    assert isinstance(value(1700, "9223372036854775808"), float)
+
+
+@FAST
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(["c", "u", "d", "r", "x", ""]), json_value, st.integers(0, 2**40)),
+        min_size=0,
+        max_size=6,
+    )
+)
+def test_an_outbox_row_becomes_an_event_or_a_permanent_error_naming_it(row: list[object]) -> None:
+    t.outbox(orjson.dumps(row))
+
+
+@FAST
+@given(st.lists(st.one_of(st.binary(max_size=20), st.text(max_size=20).map(str.encode)), min_size=1, max_size=6))
+def test_a_salesforce_outbound_message_is_parsed_or_refused_below_500(parts: list[bytes]) -> None:
+    t.outbound(b"\xff".join(p.replace(b"\xff", b"") for p in parts))

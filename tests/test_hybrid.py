@@ -100,3 +100,44 @@ async def test_reconcile_command_reports_and_fills_the_gaps(tmp_path: Path) -> N
         check_exactly_once(read_jsonl(out), api)
     finally:
         await api.close()
+
+
+async def test_polls_wait_max_interval_while_webhooks_carry_the_changes_and_not_once_they_stop(
+    tmp_path: Path,
+) -> None:
+    api = FakeRest(seed=13, page_size=10, webhook_drop=0.1)
+    base = await api.start()
+    out = tmp_path / "var" / "out.jsonl"
+    cfg = hybrid_config(base, reconcile=None).replace(
+        "enabled = false", 'min_interval = "20ms"\nmax_interval = "2s"\ntarget_latency = "200ms"'
+    )
+    try:
+        settings = settings_for(tmp_path, cfg)
+        async with running(settings) as d:
+            poller = d.pollers["crm"]
+            api.webhook_url = hook_url(d, "crm")
+            await drive(api, schedule(13, 30, 80, 0.01))
+            await wait_for(lambda: {ln["entity_id"]: ln["version"] for ln in read_jsonl(out)} == api.final_versions())
+            assert api.webhooks_dropped >= 3
+            # The webhooks carry nine changes in ten: trusted, so the scheduled wait is max_interval.
+            await wait_for(
+                lambda: poller.status()["trusting_webhooks"] and poller.status()["last_reason"] == "webhooks"
+            )
+            assert poller.status()["last_wait"] == 2.0
+            # The endpoint breaks: polls find every change, and the rate plan is back within a few polls.
+            api.webhook_url = None
+            for i in range(10):
+                for j in range(10):
+                    await api.change(f"late{i}-{j}")
+                await wait_for(
+                    lambda: {ln["entity_id"]: ln["version"] for ln in read_jsonl(out)} == api.final_versions(),
+                    timeout=30,
+                )
+                if not poller.status()["trusting_webhooks"]:
+                    break
+            assert not poller.status()["trusting_webhooks"]
+            await wait_for(lambda: {ln["entity_id"]: ln["version"] for ln in read_jsonl(out)} == api.final_versions())
+            assert poller.status()["last_reason"] == "rate"
+        check_exactly_once(read_jsonl(out), api)
+    finally:
+        await api.close()

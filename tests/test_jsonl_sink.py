@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 from collections.abc import Iterator
@@ -74,7 +75,7 @@ async def test_window_reads_only_the_tail_and_zero_turns_the_check_off(tmp_path:
     s = await sink(out)
     await s.deliver_batch(events(range(5000), pad=300))  # ~2 MB: more than one block of the tail read
     await s.close()
-    lines, whole = tail_lines(out, 10)
+    lines, whole, _ = tail_lines(out, 10)
     assert [orjson.loads(ln)["id"] for ln in lines] == [f"e{i}" for i in range(4990, 5000)]
     assert whole == out.stat().st_size
     s = await sink(out, dedupe_window=10)
@@ -117,3 +118,33 @@ async def test_a_write_that_fails_half_way_is_cut_back_and_retried_whole(tmp_pat
     assert await s.deliver_batch(events(range(10, 100), pad=100)) == [None] * 90
     await s.close()
     assert jsonl_ids(out) == [f"e{i}" for i in range(100)]
+
+
+async def test_a_reload_starting_a_second_sink_on_the_file_keeps_what_the_first_just_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that changes the sink starts a new instance while the old one still delivers its batch:
+    the new one must not take the old one's fresh, acknowledged lines for a torn line and cut them off
+    (found by the crash loop's reloads: lines marked done in the store were missing from the file)."""
+    import integrand.builtin.jsonl as jsonl
+
+    out = tmp_path / "out.jsonl"
+    old = await sink(out)
+    await old.deliver_batch(events(range(0, 5)))
+    read = jsonl.tail_lines
+
+    def read_then_the_old_sink_writes(path: Path, count: int) -> tuple[list[bytes], int, int]:
+        result = read(path, count)
+        # The old instance's batch lands after the new one read the tail and before it checks the size
+        # (written past the lock: the check must hold without it too).
+        assert old._fd is not None
+        os.write(old._fd, b"".join(e.to_json() + b"\n" for e in events(range(5, 8))))
+        return result
+
+    monkeypatch.setattr(jsonl, "tail_lines", read_then_the_old_sink_writes)
+    new = await sink(out)
+    monkeypatch.setattr(jsonl, "tail_lines", read)
+    await new.deliver_batch(events(range(8, 10)))
+    await old.close()
+    await new.close()
+    assert jsonl_ids(out) == [f"e{i}" for i in range(10)]

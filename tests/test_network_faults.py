@@ -173,11 +173,12 @@ async def test_a_failing_sink_opens_the_breaker_loses_nothing_and_recovers(
         await wait_for(lambda: d.dispatcher.sinks["crm"].breaker.status == "closed", timeout=10)
 
 
-async def test_an_hour_of_500s_in_simulated_time_gives_nothing_up_and_costs_few_requests(
-    tmp_path: Path, sink: FaultySink
+@pytest.mark.parametrize("mode", ["500", "hang", "reset", "garbage"])
+async def test_an_hour_of_a_failing_sink_in_simulated_time_gives_nothing_up_and_costs_few_requests(
+    tmp_path: Path, sink: FaultySink, mode: str
 ) -> None:
     url = await sink.start()
-    sink.mode = "500"
+    sink.mode = mode
     clock = FakeClock()
     async with daemon(tmp_path, config(url), clock) as d:
         await send(d, 50, entities=50)
@@ -190,7 +191,7 @@ async def test_an_hour_of_500s_in_simulated_time_gives_nothing_up_and_costs_few_
         during = sink.requests - started
         # The breaker lets a probe through about once per max_open_for (60 s): some 60 requests an hour,
         # where 50 deliveries retrying on their own would have made hundreds.
-        print("requests to the sink in a simulated hour of 500s:", during)
+        print(f"requests to the sink in a simulated hour of {mode}:", during)
         assert during <= 150, during
         assert await d.store.dead_letters() == []
         sink.mode = "ok"

@@ -54,6 +54,18 @@ def all_event_ids(db: Path) -> set[str]:
         return {r[0] for r in c.execute("SELECT event_id FROM events")}
 
 
+def all_delivered(db: Path, out: Path, n: int) -> bool:
+    """The store holds ``n`` events and the sink's file all of them, judged on one read of each.
+
+    The store is read first and once: the file only grows, so if it holds every event of that
+    read, it held them when it was read. Reading the store twice (once for the ids, once for
+    their count) let a page committed between the reads count as delivered before the sink
+    wrote it: under load the check passed with the last page's entities not yet in the file.
+    """
+    ids = all_event_ids(db)
+    return len(ids) == n and {ln["id"] for ln in read_jsonl(out)} >= ids
+
+
 def dedup(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The lines an idempotent sink would keep: the first of each event id."""
     seen: set[str] = set()
@@ -151,10 +163,7 @@ async def test_kill_during_a_multi_page_pass(tmp_path: Path) -> None:
 
         api.list_records = original  # type: ignore[method-assign]
         holder["p"] = await start_daemon(cfg, tmp_path / "daemon.log")
-        await wait_for(
-            lambda: {ln["id"] for ln in read_jsonl(out)} >= all_event_ids(db) and len(all_event_ids(db)) == 20,
-            timeout=30,
-        )
+        await wait_for(lambda: all_delivered(db, out, 20), timeout=30)
         await wait_for(lambda: committed(db)[0]["page"] is None)
         lines = read_jsonl(out)
         repeated = {i for i, n in Counter(ln["id"] for ln in lines).items() if n > 1}

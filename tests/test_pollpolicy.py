@@ -13,15 +13,19 @@ from hypothesis import strategies as st
 from integrand.pollpolicy import (
     DAY,
     HOUR,
+    WEEK_HOURS,
     Observation,
     PollPolicy,
     PollState,
+    blended,
     from_json,
     observe,
     price,
     recent_rate,
     reconciled,
+    spilled,
     to_json,
+    trusting,
     week_bucket,
 )
 
@@ -280,3 +284,79 @@ def test_provider_budget_keeps_a_reserve_for_writes() -> None:
         policy, state, 60.0, Observation(60.0, changes=100, budget_remaining=30, budget_limit=100, budget_reset=600)
     )
     assert (d.reason, d.delay) == ("provider-budget", 60.0)  # 10 spare over 600 s
+
+
+hooked_polls = st.lists(
+    st.tuples(
+        st.integers(0, 50),  # changes the poll found that webhooks had not delivered
+        st.integers(0, 50),  # changes webhooks delivered since the previous poll
+        st.booleans(),  # error
+        st.floats(0, 1, exclude_max=True),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(policies, hooked_polls, st.booleans())
+def test_webhooks_are_trusted_only_while_they_carry_most_changes(
+    policy: PollPolicy, seq: list[tuple[int, int, bool, float]], trust: bool
+) -> None:
+    """Trusting webhooks means max_interval between nudges, and only while polls find at most the lost share."""
+    policy = replace(policy, trust_nudges=trust)
+    state, now = PollState(), 1e6
+    for found, pushed, error, rand in seq:
+        times = tuple(now - i for i in range(found))
+        state, d = observe(
+            policy, state, now, Observation(now, changes=found, change_times=times, pushed=pushed, error=error), rand
+        )
+        assert policy.min_interval <= d.delay <= policy.max_interval
+        if d.reason == "webhooks":
+            assert trust and not error
+            assert d.delay == policy.max_interval
+            total = state.pushed_ew + state.found_ew
+            assert total > 0 and state.found_ew <= policy.trust_lost_share * total
+        now += d.delay
+
+
+def test_nudged_source_waits_max_interval_between_webhooks_until_they_stop() -> None:
+    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60, seasonal=False)
+    state, now = PollState(), 1e6
+    state, d = observe(policy, state, now, Observation(now, changes=30, change_times=(now - 30,) * 30))
+    assert d.reason == "rate" and d.delay < 120  # no webhook yet: busy, so polled at the floor
+    for _ in range(10):  # webhooks deliver nine changes in ten; polls find the tenth
+        now += 60
+        state, d = observe(policy, state, now, Observation(now, changes=1, change_times=(now - 30,), pushed=9))
+    assert trusting(policy, state)
+    assert (d.reason, d.delay) == ("webhooks", 1800)
+    # The webhooks stop arriving (a broken endpoint): polls find everything, and trust ends within a few polls.
+    found = 0
+    while d.reason == "webhooks":
+        now += 60
+        state, d = observe(policy, state, now, Observation(now, changes=10, change_times=(now - 30,) * 10))
+        found += 10
+    assert found <= 200
+    assert d.reason == "rate" and d.delay < 120
+    # A source without nudges (nudge = false) never trusts.
+    plain = replace(policy, trust_nudges=False)
+    s2, d2 = observe(plain, PollState(), now, Observation(now, changes=1, change_times=(now - 1,), pushed=99))
+    assert not trusting(plain, s2) and d2.reason == "rate"
+
+
+def test_a_lumpy_hour_lends_half_its_rate_to_its_neighbours_a_regular_one_nothing() -> None:
+    """Bursts at random times on some weekdays at 09:00 may as well start at 08:00; an export every night at 02:00 not at 01:00."""
+    season, n = [0.0] * WEEK_HOURS, [1] * WEEK_HOURS
+    for d, burst in enumerate([300.0, 0.0, 250.0, 0.0, 0.0]):  # 09:00: a bulk import on two weekdays of five
+        season[d * 24 + 9] = (20.0 + burst) / HOUR
+    for d in range(7):  # 02:00: an export of 290-310 changes every night
+        season[d * 24 + 2] = (290.0 + 5 * d) / HOUR
+    rates = blended(season, n)
+    plan = spilled(season, n, rates)
+    for d in range(5):
+        assert plan[d * 24 + 8] == pytest.approx(0.5 * rates[d * 24 + 9])
+        assert plan[d * 24 + 10] == pytest.approx(0.5 * rates[d * 24 + 9])
+    for d in range(7):
+        assert plan[d * 24 + 1] < 0.01 * rates[d * 24 + 2]
+        assert plan[d * 24 + 3] < 0.01 * rates[d * 24 + 2]
+    assert all(p >= r for p, r in zip(plan, rates, strict=True))  # spilling only adds

@@ -219,3 +219,86 @@ async def test_reload_applies_log_level_and_names_what_needs_a_restart(
             assert "daemon.log_level changed" not in text
     finally:
         root.setLevel(level)
+
+
+ADMIN_AND_ALERTS = """
+[daemon]
+listen = "127.0.0.1:0"
+state_dir = "var"
+log_level = "info"
+
+[admin]
+listen = "127.0.0.1:0"
+socket = ""
+token = {file = "token"}
+"""
+
+FAILING_SINK = f"""
+[sources.demo]
+connector = "webhook"
+signature = "standard-webhooks"
+secret = "{DEMO_SECRET}"
+
+[sinks.crm]
+connector = "http"
+url = "URL"
+breaker = {{failure_threshold = 1, open_for = "50ms", max_open_for = "100ms"}}
+retry = {{base = "10ms", cap = "50ms"}}
+
+[[routes]]
+from = "demo"
+to = ["crm"]
+"""
+
+ALERTS = """
+[alerts]
+webhook_url = {env = "INTEGRAND_TEST_CHAT_HOOK"}
+check_every = "20ms"
+breaker_open_for = "100ms"
+"""
+
+
+async def test_reload_applies_the_admin_token_and_alerts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .test_alerts import ChatHook
+
+    caplog.set_level(logging.INFO)
+    hook = ChatHook()
+    await hook.start()
+    monkeypatch.setenv("INTEGRAND_TEST_CHAT_HOOK", hook.url)
+    receiver = Receiver(status=503)
+    await receiver.start()
+    (tmp_path / "token").write_text("old-token-4f2a9c")
+    sinks = FAILING_SINK.replace("URL", receiver.url)
+    try:
+        async with running(settings_for(tmp_path, sinks, ADMIN_AND_ALERTS)) as d, aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{d.ports['admin']}/api/status"
+
+            async def status_with(token: str) -> int:
+                async with s.get(url, headers={"Authorization": f"Bearer {token}"}) as r:
+                    return r.status
+
+            assert (await status_with("old-token-4f2a9c"), await status_with("new-token-8d1e7b")) == (200, 401)
+            assert (await post_signed(s, hook_url(d), {"type": "t"}, "a1"))[0] == 200
+            await wait_for(lambda: len(receiver.log) >= 2, timeout=10)  # the breaker is open, no notifier yet
+
+            # One reload: a new token (same reference, new content) and an [alerts] table.
+            (tmp_path / "token").write_text("new-token-8d1e7b")
+            (tmp_path / "config.toml").write_text(ADMIN_AND_ALERTS + sinks + ALERTS)
+            assert await reload(d)
+            assert (await status_with("old-token-4f2a9c"), await status_with("new-token-8d1e7b")) == (401, 200)
+            await wait_for(lambda: any(t.startswith("[FIRING] IntegrandBreakerOpenLong") for t in hook.texts()))
+            assert "reload: admin.token changed" in caplog.text
+            assert "reload: [alerts] notifier started" in caplog.text
+            assert "takes effect at the next restart" not in caplog.text
+
+            # And without [alerts] again: the notifier stops (nothing more is posted), the token stays.
+            (tmp_path / "config.toml").write_text(ADMIN_AND_ALERTS + sinks)
+            assert await reload(d)
+            await wait_for(lambda: d.tasks["alerts"].done(), timeout=10)
+            assert await status_with("new-token-8d1e7b") == 200
+    finally:
+        await receiver.stop()
+        assert hook.runner is not None
+        await hook.runner.cleanup()

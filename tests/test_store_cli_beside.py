@@ -93,28 +93,42 @@ async def test_cli_writes_beside_a_daemon_under_load_fail_no_webhook(tmp_path: P
             # only by the CLI's reconcile, which stores them, as an operator's `integrand reconcile` does.
             await wait_for(lambda: len(read_jsonl(tmp_path / "var" / "out.jsonl")) >= 10)
             statuses: list[int] = []
+            sent: list[str] = []
+            done = asyncio.Event()
 
             async def producer(p: int) -> None:
-                for i in range(p, 400, 8):
+                # Senders keep going until every CLI command has run: each runs under load, not after it.
+                i = p
+                while not done.is_set() or i < 400:
+                    sent.append(f"m{i}")
                     status, _ = await post_signed(s, hook_url(d, "demo"), {"object": "o", "id": f"e{i % 50}"}, f"m{i}")
                     statuses.append(status)
+                    i += 8
 
             producers = asyncio.gather(*(producer(p) for p in range(8)))
             runs = []
+            during: list[int] = []  # webhooks answered while each command ran
             for n in range(3):
                 for i in range(5):
                     await api.change(f"r{n}-{i}")
-                runs.append(await cli(config_path, "reconcile", "crm", "--full"))
-                runs.append(await cli(config_path, "dlq", "replay", "--all"))
-                runs.append(await cli(config_path, "cursor", "set", "crm", f'{{"n": {n}}}'))
+                for args in (
+                    ("reconcile", "crm", "--full"),
+                    ("dlq", "replay", "--all"),
+                    ("cursor", "set", "crm", f'{{"n": {n}}}'),
+                ):
+                    before = len(statuses)
+                    runs.append(await cli(config_path, *args))
+                    during.append(len(statuses) - before)
+            done.set()
             await producers
             assert [r[0] for r in runs] == [0] * len(runs), runs
+            assert min(during) > 0, during
             # The first reconcile stored the 5 changes the daemon had not polled (a `cursor set` may
             # make the daemon poll again, so later ones may find less to store).
             assert "missed=5" in runs[0][1], runs[0]
-            assert statuses == [200] * 400, sorted(set(statuses))
+            assert len(statuses) >= 400 and statuses == [200] * len(statuses), sorted(set(statuses))
             await wait_for(
-                lambda: {e["id"] for e in read_jsonl(tmp_path / "var" / "out.jsonl")} >= {f"m{i}" for i in range(400)},
+                lambda: {e["id"] for e in read_jsonl(tmp_path / "var" / "out.jsonl")} >= set(sent),
                 timeout=30,
             )
             # The daemon still takes webhooks after the CLI is gone.

@@ -246,3 +246,21 @@ async def test_one_unstorable_event_fails_alone_in_a_group_commit(store: StoreBa
     assert isinstance(results[2], UnstorableEvent)
     assert [r.accepted for r in results if not isinstance(r, BaseException)] == [1] * 5
     assert await peer.event_count() == 5
+
+
+async def test_an_events_story_names_the_webhook_request_it_arrived_in(store: StoreBackend) -> None:
+    await store.enqueue([(ev("r1"), ["a"])], request_id="req-one")
+    await store.enqueue([(ev("r1"), ["a"])], request_id="req-two")  # the provider's retry
+    await store.enqueue([(ev("p1"), ["a"])])  # a polled event comes in no request
+    [found] = await store.find_events("s:r1")
+    assert found.request_id == "req-one"
+    story = await store.event_story(found.row)
+    assert story is not None
+    received = next(h for h in story.history if h.action == "received")
+    assert received.detail == "source=s request_id=req-one"
+    again = next(h for h in story.history if h.action == "deduplicated")
+    assert again.detail is not None and "req-two" in again.detail
+    [polled] = await store.find_events("s:p1")
+    assert polled.request_id is None
+    listed = {e.event_id: e.request_id for e, _states in await store.list_events()}
+    assert listed == {"r1": "req-one", "p1": None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -80,3 +81,22 @@ async def test_old_delete_markers_and_loop_guard_memory_are_pruned(store: Store,
     assert await store.state_get("loop-guard:crm", "written:42") is None
     assert await store.state_get("loop-guard:crm", "written:43") == "fp"
     assert await store.state_get("connector:qbo", "token") == {"refresh": "r"}
+
+
+async def test_the_retention_log_line_says_what_a_pass_deleted(tmp_path: Path) -> None:
+    from integrand.app import pruned_line
+
+    store = Store(tmp_path / "r.db")
+    await store.open()
+    try:
+        await store.enqueue([(Event(id=f"e{i}", source="s", type="t", data={}), ["k"]) for i in range(3)])
+        await store.complete([Outcome(d, "done") for d in await store.lease(10, 60)])
+        before = dict(store.pruned)
+        while await store.prune(time.time() + 1) > 0:
+            pass
+        assert pruned_line(before, store.pruned) == (
+            "deleted 3 delivered events past [store] retention (with their deliveries and audit), "
+            "0 delete markers and 0 loop-guard entries"
+        )
+    finally:
+        await store.close()

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, reports
 from .errors import AuthError, ConfigError, RetryableError, StoreUnavailable
+from .secrets import SecretValue
 from .types import parse_duration
 
 if TYPE_CHECKING:
@@ -49,7 +50,12 @@ def _problem(status: int, message: str) -> web.Response:
 class Admin:
     def __init__(self, d: Daemon):
         self.d = d
-        token = d.settings.admin.token
+        self._token: bytes | None = None
+        self.set_token(d.settings.admin.token)
+
+    def set_token(self, token: SecretValue | None) -> None:
+        """The bearer token TCP requests must carry (a reload applies a new one to the next request;
+        status-page cookies holding the old one stop working with it)."""
         self._token = token.reveal().encode() if token is not None else None
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -364,7 +370,9 @@ async def start_admin(d: Daemon) -> list[web.BaseRunner]:
     s = d.settings
     if not s.admin.enabled:
         return []
-    app = Admin(d).app()
+    admin = Admin(d)
+    d.admin = admin  # a reload gives it a new token
+    app = admin.app()
     path = s.admin_socket
     if path is not None:
 

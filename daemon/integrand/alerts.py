@@ -154,7 +154,10 @@ def message(alert: Alert, firing: bool) -> dict[str, str]:
 
 
 async def run_alerts(d: Daemon, clock: Callable[[], float] = time.time) -> None:
-    """Check the conditions every ``check_every`` and post each change of state once."""
+    """Check the conditions every ``check_every`` and post each change of state once.
+
+    The settings are read again at each check, so a reload's ``[alerts]`` applies without a restart
+    (and without announcing again what is still firing); a new ``webhook_url`` is told what is firing."""
     s = d.settings.alerts
     assert s.webhook_url is not None
     url = s.webhook_url.reveal()
@@ -162,6 +165,13 @@ async def run_alerts(d: Daemon, clock: Callable[[], float] = time.time) -> None:
     announced: dict[str, Alert] = {}  # firing, and told so
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         while True:
+            if d.settings.alerts is not s:  # reloaded
+                s = cond.s = d.settings.alerts
+                if s.webhook_url is None:
+                    return
+                if s.webhook_url.reveal() != url:
+                    url = s.webhook_url.reveal()
+                    announced.clear()
             try:
                 firing = {a.key: a for a in await cond.evaluate(d)}
             except Exception as e:

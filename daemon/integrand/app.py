@@ -22,13 +22,14 @@ from .breaker import Breaker
 from .config import ConnectorSettings, Settings, SinkCore, SourceCore
 from .connector import Connector, ConnectorContext, PollingSource, ReconcilingSource, Sink, WebhookSource
 from .dispatcher import Dispatcher, SinkRuntime
-from .errors import ConfigError
+from .errors import ConfigError, StoreUnavailable
 from .events import Event
 from .frontdoor import front_door
 from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
+from .ownership import ClusterOwner, LocalOwner, Owner, default_node_id
 from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
@@ -36,6 +37,7 @@ from .sagarunner import saga_runtimes
 from .sdnotify import Notifier, listen_fds
 from .store import Store
 from .store.backends import daemon_store
+from .store.postgres import PgStore
 from .streamer import Streamer, streamers_for
 
 log = logging.getLogger("integrand")
@@ -72,7 +74,7 @@ RELEASE_TIMEOUT = 5.0  # seconds the shutdown waits to hand held leases back
 @dataclass
 class Activity:
     """When the daemon last did work (events stored, deliveries done; monotonic), so idle-time work knows
-    it is idle. Not the store's commits: an idle dispatcher still commits an empty lease every second."""
+    it is idle. Not the store's commits: maintenance commits on a schedule whatever the load."""
 
     work: float = -1.0  # events stored + delivery outcomes, as last seen
     changed_at: float = field(default_factory=time.monotonic)
@@ -108,7 +110,11 @@ class Daemon:
     fatal: str | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reloads: int = 0  # successful reloads, for tests and the status
+    admin: Any = None  # the admin listener's handlers (admin.Admin) once bound: a reload sets its token
     activity: Activity = field(default_factory=lambda: Activity())
+    # Who runs the singletons (sources' poll/stream/reconcile tasks, the syncs): this node alone on
+    # SQLite; on PostgreSQL, whichever node holds each one's lease (ownership.py).
+    owner: Owner | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -199,19 +205,39 @@ def make_poller(d: Daemon, name: str) -> SourcePoller | None:
     assert isinstance(core, SourceCore)
     if not isinstance(inst, PollingSource):
         return None
-    return SourcePoller(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, clock=d.clock)
+    p = SourcePoller(name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, clock=d.clock)
+    if isinstance(d.owner, ClusterOwner):
+        p.save_every = 0.0  # the request log travels with the lease: the next owner keeps the budget
+    return p
+
+
+def owner_of(d: Daemon) -> Owner:
+    if d.owner is None:
+        d.owner = LocalOwner(d.settings.cluster.node_id or default_node_id(), d.spawn)
+    return d.owner
 
 
 def start_source_tasks(d: Daemon, names: Iterable[str]) -> None:
-    """The poll, stream and reconcile tasks of these sources (their pollers and streamers already made)."""
+    """The poll, stream and reconcile tasks of these sources (their pollers and streamers already made),
+    each started only on the node that owns the source (every node on SQLite's one)."""
+    owner = owner_of(d)
     for name in names:
+        single = source_singleton(name)
         poller = d.pollers.get(name)
         if poller is not None and poller.settings.enabled:
-            d.spawn(f"poll:{name}", poller.run())
+            owner.spawn_singleton(f"poll:{name}", single, poller.run())
         streamer = d.streamers.get(name)
         if streamer is not None:
-            d.spawn(f"stream:{name}", streamer.run())
+            owner.spawn_singleton(f"stream:{name}", single, streamer.run())
         start_reconciler(d, name)
+
+
+def source_singleton(name: str) -> str:
+    """The lease a source's poll, stream and reconcile tasks run under."""
+    return f"source:{name}"
+
+
+SYNCS = "syncs"  # the lease of the one task running every [[syncs]] schedule
 
 
 def start_reconciler(d: Daemon, name: str) -> None:
@@ -222,7 +248,57 @@ def start_reconciler(d: Daemon, name: str) -> None:
         recon = run_reconciler(
             name, inst, d.store, d.listener.router, core.poll, metrics=d.metrics, poller=d.pollers.get(name)
         )
-        d.spawn(f"reconcile:{name}", recon)
+        owner_of(d).spawn_singleton(f"reconcile:{name}", source_singleton(name), recon)
+
+
+def singletons(s: Settings) -> list[str]:
+    """Everything that must run on one node at a time: sources that poll, stream or reconcile; the syncs."""
+    out = [source_singleton(name) for name in s.sources if _runs_alone(s, name)]
+    return out + ([SYNCS] if s.syncs else [])
+
+
+def _runs_alone(s: Settings, name: str) -> bool:
+    caps = s.sources[name].cls.capabilities()
+    return bool({"poll", "stream", "reconcile"} & set(caps))
+
+
+def start_singleton(d: Daemon, singleton: str) -> None:
+    """This node just took ``singleton``'s lease: start its tasks from what the store holds now (the
+    previous owner's learnt polling state and positions, not what this node knew when it last ran it)."""
+    if singleton == SYNCS:
+        if d.settings.syncs:
+            from .sync import run_schedules
+
+            owner_of(d).spawn_singleton("syncs", SYNCS, run_schedules(d.settings, d.connectors, d.store))
+        return
+    name = singleton.removeprefix("source:")
+    if name not in d.settings.sources:
+        return
+    p = make_poller(d, name)
+    if p is not None:
+        d.pollers[name] = p
+    fresh = streamers_for(d.settings, d.connectors, d.store, d.listener.router, d.metrics)
+    if name in fresh:
+        d.streamers[name] = fresh[name]
+    start_source_tasks(d, [name])
+
+
+def cluster_owner(d: Daemon) -> ClusterOwner:
+    """The PostgreSQL store's owner: leases singletons; splits the HTTP budgets by the live nodes."""
+    assert isinstance(d.store, PgStore)
+    c = d.settings.cluster
+    owner = ClusterOwner(
+        d.store,
+        c.node_id or default_node_id(),
+        ttl=c.lease_ttl,
+        spawn=d.spawn,
+        tasks=d.tasks,
+        start=lambda name: start_singleton(d, name),
+        wanted=lambda: singletons(d.settings),
+        metrics=d.metrics,
+        on_nodes=d.http.set_share,
+    )
+    return owner
 
 
 async def build(settings: Settings, clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> Daemon:
@@ -247,6 +323,8 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         await store.close()
         raise
     http = HttpPool()
+    if s.store.backend == "postgres":  # before the connectors start: they may copy it into sessions of their own
+        http.set_user_agent(f"integrand/{__version__} (node {s.cluster.node_id or default_node_id()})")
     try:
         await http.start()
         for role, table in (("source", s.sources), ("sink", s.sinks)):
@@ -317,6 +395,10 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
     d = Daemon(s, store, metrics, listener, dispatcher, connectors, http, pollers, streamers, clock=clock)
     if notifier is not None:
         d.notifier = notifier
+    if isinstance(store, PgStore):
+        d.owner = cluster_owner(d)
+    else:
+        d.owner = LocalOwner(s.cluster.node_id or default_node_id(), d.spawn, metrics)
     for name in s.sources:
         p = make_poller(d, name)
         if p is not None:
@@ -382,12 +464,18 @@ async def run(
         d.spawn("dispatcher", d.dispatcher.run())
         d.spawn("maintenance", _maintenance(d))
         d.spawn("wal", _truncate_wal_when_idle(d))
-        start_source_tasks(d, s.sources)
+        owner = owner_of(d)
+        if isinstance(owner, ClusterOwner):
+            # Sources start as their leases are taken; the first round runs before the node says ready.
+            try:
+                await owner.tick()
+            except StoreUnavailable as e:
+                log.warning("cluster: the first ownership round failed (%s); retrying", e)
+            d.spawn("ownership", owner.run())
+        else:
+            start_source_tasks(d, s.sources)
+            start_singleton(d, SYNCS)  # [[syncs]]: full / incremental syncs on a schedule (integrand.sync)
         d.spawn("watchdog", d.notifier.watchdog())
-        if s.syncs:  # [[syncs]]: full / incremental syncs on a schedule (integrand.sync)
-            from .sync import run_schedules
-
-            d.spawn("syncs", run_schedules(s, d.connectors, d.store))
         if s.alerts.webhook_url is not None:
             d.spawn("alerts", run_alerts(d))  # alerts.py: [alerts] to a chat webhook
         d.ready = True
@@ -437,6 +525,9 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], grace: float) -> N
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if d.owner is not None:
+        with contextlib.suppress(Exception):  # bounded like the release below: the leases lapse anyway
+            await asyncio.wait_for(d.owner.close(), RELEASE_TIMEOUT)
     with contextlib.suppress(Exception):
         # Bounded: after a fatal error in the store's writer nothing would ever commit it. The leases
         # then expire and the next run reclaims them.
@@ -491,14 +582,24 @@ async def _maintenance(d: Daemon) -> None:
         try:
             await d.store.reclaim_expired()
             cutoff = time.time() - d.settings.store.retention
+            before = dict(getattr(d.store, "pruned", {}))
             total = 0
             while (n := await d.store.prune(cutoff)) > 0:
                 total += n
                 await asyncio.sleep(0)  # let webhooks' commits in between chunks
             if total:
-                log.info("retention: pruned %d delivered events", total)
+                log.info("retention: %s", pruned_line(before, getattr(d.store, "pruned", {})))
         except Exception as e:
             log.warning("maintenance failed (will retry): %s", e)
+
+
+def pruned_line(before: dict[str, int], after: dict[str, int]) -> str:
+    """What one retention pass deleted, by kind (the store counts rows per kind: ``Store.pruned``)."""
+    n = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return (
+        f"deleted {n.get('events', 0)} delivered events past [store] retention (with their deliveries and "
+        f"audit), {n.get('tombstones', 0)} delete markers and {n.get('loop_guard', 0)} loop-guard entries"
+    )
 
 
 async def _truncate_wal_when_idle(d: Daemon) -> None:

@@ -32,7 +32,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 class DaemonSettings(StrictModel):
     listen: ListenAddress = HostPort("127.0.0.1", 8080)
-    state_dir: RelPath = Path("var")
+    # Relative (the default too) to the config file's folder, never to the working directory the command runs in.
+    state_dir: RelPath = Field(default=Path("var"), validate_default=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     # Levels for named loggers, e.g. {aiosqlite = "debug"}: libraries' loggers stay at warning otherwise.
@@ -102,6 +103,16 @@ class StoreSettings(StrictModel):
     # The PostgreSQL connection URL (postgresql://user@host:port/db), by secret reference only: {env = "…"}.
     dsn: SecretValue | None = None
     pool_size: int = Field(default=8, gt=0)  # connections per node to the PostgreSQL store
+
+
+class ClusterSettings(StrictModel):
+    """``[cluster]``: several nodes on one PostgreSQL store (ignored on SQLite but for the node id)."""
+
+    # How this node is named in `integrand status`, the nodes table and metrics; default host:pid.
+    node_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # A singleton's lease lapses this long after its holder's last renewal (renewed every lease_ttl / 3):
+    # the longest a dead node's sources wait for another node.
+    lease_ttl: Duration = Field(default=15.0, ge=1.0, le=3600.0)
 
 
 class RetrySettings(StrictModel):
@@ -267,6 +278,7 @@ class Settings:
     warnings: tuple[str, ...] = field(default=())
     syncs: tuple[SyncSettings, ...] = field(default=())
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     sagas: tuple[SagaSettings, ...] = field(default=())  # [[sagas]]: multi-step routes (integrand.sagarunner)
 
     @property
@@ -341,18 +353,9 @@ def parse_config(
     problems: list[str] = []
     ctx: dict[str, Any] = {"base_dir": base_dir, "lazy_secrets": lazy_secrets}
     known = {
-        "daemon",
-        "admin",
-        "store",
-        "dispatcher",
-        "sources",
-        "sinks",
-        "routes",
-        "sagas",
-        "syncs",
-        "alerts",
-        "connections",
-    }
+        "daemon", "admin", "store", "dispatcher", "sources", "sinks", "routes", "sagas", "syncs", "alerts",
+        "connections", "cluster",
+    }  # fmt: skip
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown table{_suggest(key, known)}")
@@ -369,6 +372,7 @@ def parse_config(
     store = section("store", StoreSettings)
     dispatcher = section("dispatcher", DispatcherSettings)
     alerts = section("alerts", AlertSettings)
+    cluster = section("cluster", ClusterSettings)
 
     raw, shared = connections.expand(raw, {"sources": SOURCE_CORE_KEYS, "sinks": SINK_CORE_KEYS}, problems)
     sources = _connectors(raw.get("sources", {}), "source", registry, ctx, problems)
@@ -460,6 +464,7 @@ def parse_config(
         warnings=warnings,
         syncs=syncs,
         alerts=alerts,
+        cluster=cluster,
         sagas=sagas,
     )
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
+import orjson
+
 from .errors import (
     AuthError,
     PayloadError,
@@ -52,7 +54,7 @@ from .errors import (
     UnsupportedMediaType,
     WebhookRejected,
 )
-from .events import Event, content_id, utcnow_iso
+from .events import Event, content_id, storage_problem, utcnow_iso
 from .httpclient import Http, HttpPool, RateLimiter, Response, error_for_status
 from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
@@ -97,6 +99,8 @@ __all__ = [
     "content_id",
     "envelope_event",
     "error_for_status",
+    "message_event",
+    "storage_problem",
     "utcnow_iso",
 ]
 
@@ -392,6 +396,68 @@ def envelope_event(body: Any) -> Event | None:
         raise PayloadError(f"not an integrand envelope ({e})") from None
     if not all(isinstance(getattr(ev, k), str) for k in ("id", "source", "type")) or not isinstance(ev.meta, dict):
         raise PayloadError("not an integrand envelope (id, source and type must be strings, meta an object)")
+    optional = ("received_at", "entity", "entity_id", "version", "occurred_at")
+    if not all(getattr(ev, k) is None or isinstance(getattr(ev, k), str) for k in optional):
+        # Found by fuzzing: {"entity": false} reached the store, whose enqueue then failed on it.
+        raise PayloadError("not an integrand envelope (received_at, entity, entity_id, version, occurred_at: strings)")
+    return ev
+
+
+def message_event(
+    raw: bytes,
+    *,
+    source: str,
+    fallback_id: Callable[[], str],
+    type: str,
+    message_id: str | None = None,
+    format: Literal["auto", "envelope", "json"] = "auto",
+    entity: str | None = None,
+    entity_id: str | None = None,
+    version: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Event:
+    """A consumed broker message's body as an event of ``source``; PayloadError (the reason) if it cannot be one.
+
+    An integrand envelope (``format`` "auto" or "envelope") keeps its type, entity fields, version,
+    times and data, with ``meta.origin`` = the source that published it; other JSON (``format``
+    "auto" or "json") becomes ``data``, with ``type`` and the entity fields given (from the message's
+    headers). The id is ``message_id``, else the envelope's key, else ``fallback_id()`` (a stream
+    sequence, a content hash): the same for every redelivery, so a redelivery is a duplicate.
+    ``meta`` (where the message came from) is kept under the event's ``meta``. A message the store
+    would refuse (``storage_problem``: ids not text, a mixed-form version, JSON too deep) is a PayloadError too."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise PayloadError(f"not JSON ({e})") from None
+    inner = envelope_event(body) if format != "json" else None
+    if inner is not None:
+        ev = Event(
+            id=message_id or inner.key,
+            source=source,
+            type=inner.type,
+            data=inner.data,
+            entity=inner.entity,
+            entity_id=inner.entity_id,
+            version=inner.version,
+            occurred_at=inner.occurred_at,
+            meta={**(inner.meta or {}), "origin": inner.source, **(meta or {})},
+        )
+    elif format == "envelope":
+        raise PayloadError("not an integrand envelope (needs id, source, type, data)")
+    else:
+        ev = Event(
+            id=message_id or fallback_id(),
+            source=source,
+            type=type,
+            data=body,
+            entity=entity,
+            entity_id=entity_id,
+            version=version,
+            meta=dict(meta or {}),
+        )
+    if (why := storage_problem(ev)) is not None:
+        # Rejected here: handed to the store, it would fail its whole batch forever (a poison batch).
+        raise PayloadError(f"cannot be stored: {why}")
     return ev
 
 

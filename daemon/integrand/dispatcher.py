@@ -244,28 +244,55 @@ class Dispatcher:
         return None
 
     async def _idle(self) -> None:
-        """Sleep until new deliveries are committed, a retry falls due, or a breaker may probe."""
-        timeout = self.idle_poll
-        now = self.clock()
-        paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"] + sorted(self.absent)
-        with contextlib.suppress(Exception):
-            due = await self._next_due(paused)
-            if due is not None:
-                timeout = min(timeout, max(MIN_IDLE, due - now))
-        for s in self.sinks.values():
-            if s.breaker.status == "open":
-                timeout = min(timeout, max(MIN_IDLE, s.breaker.reopens_at - now))
-        if self._hold:
-            loop_now = asyncio.get_running_loop().time()
-            for until in self._hold.values():
-                if until > loop_now:
-                    timeout = min(timeout, max(MIN_IDLE, until - loop_now))
-        if timeout > 0 and not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
+        """Sleep until new deliveries are committed, a retry falls due, or a breaker may probe.
+
+        Waking every ``idle_poll`` (a clock that tests speed up is read again), it leases again only
+        if something is due then: an idle daemon reads ``next_due`` once a second but commits nothing."""
+        while True:
+            timeout = self.idle_poll
+            now = self.clock()
+            paused = [s.name for s in self.sinks.values() if s.breaker.status != "closed"] + sorted(self.absent)
+            due: float | None = None
+            known = False
+            with contextlib.suppress(Exception):
+                due = await self._next_due(paused)
+                known = True
+                if due is not None:
+                    timeout = min(timeout, max(MIN_IDLE, due - now))
+            if known and (due is None or due > now) and self._quiet():
+                # Only the store's next due time can end this wait (or a commit, which wakes it).
+                woke = False
+                if not self._stopping:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
+                        woke = True
+                if self._stopping or woke:
+                    break
+                if due is None or due > self.clock():
+                    continue  # nothing fell due meanwhile: no lease (an empty write) this time
+                break
+            for s in self.sinks.values():
+                if s.breaker.status == "open":
+                    timeout = min(timeout, max(MIN_IDLE, s.breaker.reopens_at - now))
+            if self._hold:
+                loop_now = asyncio.get_running_loop().time()
+                for until in self._hold.values():
+                    if until > loop_now:
+                        timeout = min(timeout, max(MIN_IDLE, until - loop_now))
+            if timeout > 0 and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
+            break
         if not self._stopping:
             self.store.deliveries_ready.clear()
         self._gen += 1
+
+    def _quiet(self) -> bool:
+        """No breaker waiting to probe and no sink lingering for a batch to gather: only due times matter."""
+        loop_now = asyncio.get_running_loop().time()
+        return all(until <= loop_now for until in self._hold.values()) and all(
+            s.breaker.status == "closed" for s in self.sinks.values()
+        )
 
     def _next_due(self, paused: list[str]) -> asyncio.Future[float | None]:
         """One next_due query for all the workers that wake on the same commit, not one each."""

@@ -59,6 +59,16 @@ class PositionLost(IntegrandError):
         self.detail = detail
 
 
+class LeaseLost(IntegrandError):
+    """Stop this source here: another node holds its lease now (a newer fencing token), so this node's
+    cursor, position or state commit was refused; nothing of it was stored."""
+
+    def __init__(self, message: str, *, lease: str, token: int | None):
+        super().__init__(message)
+        self.lease = lease
+        self.token = token
+
+
 class StoreUnavailable(RetryableError):
     """The store could not commit (disk full, locked past the timeout); nothing was half-stored."""
 

@@ -133,3 +133,27 @@ def version_newer(a: str, b: str) -> bool:
     if fa != fb:
         raise VersionError(f"version {a!r} is a {fa} but {b!r} is a {fb}: a source must give one form of version")
     return ka > kb  # type: ignore[operator]  # the same form: both Decimal or both str
+
+
+def storage_problem(ev: Event) -> str | None:
+    """Why the store would refuse ``ev`` (the checks it makes before queueing), or None: a streaming source
+    rejects such a message itself, since a batch holding one can never commit (a poison batch)."""
+    for name in ("id", "source", "type", "entity", "entity_id", "version"):
+        text = getattr(ev, name)
+        if text is not None and not isinstance(text, str):
+            return f"its {name} is a {type(text).__name__}, not text"
+        if text is not None and not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                return f"its {name} is not valid UTF-8"
+    if ev.entity_id is not None and ev.version is not None:
+        try:
+            version_key(ev.version)
+        except VersionError as e:
+            return str(e)
+    try:
+        ev.to_json()
+    except TypeError as e:  # orjson.JSONEncodeError: nested deeper than orjson writes (254), integers past 64 bits
+        return f"it is not JSON-serialisable ({e})"
+    return None

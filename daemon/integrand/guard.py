@@ -85,14 +85,14 @@ class QuietLog:
         self._flush_handle: asyncio.TimerHandle | None = None
         self.total: Counter[str] = Counter()
 
-    def event(self, kind: str, level: int, msg: str, *args: Any) -> None:
+    def event(self, kind: str, level: int, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
         self.total[kind] += 1
         now = self.clock()
         if now - self._window_start >= self.interval:
             self.flush()
         if self._logged[kind] < self.burst:
             self._logged[kind] += 1
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, extra=extra)
             return
         self._suppressed[kind] += 1
         if self._flush_handle is None:

@@ -143,6 +143,7 @@ class RateLimiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.limits = [(int(n), float(w)) for n, w in limits if n > 0]
+        self.declared = list(self.limits)  # the account's whole budget; ``limits`` is this node's share of it
         self.pause_429 = pause_429
         self.retries = retries
         self._clock = clock
@@ -212,6 +213,10 @@ class HttpPool:
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
     _limits: dict[str, RateLimiter] = field(default_factory=dict, init=False)
     _declared: set[str] = field(default_factory=set, init=False)
+    # Sent with every request; a cluster node names itself in it (providers' logs, the tests' fakes).
+    user_agent: str | None = None
+    # (live nodes, this node's rank among them): each declared budget is split so the nodes together keep it.
+    share: tuple[int, int] = (1, 0)
 
     # aiohttp-retry's policy: repeat only what is safe and transient, a connection that failed or
     # dropped before an answer, and 502/503/504 on idempotent methods. Everything else (429 included,
@@ -233,6 +238,7 @@ class HttpPool:
         if self._session is not None:
             return
         self._session = aiohttp.ClientSession(
+            headers={"User-Agent": self.user_agent} if self.user_agent else None,
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             connector=aiohttp.TCPConnector(limit=100, limit_per_host=20),
             raise_for_status=False,
@@ -269,10 +275,31 @@ class HttpPool:
         if key not in self._declared:
             # In place: requests already in flight under the key (or a 429 seen before) still count.
             self._declared.add(key)
-            lim.limits = [(int(n), float(w)) for n, w in [*([(rate, per)] if rate else []), *limits] if n > 0]
+            lim.declared = [(int(n), float(w)) for n, w in [*([(rate, per)] if rate else []), *limits] if n > 0]
+            lim.limits = self._shared(lim.declared)
             lim.pause_429 = pause_429 if pause_429 is not None else lim.pause_429
             lim.retries = retries
         return lim
+
+    def set_user_agent(self, agent: str) -> None:
+        """What every request says it is from now on (started or not)."""
+        self.user_agent = agent
+        if self._session is not None:
+            self._session.headers["User-Agent"] = agent
+
+    def set_share(self, nodes: int, rank: int) -> None:
+        """``nodes`` nodes share every account's budget now (this one ranked ``rank``): re-cut each one."""
+        if (nodes, rank) == self.share:
+            return
+        self.share = (nodes, rank)
+        for lim in self._limits.values():
+            lim.limits = self._shared(lim.declared)
+            lim._changed.set()  # a caller waiting on the old cut looks again
+
+    def _shared(self, limits: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        from .ownership import split_limits  # the pure policy lives with the rest of the cluster's
+
+        return split_limits(limits, *self.share) if self.share[0] > 1 else list(limits)
 
     def limiter(self, key: str) -> RateLimiter:
         """The budget under ``key`` (an unlimited one until someone declares it)."""
@@ -318,6 +345,11 @@ class Http:
         self._pinned: dict[str, None] = {}
         self._recent: dict[str, None] = {}  # an ordered set, newest last
         self._secrets: list[str] = []
+
+    @property
+    def user_agent(self) -> str | None:
+        """The User-Agent the daemon's requests carry (a cluster node's names the node); None: aiohttp's."""
+        return self.pool.user_agent
 
     def add_secret(self, value: str) -> None:
         """Never log ``value`` (an access token fetched at run time, say) in any request or response line.

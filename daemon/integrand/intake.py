@@ -27,16 +27,18 @@ async def intake(
     cursor: Any = NO_CURSOR,
     kind: str = "poll",
     on_accepted: Callable[[str, Sequence[Event]], None] | None = None,
+    request_id: str | None = None,
 ) -> EnqueueResult:
     """Store ``events`` of ``source`` with one delivery per routed sink; returns once committed.
 
     With ``cursor``, the source's ``kind`` cursor is committed in the same transaction (a poll page,
     a reconciliation step), even when there are no events. Raises ``StoreUnavailable`` (retry later)
     or ``UnstorableEvent`` (a connector produced an event the store cannot hold: nothing is stored).
-    ``on_accepted`` (the hybrid sources' nudge) hears of the events once they are stored."""
+    ``on_accepted`` (the hybrid sources' nudge) hears of the events once they are stored; a webhook's
+    ``request_id`` is kept with its events (their story shows it)."""
     items = [(ev, router.sinks_for(ev)) for ev in events]
     if cursor is NO_CURSOR:
-        result = await store.enqueue(items) if items else EnqueueResult(0, 0)
+        result = await store.enqueue(items, request_id=request_id) if items else EnqueueResult(0, 0)
     else:
         result = await store.enqueue_with_cursor(items, source, cursor, kind=kind)
     if metrics is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .connector import WebhookRequest, WebhookSource
 from .errors import StoreUnavailable, WebhookRejected
 from .events import Event, utcnow_iso
+from .frontdoor import REQUEST_ID
 from .guard import GuardedHandler, GuardedServer, PortLimits, QuietLog, TokenBucket
 from .intake import intake
 from .metrics import Metrics
@@ -183,23 +185,33 @@ class Listener:
         protocol = request.protocol
         if isinstance(protocol, GuardedHandler):
             protocol.request_started()
+        # Every request has an id: a trusted proxy's (front door) or one of ours. It is answered in a header,
+        # logged with the request's lines and stored with its events, so a sender's, a proxy's and our
+        # records of one request can be matched (`integrand events show` says which request brought an event).
+        rid = request.get(REQUEST_ID) or uuid.uuid4().hex
         path = request.path
         name = path[len(HOOKS_PREFIX) :] if path.startswith(HOOKS_PREFIX) else ""
+        resp: web.StreamResponse
         if not name or "/" in name:
-            return _error(404, f"no endpoint at {_printable(path)}; webhooks are POSTed to {HOOKS_PREFIX}{{source}}")
+            resp = _error(404, f"no endpoint at {_printable(path)}; webhooks are POSTed to {HOOKS_PREFIX}{{source}}")
+            resp.headers["X-Request-Id"] = rid
+            return resp
         source = self.sources.get(name)
         label = name if source is not None else "unknown"
         self.in_flight += 1
         try:
-            resp = await self._handle(request, name, source)
+            resp = await self._handle(request, name, source, rid)
         finally:
             self.in_flight -= 1
         if source is not None and source.connector is not None:
             resp = shape_reply(source.connector, resp)  # a provider's own ack shape (SOAP), if it has one
+        resp.headers["X-Request-Id"] = rid
         self.metrics.webhooks.inc(label, str(resp.status))
         return resp
 
-    async def _handle(self, request: web.BaseRequest, name: str, source: SourceRuntime | None) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.BaseRequest, name: str, source: SourceRuntime | None, rid: str
+    ) -> web.StreamResponse:
         if request.method != "POST":
             return _error(405, f"{request.method} is not allowed; webhooks are POSTed", Allow="POST")
         if self.stopping:
@@ -207,25 +219,33 @@ class Listener:
             resp.force_close()
             return resp
         if source is None:
-            return self._reject(request, name, 404, f"unknown source {name!r}")
+            return self._reject(request, rid, name, 404, f"unknown source {name!r}")
         if source.connector is None:
-            return self._reject(request, name, 404, f"source {name!r} does not accept webhooks")
+            return self._reject(request, rid, name, 404, f"source {name!r} does not accept webhooks")
         try:
             async with asyncio.timeout(self.limits.body_timeout or None):
                 body = await self._read_body(request, source.max_body_bytes)
         except WebhookRejected as e:
-            resp = self._reject(request, name, e.status, e.reason)
+            resp = self._reject(request, rid, name, e.status, e.reason)
             resp.force_close()  # the rest of the body is not read
             return resp
         except TimeoutError:
             t = self.limits.body_timeout
-            resp = self._reject(request, name, 408, f"the body did not arrive within {t:g} s (daemon.body_timeout)")
+            resp = self._reject(
+                request, rid, name, 408, f"the body did not arrive within {t:g} s (daemon.body_timeout)"
+            )
             resp.force_close()
             return resp
         except (ConnectionError, RequestPayloadError, HttpProcessingError) as e:
             # The client left mid-body or sent a body that cannot be decoded: its problem, not a failure here.
             self.quiet.event(
-                "body not read", logging.INFO, "source %s: body from %s not read: %s", name, request.remote, e
+                "body not read",
+                logging.INFO,
+                "source %s: body from %s not read: %s",
+                name,
+                request.remote,
+                e,
+                extra={"request_id": rid},
             )
             resp = _error(400, f"the body could not be read: {e}")
             resp.force_close()
@@ -250,20 +270,26 @@ class Listener:
             if problem is not None:
                 raise WebhookRejected(problem, status=400)
         except WebhookRejected as e:
-            return self._reject(request, name, e.status, e.reason)
+            return self._reject(request, rid, name, e.status, e.reason)
         except UnicodeError:
             # aiohttp keeps undecodable header bytes as surrogates; a scheme that signs the header cannot encode it.
-            return self._reject(request, name, 400, "a header the signature covers is not valid UTF-8")
+            return self._reject(request, rid, name, 400, "a header the signature covers is not valid UTF-8")
         except Exception:
-            log.exception("source %s: connector failed on a webhook", name)
+            log.exception("source %s: connector failed on a webhook", name, extra={"request_id": rid})
             return _error(500, f"source {name!r} failed to process the webhook; it was not stored")
 
         try:
             result = await intake(
-                self.store, self.router, name, events, metrics=self.metrics, on_accepted=self.on_accepted
+                self.store,
+                self.router,
+                name,
+                events,
+                metrics=self.metrics,
+                on_accepted=self.on_accepted,
+                request_id=rid,
             )
         except UnstorableEvent as e:  # refused before it was queued: nobody else's commit is affected
-            return self._reject(request, name, 400, unstorable_reason(events, e))
+            return self._reject(request, rid, name, 400, unstorable_reason(events, e))
         except StoreUnavailable as e:
             # One line per interval, not per request: during an outage every sender retries.
             self.quiet.event(
@@ -272,11 +298,20 @@ class Listener:
                 "source %s: webhook refused with 503, store unavailable: %s",
                 name,
                 e,
+                extra={"request_id": rid},
             )
             return _error(
                 503,
                 "the event store cannot commit right now; retry later",
                 **{"Retry-After": RETRY_AFTER_UNAVAILABLE},
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "source %s: webhook stored, %d event(s) accepted, %d duplicate(s)",
+                name,
+                result.accepted,
+                result.duplicates,
+                extra={"request_id": rid},
             )
         return _json({"accepted": result.accepted, "duplicates": result.duplicates})
 
@@ -302,10 +337,17 @@ class Listener:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _reject(self, request: web.BaseRequest, source: str, status: int, reason: str) -> web.Response:
+    def _reject(self, request: web.BaseRequest, rid: str, source: str, status: int, reason: str) -> web.Response:
         remote, source = _printable(request.remote), str(_printable(source))
         self.quiet.event(
-            f"{status}", logging.INFO, "source %s: refused webhook from %s with %d: %s", source, remote, status, reason
+            f"{status}",
+            logging.INFO,
+            "source %s: refused webhook from %s with %d: %s",
+            source,
+            remote,
+            status,
+            reason,
+            extra={"request_id": rid},
         )
         if self.recorded.take():
             self.store.record_rejection(

@@ -164,7 +164,8 @@ class Metrics:
 
 
 class _StoreTotals(Collector):
-    """The store writer's running totals (commits, ops, in-line checkpoints) as counters."""
+    """The store writer's running totals (commits, ops, in-line checkpoints, refused webhooks it had no room
+    to record, rows retention deleted) as counters."""
 
     def __init__(self, registry: CollectorRegistry):
         self.store: Any = None
@@ -191,8 +192,22 @@ class _StoreTotals(Collector):
                 "inline_checkpoint_seconds",
                 "Total time of those checkpoints: every webhook queued meanwhile waited for them",
             ),
+            (
+                "integrand_store_rejections_dropped",
+                "rejections_dropped",
+                "Refused webhooks not recorded in the store because a flood outran its writer (the oldest dropped)",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=float(getattr(store, attr, 0) or 0))
+        pruned = CounterMetricFamily(
+            "integrand_store_pruned",
+            "Rows deleted by retention: delivered events (with their deliveries and audit), delete markers "
+            "(tombstones), loop-guard entries",
+            labels=["kind"],
+        )
+        for kind, n in sorted((getattr(store, "pruned", None) or {}).items()):
+            pruned.add_metric([kind], float(n))
+        yield pruned
 
 
 class _Forward(Collector):

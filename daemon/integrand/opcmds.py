@@ -94,6 +94,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"poll lag {s['poll_lag'] or 0:.0f} s (target {s['target_latency']:.0f} s)"
                 + (f", last error: {s['last_error']}" if s.get("last_error") else "")
             )
+        if st.get("nodes"):
+            out.append(f"nodes ({len(st['nodes'])}):")
+            for n in st["nodes"]:
+                age = "gone" if n["heartbeat_age"] is None else f"heartbeat {n['heartbeat_age']:.1f} s ago"
+                owns = ", ".join(n["owns"]) or "no singletons"
+                out.append(f"  {n['node_id']:<24} {age}; runs {owns}")
         if st["cursors"]:
             out.append("cursors:")
             for c in st["cursors"]:

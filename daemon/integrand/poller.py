@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import PollSettings, reconcile_schedule
 from .connector import PollingSource, ReconcilingSource
-from .errors import AuthError, RetryableError, StoreUnavailable
+from .errors import AuthError, LeaseLost, RetryableError, StoreUnavailable
 from .events import Event, content_id
 from .intake import intake
 from .metrics import Metrics
@@ -37,9 +37,10 @@ from .pollpolicy import (
     recent_rate,
     reconciled,
     to_json,
+    trusting,
 )
 from .routes import Router
-from .store import EnqueueResult, Store, version_newer
+from .store import EnqueueResult, StoreBackend, version_newer
 
 log = logging.getLogger("integrand.poller")
 
@@ -57,6 +58,7 @@ def policy_from(settings: PollSettings) -> PollPolicy:
         aggressiveness=settings.aggressiveness,
         rate_half_life=settings.rate_half_life,
         seasonal=settings.seasonal,
+        trust_nudges=settings.nudge,
     )
 
 
@@ -67,7 +69,7 @@ class SourcePoller:
         self,
         name: str,
         connector: PollingSource,
-        store: Store,
+        store: StoreBackend,
         router: Router,
         settings: PollSettings,
         *,
@@ -96,6 +98,9 @@ class SourcePoller:
         self.last_poll_at: float | None = None  # when the last poll started, and the last that succeeded
         self.last_ok_at: float | None = None
         self.cursor_lock = asyncio.Lock()
+        # Seconds between saves of the learnt state; 0 on a cluster, where another node may carry on from it
+        # at any moment (its request log is the source's budget).
+        self.save_every = SAVE_EVERY
         self._wake = asyncio.Event()
 
     async def load(self) -> None:
@@ -127,8 +132,11 @@ class SourcePoller:
             async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
                 await self.poll_once()
 
-    def nudge(self, changes: int = 1) -> None:
-        """A webhook brought ``changes`` for this source: poll soon (debounced), within the request budget."""
+    def nudge(self, changes: int = 0) -> None:
+        """Poll soon (debounced), within the request budget; ``changes``: how many a webhook brought.
+
+        Webhook-delivered changes are what earns the webhooks trust (see ``pollpolicy.trusting``);
+        a nudge without them (a cursor set by the admin API) only brings the poll forward."""
         self.pushed += changes
         if not self.settings.nudge:
             return
@@ -152,7 +160,7 @@ class SourcePoller:
         try:
             cursor = await self.store.cursor_get(self.name)
             result = await self.connector.poll(cursor)
-            times = await self._new_change_times(result.events)
+            times, unjudged = await self._new_change_times(result.events)
             if result.events or result.cursor != cursor:
                 res = await intake(self.store, self.router, self.name, result.events, cursor=result.cursor)
             else:
@@ -160,6 +168,8 @@ class SourcePoller:
         except (RetryableError, AuthError, StoreUnavailable) as e:
             obs = Observation(started, error=True, retry_after=getattr(e, "retry_after", None))
             self._failed(e, "error")
+        except LeaseLost:
+            raise  # another node runs this source now (ownership.py stops this task)
         except Exception as e:
             log.exception("source %s: poll failed", self.name)
             obs = Observation(started, error=True)
@@ -168,7 +178,8 @@ class SourcePoller:
             pushed, self.pushed = self.pushed, 0
             obs = Observation(
                 started,
-                changes=res.accepted,
+                # New changes only: a full record after its thin webhook is accepted but was no news.
+                changes=min(res.accepted, len(times) + unjudged),
                 change_times=tuple(times[: res.accepted]),
                 pushed=pushed,
                 more=result.more,
@@ -201,7 +212,7 @@ class SourcePoller:
         self.next_at = now + decision.delay
         self.not_before = self.next_at if decision.reason in ("retry-after", "provider-budget", "budget") else 0.0
         self.metrics.poll_interval.labels(self.name).set(decision.delay)
-        if self._saved_at is None or now - self._saved_at >= SAVE_EVERY or self.state.hour != hour:
+        if self._saved_at is None or now - self._saved_at >= self.save_every or self.state.hour != hour:
             await self.save()
         return decision
 
@@ -209,11 +220,13 @@ class SourcePoller:
         """A reconciliation found ``missed`` changes that polling (and webhooks) had not delivered."""
         self.state = reconciled(self.policy, self.state, self.clock(), missed)
 
-    async def _new_change_times(self, events: list[Event] | Any) -> list[float]:
-        """The change times (``occurred_at``) of the events the entity table has not seen yet, newest last."""
+    async def _new_change_times(self, events: list[Event] | Any) -> tuple[list[float], int]:
+        """The change times (``occurred_at``) of the events the entity table has not seen yet, newest last,
+        and how many events have no entity id or change time to judge that by."""
         keys = [(ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None and ev.occurred_at]
+        unjudged = len(events) - len(keys)
         if not keys:
-            return []
+            return [], unjudged
         known = await self.store.entity_versions(self.name, keys)
         out: list[float] = []
         for ev in events:
@@ -226,8 +239,9 @@ class SourcePoller:
                 try:
                     out.append(datetime.fromisoformat(ev.occurred_at.replace("Z", "+00:00")).timestamp())
                 except ValueError:
+                    unjudged += 1
                     continue
-        return sorted(out)
+        return sorted(out), unjudged
 
     def _failed(self, e: BaseException, outcome: str) -> None:
         self.last_error = f"{type(e).__name__}: {e}"
@@ -244,6 +258,7 @@ class SourcePoller:
             "change_rate_per_hour": round(recent_rate(self.state) * 3600, 3),
             "late_price": round(price(self.policy, self.state), 3),
             "index_lag": round(self.state.lag, 3),
+            "trusting_webhooks": trusting(self.policy, self.state),
             "errors_in_a_row": self.state.errors,
             "requests_last_hour": sum(1 for t in self.state.requests if t > now - 3600),
             "last_error": self.last_error,
@@ -272,7 +287,7 @@ class ReconcileReport:
 async def reconcile_once(
     name: str,
     connector: ReconcilingSource,
-    store: Store,
+    store: StoreBackend,
     router: Router,
     *,
     window: float | None,
@@ -370,7 +385,7 @@ def next_reconcile(spec: str, after: float) -> float:
 async def run_reconciler(
     name: str,
     connector: ReconcilingSource,
-    store: Store,
+    store: StoreBackend,
     router: Router,
     settings: PollSettings,
     *,

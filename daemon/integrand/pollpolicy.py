@@ -54,7 +54,7 @@ SLOW_HALF_LIVES = 60.0  # the default half-life of the stable rate estimate, in 
 FAST_HALF_LIVES = 10.0  # the fast rate estimate's half-life, in target latencies
 LAG_HALF_LIFE = 6 * HOUR  # how quickly a measured index lag is forgotten
 
-Reason = Literal["rate", "more", "error", "retry-after", "budget", "provider-budget"]
+Reason = Literal["rate", "more", "error", "retry-after", "budget", "provider-budget", "webhooks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +74,10 @@ class PollPolicy:
     late_share: float = 0.04  # aim: 4% late, so the p95 stays under the target with a margin
     quiet_confidence: float = 0.05  # a, the burst-end rule's false-alarm probability
     price_step: float = 0.02  # dual-ascent step: log μ moves by this per late change beyond the share
+    # Webhooks nudge this source's polls (the poller brings the next poll forward on each one): while they
+    # deliver most changes, scheduled polls wait max_interval and only look for the lost ones.
+    trust_nudges: bool = True
+    trust_lost_share: float = 0.5  # trust ends when polls find more than this share of the changes
 
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.max_interval:
@@ -86,6 +90,8 @@ class PollPolicy:
             raise ValueError("max_requests_per_hour must be at least 1")
         if not 0 < self.late_share < 1 or not 0 < self.quiet_confidence < 1 or self.price_step < 0:
             raise ValueError("late_share and quiet_confidence must be in (0, 1), price_step >= 0")
+        if not 0 < self.trust_lost_share < 1:
+            raise ValueError("trust_lost_share must be in (0, 1)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,8 @@ class PollState:
     plan_rates: tuple[float, ...] = ()  # per hour of the week: the profile blended with its day type's hour
     lag: float = 0.0  # index lag measured (seconds), decaying
     prev_poll: float | None = None  # start of the previous successful poll
+    pushed_ew: float = 0.0  # changes webhooks delivered, and changes polls found that webhooks had not,
+    found_ew: float = 0.0  # both decaying with the slow half-life: how much of the source the webhooks carry
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +172,7 @@ def _fold(policy: PollPolicy, state: PollState, upto_hour: int) -> PollState:
         season_n=tuple(season_n),
         hour=upto_hour,
         hour_count=0.0,
-        plan_rates=rates,
+        plan_rates=spilled(season, season_n, rates),
         base_price=profile_price(policy, rates, season_n),
     )
 
@@ -182,6 +190,34 @@ def blended(season: Sequence[float], season_n: Sequence[int]) -> tuple[float, ..
         same = [d * 24 + h for d in (range(5) if day < 5 else range(5, 7)) if season_n[d * 24 + h]]
         pooled = sum(season[x] for x in same) / len(same) if same else season[b]
         out.append(0.5 * season[b] + 0.5 * pooled if season_n[b] else pooled)
+    return tuple(out)
+
+
+def spilled(season: Sequence[float], season_n: Sequence[int], rates: Sequence[float]) -> tuple[float, ...]:
+    """Each hour planned with at least half a neighbouring hour's rate, in proportion to how lumpy that hour is.
+
+    An hour whose days differ far more than a Poisson count would (some days a bulk import,
+    some days none) holds bursts that start at random times, and a burst as likely starts
+    just before or after it: one week cannot show that 08:00 never gets one when 09:00 gets
+    them on two days of five. The weight is the hour's excess dispersion across the days of
+    its kind, ``var/mean² - 1/count`` (0 for a Poisson hour, however busy; about 1 and more
+    for bursts), capped at 1. A regular hour (an export at 02:00 every night) lends nothing.
+    """
+    lumpy = [0.0] * WEEK_HOURS
+    for b in range(WEEK_HOURS):
+        day, h = divmod(b, 24)
+        xs = [season[d * 24 + h] for d in (range(5) if day < 5 else range(5, 7)) if season_n[d * 24 + h]]
+        mean = sum(xs) / len(xs) if xs else 0.0
+        if len(xs) >= 2 and mean > 0:
+            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+            lumpy[b] = min(1.0, max(0.0, var / mean**2 - 1.0 / (mean * HOUR)))
+    out = list(rates)
+    for b in range(WEEK_HOURS):
+        day, h = divmod(b, 24)
+        for nb in (h - 1, h + 1):
+            if 0 <= nb < 24:
+                x = day * 24 + nb
+                out[b] = max(out[b], 0.5 * lumpy[x] * rates[x])
     return tuple(out)
 
 
@@ -220,6 +256,8 @@ def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
             rate=state.rate * math.exp(-dt / tau),
             fast=state.fast * math.exp(-dt / _fast_tau(policy)),
             lag=state.lag * 0.5 ** (dt / LAG_HALF_LIFE),
+            pushed_ew=state.pushed_ew * math.exp(-dt / tau),
+            found_ew=state.found_ew * math.exp(-dt / tau),
             updated=now,
         )
     return _fold(policy, state, int(now // HOUR))
@@ -257,6 +295,17 @@ def planned_rate(policy: PollPolicy, state: PollState, t: float) -> float:
 def late_floor(policy: PollPolicy, state: PollState) -> float:
     """How long a change may wait after it shows up: the target less the index lag measured."""
     return max(min(policy.min_interval, policy.target_latency), policy.target_latency - state.lag)
+
+
+def trusting(policy: PollPolicy, state: PollState) -> bool:
+    """Webhooks nudge this source and recently carried most of its changes: scheduled polls may wait ``max_interval``.
+
+    Trust is earned (no webhook yet, no trust) and lost by evidence: when polls find more
+    than ``trust_lost_share`` of the changes (the webhooks stopped, or lose most), the
+    policy plans from the rate again. A quiet source keeps what it had: nothing to lose.
+    """
+    total = state.pushed_ew + state.found_ew
+    return policy.trust_nudges and total > 0 and state.found_ew <= policy.trust_lost_share * total
 
 
 def nudge_delay(policy: PollPolicy, state: PollState, debounce: float) -> float:
@@ -383,6 +432,8 @@ def observe(
     """Record a finished poll and decide how long to wait before the next one (``rand`` in [0, 1) is jitter)."""
     state = decay(policy, state, now)
     requests = (*(t for t in state.requests if t > now - HOUR), obs.started)
+    if obs.pushed:
+        state = replace(state, pushed_ew=state.pushed_ew + obs.pushed)
     if policy.max_requests_per_hour is not None:
         requests = requests[-policy.max_requests_per_hour :]
     if obs.error:
@@ -395,6 +446,7 @@ def observe(
     else:
         unknown = max(0, obs.changes - len(obs.change_times))
         state, late, n = _learn(policy, state, now, obs.change_times, unknown)
+        state = replace(state, found_ew=state.found_ew + n + unknown)
         correction = _price(policy, state, late, n + obs.pushed)
         cap = quiet_cap(policy, state, now)
         state = replace(
@@ -408,6 +460,10 @@ def observe(
         )
         if obs.more:
             decision = Decision(0.0, "more")
+        elif trusting(policy, state):
+            # The nudge after each webhook is the fast path; this poll only looks for what webhooks lost.
+            state = replace(state, interval=policy.max_interval)
+            decision = Decision(policy.max_interval, "webhooks")
         else:
             interval = plan(policy, state, now)
             state = replace(state, interval=interval)
@@ -434,6 +490,7 @@ def reconciled(policy: PollPolicy, state: PollState, now: float, missed: int) ->
         rate=state.rate + missed / tau,
         fast=state.fast + missed / _fast_tau(policy),
         hour_count=state.hour_count + missed,
+        found_ew=state.found_ew + missed,
         price=_price(policy, state, missed, missed),
     )
 
@@ -456,6 +513,8 @@ _FIELDS = (
     "plan_rates",
     "lag",
     "interval",
+    "pushed_ew",
+    "found_ew",
 )
 
 

@@ -19,7 +19,7 @@ from .config import ConnectorSettings, Settings, load_config
 from .connector import Connector
 from .errors import ConfigError
 from .routes import Router, RouteRuntime
-from .streamer import streamers_for
+from .streamer import STOP_GRACE, streamers_for
 
 if TYPE_CHECKING:
     from .app import Daemon
@@ -44,8 +44,9 @@ def _restart_only(old: Settings, new: Settings) -> list[str]:
     ):
         if getattr(old.daemon, key) != getattr(new.daemon, key):
             keys.append(f"daemon.{key}")
-    if old.admin != new.admin:
-        keys.append("admin")
+    for key in ("enabled", "listen", "socket"):
+        if getattr(old.admin, key) != getattr(new.admin, key):
+            keys.append(f"admin.{key}")
     if old.store != new.store:
         keys.append("store")
     if getattr(old, "syncs", ()) != getattr(new, "syncs", ()):
@@ -147,6 +148,11 @@ async def _reload(d: Daemon) -> bool:
     d.listener.rejections_kept = new.daemon.rejections_kept
     if new.daemon.log_level != old.daemon.log_level:
         logging.getLogger().setLevel(new.daemon.log_level.upper())
+    if old.admin.token != new.admin.token and d.admin is not None:
+        d.admin.set_token(new.admin.token)  # validated with the config: never removed from a non-loopback listen
+        log.warning("reload: admin.token changed; requests with the old token are refused from now on")
+    if old.alerts != new.alerts:
+        _apply_alerts(d, new)
 
     sinks = {
         n: d.dispatcher.sinks[n] if n in sink_same else sink_runtime(new, n, d.connectors[f"sink:{n}"])
@@ -162,6 +168,7 @@ async def _reload(d: Daemon) -> bool:
     d.dispatcher.routes = route_runtime
     d.dispatcher.replace_sinks(sinks, d.dispatcher.absent | set(sink_removed))
 
+    stopping: list[asyncio.Task[Any]] = []
     for name in src_removed + src_changed:
         # A streaming source is stopped like at shutdown: what it had not committed is not acked, so
         # the broker redelivers it to the new connector.
@@ -169,8 +176,14 @@ async def _reload(d: Daemon) -> bool:
             task = d.tasks.pop(prefix + name, None)
             if task is not None:
                 task.cancel()
+                if prefix == "stream:":
+                    stopping.append(task)
         d.pollers.pop(name, None)
         d.streamers.pop(name, None)
+    if stopping:
+        # The old stream ends (its batch committed and acked, or handed back; its connection closed) before the
+        # new one subscribes: two sessions on one consumer at once would take messages out of order.
+        await asyncio.wait(stopping, timeout=STOP_GRACE + 1)
     fresh = streamers_for(new, d.connectors, d.store, router, d.metrics)
     for name in src_added + src_changed:
         poller = make_poller(d, name)
@@ -208,6 +221,25 @@ async def _reload(d: Daemon) -> bool:
         len(new.routes),
     )
     return True
+
+
+def _apply_alerts(d: Daemon, new: Settings) -> None:
+    """The ``[alerts]`` notifier reads its settings at every check; start it if it is newly configured.
+
+    A changed ``webhook_url`` is told what is firing at its next check; a removed one stops the notifier."""
+    from .alerts import run_alerts
+
+    task = d.tasks.get("alerts")
+    running = task is not None and not task.done()
+    if new.alerts.webhook_url is not None and not running:
+        d.spawn("alerts", run_alerts(d))
+        log.info("reload: [alerts] notifier started")
+    elif new.alerts.webhook_url is None and running:
+        assert task is not None
+        task.cancel()
+        log.info("reload: [alerts] notifier stopped (no webhook_url)")
+    else:
+        log.info("reload: [alerts] settings applied from the next check")
 
 
 async def _close_later(connectors: list[Connector[Any]], after: float) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
 from .config import Settings, SourceCore
+from .ownership import cluster_view
 from .store import CursorRow, DeliveryDetail, Store
 from .store_views import STATES, Backlog, EventStory
 
@@ -73,6 +74,10 @@ async def status(store: Store, settings: Settings, daemon: Daemon | None = None)
             {"source": c.source, "kind": c.kind, "value": c.value, "updated_at": iso(c.updated_at)} for c in cursors
         ],
     }
+    # Several nodes on a PostgreSQL store: each with its heartbeat's age and the singletons it holds.
+    out["nodes"] = await cluster_view(store)
+    if daemon is not None and daemon.owner is not None:
+        out["node"] = daemon.owner.status()
     if daemon is not None:  # the compact shapes /status had before the admin API (kept for scripts using them)
         out["pollers"] = {name: p.status() for name, p in daemon.pollers.items()}
         out["streams"] = {name: st.status() for name, st in daemon.streamers.items()}
@@ -282,6 +287,7 @@ def story_json(s: EventStory) -> dict[str, Any]:
             "type": s.event.type,
             "stored_at": iso(s.event.received_at),
             "received_at": body.get("received_at"),
+            "request_id": s.event.request_id,
             "entity": body.get("entity"),
             "entity_id": body.get("entity_id"),
             "version": body.get("version"),
@@ -337,6 +343,7 @@ async def events_list(
                     "source": ev.source,
                     "type": ev.type,
                     "stored_at": iso(ev.received_at),
+                    "request_id": ev.request_id,
                     "deliveries": states,
                 }
             )

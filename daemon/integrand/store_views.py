@@ -24,6 +24,7 @@ class EventRecord:
     type: str
     received_at: float
     body: dict[str, Any]
+    request_id: str | None = None  # the webhook request it arrived in (None for polled events)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class OperatorViews:
             "SELECT at, delivery, action, detail FROM audit WHERE event = ? ORDER BY id", (row,)
         ) as cur:
             audit = [StoryEntry(*a) for a in await cur.fetchall()]
-        history = [StoryEntry(event.received_at, None, "received", f"source={event.source}")]
+        history = [StoryEntry(event.received_at, None, "received", received_detail(event))]
         # Deliveries are made in the event's own transaction (a replay resets created_at, so not that).
         history += [StoryEntry(event.received_at, d.id, "routed", f"to sink {d.sink}") for d in deliveries]
         history += audit
@@ -137,7 +138,7 @@ class OperatorViews:
         if state:
             where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.event = e.id AND x.state = ?)")
             params.append(state)
-        sql = "SELECT e.id, e.source, e.event_id, e.type, e.received_at, e.body FROM events e"
+        sql = "SELECT e.id, e.source, e.event_id, e.type, e.received_at, e.body, e.request_id FROM events e"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY e.id DESC LIMIT ?"
@@ -180,8 +181,14 @@ class OperatorViews:
         return [Backlog(g[0], g[1], g[2], since.get(g[3], 0.0)) for g in groups]
 
 
-_EVENT_SQL = "SELECT id, source, event_id, type, received_at, body FROM events"
+_EVENT_SQL = "SELECT id, source, event_id, type, received_at, body, request_id FROM events"
 
 
 def _event(r: Any) -> EventRecord:
-    return EventRecord(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]))
+    return EventRecord(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]), r[6])
+
+
+def received_detail(event: EventRecord) -> str:
+    """The story's first line: where the event came from, and in which webhook request."""
+    via = f" request_id={event.request_id}" if event.request_id else ""
+    return f"source={event.source}{via}"

@@ -142,7 +142,10 @@ class HttpPollSource(Connector[HttpPollConfig], PollingSource, ReconcilingSource
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
+        agent = self.ctx.http.user_agent  # a cluster node names itself (the provider's logs show who polled)
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": agent} if agent else None, timeout=aiohttp.ClientTimeout(total=self.config.timeout)
+        )
 
     async def close(self) -> None:
         if self._session is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -31,9 +32,9 @@ class JsonlConfig(ConnectorConfig):
     dedupe_window: int = Field(default=65536, ge=0)
 
 
-def tail_lines(path: Path, count: int) -> tuple[list[bytes], int]:
-    """The last ``count`` complete lines of ``path``, and the length of the file up to its last newline
-    (bytes after it are a line torn by a crash mid-write, whose event was never acknowledged)."""
+def tail_lines(path: Path, count: int) -> tuple[list[bytes], int, int]:
+    """The last ``count`` complete lines of ``path``, the length of the file up to its last newline (bytes
+    after it are a line torn by a crash mid-write, whose event was never acknowledged), and the length read."""
     with path.open("rb") as f:
         end = f.seek(0, os.SEEK_END)
         buf, pos = b"", end
@@ -47,7 +48,7 @@ def tail_lines(path: Path, count: int) -> tuple[list[bytes], int]:
     lines = buf[:complete].split(b"\n")[:-1]
     if pos > 0:
         lines = lines[1:]  # the first may be cut by where reading began
-    return lines[-count:] if count else [], whole
+    return lines[-count:] if count else [], whole, end
 
 
 def envelope_keys(lines: Iterable[bytes]) -> list[str]:
@@ -97,13 +98,31 @@ class JsonlSink(Connector[JsonlConfig], Sink):
         path = self.config.path
         private_dir(path.parent)
         private_file(path)  # event bodies: 0600 whatever the umask
-        lines, whole = await asyncio.to_thread(tail_lines, path, self.config.dedupe_window)
-        if whole != path.stat().st_size:
-            # A line torn by a crash mid-write: its event was not acknowledged and will come again.
-            os.truncate(path, whole)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # held for the daemon's lifetime
+        try:
+            lines, torn = await asyncio.to_thread(self._read_tail, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if torn:
             self.log.warning("%s: dropped a partial last line left by a crash", path)
         self._recent = RecentKeys(self.config.dedupe_window, envelope_keys(lines))
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # held for the daemon's lifetime
+        self._fd = fd
+
+    def _read_tail(self, fd: int) -> tuple[list[bytes], bool]:
+        """The tail's lines, a torn last line cut off. Under the file's lock: a reload starts a new sink while
+        the old one may still be writing its last batch, and a line being written is not a torn one."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            lines, whole, end = tail_lines(self.config.path, self.config.dedupe_window)
+            # Torn: what this read saw after the last newline, and only if nothing was appended since.
+            torn = whole < end and os.fstat(fd).st_size == end
+            if torn:
+                # A line torn by a crash mid-write: its event was not acknowledged and will come again.
+                os.ftruncate(fd, whole)
+            return lines, torn
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     async def close(self) -> None:
         if self._fd is not None:
@@ -116,17 +135,21 @@ class JsonlSink(Connector[JsonlConfig], Sink):
         fd = self._fd
         if fd is None:
             raise RetryableError("jsonl sink is closed")
-        start = os.lseek(fd, 0, os.SEEK_END)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # one writer at a time: another instance may share the file during a reload
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.config.fsync:
-                os.fsync(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            raise
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.config.fsync:
+                    os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     async def deliver(self, event: Event) -> None:
         [result] = await self.deliver_batch([event])

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..events import Event
+from ..store_views import Backlog, EventRecord, EventStory
 from .records import (
     CursorRow,
     DeadLetter,
@@ -41,7 +42,9 @@ class StoreBackend(Protocol):
         """Raise ``StoreUnavailable`` unless a webhook-sized write could be stored now."""
 
     # the queue
-    async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult: ...
+    async def enqueue(
+        self, items: Sequence[tuple[Event, Sequence[str]]], *, request_id: str | None = None
+    ) -> EnqueueResult: ...
     async def enqueue_with_cursor(
         self, items: Sequence[tuple[Event, Sequence[str]]], source: str, cursor: Any, kind: str = "poll"
     ) -> EnqueueResult: ...
@@ -84,6 +87,14 @@ class StoreBackend(Protocol):
     async def events_since(
         self, since: float, *, after: int = 0, limit: int = 1000, source: str | None = None
     ) -> list[tuple[int, Event]]: ...
+
+    # the operator's views (store_views.OperatorViews, pg_views.PgOperatorViews)
+    async def find_events(self, ident: str, limit: int = 20) -> list[EventRecord]: ...
+    async def event_story(self, row: int) -> EventStory | None: ...
+    async def list_events(
+        self, *, source: str | None = None, since: float | None = None, state: str | None = None, limit: int = 100
+    ) -> list[tuple[EventRecord, dict[str, str]]]: ...
+    async def backlog(self) -> list[Backlog]: ...
 
     # retention and connector state
     async def prune(self, older_than: float, chunk: int = 200) -> int: ...

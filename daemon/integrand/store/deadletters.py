@@ -179,8 +179,8 @@ class DeadLetters(Engine):
         return await self._submit(op)
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        """Deliveries per (sink, state)."""
-        async with self._read().execute("SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state") as cur:
+        """Deliveries per (sink, state), as the schema's triggers keep them (a few rows, whatever the backlog)."""
+        async with self._read().execute("SELECT sink, state, n FROM delivery_counts WHERE n > 0") as cur:
             return {(r[0], r[1]): r[2] for r in await cur.fetchall()}
 
     async def event_count(self) -> int:

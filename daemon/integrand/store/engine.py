@@ -499,10 +499,17 @@ class Engine:
 
     @staticmethod
     async def _run_script(conn: Conn, script: str) -> None:
-        # executescript() would COMMIT first; run statement by statement to stay in one transaction.
-        for stmt in (s.strip() for s in script.split(";")):
-            if stmt:
-                await conn.execute(stmt)
+        # executescript() would COMMIT first; run statement by statement to stay in one transaction
+        # (a trigger's body holds semicolons: a statement ends where SQLite says it is complete).
+        stmt = ""
+        for part in script.split(";"):
+            stmt += part + ";"
+            if sqlite3.complete_statement(stmt):
+                if stmt.strip(" \n;"):
+                    await conn.execute(stmt.strip())
+                stmt = ""
+        if stmt.strip(" \n;"):
+            raise ValueError(f"migration ends inside a statement: {stmt.strip()[:80]}")
 
     def _writer_ended(self, task: asyncio.Task[None]) -> None:
         """The watchdog: if the writer died (a bug), fail its batch and everything queued, and every

@@ -94,4 +94,33 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX entity_tombstones ON entity_versions (seen_at) WHERE deleted
     """,
+    # 2: SQLite's version 6, the webhook request each event arrived in (NULL for pulled events).
+    """
+    ALTER TABLE events ADD COLUMN request_id TEXT
+    """,
+    # 3: several nodes: who is alive (heartbeats) and who runs each singleton (a polling, streaming or
+    # reconciling source). A lease's token only grows (every acquisition adds one): it is the fence every
+    # cursor, position and state commit of the source checks. Times are the database's clock
+    # (integrand_now(): clock_timestamp() in epoch seconds), never a node's, so nodes whose clocks disagree still agree on who holds what.
+    """
+    CREATE FUNCTION integrand_now() RETURNS DOUBLE PRECISION LANGUAGE sql VOLATILE
+        AS $$ SELECT extract(epoch FROM clock_timestamp())::float8 $$;
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        store_owner TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        owner TEXT,
+        token BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        acquired_at DOUBLE PRECISION NOT NULL,
+        renewed_at DOUBLE PRECISION NOT NULL
+    )
+    """,
 ]

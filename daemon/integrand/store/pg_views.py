@@ -6,13 +6,13 @@ from typing import Any
 
 import orjson
 
-from ..store_views import Backlog, DeliveryRecord, EventRecord, EventStory, StoryEntry
+from ..store_views import Backlog, DeliveryRecord, EventRecord, EventStory, StoryEntry, received_detail
 
-_EVENT_SQL = "SELECT id, source, event_id, type, received_at, body FROM events"
+_EVENT_SQL = "SELECT id, source, event_id, type, received_at, body, request_id FROM events"
 
 
 def _event(r: Any) -> EventRecord:
-    return EventRecord(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]))
+    return EventRecord(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]), r[6])
 
 
 class PgOperatorViews:
@@ -58,7 +58,7 @@ class PgOperatorViews:
                 "SELECT at, delivery, action, detail FROM audit WHERE event = $1 ORDER BY id", row
             )
         ]
-        history = [StoryEntry(event.received_at, None, "received", f"source={event.source}")]
+        history = [StoryEntry(event.received_at, None, "received", received_detail(event))]
         history += [StoryEntry(event.received_at, d.id, "routed", f"to sink {d.sink}") for d in deliveries]
         history += audit
         for d in deliveries:
@@ -74,7 +74,7 @@ class PgOperatorViews:
         events = [
             _event(r)
             for r in await self._fetch(
-                "SELECT e.id, e.source, e.event_id, e.type, e.received_at, e.body FROM events e "
+                "SELECT e.id, e.source, e.event_id, e.type, e.received_at, e.body, e.request_id FROM events e "
                 "WHERE ($1::text IS NULL OR e.source = $1) AND ($2::float8 IS NULL OR e.received_at >= $2) "
                 "AND ($3::text IS NULL OR EXISTS (SELECT 1 FROM deliveries x WHERE x.event = e.id AND x.state = $3)) "
                 "ORDER BY e.id DESC LIMIT $4",

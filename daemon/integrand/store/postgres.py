@@ -14,7 +14,11 @@ How each guarantee holds with many nodes on one database:
   (sink, entity key), so one delivery per line is in flight cluster-wide; leases expire and carry a
   fencing token (``owner.n``) that ``complete`` checks;
 - a commit that makes deliveries leasable sends ``NOTIFY``; every node LISTENs and sets
-  ``deliveries_ready``, so idle dispatchers wake instead of polling.
+  ``deliveries_ready``, so idle dispatchers wake instead of polling;
+- a cursor, resume position or state commit made by a singleton's tasks (a source this node holds the
+  lease of, ``integrand.ownership``) checks the lease's fencing token in the same transaction, with the
+  lease row locked ``FOR SHARE`` so it cannot change hands before the commit: a stale token is refused
+  (``LeaseLost``), nothing of the commit stored. Leases and node heartbeats use the database's clock.
 
 Connection errors are ``StoreUnavailable`` (webhooks get 503). The DSN is never logged.
 """
@@ -31,6 +35,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 import asyncpg
@@ -39,13 +44,14 @@ import orjson
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from ..errors import StoreUnavailable
+from ..errors import LeaseLost, StoreUnavailable
 from ..events import Event, VersionError, version_key
 from .deadletters import REJECTIONS_BUFFERED
+from .fence import CURRENT, Fence
 from .ledger import is_delete, judge, superseded
 from .pg_schema import MIGRATION_LOCK, PG_MIGRATIONS
 from .pg_views import PgOperatorViews
-from .queue import _prepare, _Prepared, _serialised
+from .queue import _again, _prepare, _Prepared, _serialised
 from .records import (
     AuditEntry,
     CursorRow,
@@ -89,11 +95,15 @@ _LOCK_KEYS = (
 
 
 class _EnqueueOp:
-    __slots__ = ("cursor", "future", "items")
+    __slots__ = ("cursor", "fence", "future", "items", "request_id")
 
-    def __init__(self, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None):
+    def __init__(
+        self, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None, request_id: str | None = None
+    ):
         self.items = items
         self.cursor = cursor
+        self.request_id = request_id  # the webhook request these events arrived in (their story shows it)
+        self.fence = CURRENT.get()  # the caller's: a singleton's task commits under its lease
         self.future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
 
 
@@ -122,6 +132,7 @@ class PgStore(PgOperatorViews):
         self.on_commit: Callable[[float, int], None] | None = None
         self.commits = 0
         self.committed_ops = 0
+        self._failing_commits = 0  # group commits failed since the last that succeeded (logged once per outage)
         self.rejections_dropped = 0
         self._leases = itertools.count(1)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -145,7 +156,12 @@ class PgStore(PgOperatorViews):
             settings["default_transaction_read_only"] = "on"
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self.pool_size, server_settings=settings, timeout=10
+                self._dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings=settings,
+                timeout=10,
+                reset=_keep_session,
             )
             assert self._pool is not None
             if self.role == "reader":
@@ -272,6 +288,29 @@ class PgStore(PgOperatorViews):
                     await pool.release(conn)
         raise AssertionError("unreachable")
 
+    async def _one(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """A write that is one statement, committed on its own: no BEGIN and COMMIT round trips around it."""
+        self._check_writable()
+        pool = self._pool_or_fail()
+        try:
+            conn = await pool.acquire()
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        try:
+            for attempt in range(5):
+                try:
+                    return list(await conn.fetch(sql, *args))
+                except _RETRIED:
+                    if attempt == 4:
+                        raise
+        except _UNAVAILABLE as e:
+            conn.terminate()  # in no known state: never handed out again
+            raise StoreUnavailable(f"the PostgreSQL store cannot commit: {type(e).__name__}: {e}") from None
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             return list(await self._pool_or_fail().fetch(sql, *args))
@@ -290,12 +329,14 @@ class PgStore(PgOperatorViews):
 
     # --- the queue --------------------------------------------------------------------------------
 
-    async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
+    async def enqueue(
+        self, items: Sequence[tuple[Event, Sequence[str]]], *, request_id: str | None = None
+    ) -> EnqueueResult:
         """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
         self._check_writable()
         if not items:
             return EnqueueResult(0, 0)
-        return await self._submit(_EnqueueOp(_prepare(items), None))
+        return await self._submit(_EnqueueOp(_prepare(items), None, request_id))
 
     async def enqueue_with_cursor(
         self, items: Sequence[tuple[Event, Sequence[str]]], source: str, cursor: Any, kind: str = "poll"
@@ -334,7 +375,12 @@ class PgStore(PgOperatorViews):
         try:
             results, new = await self._tx(lambda c: self._apply_enqueues(c, batch))
         except StoreUnavailable as e:
-            log.error("the PostgreSQL store cannot commit %d enqueues: %s", len(batch), e)
+            # Once per outage, not per commit: while PostgreSQL is away every sender retries, and each batch fails.
+            if not self._failing_commits:
+                log.error(
+                    "the PostgreSQL store cannot commit %d enqueues: %s (until it can, each is refused)", len(batch), e
+                )
+            self._failing_commits += 1
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(e)
@@ -347,6 +393,9 @@ class PgStore(PgOperatorViews):
             if not batch[0].future.done():
                 batch[0].future.set_exception(e)
             return
+        if self._failing_commits:
+            log.warning("the PostgreSQL store commits again (%d group commits had failed)", self._failing_commits)
+            self._failing_commits = 0
         self.commits += 1
         self.committed_ops += len(batch)
         if self.on_commit is not None:
@@ -362,9 +411,15 @@ class PgStore(PgOperatorViews):
         lock_keys = sorted({it.event.entity_key for op in ops for it in op.items if it.event.entity_id is not None})
         if lock_keys:
             await conn.execute(_LOCK_KEYS, lock_keys)
+        # After the entity locks, which may be waited for: the fence is judged as of the writes that follow.
+        for fence in {id(op.fence): op.fence for op in ops if op.fence is not None}.values():
+            await _check_fence(conn, fence)
         pairs = {(it.event.source, it.event.id) for op in ops for it in op.items}
         stored: dict[tuple[str, str], int] = {}
-        if pairs:
+        # Without entities nothing needs to know beforehand which events are stored already (no stale guard,
+        # no line heads): the INSERT's ON CONFLICT tells, and repeats are looked up after it, only if any.
+        look_first = bool(lock_keys)
+        if pairs and look_first:
             srcs, ids = zip(*pairs, strict=True)
             for r in await conn.fetch(
                 "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
@@ -376,8 +431,9 @@ class PgStore(PgOperatorViews):
         keys = {(it.event.source, it.event.entity or "", it.event.entity_id) for op in ops for it in op.items}
         entities = await _read_entities(conn, {k for k in keys if k[2] is not None})  # type: ignore[misc]
         seen: set[tuple[str, str]] = set(stored)
-        repeats: list[tuple[str, str]] = []
+        repeats: list[tuple[str, str, str | None]] = []
         accepted_by_op: list[list[_Prepared]] = []
+        request_of: dict[tuple[str, str], str | None] = {}
         entity_rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         cursor_rows: dict[tuple[str, str], bytes] = {}
         counts: list[list[int]] = []
@@ -391,7 +447,7 @@ class PgStore(PgOperatorViews):
                 if k in seen:
                     dup += 1
                     if op.cursor is None:
-                        repeats.append(k)
+                        repeats.append((*k, op.request_id))
                     continue
                 seen.add(k)
                 # Serialised here, like the SQLite writer does: a failure fails this merged batch, which is
@@ -418,6 +474,7 @@ class PgStore(PgOperatorViews):
                     entities[ek] = EntityVersion(keep, h, deleted, ev.id, now)
                     entity_rows[ek] = (keep, h, deleted, ev.id)
                 accepted.append(it)
+                request_of[k] = op.request_id
             if op.cursor is not None:
                 cursor_rows[(op.cursor[0], op.cursor[1])] = op.cursor[2]
             accepted_by_op.append(accepted)
@@ -426,17 +483,30 @@ class PgStore(PgOperatorViews):
         row_of: dict[tuple[str, str], int] = {}
         if flat:
             for r in await conn.fetch(
-                "INSERT INTO events (source, event_id, type, entity_key, received_at, body) "
-                "SELECT s, i, t, k, $5, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $6::bytea[]) "
-                "AS x(s, i, t, k, b) ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id",
+                "INSERT INTO events (source, event_id, type, entity_key, received_at, body, request_id) "
+                "SELECT s, i, t, k, $5, b, r FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $6::bytea[], "
+                "$7::text[]) AS x(s, i, t, k, b, r) ON CONFLICT (source, event_id) DO NOTHING "
+                "RETURNING id, source, event_id",
                 [it.event.source for it in flat],
                 [it.event.id for it in flat],
                 [it.event.type for it in flat],
                 [it.event.entity_key for it in flat],
                 now,
                 [bodies[(it.event.source, it.event.id)] for it in flat],
+                [request_of[(it.event.source, it.event.id)] for it in flat],
             ):
                 row_of[(r[1], r[2])] = r[0]
+        if not look_first and len(row_of) < len(flat):  # stored before this batch: duplicates, found afterwards
+            again = [(op, it) for op, acc in zip(ops, accepted_by_op, strict=True) for it in acc]
+            again = [(op, it) for op, it in again if (it.event.source, it.event.id) not in row_of]
+            for r in await conn.fetch(
+                "SELECT e.id, e.source, e.event_id FROM events e JOIN unnest($1::text[], $2::text[]) AS k(s, i) "
+                "ON e.source = k.s AND e.event_id = k.i",
+                [it.event.source for _, it in again],
+                [it.event.id for _, it in again],
+            ):
+                stored[(r[1], r[2])] = r[0]
+            repeats += [(it.event.source, it.event.id, op.request_id) for op, it in again if op.cursor is None]
         results: list[EnqueueResult] = []
         for acc, (dup, stale) in zip(accepted_by_op, counts, strict=True):
             raced = sum(1 for it in acc if (it.event.source, it.event.id) not in row_of)  # stored by another node
@@ -478,27 +548,29 @@ class PgStore(PgOperatorViews):
                 d_ordered.append(ordered)
                 d_head.append(head)
         if d_event:
-            await conn.execute(
-                "INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, next_attempt_at, "
-                "updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
-                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)",
+            await conn.execute(  # the deliveries and the NOTIFY that wakes every node's dispatcher: one round trip
+                "WITH d AS (INSERT INTO deliveries (event, sink, entity_key, ordered, state, created_at, "
+                "next_attempt_at, updated_at, active, head) SELECT e, s, k, o, 'ready', $6, $6, $6, true, h "
+                "FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[]) AS x(e, s, k, o, h)) "
+                "SELECT pg_notify($7, '')",
                 d_event,
                 d_sink,
                 d_key,
                 d_ordered,
                 d_head,
                 now,
+                CHANNEL,
             )
-            await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
         if repeats:
             rows = {**stored, **row_of}
-            dup_rows = [rows[k] for k in repeats if k in rows]
+            dup_rows = [(rows[(src, eid)], _again(rid)) for src, eid, rid in repeats if (src, eid) in rows]
             if dup_rows:
                 await conn.execute(
-                    "INSERT INTO audit (at, event, delivery, action, detail) SELECT $1, e, NULL, 'deduplicated', "
-                    "'received again; acknowledged, not stored twice' FROM unnest($2::bigint[]) AS e",
+                    "INSERT INTO audit (at, event, delivery, action, detail) SELECT $1, e, NULL, 'deduplicated', t "
+                    "FROM unnest($2::bigint[], $3::text[]) AS x(e, t)",
                     now,
-                    dup_rows,
+                    [r[0] for r in dup_rows],
+                    [r[1] for r in dup_rows],
                 )
         if entity_rows:
             ks = list(entity_rows)
@@ -535,40 +607,51 @@ class PgStore(PgOperatorViews):
         """Lease up to ``limit`` due line heads, oldest first, skipping rows another node is leasing."""
         excluded = sorted(exclude)
 
-        async def op(conn: PgConn) -> list[Leased]:
-            now = self.clock()
-            token = f"{self.owner}.{next(self._leases)}"
-            rows = await conn.fetch(
-                "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
-                "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
-                "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
-                "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
-                "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at",
-                now,
-                now + lease_seconds,
-                token,
-                limit,
-                due_only,
-                only,
-                excluded,
-            )
-            if not rows:
-                return []
-            bodies = {
-                r[0]: r[1]
-                for r in await conn.fetch(
-                    "SELECT id, body FROM events WHERE id = ANY($1::bigint[])", sorted({r[1] for r in rows})
-                )
-            }
-            out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
-            out.sort(key=lambda d: d.id)
-            return out
-
-        return await self._tx(op)
+        now = self.clock()
+        token = f"{self.owner}.{next(self._leases)}"
+        # One statement, committed on its own: the rows, their leases and the events' bodies in one round trip.
+        rows = await self._one(
+            "WITH c AS (SELECT id FROM deliveries WHERE state = 'ready' AND head "
+            "AND (NOT $5::bool OR next_attempt_at <= $1) AND ($6::text IS NULL OR sink = $6) "
+            "AND sink <> ALL($7::text[]) ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            "UPDATE deliveries d SET state = 'leased', lease_until = $2, lease_owner = $3, updated_at = $1 "
+            "FROM c WHERE d.id = c.id RETURNING d.id, d.event, d.sink, d.attempts, d.created_at, "
+            "(SELECT e.body FROM events e WHERE e.id = d.event)",
+            now,
+            now + lease_seconds,
+            token,
+            limit,
+            due_only,
+            only,
+            excluded,
+        )
+        out = [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(r[5]), token) for r in rows]
+        out.sort(key=lambda d: d.id)
+        return out
 
     async def complete(self, outcomes: Sequence[Outcome]) -> None:
         """Record what happened to leased deliveries (only those whose token still holds the lease)."""
         if not outcomes:
+            return
+        if all(o.kind == "done" and o.delivery.event.entity_id is None for o in outcomes):
+            # The common batch (delivered, no entity line to move on, nothing to audit): one statement.
+            done = await self._one(
+                "UPDATE deliveries d SET state = 'done', active = NULL, head = NULL, attempts = d.attempts + 1, "
+                "updated_at = $1, lease_until = NULL, lease_owner = NULL, last_error = NULL "
+                "FROM unnest($2::bigint[], $3::text[]) AS u(id, tok) "
+                "WHERE d.id = u.id AND d.state = 'leased' AND d.lease_owner = u.tok RETURNING d.id",
+                self.clock(),
+                [o.delivery.id for o in outcomes],
+                [o.delivery.token for o in outcomes],
+            )
+            held = {r[0] for r in done}
+            for o in outcomes:
+                if o.delivery.id not in held:
+                    log.warning(
+                        "stale done for delivery %d ignored: its lease (%s) expired and was taken over",
+                        o.delivery.id,
+                        o.delivery.token or "no token",
+                    )
             return
 
         async def op(conn: PgConn) -> bool:
@@ -592,6 +675,11 @@ class PgStore(PgOperatorViews):
                 )
             changed = False
             audit: list[tuple[Any, ...]] = []
+            rows: list[int] = []
+            kinds: list[str] = []
+            incs: list[int] = []
+            dues: list[float | None] = []
+            errors: list[str | None] = []
             for o in outcomes:
                 d = o.delivery
                 if d.id not in held:
@@ -602,43 +690,20 @@ class PgStore(PgOperatorViews):
                         d.token or "no token",
                     )
                     continue
-                if o.kind == "done":
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'done', active = NULL, head = NULL, attempts = attempts + 1, "
-                        "updated_at = $1, lease_until = NULL, lease_owner = NULL, last_error = NULL WHERE id = $2",
-                        now,
-                        d.id,
-                    )
-                elif o.kind == "retry":
-                    inc = 1 if o.count_attempt else 0
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'ready', attempts = attempts + $1, next_attempt_at = $2, "
-                        "updated_at = $3, last_error = $4, lease_until = NULL, lease_owner = NULL WHERE id = $5",
-                        inc,
-                        o.next_attempt_at or now,
-                        now,
-                        o.error,
-                        d.id,
-                    )
+                inc = 1 if o.kind in ("done", "dead") or (o.kind == "retry" and o.count_attempt) else 0
+                rows.append(d.id)
+                kinds.append(o.kind)
+                incs.append(inc)
+                dues.append((o.next_attempt_at or now) if o.kind == "retry" else None)
+                errors.append(o.error)
+                if o.kind == "retry":
                     audit.append((d.event_row, d.id, "retry" if inc else "deferred", o.error))
-                    changed = True
                 elif o.kind == "dead":
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'dead', active = NULL, head = NULL, attempts = attempts + 1, "
-                        "updated_at = $1, last_error = $2, lease_until = NULL, lease_owner = NULL WHERE id = $3",
-                        now,
-                        o.error,
-                        d.id,
-                    )
                     audit.append((d.event_row, d.id, "dead", o.error))
-                else:
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'ready', updated_at = $1, lease_until = NULL, "
-                        "lease_owner = NULL WHERE id = $2",
-                        now,
-                        d.id,
-                    )
+                if o.kind in ("retry", "release"):
                     changed = True
+            if rows:  # one statement for the whole batch, not one round trip per delivery
+                await conn.execute(_COMPLETE, now, rows, kinds, incs, dues, errors)
             if audit:
                 await _audit(conn, now, audit)
             finished = [
@@ -720,13 +785,23 @@ class PgStore(PgOperatorViews):
     # --- cursors and the ledger -------------------------------------------------------------------
 
     async def cursor_get(self, source: str, kind: str = "poll") -> Any:
+        fence = CURRENT.get()
+        if fence is not None and not fence.locally_valid():
+            # A poll starts by reading its cursor: a node that cannot be sure it still holds the source's
+            # lease (it was paused, or could not renew) must not ask the provider again.
+            why = f"lease {fence.lease} (token {fence.token}) lapsed before this node could renew it"
+            fence.refused(why)
+            raise LeaseLost(f"{why}; another node may hold it", lease=fence.lease, token=fence.token)
         rows = await self._fetch("SELECT value FROM cursors WHERE source = $1 AND kind = $2", source, kind)
         return orjson.loads(rows[0][0]) if rows else None
 
     async def cursor_set(self, source: str, value: Any, kind: str = "poll") -> None:
         blob = orjson.dumps(value)
+        fence = CURRENT.get()
 
         async def op(conn: PgConn) -> None:
+            if fence is not None:
+                await _check_fence(conn, fence)
             if value is None:
                 await conn.execute("DELETE FROM cursors WHERE source = $1 AND kind = $2", source, kind)
             else:
@@ -937,8 +1012,12 @@ class PgStore(PgOperatorViews):
 
     async def state_set(self, scope: str, key: str, value: Any) -> None:
         blob = orjson.dumps(value)
-        await self._tx(
-            lambda c: c.execute(
+        fence = CURRENT.get()
+
+        async def op(conn: PgConn) -> None:
+            if fence is not None:
+                await _check_fence(conn, fence)
+            await conn.execute(
                 "INSERT INTO state (scope, key, value, updated_at) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 scope,
@@ -946,7 +1025,188 @@ class PgStore(PgOperatorViews):
                 blob,
                 self.clock(),
             )
+
+        await self._tx(op)
+
+    # --- nodes and singleton leases (integrand.ownership) -----------------------------------------
+
+    async def heartbeat(self, node: NodeInfo) -> tuple[float, list[NodeRow]]:
+        """Record that ``node`` is alive now (the database's clock); every node row as it stands, and now."""
+
+        async def op(conn: PgConn) -> tuple[float, list[NodeRow]]:
+            await conn.execute(
+                "INSERT INTO nodes (node_id, store_owner, host, pid, version, started_at, heartbeat_at) "
+                "VALUES ($1, $2, $3, $4, $5, integrand_now(), integrand_now()) ON CONFLICT (node_id) DO UPDATE SET "
+                "store_owner = excluded.store_owner, host = excluded.host, pid = excluded.pid, "
+                "version = excluded.version, heartbeat_at = excluded.heartbeat_at, "
+                "started_at = CASE WHEN nodes.store_owner = excluded.store_owner THEN nodes.started_at "
+                "ELSE excluded.started_at END",
+                node.node_id,
+                self.owner,
+                node.host,
+                node.pid,
+                node.version,
+            )
+            return await _nodes(conn)
+
+        return await self._tx(op)
+
+    async def nodes(self) -> tuple[float, list[NodeRow]]:
+        """The nodes' rows and the database's now (for ``integrand status``; read-only)."""
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire() as conn:
+                if await conn.fetchval("SELECT to_regclass('nodes')") is None:
+                    return time.time(), []  # a store from before version 3: no node has run on it yet
+                return await _nodes(conn)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the PostgreSQL store cannot be read: {type(e).__name__}: {e}") from None
+
+    async def leases(self) -> list[LeaseRow]:
+        rows = await self._fetch(
+            "SELECT name, owner, token, expires_at - integrand_now(), acquired_at, renewed_at FROM leases ORDER BY name"
         )
+        return [LeaseRow(r[0], r[1], int(r[2]), float(r[3]), r[4], r[5]) for r in rows]
+
+    async def acquire_lease(self, name: str, node_id: str, ttl: float) -> int | None:
+        """Take lease ``name`` if nobody holds it (or its holder let it lapse): its new, larger token, else None."""
+        rows = await self._tx(
+            lambda c: c.fetch(
+                "INSERT INTO leases AS l (name, owner, token, expires_at, acquired_at, renewed_at) "
+                "VALUES ($1, $2, 1, integrand_now() + $3, integrand_now(), integrand_now()) ON CONFLICT (name) DO UPDATE SET "
+                "owner = excluded.owner, token = l.token + 1, expires_at = excluded.expires_at, "
+                "acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at "
+                "WHERE l.expires_at <= integrand_now() RETURNING token",
+                name,
+                node_id,
+                ttl,
+            )
+        )
+        return int(rows[0][0]) if rows else None
+
+    async def renew_leases(self, held: dict[str, int], ttl: float) -> set[str]:
+        """Extend the leases this node holds (name → token) that have not lapsed; the names still held."""
+        if not held:
+            return set()
+        names = sorted(held)
+        rows = await self._tx(
+            lambda c: c.fetch(
+                "UPDATE leases l SET expires_at = integrand_now() + $3, renewed_at = integrand_now() "
+                "FROM unnest($1::text[], $2::bigint[]) AS h(n, t) "
+                "WHERE l.name = h.n AND l.token = h.t AND l.expires_at > integrand_now() RETURNING l.name",
+                names,
+                [held[n] for n in names],
+                ttl,
+            )
+        )
+        return {r[0] for r in rows}
+
+    async def release_lease(self, name: str, token: int) -> bool:
+        """Give a lease up now (a clean stop, a rebalance): another node may take it at once."""
+        rows = await self._tx(
+            lambda c: c.fetch(
+                "UPDATE leases SET owner = NULL, expires_at = integrand_now() WHERE name = $1 AND token = $2 RETURNING 1",
+                name,
+                token,
+            )
+        )
+        return bool(rows)
+
+    async def forget_node(self, node_id: str, *, dead_after: float | None) -> int:
+        """Remove a node's row; with ``dead_after``, only if its heartbeat is that many seconds old, and then
+        its leased deliveries are made ready again at once (it died: no need to wait for their leases)."""
+
+        async def op(conn: PgConn) -> int:
+            rows = await conn.fetch(
+                "DELETE FROM nodes WHERE node_id = $1 AND ($2::float8 IS NULL OR heartbeat_at < "
+                "integrand_now() - $2) RETURNING store_owner",
+                node_id,
+                dead_after,
+            )
+            if not rows or dead_after is None:
+                return 0
+            freed = await conn.fetch(
+                "UPDATE deliveries SET state = 'ready', lease_until = NULL, lease_owner = NULL, updated_at = $1 "
+                "WHERE state = 'leased' AND starts_with(lease_owner, $2) RETURNING id",
+                self.clock(),
+                rows[0][0] + ".",
+            )
+            if freed:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return len(freed)
+
+        n = await self._tx(op)
+        if n:
+            self.deliveries_ready.set()
+        return n
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself in the ``nodes`` table."""
+
+    node_id: str
+    host: str
+    pid: int
+    version: str
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node_id: str
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_age: float  # seconds since its last heartbeat, by the database's clock
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    name: str
+    owner: str | None
+    token: int
+    expires_in: float  # seconds until it lapses (negative: lapsed), by the database's clock
+    acquired_at: float
+    renewed_at: float
+
+
+async def _nodes(conn: PgConn) -> tuple[float, list[NodeRow]]:
+    now = float(await conn.fetchval("SELECT integrand_now()"))
+    rows = await conn.fetch("SELECT node_id, host, pid, version, started_at, heartbeat_at FROM nodes ORDER BY node_id")
+    return now, [NodeRow(r[0], r[1], r[2], r[3], r[4], max(0.0, now - r[5])) for r in rows]
+
+
+async def _check_fence(conn: PgConn, fence: Fence) -> None:
+    """Refuse this transaction unless ``fence`` still holds its lease (row locked until the commit)."""
+    ok = await conn.fetchval(
+        "SELECT 1 FROM leases WHERE name = $1 AND token = $2 AND expires_at > integrand_now() FOR SHARE",
+        fence.lease,
+        fence.token,
+    )
+    if ok:
+        return
+    row = await conn.fetchrow(
+        "SELECT owner, token, expires_at > integrand_now() FROM leases WHERE name = $1", fence.lease
+    )
+    now_held = (
+        f"node {row[0]} holds it with token {row[1]}" if row is not None and row[2] and row[0] else "nobody holds it"
+    )
+    why = f"lease {fence.lease}: token {fence.token} is stale ({now_held})"
+    if fence.lost:  # queued before this node handed the lease back or lost it: already stopped, nothing new
+        log.info("commit refused by the fencing token: %s (queued before this node gave the singleton up)", why)
+    else:
+        log.warning("commit refused by the fencing token: %s; this node stops the singleton", why)
+    fence.refused(why)
+    raise LeaseLost(f"commit refused: {why}", lease=fence.lease, token=fence.token)
+
+
+async def _keep_session(_conn: object) -> None:
+    """A pool connection handed back is not reset (asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL`` each time: one more round trip and four statements per transaction). The
+    store keeps no session state on pool connections: its locks are transaction-scoped
+    (``pg_advisory_xact_lock``), it sets nothing with ``SET`` and LISTENs on a connection of its own. An
+    open transaction is still rolled back by the pool before this is called."""
 
 
 def _display(dsn: str) -> str:
@@ -957,6 +1217,22 @@ def _display(dsn: str) -> str:
     host = u.hostname or "localhost"
     return f"{u.scheme or 'postgresql'}://{host}{':' + str(u.port) if u.port else ''}{u.path}"
 
+
+# What ``complete`` records, per delivery: done and dead end its line's turn (active and head cleared),
+# retry waits for its due time, release hands the lease back; a counted attempt adds one.
+_COMPLETE = (
+    "UPDATE deliveries d SET "
+    "state = CASE u.k WHEN 'done' THEN 'done' WHEN 'dead' THEN 'dead' ELSE 'ready' END, "
+    "active = CASE WHEN u.k IN ('done', 'dead') THEN NULL ELSE d.active END, "
+    "head = CASE WHEN u.k IN ('done', 'dead') THEN NULL ELSE d.head END, "
+    "attempts = d.attempts + u.inc, "
+    "next_attempt_at = CASE WHEN u.k = 'retry' THEN u.due ELSE d.next_attempt_at END, "
+    "updated_at = $1, "
+    "last_error = CASE u.k WHEN 'done' THEN NULL WHEN 'release' THEN d.last_error ELSE u.err END, "
+    "lease_until = NULL, lease_owner = NULL "
+    "FROM unnest($2::bigint[], $3::text[], $4::int[], $5::float8[], $6::text[]) AS u(id, k, inc, due, err) "
+    "WHERE d.id = u.id"
+)
 
 _CURSOR_UPSERT = (
     "INSERT INTO cursors (source, kind, value, updated_at) VALUES ($1, $2, $3, $4) "

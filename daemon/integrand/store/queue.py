@@ -70,13 +70,20 @@ def _serialised(ev: Event) -> tuple[bytes, str | None]:
 class _EnqueueOp(GroupedOp):
     """Enqueues are grouped: a commit's enqueues share one dedup query and a few multi-row inserts."""
 
-    __slots__ = ("_queue", "cursor", "items", "new")
+    __slots__ = ("_queue", "cursor", "items", "new", "request_id")
 
-    def __init__(self, queue: Queue, items: Sequence[_Prepared], cursor: tuple[str, str, bytes] | None = None):
+    def __init__(
+        self,
+        queue: Queue,
+        items: Sequence[_Prepared],
+        cursor: tuple[str, str, bytes] | None = None,
+        request_id: str | None = None,
+    ):
         future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
         super().__init__(queue._apply_enqueues, max(1, len(items)), future, then=self._committed)
         self.items = items
         self.cursor = cursor
+        self.request_id = request_id  # the webhook request these events arrived in (their story shows it)
         self.new = False  # whether it stored deliveries (set by the group's function)
         self._queue = queue
 
@@ -117,7 +124,7 @@ class Queue(Engine):
                 sql = f"SELECT id, event_id FROM events WHERE source = ? AND event_id IN ({marks})"  # noqa: S608
                 stored.update(((source, r[1]), r[0]) for r in await conn.execute_fetchall(sql, (source, *chunk)))
         seen.update(stored)
-        repeats: list[tuple[str, str]] = []  # pushed again (a provider's retry): the event's story says so
+        repeats: list[tuple[str, str, str | None]] = []  # pushed again (a provider's retry): the event's story says so
         entities = await self._entity_versions_for(conn, [it.event for op in ops for it in op.items])
         # Event ids from the table itself, inside this transaction: BEGIN IMMEDIATE holds the write lock,
         # so no other process (a CLI command) can insert meanwhile, and nothing is remembered between
@@ -137,7 +144,7 @@ class Queue(Engine):
                 if k in seen:
                     dup += 1
                     if op.cursor is None:  # not a poll's look-back overlap, which repeats by design
-                        repeats.append(k)
+                        repeats.append((*k, op.request_id))
                     continue
                 seen.add(k)
                 body, h = _serialised(ev)
@@ -165,14 +172,14 @@ class Queue(Engine):
                 op.new = op.new or bool(sinks)
                 ekey = ev.entity_key
                 row = last + len(event_rows) + 1
-                event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, body))
+                event_rows.append((row, ev.source, ev.id, ev.type, ekey, now, body, op.request_id))
                 fanout.append((row, ev.source, ev.id, ekey, sinks, ev.entity_id is not None))
             if op.cursor is not None:
                 cursor_rows.append((*op.cursor, now))
             results.append(EnqueueResult(accepted, dup, stale))
         if event_rows:
             await conn.insert_rows(
-                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body)", event_rows
+                "INSERT INTO events (id, source, event_id, type, entity_key, received_at, body, request_id)", event_rows
             )
             # A new delivery heads its line unless the line already has an active delivery (or an
             # earlier one in this batch); an event without an entity is a line of its own.
@@ -194,8 +201,11 @@ class Queue(Engine):
             )
         if repeats:
             rows = {**stored, **{(f[1], f[2]): f[0] for f in fanout}}  # a repeat of a stale event has no row
-            note = "received again; acknowledged, not stored twice"
-            dup_rows = [(now, rows[k], None, "deduplicated", note) for k in repeats if k in rows]
+            dup_rows = [
+                (now, rows[(src, eid)], None, "deduplicated", _again(rid))
+                for src, eid, rid in repeats
+                if (src, eid) in rows
+            ]
             if dup_rows:
                 await conn.insert_rows("INSERT INTO audit (at, event, delivery, action, detail)", dup_rows)
         if entity_rows:
@@ -215,13 +225,18 @@ class Queue(Engine):
         keys = {(ev.source, ev.entity or "", ev.entity_id) for ev in events if ev.entity_id is not None}
         return await read_entities(conn, keys)
 
-    async def enqueue(self, items: Sequence[tuple[Event, Sequence[str]]]) -> EnqueueResult:
-        """Store events with one delivery per sink; returns once committed. Duplicates are no-ops."""
+    async def enqueue(
+        self, items: Sequence[tuple[Event, Sequence[str]]], *, request_id: str | None = None
+    ) -> EnqueueResult:
+        """Store events with one delivery per sink; returns once committed. Duplicates are no-ops.
+
+        ``request_id`` names the webhook request they arrived in, kept with each event for its story."""
         if not self._writing():
             raise self._unwritable()
         if not items:
             return EnqueueResult(0, 0)
-        result: EnqueueResult = await self._submit_grouped(_EnqueueOp(self, _prepare(items)))
+        op = _EnqueueOp(self, _prepare(items), request_id=request_id)
+        result: EnqueueResult = await self._submit_grouped(op)
         return result
 
     async def enqueue_with_cursor(
@@ -444,6 +459,12 @@ class Queue(Engine):
         """What the entity table holds for (entity, entity_id) pairs of one source; missing ones are absent."""
         found = await read_entities(self._read(), {(source, e, i) for e, i in keys})
         return {(k[1], k[2]): v for k, v in found.items()}
+
+
+def _again(request_id: str | None) -> str:
+    """The audit line of a repeated push (a provider's retry), with the request that repeated it."""
+    via = f" (request {request_id})" if request_id else ""
+    return f"received again{via}; acknowledged, not stored twice"
 
 
 async def _busy_lines(conn: Conn, lines: set[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -112,4 +112,33 @@ MIGRATIONS: list[str] = [
     CREATE INDEX entity_tombstones ON entity_versions (seen_at) WHERE deleted = 1;
     CREATE INDEX state_loop_guard_age ON state (updated_at) WHERE substr(scope, 1, 11) = 'loop-guard:';
     """,
+    # 6: the webhook request each event arrived in (X-Request-Id: the listener's or a trusted proxy's), for
+    # its story; NULL for polled, streamed and reconciled events.
+    """
+    ALTER TABLE events ADD COLUMN request_id TEXT;
+    """,
+    # 7: deliveries per (sink, state), kept by triggers in the transaction that changes them, so `integrand
+    # status`, /metrics and systemd's STATUS= read a few rows instead of counting every delivery (413 ms
+    # with 200,000 retained on a loaded machine). Rows at 0 stay (a sink's states recur); readers skip them.
+    """
+    CREATE TABLE delivery_counts (
+        sink TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (sink, state)
+    ) WITHOUT ROWID;
+    INSERT INTO delivery_counts (sink, state, n) SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state;
+    CREATE TRIGGER deliveries_count_insert AFTER INSERT ON deliveries BEGIN
+        INSERT INTO delivery_counts (sink, state, n) VALUES (new.sink, new.state, 1)
+            ON CONFLICT (sink, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER deliveries_count_update AFTER UPDATE OF state ON deliveries WHEN old.state IS NOT new.state BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE sink = old.sink AND state = old.state;
+        INSERT INTO delivery_counts (sink, state, n) VALUES (new.sink, new.state, 1)
+            ON CONFLICT (sink, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER deliveries_count_delete AFTER DELETE ON deliveries BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE sink = old.sink AND state = old.state;
+    END;
+    """,
 ]

@@ -43,7 +43,7 @@ from integrand.connector import (
     StreamBatch,
     StreamingSource,
     content_id,
-    envelope_event,
+    message_event,
 )
 
 REASON_HEADER = "x-integrand-rejected"
@@ -327,7 +327,7 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
         for i, m in enumerate(msgs):
             try:
                 events.append(self._event(m))
-            except _Unparsable as e:
+            except PayloadError as e:
                 reason = f"AMQP message {m.message_id or '(no message_id)'} from queue {self.config.queue}: {e}"
                 bad[i] = reason
                 rejected.append(
@@ -346,43 +346,18 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
 
     def _event(self, m: aio_pika.abc.AbstractIncomingMessage) -> Event:
         headers = {k: v for k, v in (m.headers or {}).items() if isinstance(v, str)}
-        try:
-            body = orjson.loads(m.body)
-        except orjson.JSONDecodeError as e:
-            raise _Unparsable(f"not JSON ({e})") from None
-        amqp_meta = {"queue": self.config.queue, "routing_key": m.routing_key, "exchange": m.exchange}
-        fmt = self.config.format
-        msg_id = m.message_id if self.config.dedup == "message_id" else None
-        inner = None
-        if fmt != "json":
-            try:
-                inner = envelope_event(body)
-            except PayloadError as e:
-                raise _Unparsable(str(e)) from None
-        if inner is not None:
-            return Event(
-                id=msg_id or inner.key,
-                source=self.ctx.name,
-                type=inner.type,
-                data=inner.data,
-                entity=inner.entity,
-                entity_id=inner.entity_id,
-                version=inner.version,
-                occurred_at=inner.occurred_at,
-                meta={**(inner.meta or {}), "origin": inner.source, "amqp": amqp_meta},
-            )
-        if fmt == "envelope":
-            raise _Unparsable("not an integrand envelope (needs id, source, type, data)")
-        return Event(
-            # Without a message_id the content is the identity: a redelivery is then the same event.
-            id=msg_id or content_id(str(m.routing_key), m.body),
+        return message_event(
+            m.body,
             source=self.ctx.name,
+            format=self.config.format,
+            message_id=m.message_id if self.config.dedup == "message_id" else None,
+            # Without a message_id the content is the identity: a redelivery is then the same event.
+            fallback_id=lambda: content_id(str(m.routing_key), m.body),
             type=headers.get("integrand-type") or m.type or str(m.routing_key),
-            data=body,
             entity=headers.get("integrand-entity"),
             entity_id=headers.get("integrand-entity-id"),
             version=headers.get("integrand-version"),
-            meta={"amqp": amqp_meta},
+            meta={"amqp": {"queue": self.config.queue, "routing_key": m.routing_key, "exchange": m.exchange}},
         )
 
     async def ack(self, batch: StreamBatch) -> None:
@@ -408,7 +383,3 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
             # Committed already: what was not acked comes back and is absorbed by the event ids.
             raise RetryableError(f"RabbitMQ ack failed: {type(e).__name__}: {e}") from None
-
-
-class _Unparsable(Exception):
-    """A consumed message that can never become an event."""

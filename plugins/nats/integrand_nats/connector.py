@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,7 +45,7 @@ from integrand.connector import (
     Sink,
     StreamBatch,
     StreamingSource,
-    envelope_event,
+    message_event,
 )
 
 # The client's own reconnect attempts (0.5 s apart) before it gives up; then the sink reconnects on its next
@@ -70,8 +71,8 @@ class NatsConfig(ConnectorConfig):
     batch: int = Field(default=256, ge=1, le=10_000)
     fetch_wait: Duration = 1.0
     ack_wait: Duration = 30.0
-    # Unset: one batch. integrand reads a batch, commits, acks, reads the next, so more buys nothing, and it
-    # keeps per-subject order across a crash: the unacked batch is redelivered before anything newer.
+    # Unset: two batches, the one integrand commits and the next, fetched meanwhile. Bounded, so after a
+    # crash the unacked ones are redelivered (in stream order) before anything newer: per-subject order holds.
     max_ack_pending: int | None = Field(default=None, ge=1)
     nak_delay: Duration = 5.0
     create_consumer: bool = True
@@ -92,6 +93,7 @@ class _Pending:
     msgs: Sequence[Msg]
     bad: set[int] = field(default_factory=set)
     keepalive: asyncio.Task[None] | None = None
+    released: bool = False  # handed back (nak) after the store refused it
 
     def stop(self) -> None:
         if self.keepalive is not None:
@@ -106,6 +108,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
     batch_size = 256
 
     _nc: Client | None = None
+    _acks: _Acks | None = None
     _lock: asyncio.Lock | None = None
 
     def __init__(self, config: NatsConfig, ctx: ConnectorContext):
@@ -122,6 +125,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             with contextlib.suppress(Exception):
                 await self._nc.close()
             self._nc = None
+            self._acks = None
 
     async def _connect(self, reconnects: int) -> Client:
         c = self.config
@@ -148,12 +152,17 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
 
     # --- sink -----------------------------------------------------------------------------------
 
-    async def _client(self) -> Client:
+    async def _publisher(self) -> _Acks:
+        """The connection and its one PubAck subscription, (re)made when the client gave up reconnecting."""
         assert self._lock is not None
         async with self._lock:
-            if self._nc is None or self._nc.is_closed:
+            if self._nc is None or self._nc.is_closed or self._acks is None or self._acks.nc is not self._nc:
+                if self._nc is not None:
+                    with contextlib.suppress(Exception):
+                        await self._nc.close()
                 self._nc = await self._connect(reconnects=RECONNECTS)
-            return self._nc
+                self._acks = await _Acks.open(self._nc)
+            return self._acks
 
     def _message(self, event: Event) -> tuple[str, bytes, dict[str, str]]:
         headers = {"Nats-Msg-Id": event.key, "Content-Type": "application/json", "Integrand-Type": event.type}
@@ -161,6 +170,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             ("Integrand-Entity", event.entity),
             ("Integrand-Entity-Id", event.entity_id),
             ("Integrand-Version", event.version),
+            ("Nats-Expected-Stream", self.config.expect_stream),
         ):
             if value is not None:
                 headers[name] = value
@@ -173,36 +183,28 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             raise err
 
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
-        """Publish all, in order, then wait for every PubAck: a delivery is done only with its ack."""
-        nc = await self._client()
-        js = nc.jetstream(timeout=self.config.publish_timeout)
-        futures: list[asyncio.Future[api.PubAck] | BaseException] = []
-        for ev in events:
-            subject, payload, headers = self._message(ev)
-            try:
-                futures.append(
-                    await js.publish_async(subject, payload, headers=headers, stream=self.config.expect_stream)
-                )
-            except (nats.errors.Error, OSError) as e:
-                futures.append(RetryableError(f"NATS publish to {subject!r} failed: {type(e).__name__}: {e}"))
-        waiting = [f for f in futures if not isinstance(f, BaseException)]
-        if waiting:  # one wait for the whole batch: a wait_for per message costs a task each
-            await asyncio.wait(waiting, timeout=self.config.publish_timeout)
-        results: list[BaseException | None] = []
-        for ev, fut in zip(events, futures, strict=True):
-            if isinstance(fut, BaseException):
-                results.append(fut)
-            elif not fut.done():
-                fut.cancel()
-                results.append(RetryableError(f"no PubAck for {ev.key} within {self.config.publish_timeout:g} s"))
-            elif (err := fut.exception()) is None:
-                results.append(None)
-            elif isinstance(err, nats.js.errors.NoStreamResponseError):
-                results.append(RetryableError(f"no JetStream stream takes subject {self._template.render(ev)!r}"))
-            elif isinstance(err, nats.js.errors.APIError):
-                results.append(_api_error(err, ev))
-            else:
-                results.append(RetryableError(f"NATS publish failed: {type(err).__name__}: {err}"))
+        """Publish a batch with every message in flight at once; a delivery is done only with its PubAck.
+
+        Per-entity order: events of one entity go out in waves, the next only after the previous one's
+        PubAck, and an entity whose event failed sends nothing after it in this batch. (The dispatcher
+        leases only the head of each entity's line, so a batch from it is a single wave.)"""
+        acks = await self._publisher()
+        deadline = asyncio.get_running_loop().time() + self.config.publish_timeout
+        results: list[BaseException | None] = [None] * len(events)
+        failed: dict[str, str] = {}  # entity key -> the key of its event that failed
+        for wave in _waves(events):
+            todo = []
+            for i in wave:
+                before = failed.get(events[i].entity_key)
+                if before is None:
+                    todo.append(i)
+                else:
+                    results[i] = RetryableError(f"{events[i].key} not sent: {before}, before it in its entity, failed")
+            got = await acks.publish([(events[i], *self._message(events[i])) for i in todo], deadline)
+            for i, err in zip(todo, got, strict=True):
+                results[i] = err
+                if err is not None:
+                    failed[events[i].entity_key] = events[i].key
         return results
 
     # --- source ---------------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         assert c.stream is not None and c.durable is not None
         nc = await self._connect(reconnects=RECONNECTS)
         pending: list[_Pending] = []
+        ahead: asyncio.Future[list[Msg]] | None = None
         try:
             js = nc.jetstream(timeout=max(5.0, c.connect_timeout))
             psub = await self._subscribe(js, position)
@@ -219,25 +222,56 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             # and the consumer's ack floor, not this high-water mark, is what tracks them.
             high = int(position or 0)
             while True:
-                try:
-                    msgs = await psub.fetch(c.batch, timeout=c.fetch_wait)
-                except TimeoutError:  # nothing waiting (nats-py raises both its own and the builtin one)
-                    continue
-                except nats.js.errors.NotFoundError as e:
-                    raise RetryableError(f"consumer {c.durable!r} on stream {c.stream!r} is gone: {e}") from None
-                except nats.errors.Error as e:
-                    raise RetryableError(f"NATS fetch failed: {type(e).__name__}: {e}") from None
+                fetch, ahead = ahead or asyncio.ensure_future(self._fetch(psub)), None
+                msgs = await fetch
                 if not msgs:
                     continue
                 batch = self._batch(nc, msgs, pending, high)
                 high = batch.position
+                # The next batch is fetched while integrand commits this one (the consumer allows two
+                # batches unacked), so a fetch's round trip does not wait behind a commit's fsync.
+                ahead = asyncio.ensure_future(self._fetch(psub))
                 yield batch
                 pending[:] = [p for p in pending if p.keepalive is not None]
+                if batch.token.released:
+                    # This batch went back upstream: what was fetched after it goes back too (after its
+                    # fetch ends, so nothing of it is left to the next one), and nothing newer is
+                    # committed before the redelivery.
+                    await self._hand_back(ahead, self.config.nak_delay, wait=True)
+                    ahead = None
         finally:
+            # What integrand holds and has not acked goes back now, oldest first, so the next
+            # connection reads it again in stream order (rather than after ack_wait, behind the rest).
             for p in pending:
+                unsettled = p.keepalive is not None
                 p.stop()
+                if unsettled:
+                    with contextlib.suppress(BaseException):
+                        for m in p.msgs:
+                            await m.nak()
+            if ahead is not None:
+                await self._hand_back(ahead, None, wait=False)
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _fetch(self, psub: Any) -> list[Msg]:
+        c = self.config
+        try:
+            return list(await psub.fetch(c.batch, timeout=c.fetch_wait))
+        except TimeoutError:  # nothing waiting (nats-py raises both its own and the builtin one)
+            return []
+        except nats.js.errors.NotFoundError as e:
+            raise RetryableError(f"consumer {c.durable!r} on stream {c.stream!r} is gone: {e}") from None
+        except nats.errors.Error as e:
+            raise RetryableError(f"NATS fetch failed: {type(e).__name__}: {e}") from None
+
+    async def _hand_back(self, ahead: asyncio.Future[list[Msg]], delay: float | None, *, wait: bool) -> None:
+        """Give a fetched (or still fetching) batch integrand did not take back to the server: ``nak``."""
+        if not wait and not ahead.done():
+            ahead.cancel()  # closing: what it would have got is redelivered after ack_wait
+        with contextlib.suppress(BaseException):
+            for m in await ahead:
+                await m.nak(delay=delay)
 
     async def _subscribe(self, js: Any, position: Any) -> Any:
         c = self.config
@@ -263,6 +297,8 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
                 raise lost
             self.log.error("NATS source %s: skipping a gap: %s (%s)", self.ctx.name, lost, lost.detail)
             have = first - 1
+        if consumer is not None and consumer.num_ack_pending:
+            await self._await_redelivery(int(consumer.num_ack_pending))
         if consumer is None:
             if not c.create_consumer:
                 raise PermanentError(f"durable consumer {c.durable!r} does not exist on stream {c.stream!r}")
@@ -270,7 +306,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
                 durable_name=c.durable,
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=c.ack_wait,
-                max_ack_pending=c.max_ack_pending or c.batch,
+                max_ack_pending=c.max_ack_pending or 2 * c.batch,
                 max_deliver=-1,  # integrand naks only when its store refuses: never drop a message for that
                 filter_subject=c.filter_subject,
             )
@@ -280,6 +316,23 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
             await js.add_consumer(c.stream, config=cfg)
             self.log.info("NATS source %s: created durable consumer %s on %s", self.ctx.name, c.durable, c.stream)
         return await js.pull_subscribe_bind(durable=c.durable, stream=c.stream)
+
+    async def _await_redelivery(self, pending: int) -> None:
+        """Messages a previous session fetched and never acked (it was killed, or a reload stopped it) come back
+        only after ``ack_wait``, while ``max_ack_pending`` may still leave room for newer ones: fetching now
+        would hand those over first, and the store would drop the older versions as stale when they return.
+        So wait until they are due again (the server then redelivers them before anything new)."""
+        c = self.config
+        assert c.stream is not None and c.durable is not None
+        self.log.info(
+            "NATS source %s: %d message(s) a previous session left unacknowledged; waiting ack_wait (%.1f s) "
+            "for their redelivery so that nothing newer overtakes them",
+            self.ctx.name,
+            pending,
+            c.ack_wait,
+        )
+        # A little past ack_wait: the server notices the expiry on its own timer.
+        await asyncio.sleep(c.ack_wait * 1.1 + 0.2)
 
     def resync(self, lost: PositionLost) -> AsyncIterator[StreamBatch]:
         raise PermanentError(
@@ -292,62 +345,37 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         rejected: list[Rejected] = []
         p = _Pending(nc, msgs)
         last = high
+        stream = str(self.config.stream)
         for i, m in enumerate(msgs):
-            md = m.metadata
-            seq = int(md.sequence.stream)
+            seq = stream_sequence(m.reply)
             last = max(last, seq)
             try:
-                events.append(self._event(m, seq, int(md.num_delivered)))
-            except _Unparsable as e:
+                events.append(self._event(m, seq))
+            except PayloadError as e:
                 p.bad.add(i)
                 rejected.append(
                     Rejected(
-                        f"NATS message {md.stream}:{seq} on {m.subject}: {e}",
-                        {"subject": m.subject, "stream": str(md.stream), "seq": str(seq)},
+                        f"NATS message {stream}:{seq} on {m.subject}: {e}",
+                        {"subject": m.subject, "stream": stream, "seq": str(seq)},
                     )
                 )
         p.keepalive = asyncio.ensure_future(self._keepalive(p))
         pending.append(p)
         return StreamBatch(events, last, token=p, rejected=rejected)
 
-    def _event(self, m: Msg, seq: int, delivered: int) -> Event:
+    def _event(self, m: Msg, seq: int) -> Event:
         headers = m.headers or {}
-        try:
-            body = orjson.loads(m.data)
-        except orjson.JSONDecodeError as e:
-            raise _Unparsable(f"not JSON ({e})") from None
-        nats_meta = {"subject": m.subject, "stream": self.config.stream, "seq": seq}
-        msg_id = headers.get("Nats-Msg-Id")
-        fmt = self.config.format
-        inner = None
-        if fmt != "json":
-            try:
-                inner = envelope_event(body)
-            except PayloadError as e:
-                raise _Unparsable(str(e)) from None
-        if inner is not None:
-            return Event(
-                id=msg_id or inner.key,
-                source=self.ctx.name,
-                type=inner.type,
-                data=inner.data,
-                entity=inner.entity,
-                entity_id=inner.entity_id,
-                version=inner.version,
-                occurred_at=inner.occurred_at,
-                meta={**(inner.meta or {}), "origin": inner.source, "nats": nats_meta},
-            )
-        if fmt == "envelope":
-            raise _Unparsable("not an integrand envelope (needs id, source, type, data)")
-        return Event(
-            id=msg_id or f"{self.config.stream}:{seq}",
+        return message_event(
+            m.data,
             source=self.ctx.name,
+            format=self.config.format,
+            message_id=headers.get("Nats-Msg-Id"),
+            fallback_id=lambda: f"{self.config.stream}:{seq}",
             type=headers.get("Integrand-Type") or m.subject,
-            data=body,
             entity=headers.get("Integrand-Entity"),
             entity_id=headers.get("Integrand-Entity-Id"),
             version=headers.get("Integrand-Version"),
-            meta={"nats": nats_meta},
+            meta={"nats": {"subject": m.subject, "stream": self.config.stream, "seq": seq}},
         )
 
     async def _keepalive(self, p: _Pending) -> None:
@@ -373,6 +401,7 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
     async def refused(self, batch: StreamBatch, error: BaseException) -> bool:
         p: _Pending = batch.token
         p.stop()
+        p.released = True
         try:
             for m in p.msgs:
                 await m.nak(delay=self.config.nak_delay)
@@ -381,15 +410,124 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         return True
 
 
-class _Unparsable(Exception):
-    """A consumed message that can never become an event."""
+def _waves(events: Sequence[Event]) -> list[list[int]]:
+    """Indices of ``events`` in rounds holding at most one event per entity, each entity's in batch order."""
+    seen: dict[str, int] = {}
+    waves: list[list[int]] = []
+    for i, ev in enumerate(events):
+        n = seen.get(ev.entity_key, 0)
+        seen[ev.entity_key] = n + 1
+        if n == len(waves):
+            waves.append([])
+        waves[n].append(i)
+    return waves
 
 
-def _api_error(e: nats.js.errors.APIError, ev: Event) -> BaseException:
-    code = getattr(e, "code", None) or 0
-    desc = getattr(e, "description", None) or str(e)
+class _Acks:
+    """PubAcks by reply subject: one wildcard subscription per connection, one future per batch.
+
+    The client's ``publish_async`` costs a semaphore wait, a future, a callback and a PubAck object per
+    message; a batch needs only its count of outstanding acks and the errors among them."""
+
+    def __init__(self, nc: Client, prefix: str) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self._tokens = itertools.count()
+        self._waiting: dict[str, tuple[_Round, int]] = {}
+
+    @classmethod
+    async def open(cls, nc: Client) -> _Acks:
+        acks = cls(nc, nc.new_inbox() + ".")
+        try:
+            await nc.subscribe(acks.prefix + "*", cb=acks._reply)
+        except (nats.errors.Error, OSError) as e:
+            raise RetryableError(f"NATS: cannot subscribe for PubAcks: {type(e).__name__}: {e}") from None
+        return acks
+
+    async def publish(
+        self, messages: Sequence[tuple[Event, str, bytes, dict[str, str]]], deadline: float
+    ) -> list[BaseException | None]:
+        """Publish all, then wait (until ``deadline``, loop time) for each one's PubAck or error."""
+        r = _Round(messages)
+        tokens: list[str] = []
+        for j, (_ev, subject, payload, headers) in enumerate(messages):
+            token = str(next(self._tokens))
+            tokens.append(token)
+            self._waiting[token] = (r, j)
+            try:
+                await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+            except (nats.errors.Error, OSError) as e:
+                r.settle(j, RetryableError(f"NATS publish to {subject!r} failed: {type(e).__name__}: {e}"))
+        if r.left:
+            await asyncio.wait([r.done], timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        for j, token in enumerate(tokens):
+            self._waiting.pop(token, None)
+            if r.results[j] is _NO_ACK:
+                ev = messages[j][0]
+                r.results[j] = RetryableError(f"no PubAck for {ev.key} from NATS in time")
+        return [e if isinstance(e, BaseException) else None for e in r.results]
+
+    async def _reply(self, msg: Msg) -> None:
+        entry = self._waiting.pop(msg.subject[len(self.prefix) :], None)
+        if entry is None:  # late, after its batch gave up on it
+            return
+        r, j = entry
+        ev, subject = r.messages[j][0], r.messages[j][1]
+        if msg.headers and msg.headers.get("Status") == "503":
+            r.settle(j, RetryableError(f"no JetStream stream takes subject {subject!r}"))
+            return
+        try:
+            resp = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            r.settle(j, RetryableError(f"NATS answered {ev.key} with something not a PubAck: {msg.data[:100]!r}"))
+            return
+        err = resp.get("error") if isinstance(resp, dict) else None
+        r.settle(j, None if err is None else _api_error(err, ev))
+
+
+_NO_ACK = object()
+
+
+class _Round:
+    """One wave of a batch in flight: its messages, what came back for each, and when all have."""
+
+    def __init__(self, messages: Sequence[tuple[Event, str, bytes, dict[str, str]]]) -> None:
+        self.messages = messages
+        self.results: list[object] = [_NO_ACK] * len(messages)
+        self.left = len(messages)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not messages:
+            self.done.set_result(None)
+
+    def settle(self, j: int, result: BaseException | None) -> None:
+        if self.results[j] is not _NO_ACK:
+            return
+        self.results[j] = result
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+def stream_sequence(reply: str) -> int:
+    """The stream sequence in a JetStream message's ack subject (the client's ``metadata`` parses all of it,
+    with a datetime, per message: a tenth of the consume path's time).
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.…`` (9 tokens) or, with a domain and account hash,
+    ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.…`` (11 or more)."""
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise RetryableError(f"not a JetStream message (reply subject {reply!r})")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _api_error(err: Any, ev: Event) -> BaseException:
+    """A PubAck's ``error`` ({"code", "err_code", "description"}) as what integrand does next."""
+    if not isinstance(err, dict):
+        return RetryableError(f"JetStream did not store {ev.key}: {err!r}")
+    code = err.get("code") or 0
+    desc = err.get("description") or "no description"
     if code in (401, 403):
         return AuthError(f"JetStream refused {ev.key}: {desc}")
     if code == 400:
-        return PermanentError(f"JetStream rejected {ev.key}: {desc} (err_code {getattr(e, 'err_code', None)})")
+        return PermanentError(f"JetStream rejected {ev.key}: {desc} (err_code {err.get('err_code')})")
     return RetryableError(f"JetStream did not store {ev.key}: {desc}")

@@ -10,8 +10,12 @@ from typing import Any, cast
 import aiohttp
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from integrand_nats import NatsConnector
-from nats_support import NATS_URL, temp_stream
+from integrand_nats.connector import _waves, stream_sequence
+from nats.js.api import StreamConfig
+from nats_support import NATS_URL, connect, random_name, temp_stream
 
 from integrand.connector import Event, EventTemplate, RetryableError, StreamBatch
 from integrand.errors import ConfigError
@@ -68,6 +72,53 @@ async def test_sink_waits_for_pubacks_and_msg_id_dedups_retries(tmp_path: Path, 
                 [err] = await s2.deliver_batch([other])
             assert isinstance(err, RetryableError)
             assert "no JetStream stream takes subject 'integrand_test_unbound.nowhere'" in str(err)
+
+
+def test_stream_sequence_from_both_ack_subject_forms() -> None:
+    assert stream_sequence("$JS.ACK.ORDERS.integrand.1.42.40.1733570000000000000.7") == 42
+    assert stream_sequence("$JS.ACK._.ACCHASH.ORDERS.integrand.2.43.41.1733570000000000000.6.tok") == 43
+    assert stream_sequence("$JS.ACK.hub.ACCHASH.ORDERS.integrand.2.44.41.1733570000000000000.6") == 44
+    with pytest.raises(RetryableError, match="not a JetStream message"):
+        stream_sequence("_INBOX.abc")
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c", None]), max_size=30))
+def test_waves_hold_one_event_per_entity_in_batch_order(entities: list[str | None]) -> None:
+    evs = [Event(id=f"e{i}", source="s", type="t", data=None, entity="x", entity_id=e) for i, e in enumerate(entities)]
+    waves = _waves(evs)
+    assert sorted(i for w in waves for i in w) == list(range(len(evs)))
+    for w in waves:
+        assert len({evs[i].entity_key for i in w}) == len(w)  # never two of one entity in flight together
+    order = [i for w in waves for i in w]
+    for key in {e.entity_key for e in evs}:
+        mine = [i for i in order if evs[i].entity_key == key]
+        assert mine == sorted(mine)  # each entity's events go out in batch order
+    assert len(waves) == max([entities.count(e) for e in set(entities) if e is not None] + [1 if evs else 0])
+
+
+async def test_a_failed_event_holds_back_the_rest_of_its_entity(tmp_path: Path, integrand_store: Store) -> None:
+    """In one batch, entity o1's first event cannot be stored: its second is not sent; other entities go on."""
+    nc = await connect()
+    js = nc.jetstream()
+    stream = random_name()
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.ok"], duplicate_window=120.0))
+    try:
+        table = {"servers": [NATS_URL], "subject": stream + ".{type}", "publish_timeout": "3s"}
+        async with running_connector(NatsConnector, table, integrand_store, base_dir=tmp_path, role="sink") as sink:
+            assert isinstance(sink, NatsConnector)
+            evs = [event(0, "o1", "bad"), event(1, "o2", "ok"), event(2, "o1", "ok"), event(3, "o2", "ok")]
+            res = await sink.deliver_batch(evs)
+            assert res[1] is None and res[3] is None
+            assert isinstance(res[0], RetryableError) and f"no JetStream stream takes subject '{stream}.bad'" in str(
+                res[0]
+            )
+            assert isinstance(res[2], RetryableError) and "shop:e0, before it in its entity, failed" in str(res[2])
+            info = await js.stream_info(stream)
+            assert info.state.messages == 2
+            assert [(await js.get_msg(stream, s)).headers["Nats-Msg-Id"] for s in (1, 2)] == ["shop:e1", "shop:e3"]  # type: ignore[index]
+    finally:
+        await js.delete_stream(stream)
+        await nc.close()
 
 
 async def _first_batch(it: Any) -> StreamBatch:

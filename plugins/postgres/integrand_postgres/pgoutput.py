@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from integrand.connector import PermanentError
+
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
 # Type oids whose text form becomes a JSON number, boolean or structure.
@@ -24,6 +26,12 @@ _FLOATS = {700, 701}  # float4, float8
 _NUMERIC = 1700
 _BOOL = 16
 _JSON = {114, 3802}  # json, jsonb
+_INT64 = 2**63
+
+
+class PgoutputError(PermanentError):
+    """A message the decoder cannot read (truncated, an unknown relation, a change outside a transaction):
+    the stream stops with this alert rather than an unexplained exception (found by fuzzing)."""
 
 
 def value(type_oid: int, text: str) -> Any:
@@ -35,7 +43,10 @@ def value(type_oid: int, text: str) -> Any:
         d = Decimal(text)
         if not d.is_finite():
             return text
-        return int(d) if d == d.to_integral_value() and "." not in text else float(d)
+        if d == d.to_integral_value() and "." not in text and -_INT64 <= d < _INT64:
+            return int(d)
+        # Past 64 bits a JSON integer cannot be stored (orjson): a float, as the outbox mode's to_jsonb gives.
+        return float(d)
     if type_oid == _BOOL:
         return text == "t"
     if type_oid in _JSON:
@@ -142,15 +153,26 @@ class Decoder:
 
     def feed(self, data: bytes) -> Transaction | None:
         r = Reader(data)
+        try:
+            return self._feed(r)
+        except PgoutputError:
+            raise
+        except (struct.error, IndexError, KeyError, ValueError, ArithmeticError) as e:  # UnicodeError is a ValueError
+            kind = data[:1].decode("latin-1") or "(empty)"
+            raise PgoutputError(
+                f"pgoutput: cannot read a {kind!r} message at byte {r.pos} of {len(data)}: {type(e).__name__}: {e}"
+            ) from None
+
+    def _feed(self, r: Reader) -> Transaction | None:
         kind = r.byte()
         if kind == "B":
             final_lsn, ts, xid = r.int64(), r.int64(), r.uint32()
-            self.current = Transaction(xid, final_lsn, commit_ts_ms=(ts + PG_EPOCH_US) // 1000)
+            self.current = Transaction(xid, final_lsn, commit_ts_ms=_ms(ts))
         elif kind == "C":
             r.int8()
             commit_lsn, end_lsn, ts = r.int64(), r.int64(), r.int64()
             tx = self.current or Transaction(0, commit_lsn)
-            tx.commit_lsn, tx.end_lsn, tx.commit_ts_ms = commit_lsn, end_lsn, (ts + PG_EPOCH_US) // 1000
+            tx.commit_lsn, tx.end_lsn, tx.commit_ts_ms = commit_lsn, end_lsn, _ms(ts)
             self.current = None
             return tx
         elif kind == "R":
@@ -164,7 +186,12 @@ class Decoder:
                 cols.append((cname, typ, bool(flags & 1)))
             self.relations[oid] = Relation(oid, schema, name, cols)
         elif kind in ("I", "U", "D"):
-            rel = self.relations[r.uint32()]
+            oid = r.uint32()
+            rel = self.relations.get(oid)
+            if rel is None:
+                raise PgoutputError(f"pgoutput: a {kind!r} message for relation {oid}, which no Relation message named")
+            if self.current is None:
+                raise PgoutputError(f"pgoutput: a {kind!r} message outside a transaction")
             before: dict[str, Any] | None = None
             after: dict[str, Any] | None = None
             if kind == "I":
@@ -179,7 +206,6 @@ class Decoder:
             else:
                 r.byte()  # 'K' or 'O'
                 before = r.tuple(rel)
-            assert self.current is not None, "a change outside a transaction"
             self.current.changes.append(Change({"I": "c", "U": "u", "D": "d"}[kind], rel, before, after))
         elif kind == "T":
             n = r.int32()
@@ -190,6 +216,14 @@ class Decoder:
                     self.current.truncated.append(f"{found.schema}.{found.name}")
         # 'Y' (type), 'O' (origin), 'M' (logical message): nothing to do.
         return None
+
+
+def _ms(pg_us: int) -> int:
+    """A pgoutput timestamp (microseconds since 2000) in Unix milliseconds; beyond year 9999 it is garbage."""
+    ms = (pg_us + PG_EPOCH_US) // 1000
+    if not -62_135_596_800_000 <= ms <= 253_402_300_799_000:
+        raise ValueError(f"timestamp {pg_us} is out of range")
+    return ms
 
 
 def lsn_text(lsn: int) -> str:

@@ -31,6 +31,7 @@ from integrand.connector import (
     Connector,
     Duration,
     Event,
+    PermanentError,
     PositionLost,
     ReconcilePage,
     ReconcilingSource,
@@ -385,13 +386,20 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
 
     def _outbox_event(self, r: asyncpg.Record, keys: TableKeys) -> Event:
         oid, txid, at, schema, table, op, before, after = r
+        op = op.decode() if isinstance(op, bytes) else str(op)
+        # The trigger writes only these; anything else was written into the outbox by hand (found by fuzzing).
+        if op not in OPS or not all(v is None or isinstance(v, dict) for v in (before, after)):
+            raise PermanentError(
+                f"outbox {self.names.outbox} row {oid}: op {op!r} with before/after of types "
+                f"{type(before).__name__}/{type(after).__name__} is not what integrand's trigger writes; delete the row"
+            )
         return envelope(
             source=self.ctx.name,
             mode="outbox",
             db=keys.database,
             schema=schema,
             table=table,
-            op=op.decode() if isinstance(op, bytes) else str(op),
+            op=op,
             before=before,
             after=after,
             key_cols=keys.columns.get((schema, table), []),
@@ -491,7 +499,5 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
 
     async def _resync_outbox(self, lost: PositionLost) -> AsyncIterator[StreamBatch]:
         """A missing outbox is the one lost position here: say how to install it; there is nothing to resync from."""
-        from integrand.connector import PermanentError
-
         raise PermanentError(str(lost))
         yield  # pragma: no cover - makes this an async generator

@@ -23,6 +23,7 @@ from integrand.connector import (
     Connector,
     Enricher,
     Event,
+    PayloadError,
     PermanentError,
     PollingSource,
     PollResult,
@@ -233,7 +234,10 @@ class SalesforceConnector(Connector[SalesforceConfig], WebhookSource, PollingSou
         for n in msg.notifications:
             rid = str(n.fields["Id"])
             stamp = n.fields.get("SystemModstamp") or n.fields.get("LastModifiedDate")
-            version = version_of(parse_time(str(stamp))) if stamp else None
+            try:
+                version = version_of(parse_time(str(stamp))) if stamp else None
+            except (ValueError, OverflowError):  # Outbound Messages are unsigned: anyone may send one
+                raise PayloadError(f"Notification {n.id}: {stamp!r} is not a Salesforce date-time") from None
             ev_id = content_id("sf", n.sobject, rid, "", version) if version else "om_" + n.id
             created = stamp and n.fields.get("CreatedDate") == stamp
             events.append(

@@ -160,9 +160,17 @@ class SalesforceCDC(SalesforceConnector, StreamingSource):
                 f"cannot decode change event {b64(ce.replay_id)} with schema {ce.event.schema_id}: {e}"
             ) from None
         replay = b64(ce.replay_id)
+        try:
+            found = changes(schema, record)
+            for ch in found:
+                _ = ch.version  # commitTimestamp as a time: far out of range is as malformed as bad Avro
+        except (ValueError, OverflowError, OSError, TypeError) as e:
+            raise PermanentError(
+                f"cannot read change event {replay} with schema {ce.event.schema_id}: {type(e).__name__}: {e}"
+            ) from None
         out: list[Event] = []
         gaps: list[tuple[int, Event]] = []
-        for ch in changes(schema, record):
+        for ch in found:
             if ch.change_type == "GAP_OVERFLOW":
                 raise PositionLost(
                     f"GAP_OVERFLOW for {ch.entity}: too many changes in one transaction to report; resyncing {ch.entity}",
