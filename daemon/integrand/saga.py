@@ -1,4 +1,4 @@
-"""Multi-step routes with confirmation and compensation (the saga pattern): the pure policy, not yet wired.
+"""Multi-step routes with confirmation and compensation (the saga pattern): the pure policy.
 
 A saga route is a sequence of steps across sinks, e.g. upsert the HubSpot contact → upsert the CRM
 customer with the HubSpot id → write both ids back to Salesforce (the confirmation). Each step's
@@ -11,15 +11,11 @@ an ALERT line and a metric). A retryable failure never compensates: the step is 
 delivery's own backoff, like any delivery.
 
 This module is the state machine only, pure and property-tested (``tests/test_saga.py``): given a
-saga's state and the outcome of what was last attempted, what happens next. Wiring it needs, from
-the store (requested in /work/coord/store-requests.md, since the store and the dispatcher are being
-restructured now): a ``sagas`` table (saga id = route + event id, the state below as JSON, a
-version for compare-and-set), the state change committed in the same transaction as the step's
-delivery outcome, and each step or compensation leased like a delivery (per-entity order, retry
-backoff, breaker of its sink). From the sink interface it needs a way to return a result
-(``deliver`` returns None today; an additive ``deliver_result(event) -> Mapping | None``). With
-state in the store, a crash at any point resumes where the saga was: the step in flight is
-redelivered (sinks are idempotent on the step's key, ``saga_id:step``).
+saga's state and the outcome of what was last attempted, what happens next. It is run by
+:mod:`integrand.sagarunner`: a saga's events go to a virtual sink ``~saga:NAME``, one delivery per
+saga, and the runner commits this state to the store (connector state, scope ``saga``) after every
+outcome, so a crash at any point resumes where the saga was; the step in flight is sent again with
+its key (``saga_id:step``), which an idempotent sink absorbs. See docs/sagas.md.
 """
 
 from __future__ import annotations
