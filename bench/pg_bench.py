@@ -390,7 +390,11 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
             )
             assert inst.returncode == 0, inst.stderr
             log = (dir / "daemon.log").open("wb")
-            proc = subprocess.Popen([py, "-m", "integrand.cli", "run", "--config", str(cfg)], stdout=log, stderr=log)
+            prof = os.environ.get("PG_BENCH_PROFILE")  # a cProfile of the daemon, for finding where its time goes
+            pre = ["-m", "cProfile", "-o", f"{prof}.{mode}"] if prof else []
+            proc = subprocess.Popen(
+                [py, *pre, "-m", "integrand.cli", "run", "--config", str(cfg)], stdout=log, stderr=log
+            )
             db = dir / "var" / "integrand.db"
             try:
                 deadline = time.time() + 30
@@ -436,7 +440,7 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
                 )
 
 
-async def bench_cdc(runs: int, seconds: float, modes: list[str]) -> dict[str, Any]:
+async def bench_cdc(runs: int, seconds: float, modes: list[str], loads: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with logical_cluster() as cluster:
         for mode, dsn in (("outbox", None), ("logical", cluster.dsn)):
@@ -446,6 +450,8 @@ async def bench_cdc(runs: int, seconds: float, modes: list[str]) -> dict[str, An
 
             target = dsn or base_dsn()
             for label, rate in (("1,000 changes/s", 1000.0), ("writer flat out", None)):
+                if ("paced" if rate else "flat") not in loads:
+                    continue
                 res = [await cdc_run(target, mode, rate, seconds) for _ in range(runs)]
                 med = {k: statistics.median(r[k] for r in res) for k in res[0]}
                 out[f"{mode} / {label}"] = {"median": med, "runs": res}
@@ -524,13 +530,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--modes", default="outbox,logical", help="CDC modes to measure (comma-separated)")
+    ap.add_argument("--loads", default="paced,flat", help="CDC writers: paced (1,000/s), flat (flat out)")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="sink batch sizes (comma-separated)")
     a = ap.parse_args()
     results: dict[str, Any] = orjson.loads(RESULTS.read_bytes()) if RESULTS.exists() else {}
     if a.what in ("sink", "all"):
         results["sink"] = asyncio.run(bench_sink(a.runs, tuple(int(b) for b in a.batches.split(","))))
     if a.what in ("cdc", "all"):
-        results["cdc"] = {**results.get("cdc", {}), **asyncio.run(bench_cdc(a.runs, a.seconds, a.modes.split(",")))}
+        results["cdc"] = {
+            **results.get("cdc", {}),
+            **asyncio.run(bench_cdc(a.runs, a.seconds, a.modes.split(","), a.loads.split(","))),
+        }
     results["when"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["machine"] = machine()
     results["runs"] = a.runs
