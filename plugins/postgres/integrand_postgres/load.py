@@ -48,15 +48,8 @@ class PgLoad:
 
     async def stage(self, events: Sequence[Event]) -> list[BaseException | None]:
         results: list[BaseException | None] = [None] * len(events)
-        records = []
-        for i, ev in enumerate(events):
-            try:
-                row = self.plan.row(i, ev)
-            except PermanentError as e:
-                results[i] = e
-                continue
-            if row is not None and not row.delete:
-                records.append(row.values)
+        rows = self.plan.prepare(events, results)
+        records = [v for v, d in zip(rows.values, rows.delete, strict=True) if not d]
         if records:
             try:
                 await self.con.copy_records_to_table(

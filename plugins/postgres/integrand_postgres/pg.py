@@ -101,11 +101,17 @@ async def connect(cfg: ConnectionConfig, base_dir: Path, application_name: str) 
     return con
 
 
+async def _no_reset(con: asyncpg.Connection) -> None:
+    """Nothing to undo between uses: integrand's code leaves no LISTEN, cursor, lock or SET behind (asyncpg still
+    ends an open transaction itself), so the default reset's round trip per release (RESET ALL, …) is saved."""
+
+
 async def create_pool(
     cfg: ConnectionConfig,
     base_dir: Path,
     application_name: str,
     init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    connection_class: type[asyncpg.Connection] = asyncpg.Connection,
 ) -> asyncpg.Pool:
     async def setup(con: asyncpg.Connection) -> None:
         await init_connection(con)
@@ -114,7 +120,14 @@ async def create_pool(
 
     kw = connect_kwargs(cfg, base_dir, application_name)
     try:
-        pool = await asyncpg.create_pool(min_size=cfg.pool_min, max_size=cfg.pool_max, init=setup, **kw)
+        pool = await asyncpg.create_pool(
+            min_size=cfg.pool_min,
+            max_size=cfg.pool_max,
+            init=setup,
+            reset=_no_reset,
+            connection_class=connection_class,
+            **kw,
+        )
     except Exception as e:
         raise classify(e, "connecting") from e
     assert pool is not None

@@ -64,10 +64,12 @@ class Relation:
 
 @dataclass
 class Change:
-    op: str  # c, u, d
+    op: str  # c, u, d, or t (TRUNCATE: one per table it named, no row)
     relation: Relation
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    cascade: bool = False  # TRUNCATE … CASCADE
+    restart_identity: bool = False  # TRUNCATE … RESTART IDENTITY
 
 
 @dataclass
@@ -77,7 +79,6 @@ class Transaction:
     end_lsn: int = 0  # just past the commit: where the slot is advanced to once stored
     commit_ts_ms: int = 0
     changes: list[Change] = field(default_factory=list)
-    truncated: list[str] = field(default_factory=list)
 
 
 class Reader:
@@ -209,11 +210,14 @@ class Decoder:
             self.current.changes.append(Change({"I": "c", "U": "u", "D": "d"}[kind], rel, before, after))
         elif kind == "T":
             n = r.int32()
-            r.int8()
+            options = r.int8()  # bit 1: CASCADE, bit 2: RESTART IDENTITY
+            assert self.current is not None, "a TRUNCATE outside a transaction"
             for _ in range(n):
                 found = self.relations.get(r.uint32())
-                if found is not None and self.current is not None:
-                    self.current.truncated.append(f"{found.schema}.{found.name}")
+                if found is not None:
+                    self.current.changes.append(
+                        Change("t", found, None, None, cascade=bool(options & 1), restart_identity=bool(options & 2))
+                    )
         # 'Y' (type), 'O' (origin), 'M' (logical message): nothing to do.
         return None
 

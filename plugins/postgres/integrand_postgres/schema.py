@@ -174,8 +174,23 @@ def _json(v: Any) -> Any:
     return v
 
 
+def _int_range(name: str, lo: int, hi: int) -> Callable[[Any], int]:
+    """A whole number that fits the column (asyncpg would refuse it while encoding, which reads as an outage)."""
+
+    def conv(v: Any) -> int:
+        i = _int(v)
+        if not lo <= i <= hi:
+            raise ValueRejected(f"{v!r} is out of range for {name}")
+        return i
+
+    return conv
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    **dict.fromkeys(("int2", "int4", "int8", "oid"), _int),
+    "int2": _int_range("smallint", -(2**15), 2**15 - 1),
+    "int4": _int_range("integer", -(2**31), 2**31 - 1),
+    "int8": _int_range("bigint", -(2**63), 2**63 - 1),
+    "oid": _int_range("oid", 0, 2**32 - 1),
     "numeric": _number,
     **dict.fromkeys(("float4", "float8"), _float),
     "bool": _bool,

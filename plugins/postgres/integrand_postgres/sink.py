@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from operator import itemgetter
 from typing import Annotated, Any, ClassVar, Literal
 
 import asyncpg
@@ -24,6 +25,7 @@ from integrand.connector import AuthError, Connector, ConnectorConfig, Event, Pe
 from integrand.errors import ConfigError
 from integrand.routes import CONVERSIONS, FieldMapping, FieldSpec, FieldSpecIn, MappingError, dig
 
+from . import columns as bulkcols
 from .pg import (
     ConnectionConfig,
     classify,
@@ -121,6 +123,29 @@ class Row:
     delete: bool
     values: tuple[Any, ...]
     event: Event
+
+
+@dataclass
+class Rows:
+    """A batch's rows as parallel lists (no object per row): the event's place in the batch, delete or not, values."""
+
+    index: list[int]
+    delete: list[bool]
+    values: list[tuple[Any, ...]]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def halves(self) -> tuple[Rows, Rows]:
+        m = len(self.index) // 2
+        return (
+            Rows(self.index[:m], self.delete[:m], self.values[:m]),
+            Rows(self.index[m:], self.delete[m:], self.values[m:]),
+        )
+
+    @classmethod
+    def of(cls, rows: Sequence[Row]) -> Rows:
+        return cls([r.index for r in rows], [r.delete for r in rows], [r.values for r in rows])
 
 
 class Plan:
@@ -230,6 +255,7 @@ class Plan:
         self.types = {c: info.columns[c].display for c in self.data_cols}
         self.converters = [converter(info.columns[c]) for c in self.data_cols]
         self._compile()
+        self._compile_bulk(info)
         q = quote_ident
         cols = [*self.data_cols]
         tail_vals = []
@@ -251,7 +277,8 @@ class Plan:
         params = ", ".join(f"${i + 1}::{self.types[c]}" for i, c in enumerate(self.data_cols))
         self.upsert_sql = f"INSERT INTO {self.table} AS t ({col_list}) VALUES ({', '.join([params, *tail_vals])})"
         self.upsert_sql += conflict
-        self.stage = q(f"integrand_stage_{self.where.split('.', 1)[1]}")
+        self.stage_name = f"integrand_stage_{self.where.split('.', 1)[1]}"
+        self.stage = q(self.stage_name)
         stage_cols = ", ".join(q(c) for c in self.data_cols)
         self.create_stage_sql = (
             f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} ON COMMIT DELETE ROWS AS "
@@ -270,6 +297,7 @@ class Plan:
             wanted += [c for c, _ in self.meta_cols if c not in wanted]
         self.delete_idx = [self.data_cols.index(c) for c in wanted]
         self._kidx = [self.data_cols.index(k) for k in self.key]
+        self._key_of = itemgetter(*self._kidx)
 
         def p(c: str) -> str:
             return f"${wanted.index(c) + 1}::{self.types[c]}"
@@ -320,6 +348,101 @@ class Plan:
                 fn = _meta_column(attr, tconv, where, col, self.types[col])
             self._fns.append(fn)
             self._delete_fns.append(fn if col in ident or col not in self.cfg.columns else _none)
+
+    def _compile_bulk(self, info: TableInfo) -> None:
+        """Per column: how to read its raw values for a whole batch, and the bulk conversion (columns.py)."""
+        self._bulk: list[tuple[_Read, bulkcols.Bulk]] = []
+        for i, col in enumerate(self.data_cols):
+            tconv = self.converters[i]
+            base = info.columns[col].base_type if info.columns[col].type_kind != "e" else "enum"
+            f = self.simple.get(col)
+            read: _Read
+            if f is not None:
+                read = _read_path(bulkcols.read_path(f.path or ""))
+                slow = bulkcols.chain(f.convert, tconv, empty_is_null=True)
+                fast = bulkcols.bulk(base, f.convert, slow, empty_is_null=True)
+            elif col in self.cfg.columns:
+                read = _read_mapped(col)
+                slow = bulkcols.chain((), tconv, empty_is_null=False)
+                fast = bulkcols.bulk(base, (), slow, empty_is_null=False)
+            else:
+                read = _read_path(bulkcols.read_attr(dict(self.meta_cols)[col]))
+                slow = bulkcols.chain((), tconv, empty_is_null=False)
+                fast = bulkcols.bulk(base, (), slow, empty_is_null=False)
+            self._bulk.append((read, fast))
+
+    def prepare(self, events: Sequence[Event], results: list[BaseException | None]) -> Rows:
+        """The batch's rows, converted column by column; an event whose row cannot be made gets its error in
+        ``results`` (exactly the error ``row`` gives) and no row. Deletes take the per-row way (they are few)."""
+        n = len(events)
+        flags = [self.is_delete(e) for e in events]
+        if True in flags:
+            ups = [i for i in range(n) if not flags[i]]
+            evs: Sequence[Event] = [events[i] for i in ups]
+        else:
+            ups, evs = list(range(n)), events
+        errors: dict[int, BaseException] = {}
+        outs: list[dict[str, Any]] | None = None
+        if self.mapping is not None and evs:
+            outs = []
+            for j, e in enumerate(evs):
+                try:
+                    outs.append(self.mapping.apply(e))
+                except MappingError as ex:
+                    errors[j] = ex
+                    outs.append(_EMPTY)
+        cols: list[list[Any]] = []
+        for ci, (read, fast) in enumerate(self._bulk):
+            try:
+                vals = fast(read(evs, outs))
+            except Exception:
+                vals = self._column_by_row(ci, evs, outs, errors)  # the exact errors, row by row
+            cols.append(vals)
+        for ki in self._kidx:
+            if None in cols[ki]:
+                k = self.data_cols[ki]
+                for j, v in enumerate(cols[ki]):
+                    if v is None and j not in errors:
+                        errors[j] = PermanentError(
+                            f"{self.where}.columns.{k}: key column {k} is empty for event {evs[j].id}"
+                        )
+        values: list[tuple[Any, ...]] = list(zip(*cols, strict=True)) if cols else [()] * len(evs)
+        if errors:
+            keep = [j for j in range(len(evs)) if j not in errors]
+            for j, err in errors.items():
+                results[ups[j]] = err
+            rows = Rows([ups[j] for j in keep], [False] * len(keep), [values[j] for j in keep])
+        else:
+            rows = Rows(ups, [False] * len(ups), values)
+        if len(ups) < n:
+            for i in range(n):
+                if flags[i]:
+                    try:
+                        r = self.row(i, events[i])
+                    except PermanentError as ex:
+                        results[i] = ex
+                        continue
+                    if r is not None:
+                        rows.index.append(i)
+                        rows.delete.append(True)
+                        rows.values.append(r.values)
+        return rows
+
+    def _column_by_row(
+        self, ci: int, evs: Sequence[Event], outs: list[dict[str, Any]] | None, errors: dict[int, BaseException]
+    ) -> list[Any]:
+        fn = self._fns[ci]
+        vals: list[Any] = []
+        for j, e in enumerate(evs):
+            if j in errors:
+                vals.append(None)
+                continue
+            try:
+                vals.append(fn(e, outs[j] if outs is not None else _EMPTY))
+            except PermanentError as ex:
+                errors[j] = ex
+                vals.append(None)
+        return vals
 
     def row(self, index: int, event: Event) -> Row | None:
         """The row for ``event`` in ``data_cols`` order, converted to the column types; None if it is ignored."""
@@ -390,7 +513,9 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
                 raise ConfigError(problems)
             assert self.info is not None
             self.plan.bind(self.info)
-            self.pool = await create_pool(self.config, self.ctx.base_dir, self.app_name)
+            self.pool = await create_pool(
+                self.config, self.ctx.base_dir, self.app_name, connection_class=StagingConnection
+            )
             return self.pool
 
     async def begin_load(self, source: str) -> Any:
@@ -415,19 +540,11 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
             return [err] * len(events)
         except Exception as e:
             return [classify(e, "connecting")] * len(events)
-        rows: list[Row] = []
-        for i, ev in enumerate(events):
-            try:
-                r = self.plan.row(i, ev)
-            except (PermanentError, MappingError) as e:
-                results[i] = e
-                continue
-            if r is not None:
-                rows.append(r)
-        await self._write_split(rows, results)
+        rows = self.plan.prepare(events, results)
+        await self._write_split(rows, results, events)
         return results
 
-    async def _write_split(self, rows: list[Row], results: list[BaseException | None]) -> None:
+    async def _write_split(self, rows: Rows, results: list[BaseException | None], events: Sequence[Event]) -> None:
         """Write ``rows`` in one transaction; on a refused row, halve until it is alone and dead-letter it."""
         if not rows:
             return
@@ -435,20 +552,20 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
             await self._write_retrying(rows)
         except Exception as e:
             if is_row_error(e) and len(rows) > 1:
-                mid = len(rows) // 2
-                await self._write_split(rows[:mid], results)
-                await self._write_split(rows[mid:], results)
+                first, second = rows.halves()
+                await self._write_split(first, results, events)
+                await self._write_split(second, results, events)
                 return
             if isinstance(e, asyncpg.PostgresError) and is_row_error(e):
                 err: Exception = PermanentError(
-                    f"{self.plan.where}: PostgreSQL refused the row for event {rows[0].event.id}: {describe(e)}"
+                    f"{self.plan.where}: PostgreSQL refused the row for event {events[rows.index[0]].id}: {describe(e)}"
                 )
             else:
                 err = classify(e, f"{self.plan.where}: writing {len(rows)} row(s) to {self.config.table}")
-            for r in rows:
-                results[r.index] = err
+            for i in rows.index:
+                results[i] = err
 
-    async def _write_retrying(self, rows: list[Row]) -> None:
+    async def _write_retrying(self, rows: Rows) -> None:
         """One immediate retry on a lost connection (a pooled connection killed or failed over while idle) or a deadlock."""
         try:
             await self.write(rows)
@@ -458,32 +575,66 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
             self.log.warning("%s: transient failure while writing (%s); retrying once", self.plan.where, e)
             await self.write(rows)
 
-    async def write(self, rows: Sequence[Row], force: Literal["copy", "executemany"] | None = None) -> None:
+    async def write(self, rows: Rows | Sequence[Row], force: Literal["copy", "executemany"] | None = None) -> None:
         """One transaction: the upserts (COPY + merge, or executemany), then the deletes."""
+        if not isinstance(rows, Rows):
+            rows = Rows.of(rows)
         pool = await self._ready()
-        upserts = _newest_per_key([r for r in rows if not r.delete], self.plan)
-        deletes = sorted(
-            (tuple(r.values[i] for i in self.plan.delete_idx) for r in rows if r.delete), key=self.plan.delete_order
-        )
+        plan = self.plan
+        if True in rows.delete:
+            upserts = _newest_per_key([v for v, d in zip(rows.values, rows.delete, strict=True) if not d], plan)
+            deletes = sorted(
+                (tuple(v[i] for i in plan.delete_idx) for v, d in zip(rows.values, rows.delete, strict=True) if d),
+                key=plan.delete_order,
+            )
+        else:
+            upserts, deletes = _newest_per_key(rows.values, plan), []
         path = force or ("copy" if len(upserts) >= self.config.copy_min_rows else "executemany")
-        async with pool.acquire() as con, con.transaction():
-            if upserts and path == "copy":
-                # Per connection, kept for its life (asyncpg's pool reset does not DISCARD temp tables).
-                await con.execute(self.plan.create_stage_sql)
-                await con.copy_records_to_table(
-                    self.plan.stage.strip('"'), records=upserts, columns=self.plan.data_cols
-                )
-                await con.execute(self.plan.merge_sql)
-            elif upserts:
-                await con.executemany(self.plan.upsert_sql, upserts)
-            if deletes:
-                await con.executemany(self.plan.delete_sql, deletes)
+        async with pool.acquire() as con:
+            created = False
+            async with con.transaction():
+                if upserts and path == "copy":
+                    # The staging table is created once per session and kept (ON COMMIT DELETE ROWS empties it).
+                    if not con.staged():  # type: ignore[attr-defined]
+                        await con.execute(plan.create_stage_sql)
+                        created = True
+                    await con.copy_records_to_table(plan.stage_name, records=upserts, columns=plan.data_cols)
+                    await con.execute(plan.merge_sql)
+                elif upserts:
+                    await con.executemany(plan.upsert_sql, upserts)
+                if deletes:
+                    await con.executemany(plan.delete_sql, deletes)
+            if created:  # only once committed: a rolled-back CREATE left no table
+                con.mark_staged()  # type: ignore[attr-defined]
+
+
+class StagingConnection(asyncpg.Connection):
+    """A pooled session that remembers whether it already holds the sink's staging table (a temp table lives as
+    long as its session; asyncpg's pool does not DISCARD them)."""
+
+    _integrand_staged = False
+
+    def staged(self) -> bool:
+        return self._integrand_staged
+
+    def mark_staged(self) -> None:
+        self._integrand_staged = True
 
 
 _EMPTY: dict[str, Any] = {}
-_FIELDS = frozenset(
-    ("id", "source", "type", "data", "received_at", "entity", "entity_id", "version", "occurred_at", "meta")
-)
+# A column's raw values for a batch: (the events, the FieldMapping outputs if any) → one value per event.
+_Read = Callable[[Sequence[Event], "list[dict[str, Any]] | None"], list[Any]]
+
+
+def _read_path(read: Callable[[Sequence[Event]], list[Any]]) -> _Read:
+    return lambda evs, outs: read(evs)
+
+
+def _read_mapped(col: str) -> _Read:
+    return lambda evs, outs: [o.get(col) for o in outs or ()]
+
+
+_FIELDS = bulkcols.FIELDS
 _Convert = Callable[[Any], Any] | None
 
 
@@ -549,22 +700,21 @@ def _is_simple(f: FieldSpec) -> bool:
     return f.path is not None and f.lookup is None and not f.required and "default" not in f.model_fields_set
 
 
-def _newest_per_key(rows: Sequence[Row], plan: Plan) -> list[tuple[Any, ...]]:
-    """One row per key (ON CONFLICT may touch a row only once per statement): the highest version, else the last."""
+def _newest_per_key(rows: Sequence[tuple[Any, ...]], plan: Plan) -> list[tuple[Any, ...]]:
+    """One row per key (ON CONFLICT may touch a row only once per statement): the highest version, else the last;
+    in key order, so concurrent batches lock the same rows in the same order (no deadlocks)."""
     if len(rows) < 2:
-        return [r.values for r in rows]
-    kidx = [plan.data_cols.index(k) for k in plan.key]
+        return list(rows)
+    key_of = plan._key_of
+    keys = list(map(key_of, rows))
+    if len(set(keys)) == len(keys):  # the usual batch (the dispatcher sends one event per entity): just sort
+        return sorted(rows, key=key_of)
+    kidx = plan._kidx
     vidx = plan.data_cols.index(plan.version) if plan.version else None
     best: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-    for r in rows:
-        k = tuple(r.values[i] for i in kidx)
+    for values in rows:
+        k = tuple(values[i] for i in kidx)
         old = best.get(k)
-        if (
-            old is None
-            or vidx is None
-            or old[vidx] is None
-            or (r.values[vidx] is not None and r.values[vidx] >= old[vidx])
-        ):
-            best[k] = r.values
-    # Rows in key order, so concurrent batches lock the same rows in the same order (no deadlocks).
+        if old is None or vidx is None or old[vidx] is None or (values[vidx] is not None and values[vidx] >= old[vidx]):
+            best[k] = values
     return [best[k] for k in sorted(best)]

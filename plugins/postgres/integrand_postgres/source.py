@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import asyncpg
 from pydantic import Field, field_validator, model_validator
@@ -41,6 +41,9 @@ from integrand.connector import (
 
 from .pg import ConnectionConfig, classify, connect, qualified, quote_ident, split_table
 
+if TYPE_CHECKING:
+    from .walsender import WalReader
+
 _NAME = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -51,8 +54,8 @@ class PostgresSourceConfig(ConnectionConfig):
     # Key columns per table (the entity id of its events); default: the table's primary key.
     keys: dict[str, list[str]] = {}
     batch_size: int = Field(default=500, ge=1, le=100_000)
-    # outbox: re-read this often even without a NOTIFY (a safety net; default 1 s); logical: how often an
-    # idle slot is peeked (default 50 ms: there is no push, so this bounds the added latency).
+    # outbox: re-read this often even without a NOTIFY (a safety net; default 1 s); logical: not used (the
+    # server pushes changes over the replication connection).
     poll_interval: Duration | None = None
     # outbox mode: the outbox table (default integrand_outbox_<source>, in the first table's schema).
     outbox: str | None = None
@@ -192,7 +195,7 @@ async def _exists(con: asyncpg.Connection, table: str) -> bool:
 
 # --- events --------------------------------------------------------------------------------------
 
-OPS = {"c": "created", "u": "updated", "d": "deleted", "r": "read"}
+OPS = {"c": "created", "u": "updated", "d": "deleted", "r": "read", "t": "truncated"}
 
 
 def version_of(n: int) -> str:
@@ -312,6 +315,7 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
         self.names = names(config, ctx.name)
         self._keys: TableKeys | None = None
         self._con: asyncpg.Connection | None = None  # the reading connection while streaming
+        self._reader: WalReader | None = None  # logical mode: the replication connection while streaming
         self._wake = asyncio.Event()
         self.lag_bytes: int | None = None  # logical mode: how far the slot is behind the server's WAL
 

@@ -84,12 +84,16 @@ async def cleanup(schema: Schema, slot: str) -> None:
 
 
 async def _drop(con: asyncpg.Connection, slot: str) -> bool:
+    """What an operator does to drop a slot in use: end the walsender that holds it, then drop it."""
     try:
+        await con.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", slot
+        )
         await con.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot
         )
     except asyncpg.ObjectInUseError:
-        return False  # a peek is running right now
+        return False  # the walsender has not exited yet, or integrand reconnected meanwhile: again
     return True
 
 
@@ -165,7 +169,10 @@ async def test_a_dropped_slot_is_reported_and_followed_by_a_full_resync(
             await wait_for(lambda: sum(e["data"]["op"] == "r" for e in lines(tmp_path)) == 31, timeout=30)
             await schema.execute("UPDATE customers SET name = 'after' WHERE id = 4")
             await wait_for(lambda: any(e["data"]["op"] == "u" for e in lines(tmp_path)), timeout=20)
-        assert "running the full resync" in caplog.text and f"replication slot {slot} was dropped" in caplog.text
+        assert (
+            "running the full resync" in caplog.text
+            and f"replication slot {slot} does not exist (dropped?)" in caplog.text
+        )
         snap = {
             e["entity_id"]: e for e in lines(tmp_path) if e["data"]["op"] == "r" and e["entity"].endswith("customers")
         }
@@ -235,4 +242,44 @@ async def test_a_slot_whose_wal_is_lost_is_reported_and_resynced(
         await con.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         await con.execute("SELECT pg_reload_conf()")
         await con.close()
+        await cleanup(schema, slot)
+
+
+async def test_a_truncate_becomes_one_truncated_event_per_table_in_commit_order(
+    logical_schema: Schema, tmp_path: Path
+) -> None:
+    schema, slot = logical_schema, logical_schema.name
+    await schema.execute(APP)
+    cfg = config(tmp_path, schema, slot)
+    assert cli(cfg, "postgres", "install", "app").returncode == 0
+    try:
+        async with running_daemon(cfg):
+            con = await schema.connect()
+            try:
+                await con.execute("INSERT INTO customers VALUES (1, 'Ada')")
+                await con.execute("INSERT INTO orders VALUES (10, 1, 5)")
+                async with con.transaction():
+                    await con.execute("TRUNCATE orders")
+                    await con.execute("INSERT INTO orders VALUES (11, 1, 6)")
+                await con.execute("TRUNCATE customers, orders RESTART IDENTITY")
+            finally:
+                await con.close()
+            await wait_for(lambda: len(lines(tmp_path)) == 6, timeout=20)
+        evs = lines(tmp_path)
+        assert [(e["type"], e["entity_id"]) for e in evs] == [
+            ("customers.created", "1"),
+            ("orders.created", "10"),
+            ("orders.truncated", None),
+            ("orders.created", "11"),
+            ("customers.truncated", None),
+            ("orders.truncated", None),
+        ]
+        t = evs[2]
+        assert t["entity"] == f"{schema.name}.orders"
+        assert t["data"]["op"] == "t" and t["data"]["before"] is None and t["data"]["after"] is None
+        assert t["data"]["truncate"] == {"cascade": False, "restart_identity": False}
+        assert evs[4]["data"]["truncate"]["restart_identity"] is True
+        assert evs[4]["data"]["source"]["txId"] == evs[5]["data"]["source"]["txId"]  # one statement, one transaction
+        assert [e["version"] for e in evs] == sorted(e["version"] for e in evs)
+    finally:
         await cleanup(schema, slot)
