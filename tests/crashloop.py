@@ -94,7 +94,7 @@ stream = "{stream}"
 durable = "integrand"
 batch = {batch}
 fetch_wait = "100ms"
-ack_wait = "1s"
+ack_wait = "500ms"
 format = "json"
 
 [sources.bus.streaming]
@@ -306,6 +306,14 @@ def cursor_ahead(cursor: Any, history: list[tuple[str, str]], stored: dict[str, 
     return [f"{rid}@{stamp} (stored {stored.get(rid)})" for rid, stamp in latest.items() if stored.get(rid, "") < stamp]
 
 
+def written_lines(path: Path) -> list[dict[str, Any]]:
+    """The sink's complete lines while it is still writing: a batch being appended may be half there."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [orjson.loads(ln) for ln in data[: data.rfind(b"\n") + 1].splitlines() if ln.strip()]
+
+
 def order_of(line: dict[str, Any]) -> Any:
     """What increases per entity: the sender's version, the polled record's stamp, the streamed version."""
     if line["source"] == "demo":
@@ -495,7 +503,7 @@ async def crash_loop(
         published = publisher.acked_ids()
 
         def drained() -> bool:
-            lines = read_jsonl(out)
+            lines = written_lines(out)
             demo = {ln["id"] for ln in lines if ln["source"] == "demo"}
             bus = {ln["id"] for ln in lines if ln["source"] == "bus"}
             crm = {ln["entity_id"]: ln["version"] for ln in lines if ln["source"] == "crm"}

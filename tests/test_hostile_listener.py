@@ -339,12 +339,15 @@ async def test_refusal_flood_writes_a_bounded_number_of_rows(tmp_path: Path, cap
                 async with s.post(hook_url(d), data=body, headers={"webhook-id": f"x{i}"}) as r:
                     return r.status
 
+            started = time.monotonic()
             statuses = await asyncio.gather(*(one(i) for i in range(1000)))
+            took = time.monotonic() - started
         assert set(statuses) == {401}
         assert _count(d, "401") == 1000
         rows = await d.store.rejections(limit=5000)
-        # A burst of 100 and 10 a second after it: a flood of a thousand costs about a hundred writes.
-        assert 50 <= len(rows) <= 150, len(rows)
+        # A burst of 100 and 10 a second after it: a flood of a thousand costs about a hundred writes (the
+        # bound grows with how long the flood took: on a loaded machine it took over 6 s and wrote 162).
+        assert 50 <= len(rows) <= 100 + 10 * took + 5, (len(rows), took)
     refusals = [r for r in caplog.records if "refused webhook" in r.getMessage()]
     assert len(refusals) <= 10
 
