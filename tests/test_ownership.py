@@ -183,13 +183,15 @@ async def test_a_node_past_its_local_lease_does_not_start_a_poll(stores: Any) ->
 class Node:
     """A ClusterOwner with the daemon's spawn/tasks bookkeeping, whose singletons are a loop recording who runs."""
 
-    def __init__(self, store: PgStore, node_id: str, wanted: list[str], running: dict[str, list[str]]):
+    def __init__(
+        self, store: PgStore, node_id: str, wanted: list[str], running: dict[str, list[str]], ttl: float = TTL
+    ):
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.running = running
         self.owner = ClusterOwner(
             store,
             node_id,
-            ttl=TTL,
+            ttl=ttl,
             spawn=self.spawn,
             tasks=self.tasks,
             start=self.start,
@@ -266,3 +268,35 @@ async def test_singletons_spread_run_once_each_and_move_when_a_node_dies(stores:
     finally:
         for n in nodes[1:]:
             await n.crash()
+
+
+async def test_a_clean_stop_hands_its_singletons_over_at_once(stores: Any) -> None:
+    """A node stopping hands its leases back and NOTIFYs: the other takes them without waiting for a round."""
+    a, b = await stores(2)
+    wanted = ["source:s0", "source:s1"]
+    running: dict[str, list[str]] = {}
+    first, second = Node(a, "n0", wanted, running, ttl=9.0), Node(b, "n1", wanted, running, ttl=9.0)
+    first.go()
+    deadline = time.monotonic() + 20
+    while len(first.owner.held) < 2:  # alone: it runs both
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    second.go()
+    try:
+        while len(second.owner.held) < 1:  # a second node: one each (the first hands one back)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert first.owner.m.changes.labels("n0", "source:s1", "released")._value.get() == 1
+        await asyncio.sleep(0.5)
+        stopping = time.monotonic()
+        assert first.loop is not None
+        first.loop.cancel()
+        await asyncio.gather(first.loop, return_exceptions=True)
+        await first.owner.close()
+        while len(second.owner.held) < 2:
+            assert time.monotonic() - stopping < 2.0, "the handover waited for a round (3 s at this TTL)"
+            await asyncio.sleep(0.02)
+        assert all(h == ["n1"] for h in running.values())
+    finally:
+        await first.crash()
+        await second.crash()

@@ -229,8 +229,13 @@ class ClusterOwner:
                 wait = min(1.0, self.heartbeat_every)
             self._drop_lapsed()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            self.store.leases_freed.clear()
+            woken = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.store.leases_freed.wait())]
+            try:
+                await asyncio.wait(woken, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in woken:
+                    f.cancel()
 
     async def tick(self) -> float:
         """One round; returns the seconds until the next (earlier when a lease we may take lapses sooner)."""
@@ -338,8 +343,8 @@ class ClusterOwner:
         running = [t for n in h.tasks if (t := self._tasks.get(n)) is not None and not t.done()]
         for t in running:
             t.cancel()
-        if running:
-            await asyncio.wait(running, timeout=STOP_TIMEOUT)
+        if running:  # bounded by a round: the other leases must be renewed meanwhile (a late commit is fenced)
+            await asyncio.wait(running, timeout=min(STOP_TIMEOUT, self.heartbeat_every))
         h.fence.lost = True
         self.m.held.labels(self.node_id, name).set(0)
         self.m.changes.labels(self.node_id, name, "released").inc()
@@ -352,10 +357,11 @@ class ClusterOwner:
     async def close(self) -> None:
         """A clean stop: every lease handed back and the node's row removed, so others take over at once."""
         self._closing = True
-        for name in list(self.held):
-            await self.release(name, "this node is stopping")
+        # The row first: a node woken by the releases' NOTIFY must not count this one among the living.
         with contextlib.suppress(StoreUnavailable):
             await self.store.forget_node(self.node_id, dead_after=None)
+        for name in list(self.held):
+            await self.release(name, "this node is stopping")
 
 
 Owner = LocalOwner | ClusterOwner

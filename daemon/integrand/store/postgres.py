@@ -72,6 +72,7 @@ PgConn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[as
 PgRole = Literal["daemon", "writer", "reader", "client"]
 
 CHANNEL = "integrand_deliveries_ready"
+LEASES_CHANNEL = "integrand_leases"  # a singleton's lease was handed back: the other nodes may take it now
 
 # Errors that mean "the database cannot be reached or cannot commit now", not "this op is wrong".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -129,6 +130,7 @@ class PgStore(PgOperatorViews):
         self.server_settings = dict(server_settings or {})
         self.owner = uuid.uuid4().hex[:12]
         self.deliveries_ready = asyncio.Event()
+        self.leases_freed = asyncio.Event()  # set on a NOTIFY from a node handing a lease back (ownership.py)
         self.on_commit: Callable[[float, int], None] | None = None
         self.commits = 0
         self.committed_ops = 0
@@ -227,6 +229,7 @@ class PgStore(PgOperatorViews):
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._dsn, server_settings=self.server_settings, timeout=10)
         await conn.add_listener(CHANNEL, self._notified)
+        await conn.add_listener(LEASES_CHANNEL, lambda *_: self.leases_freed.set())
         conn.add_termination_listener(self._listener_lost)
         self._listener = conn
 
@@ -1190,9 +1193,11 @@ class PgStore(PgOperatorViews):
         """Give a lease up now (a clean stop, a rebalance): another node may take it at once."""
         rows = await self._tx(
             lambda c: c.fetch(
-                "UPDATE leases SET owner = NULL, expires_at = integrand_now() WHERE name = $1 AND token = $2 RETURNING 1",
+                "WITH r AS (UPDATE leases SET owner = NULL, expires_at = integrand_now() WHERE name = $1 "
+                "AND token = $2 RETURNING 1) SELECT pg_notify($3, $1) FROM r",
                 name,
                 token,
+                LEASES_CHANNEL,
             )
         )
         return bool(rows)
