@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -231,4 +232,51 @@ async def test_webhook_nudges_an_early_poll(tmp_path: Path) -> None:
         full = [ln for ln in lines if ln["version"] is not None]
         assert [ln["data"]["name"] for ln in full] == [api.records["c1"]["name"]]
     finally:
+        await api.close()
+
+
+async def test_a_change_lagging_behind_a_multi_page_pass_is_read_by_the_next_pass() -> None:
+    """Found by bench/poll_daemon.py under load: a pass of several pages moved the cursor to its newest
+    change, past one that was still lagging when the page covering its time was read; it was never read."""
+    from integrand.builtin.httppoll import HttpPollConfig, HttpPollSource
+    from integrand.connector import ConnectorContext
+
+    from .fake_rest import iso
+
+    api = FakeRest(seed=9, page_size=2)
+    base = await api.start()
+    src = HttpPollSource(
+        HttpPollConfig(
+            url=f"{base}/records?since={{since}}",
+            page_param="after",
+            entity="contact",
+            lookback=1.0,
+            start="2020-01-01T00:00:00Z",
+        ),
+        ConnectorContext(name="crm", role="source", base_dir=Path("."), state=None),  # type: ignore[arg-type]
+    )
+    await src.start()
+    try:
+        await api.change("a")
+        lagging = await api.change("x")  # stamped now, but the listing shows it only later
+        api.settle()
+        api._indexed.pop("x")
+        api._pending = [(float("inf"), dict(lagging))]
+        await api.change("b")
+        # Page 1 holds a and b (x is not listed yet); a change made later makes a second page.
+        later = dict(api.records["b"], id="c", updated_at=iso(time.time() + 30))
+        api.records["c"], api._indexed["c"] = later, later
+        r1 = await src.poll(None)
+        assert [e.entity_id for e in r1.events] == ["a", "b"] and r1.more
+        api.settle()  # x shows up now, behind the pass's keyset position
+        r2 = await src.poll(r1.cursor)
+        assert [e.entity_id for e in r2.events] == ["c"] and not r2.more
+        seen, r3 = set(), await src.poll(r2.cursor)
+        seen |= {e.entity_id for e in r3.events}
+        while r3.more:
+            r3 = await src.poll(r3.cursor)
+            seen |= {e.entity_id for e in r3.events}
+        assert "x" in seen, "the lagging change was skipped for good"
+    finally:
+        await src.close()
         await api.close()

@@ -3,7 +3,8 @@
 It is the reference polling connector. The cursor it owns is
 ``{"since": T, "page": TOKEN|null, "high": T'}``: ``since`` is the newest change
 time fully read, ``page`` the provider's next-page token inside the current pass,
-and ``high`` the newest change time seen so far in that pass. Each pass asks for
+and ``high`` the newest change time seen so far in that pass (plus ``started``, when
+a pass of several pages began, so its end never moves ``since`` past that). Each pass asks for
 changes since ``since - lookback`` (providers commit late and search indexes lag);
 the entity table drops what was already seen.
 
@@ -116,6 +117,28 @@ def _iso(d: datetime) -> str:
     return d.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _pass_end(high: Any, started: Any) -> Any:
+    """Where the next pass starts after a multi-page one: its newest change, but no later than when it began.
+
+    A change that was still lagging in the listing when the page covering its time was
+    read is behind the keyset and skipped by this pass; the next one re-reads ``lookback``
+    before its cursor. Lag is measured from when pages are read, and a pass of several
+    pages goes on reading newer changes for a while, so its newest change may be well
+    past a lagging one: moving the cursor there skipped it for good (seen under load).
+    Capping it at the moment the pass began keeps every change that lagged by less than
+    ``lookback`` behind a page read within the next pass's reach.
+    """
+    if high is None or not isinstance(started, int | float):
+        return high
+    if parse_time(high).timestamp() <= started:
+        return high
+    if isinstance(high, int | float):
+        return float(started)
+    if str(high).replace(".", "", 1).isdigit():
+        return str(started)
+    return _iso(datetime.fromtimestamp(started, UTC))
+
+
 def _later(a: Any, b: Any) -> Any:
     if a is None:
         return b
@@ -158,14 +181,17 @@ class HttpPollSource(Connector[HttpPollConfig], PollingSource, ReconcilingSource
         c = self.config
         cur = cursor if isinstance(cursor, dict) else {"since": c.start, "page": None, "high": None}
         since = cur.get("since") or c.start
+        # When this pass read its first page (local clock): see _pass_end.
+        started = cur.get("started") if cur.get("page") else time.time()
         body, hints = await self._get(self._url(since, cur.get("page"), lookback=c.lookback))
         events, high = self._events(body)
         page = self._page(body)
         high = _later(cur.get("high"), high)
         if page:
-            nxt = {"since": since, "page": page, "high": high}
+            nxt = {"since": since, "page": page, "high": high, "started": started}
         else:
-            nxt = {"since": _later(since, high), "page": None, "high": None}
+            end = _pass_end(high, started) if cur.get("page") else high
+            nxt = {"since": _later(since, end), "page": None, "high": None}
         return PollResult(events, nxt, more=bool(page), **hints)
 
     async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
