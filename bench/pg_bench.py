@@ -5,7 +5,8 @@
 sink  rows/s for batches of 1, 100, 1,000 and 10,000: integrand's sink (shipped default, the COPY path,
       the executemany path), beside a plain COPY of the same rows with the same driver (the ceiling: no
       mapping, no conflict handling) and beside executemany of single-row upserts (a hand-written loader).
-cdc   a pgbench-style writer (single-row upsert transactions from 8 connections, synchronous_commit off) against
+cdc   a pgbench-style writer (single-row upsert transactions from 8 connections; synchronous_commit off for outbox
+      mode on the shared server, on for logical mode on the private fsync=off server: see writer()) against
       `integrand run` with a postgres-cdc source, outbox and logical mode: changes/s sustained with the
       writer flat out, and commit → integrand-stored latency at 1,000 changes/s (client-side commit time
       to the store's commit batch time, read from the store afterwards).
@@ -331,11 +332,16 @@ publication = "{slot}"
     return cfg
 
 
-async def writer(dsn: str, ids: range, rate: float | None, seconds: float, commits: dict[int, float]) -> None:
+async def writer(
+    dsn: str, ids: range, rate: float | None, seconds: float, commits: dict[int, float], sync_commit: str = "off"
+) -> None:
     """One pgbench-style client: single-row transactions, at ``rate`` per second (None: flat out)."""
-    # synchronous_commit off for the writer's own sessions (not the server's setting): on this shared machine
-    # each fsync'd commit took ~10 ms, which capped the writer far below the 1,000 changes/s to measure at.
-    con = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "off"})
+    # Outbox mode, on the shared server: synchronous_commit off for the writer's own sessions (not the server's
+    # setting): each fsync'd commit took ~10 ms on this machine, which capped the writer below 1,000/s.
+    # Logical mode, on the private server (fsync = off, so commits are cheap anyway): on. Logical decoding
+    # sends only WAL that is flushed, and with synchronous_commit off a commit is flushed by the WAL writer
+    # (wal_writer_delay, 200 ms): up to 200 ms added by the server before any reader could see the change.
+    con = await asyncpg.connect(dsn, server_settings={"synchronous_commit": sync_commit})
     try:
         start = time.perf_counter()
         stmt = await con.prepare(
@@ -402,11 +408,12 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.0)  # the source's first read is done
                 commits: dict[int, float] = {}
+                sync = "on" if mode == "logical" else "off"
                 clients = 8
                 per = None if rate is None else rate / clients
                 t0 = time.time()
                 await asyncio.gather(
-                    *(writer(schema.dsn, range(c, 10**8, clients), per, seconds, commits) for c in range(clients))
+                    *(writer(schema.dsn, range(c, 10**8, clients), per, seconds, commits, sync) for c in range(clients))
                 )
                 wrote = time.time() - t0
                 n = len(commits)
@@ -476,8 +483,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Measured {results.get('when', '?')} on {results.get('machine', '?')}, with "
         f"`python bench/pg_bench.py all --runs {results.get('runs', '?')}`; medians of the runs. The machine "
-        "was shared with six other agents' builds and tests while this ran: absolute figures move by tens of "
-        "percent between runs, the ratios (measured in the same run, interleaved) much less.",
+        f"was shared with other agents' builds and tests while this ran (1-minute load average "
+        f"{_load(results.get('load'))} on 2 cores): absolute figures "
+        "move by tens of percent between runs; the ratios are each run's own (its variants measured back to "
+        "back), then their median.",
         "",
     ]
     sink = results.get("sink")
@@ -490,7 +499,8 @@ def render(results: dict[str, Any]) -> str:
             "|---:|" + "---:|" * len(names),
         ]
         for batch, r in sink.items():
-            cells = [f"{r['rows_per_s'][k]:,.0f} ({r['ratio_to_copy'][k]:.2f})" for k in names]
+            ratio = r.get("median_run_ratio", r["ratio_to_copy"])
+            cells = [f"{r['rows_per_s'][k]:,.0f} ({ratio[k]:.2f})" for k in names]
             lines.append(f"| {int(batch):,} | " + " | ".join(cells) + " |")
         lines.append("")
     cdc = results.get("cdc")
@@ -510,6 +520,12 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+def _load(load: Any) -> str:
+    if isinstance(load, str):
+        return load  # written by hand when sections were measured in separate runs
+    return " → ".join(str(x) for x in load) if load else "not recorded"
 
 
 def write_doc(results: dict[str, Any]) -> None:
@@ -534,6 +550,7 @@ def main() -> None:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="sink batch sizes (comma-separated)")
     a = ap.parse_args()
     results: dict[str, Any] = orjson.loads(RESULTS.read_bytes()) if RESULTS.exists() else {}
+    load_before = os.getloadavg()
     if a.what in ("sink", "all"):
         results["sink"] = asyncio.run(bench_sink(a.runs, tuple(int(b) for b in a.batches.split(","))))
     if a.what in ("cdc", "all"):
@@ -541,6 +558,7 @@ def main() -> None:
             **results.get("cdc", {}),
             **asyncio.run(bench_cdc(a.runs, a.seconds, a.modes.split(","), a.loads.split(","))),
         }
+    results["load"] = [round(x, 1) for x in (*load_before[:1], *os.getloadavg()[:1])]  # 1-min load, start and end
     results["when"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["machine"] = machine()
     results["runs"] = a.runs

@@ -90,8 +90,8 @@ def bulk(base_type: str, convert: Sequence[str], slow: Chain, *, empty_is_null: 
                 t = type(v)
                 if t is int and lo <= v <= hi:
                     add(v)
-                elif t is str and v.isdigit() and v.isascii() and len(v) < 19:
-                    add(int(v))
+                elif t is str and v.isdigit() and v.isascii() and len(v) < 19 and lo <= (i := int(v)) <= hi:
+                    add(i)
                 else:
                     add(slow(v))
             return out

@@ -7,8 +7,8 @@ Two modes, one envelope (Debezium's: ``op`` c/u/d/r, ``before``, ``after``, ``so
   own transaction and calls ``pg_notify`` with an empty payload, which only wakes the listener;
   the listener reads the outbox in id order, so what changed while integrand was down is there
   when it starts. An outbox row is deleted only after integrand's store has committed its event.
-* **logical** (no triggers): a replication slot with ``pgoutput`` and a publication, read through
-  the SQL slot functions; see :mod:`integrand_postgres.logical`.
+* **logical** (no triggers): a replication slot with ``pgoutput`` and a publication, streamed over
+  the replication protocol; see :mod:`integrand_postgres.logical`.
 
 Both list the tables' current rows (``op = "r"``) for reconciliation, ``integrand sync`` and a resync.
 """
