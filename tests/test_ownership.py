@@ -300,3 +300,32 @@ async def test_a_clean_stop_hands_its_singletons_over_at_once(stores: Any) -> No
     finally:
         await first.crash()
         await second.crash()
+
+
+async def test_a_singleton_stopped_while_its_renewal_is_in_flight_does_not_break_the_round(
+    stores: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a fenced commit refused (or a lease dropped as lapsed) during ``renew_leases``'s await popped
+    the holding; the round then indexed ``held[name]``, raised KeyError and the node exited with status 1."""
+    (a,) = await stores(1)
+    running: dict[str, list[str]] = {}
+    node = Node(a, "n0", ["source:s0"], running)
+    owner = node.owner
+    await owner.tick()
+    assert owner.holds("source:s0")
+    real = a.renew_leases
+
+    async def renew_racing_a_refusal(held: dict[str, int], ttl: float) -> set[str]:
+        owner._refused(owner.held["source:s0"].fence, "refused meanwhile")  # what a fenced commit does
+        renewed: set[str] = await real(held, ttl)  # the database still renews it: the token is current
+        return renewed
+
+    monkeypatch.setattr(a, "renew_leases", renew_racing_a_refusal)
+    try:
+        await owner.tick()
+    finally:
+        monkeypatch.undo()
+        for t in node.tasks.values():
+            t.cancel()
+        await asyncio.gather(*node.tasks.values(), return_exceptions=True)
+    assert not owner.holds("source:s0")  # stopped, and the round went on to take it again or leave it

@@ -261,9 +261,12 @@ class ClusterOwner:
         if held:
             sent = time.monotonic()  # before the database stamps anything: our view of a lease never outlives it
             renewed = await self.store.renew_leases(held, self.ttl)
-            for name in held:
+            for name, token in held.items():
+                h = self.held.get(name)
+                if h is None or h.fence.token != token or h.fence.lost:
+                    continue  # stopped while the renewal was in flight (a refused commit, a lapse): already handled
                 if name in renewed:
-                    self.held[name].fence.valid_until = sent + self.ttl
+                    h.fence.valid_until = sent + self.ttl
                 else:
                     self._lose(name, "its renewal was refused (it lapsed, or another node holds it)")
 
@@ -284,9 +287,9 @@ class ClusterOwner:
             free = r is None or r.owner is None or r.expires_in <= 0
             if free and len(self.held) < share:
                 sent = time.monotonic()
-                token = await self.store.acquire_lease(name, self.node_id, self.ttl)
-                if token is not None:
-                    self._hold(name, token, sent)
+                got = await self.store.acquire_lease(name, self.node_id, self.ttl)
+                if got is not None:
+                    self._hold(name, got, sent)
                     continue
             if r is not None and r.expires_in > 0 and len(self.held) < share:
                 wait = min(wait, r.expires_in + WAKE_SLACK)  # look again the moment it lapses
