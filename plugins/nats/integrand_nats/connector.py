@@ -237,20 +237,16 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
                     # This batch went back upstream: what was fetched after it goes back too (after its
                     # fetch ends, so nothing of it is left to the next one), and nothing newer is
                     # committed before the redelivery.
-                    await self._hand_back(ahead, self.config.nak_delay, wait=True)
+                    await self._hand_back(ahead, self.config.nak_delay)
                     ahead = None
         finally:
-            # What integrand holds and has not acked goes back now, oldest first, so the next
-            # connection reads it again in stream order (rather than after ack_wait, behind the rest).
+            # What integrand holds unacked is not nak-ed here: a pull request of this session may still be
+            # open on the server and would take the redelivery, out of order. It comes back after ack_wait,
+            # and the next session waits for that before fetching (``_await_redelivery``).
             for p in pending:
-                unsettled = p.keepalive is not None
                 p.stop()
-                if unsettled:
-                    with contextlib.suppress(BaseException):
-                        for m in p.msgs:
-                            await m.nak()
             if ahead is not None:
-                await self._hand_back(ahead, None, wait=False)
+                ahead.cancel()
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -265,10 +261,8 @@ class NatsConnector(Connector[NatsConfig], StreamingSource, Sink):
         except nats.errors.Error as e:
             raise RetryableError(f"NATS fetch failed: {type(e).__name__}: {e}") from None
 
-    async def _hand_back(self, ahead: asyncio.Future[list[Msg]], delay: float | None, *, wait: bool) -> None:
-        """Give a fetched (or still fetching) batch integrand did not take back to the server: ``nak``."""
-        if not wait and not ahead.done():
-            ahead.cancel()  # closing: what it would have got is redelivered after ack_wait
+    async def _hand_back(self, ahead: asyncio.Future[list[Msg]], delay: float) -> None:
+        """Give a fetched (or still fetching: it ends first) batch integrand did not take back: ``nak``."""
         with contextlib.suppress(BaseException):
             for m in await ahead:
                 await m.nak(delay=delay)
