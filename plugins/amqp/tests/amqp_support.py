@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import pytest
-
-from integrand.testing import wait_for
 
 HOST, PORT = "127.0.0.1", 5672
 HOW_TO_START = (
@@ -105,85 +98,3 @@ async def consuming(vhost: str, queue: str) -> bool:
         return bool(q.declaration_result.consumer_count)
     finally:
         await conn.close()
-
-
-class PrivateRabbit:
-    """A RabbitMQ node of the test's own (its node name, AMQP and distribution ports, data and log dirs, cookie
-    under ``root``) to kill -9 and start again: the machine's node is shared with other users and stays up."""
-
-    SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script itself: the /usr/sbin wrapper changes user
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.dist_port = free_port()
-        self.node = f"integrand_test_{secrets.token_hex(3)}@localhost"
-        self.proc: asyncio.subprocess.Process | None = None
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "enabled_plugins").write_text("[].\n")
-        (root / "rabbitmq-env.conf").write_text("ERL_EPMD_ADDRESS=127.0.0.1\n")
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    async def start(self, timeout: float = 120.0) -> None:
-        if not Path(self.SERVER).exists():
-            pytest.fail(f"{self.SERVER} is missing: {HOW_TO_START}")
-        r = self.root
-        env = {
-            **os.environ,
-            "HOME": str(r),  # its own .erlang.cookie
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(r / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(r / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(r / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(r / "rabbitmq"),
-            "RABBITMQ_PID_FILE": str(r / "pid"),
-            "RABBITMQ_CONF_ENV_FILE": str(r / "rabbitmq-env.conf"),
-        }
-        with (r / "server.out").open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                self.SERVER, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True
-            )
-
-        async def up() -> bool:
-            if self.proc is not None and self.proc.returncode is not None:
-                pytest.fail(f"the private RabbitMQ node exited ({self.proc.returncode}); see {r / 'server.out'}")
-            try:
-                conn = await aio_pika.connect(self.url, timeout=2)
-            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError, ConnectionError):
-                return False
-            await conn.close()
-            return True
-
-        await wait_for(up, timeout=timeout, interval=0.5)
-
-    async def consuming(self, queue: str) -> bool:
-        """Whether ``queue`` exists on this node and has a consumer (so its bindings are in place)."""
-        conn = await aio_pika.connect(self.url, timeout=5)
-        try:
-            ch = await conn.channel()
-            try:
-                q = await ch.declare_queue(queue, passive=True)
-            except aio_pika.exceptions.ChannelClosed:
-                return False
-            return bool(q.declaration_result.consumer_count)
-        finally:
-            await conn.close()
-
-    async def kill(self) -> None:
-        """SIGKILL to the node's whole process group (the script and the Erlang VM): a crash, not a stop."""
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
