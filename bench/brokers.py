@@ -467,8 +467,8 @@ def table(out: dict[str, Any]) -> str:
     lines = [
         f"{BEGIN}",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
-        f"({platform.processor() or platform.machine()}, 2 cores shared with other agents' builds and tests "
-        f"while this ran — a busy machine), Python {platform.python_version()}; NATS server and RabbitMQ "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores; how busy: the load averages "
+        f"below), Python {platform.python_version()}; NATS server and RabbitMQ "
         f"{_rabbit_version()} on 127.0.0.1. `python bench/brokers.py --runs {out['runs']} --messages "
         f"{out['messages']} --rate {out['rate']:g}`; medians of {out['runs']} runs, shipped defaults. "
         f"Load average (1 min) at the start of each run: {', '.join(f'{x:.1f}' for x in loads) or '?'}.",
