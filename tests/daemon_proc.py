@@ -4,6 +4,7 @@ connector authors' ``integrand.testing``), and what such tests send and read."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,12 +65,25 @@ async def send_many(
     return acked, failed
 
 
-def jsonl_ids(path: Path) -> list[str]:
-    """Event ids at a jsonl sink in file order; a torn (partial) line fails the test."""
+def jsonl_ids(path: Path, *, torn_tail_ok: bool = False) -> list[str]:
+    """Event ids at a jsonl sink in file order; a torn (partial) line fails the test.
+
+    Read under a shared ``flock``: the sink writes each batch under an exclusive one, so a read while the
+    daemon appends never sees half a batch. ``torn_tail_ok``: right after a kill -9 the last line may be
+    torn (the write was cut short; its event was never acknowledged and the sink cuts it off at start)."""
     if not path.exists():
         return []
+    with path.open("rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            data = f.read()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lines = data.split(b"\n")
+    if torn_tail_ok and not data.endswith(b"\n"):
+        lines = lines[:-1]  # only the last line can be torn; every other one must parse
     out = []
-    for n, line in enumerate(path.read_bytes().split(b"\n")):
+    for n, line in enumerate(lines):
         if not line:
             continue
         try:

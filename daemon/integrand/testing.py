@@ -20,6 +20,7 @@ test once integrand is installed.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import re
@@ -297,10 +298,17 @@ class TcpProxy:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The lines a ``jsonl`` sink wrote (none yet: an empty list), for end-to-end assertions."""
+    """The lines a ``jsonl`` sink wrote (none yet: an empty list), for end-to-end assertions. Read under a
+    shared ``flock`` (the sink writes each batch under an exclusive one): never half a batch mid-append."""
     if not path.exists():
         return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    with path.open("rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            data = f.read()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
 
 
 def stored_event_ids(db: Path, source: str) -> list[str]:
