@@ -4,7 +4,6 @@ connector authors' ``integrand.testing``), and what such tests send and read."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from integrand.testing import DaemonProcess
+from integrand.testing import DaemonProcess, read_jsonl
 
 from .helpers import signed_headers
 
@@ -66,31 +65,8 @@ async def send_many(
 
 
 def jsonl_ids(path: Path, *, torn_tail_ok: bool = False) -> list[str]:
-    """Event ids at a jsonl sink in file order; a torn (partial) line fails the test.
-
-    Read under a shared ``flock``: the sink writes each batch under an exclusive one, so a read while the
-    daemon appends never sees half a batch. ``torn_tail_ok``: right after a kill -9 the last line may be
-    torn (the write was cut short; its event was never acknowledged and the sink cuts it off at start)."""
-    if not path.exists():
-        return []
-    with path.open("rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-        try:
-            data = f.read()
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    lines = data.split(b"\n")
-    if torn_tail_ok and not data.endswith(b"\n"):
-        lines = lines[:-1]  # only the last line can be torn; every other one must parse
-    out = []
-    for n, line in enumerate(lines):
-        if not line:
-            continue
-        try:
-            out.append(str(orjson.loads(line)["id"]))
-        except orjson.JSONDecodeError:
-            raise AssertionError(f"{path}: line {n + 1} is not a JSON object (torn write?): {line[:200]!r}") from None
-    return out
+    """Event ids at a jsonl sink in file order (``read_jsonl``: a torn line fails the test)."""
+    return [str(line["id"]) for line in read_jsonl(path, torn_tail_ok=torn_tail_ok)]
 
 
 def deadline(seconds: float) -> float:

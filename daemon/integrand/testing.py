@@ -297,9 +297,11 @@ class TcpProxy:
         self._links.difference_update((writer, up_writer))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The lines a ``jsonl`` sink wrote (none yet: an empty list), for end-to-end assertions. Read under a
-    shared ``flock`` (the sink writes each batch under an exclusive one): never half a batch mid-append."""
+def read_jsonl(path: Path, *, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """The lines a ``jsonl`` sink wrote (none yet: an empty list), for end-to-end assertions; a torn (partial)
+    line fails the test. Read under a shared ``flock`` (the sink writes each batch under an exclusive one):
+    never half a batch mid-append. ``torn_tail_ok``: right after a kill -9 the last line may be torn (the
+    write was cut short; its event was never acknowledged and the sink cuts it off at start)."""
     if not path.exists():
         return []
     with path.open("rb") as f:
@@ -308,7 +310,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             data = f.read()
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+    lines = data.split(b"\n")
+    if torn_tail_ok and not data.endswith(b"\n"):
+        lines = lines[:-1]  # only the last line can be torn; every other one must parse
+    out = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"{path}: line {n + 1} is not a JSON object (torn write?): {line[:200]!r}") from None
+    return out
 
 
 def stored_event_ids(db: Path, source: str) -> list[str]:
