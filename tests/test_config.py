@@ -211,3 +211,15 @@ def test_the_default_state_dir_is_beside_the_config_file_not_the_working_directo
     s = load_config(Path("etc/config.toml"))
     assert s.daemon.state_dir == tmp_path / "etc" / "var"
     assert s.db_path == tmp_path / "etc" / "var" / "integrand.db"
+
+
+def test_check_command_names_a_postgres_store_without_its_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL store is reported as such (not as an SQLite path nobody uses), and its DSN never printed."""
+    monkeypatch.setenv("INTEGRAND_TEST_CHECK_DSN", "postgresql://app:s3cret-pw@127.0.0.1:5432/integrand")
+    body = DEMO + '\n[store]\nbackend = "postgres"\ndsn = {env = "INTEGRAND_TEST_CHECK_DSN"}\n'
+    assert main(["check", "--config", str(write_config(tmp_path, body))]) == 0
+    out = capsys.readouterr().out
+    assert "store postgres (store.dsn from env:INTEGRAND_TEST_CHECK_DSN)" in out
+    assert ".db" not in out and "s3cret-pw" not in out

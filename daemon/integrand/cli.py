@@ -153,9 +153,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         for p in paths.errors:
             print(f"  {p}", file=sys.stderr)
         return 1
+    # The DSN is a secret (it may carry a password): name where it comes from, never what it is.
+    dsn = s.store.dsn
+    store = f"postgres (store.dsn from {dsn.origin})" if s.store.backend == "postgres" and dsn else s.db_path
     print(
         f"{path}: OK — {len(s.sources)} source(s), {len(s.sinks)} sink(s), {len(s.routes)} route(s); "
-        f"webhooks on {s.daemon.listen}, store {s.db_path}"
+        f"webhooks on {s.daemon.listen}, store {store}"
     )
     return 0
 
