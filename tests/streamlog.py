@@ -11,6 +11,8 @@ The "upstream" is a directory another process writes, shaped like a broker with 
   it writes ``stalled_receive`` / ``stalled_ack`` and hangs, so a test can kill the daemon exactly there.
 
 ``acks.log`` records every ack as ``first last`` so a test can check nothing was acked before its commit.
+``ReadAheadLogSource`` (``streamlog-ahead``) is the same with ``read_ahead``: batches are read while
+earlier ones commit.
 """
 
 from __future__ import annotations
@@ -146,6 +148,20 @@ class LogSource(Connector[LogConfig], StreamingSource):
         yield StreamBatch([self._event(orjson.loads(ln)) for ln in lines], tail, token=(tail, tail))
 
 
+class ReadAheadLogSource(LogSource):
+    """The same log, read ahead while earlier batches commit (group commit: ``StreamingSource.read_ahead``).
+
+    ``yielded`` counts the batches it handed over, for the tests that check how far it read."""
+
+    read_ahead = 4
+    yielded = 0
+
+    async def stream(self, position: Any) -> AsyncIterator[StreamBatch]:
+        async for batch in super().stream(position):
+            ReadAheadLogSource.yielded += 1
+            yield batch
+
+
 class Upstream:
     """The writing side of the log (what a publishing service does), for the tests."""
 
@@ -184,7 +200,10 @@ def install_entry_point(root: Path) -> dict[str, str]:
     info = root / "integrand_test_streamlog-0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(DIST_INFO)
-    (info / "entry_points.txt").write_text("[integrand.connectors]\nstreamlog = tests.streamlog:LogSource\n")
+    (info / "entry_points.txt").write_text(
+        "[integrand.connectors]\nstreamlog = tests.streamlog:LogSource\n"
+        "streamlog-ahead = tests.streamlog:ReadAheadLogSource\n"
+    )
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(p for p in (str(root), str(repo), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import signal
@@ -22,7 +23,7 @@ from integrand.testing import running_daemon, wait_for
 
 from .daemon_proc import DaemonProcess
 from .helpers import BASE, read_jsonl
-from .streamlog import LogSource, Upstream, install_entry_point
+from .streamlog import LogSource, ReadAheadLogSource, Upstream, install_entry_point
 
 FEED = """
 [sources.feed]
@@ -120,6 +121,66 @@ async def test_events_and_position_commit_together_and_ack_follows(tmp_path: Pat
     assert all(v == sorted(v) for v in by_entity.values())
 
 
+class CheckingReadAhead(ReadAheadLogSource, CheckingLogSource):
+    """Read ahead, and checked at every ack as above."""
+
+
+def commits_of(db: Path) -> list[float]:
+    """The store's commit times of the feed's events (``received_at`` is one per commit), in order, distinct."""
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT DISTINCT received_at FROM events WHERE source = 'feed' ORDER BY id")]
+
+
+async def test_read_ahead_commits_what_arrived_meanwhile_in_one_transaction(tmp_path: Path) -> None:
+    """Group commit: batches read while earlier ones commit share a transaction; each is acked once, in
+    order, only after the commit that holds its events and its position."""
+    up = Upstream(tmp_path / "upstream")
+    up.publish(messages(0, 300))
+    CheckingLogSource.violations = []
+    s = settings(tmp_path, FEED.format(batch=10) + ROUTED, CheckingReadAhead)
+    out = tmp_path / "var" / "out.jsonl"
+    db = tmp_path / "var" / "integrand.db"
+    async with running_daemon(s) as d:
+        await wait_for(lambda: up.acked == 300, timeout=20)
+        up.publish(messages(300, 7))
+        await wait_for(lambda: len(read_jsonl(out)) == 307, timeout=20)
+        st = d.streamers["feed"]
+        assert (st.batches, st.events) == (31, 307)
+        assert sample(d, "integrand_stream_batches_total", source="feed", outcome="committed") == 31
+    assert CheckingLogSource.violations == []
+    assert stream_cursor(db) == 307 == up.acked
+    assert stored_ids(db) == [f"m{i}" for i in range(307)]
+    assert len(commits_of(db)) < 31  # some transactions held several batches
+    acks = up.acks()
+    assert len(acks) == 31 and acks[0][0] == 1 and acks[-1][1] == 307
+    assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(acks))
+    by_entity: dict[str, list[int]] = {}
+    for line in read_jsonl(out):
+        by_entity.setdefault(line["entity_id"], []).append(int(line["version"]))
+    assert all(v == sorted(v) for v in by_entity.values())
+
+
+async def test_a_bad_batch_read_ahead_fails_alone_after_the_good_ones_commit(tmp_path: Path) -> None:
+    """A group holding a batch the store cannot hold is settled one batch at a time: the batches before
+    it commit and are acked, it raises an alert, and nothing after it is committed."""
+
+    class Poisoned(ReadAheadLogSource):
+        def _event(self, msg: dict[str, Any]) -> Any:
+            ev = super()._event(msg)
+            if msg["id"] == "m25":
+                return dataclasses.replace(ev, data={1: "a key that is not text"})  # not JSON: unstorable
+            return ev
+
+    up = Upstream(tmp_path / "upstream")
+    up.publish(messages(0, 60))
+    db = tmp_path / "var" / "integrand.db"
+    async with running_daemon(settings(tmp_path, FEED.format(batch=10), Poisoned)) as d:
+        await wait_for(lambda: sample(d, "integrand_stream_alerts_total", source="feed", reason="permanent") >= 2)
+    assert stream_cursor(db) == 20 == up.acked
+    assert stored_ids(db) == [f"m{i}" for i in range(20)]
+    assert up.acks() == [(1, 10), (11, 20)]
+
+
 async def test_poison_message_is_a_stored_rejection_and_acked(tmp_path: Path) -> None:
     up = Upstream(tmp_path / "upstream")
     up.publish([*messages(0, 3), b"{not json", b'{"no": "id"}', *messages(3, 2)])
@@ -136,13 +197,17 @@ async def test_poison_message_is_a_stored_rejection_and_acked(tmp_path: Path) ->
     assert [ln["id"] for ln in read_jsonl(out)] == ["m0", "m1", "m2", "m3", "m4"]
 
 
-async def test_backpressure_holds_the_batch_and_reads_nothing_new(tmp_path: Path) -> None:
-    """A full store refuses: the pending batch is retried (not dropped), nothing new is read, and it resumes."""
+@pytest.mark.parametrize("cls", [LogSource, ReadAheadLogSource], ids=["one-at-a-time", "read-ahead"])
+async def test_backpressure_holds_the_batch_and_reads_nothing_new(tmp_path: Path, cls: type[LogSource]) -> None:
+    """A full store refuses: the pending batch is retried (not dropped), nothing new is read, and it resumes.
+
+    Read ahead, what was read before the refusal waits behind it, and nothing more is read."""
     up = Upstream(tmp_path / "upstream")
     pad = "p" * 40_000  # about 25 of these fill a 1 MB store
     full = "\n[store]\nmax_size_mb = 1\n"
     # No route: events have no deliveries, so pruning them is what makes room again.
-    s = settings(tmp_path, FEED.format(batch=1), full=full)
+    s = settings(tmp_path, FEED.format(batch=1), cls, full=full)
+    ReadAheadLogSource.yielded = 0
     async with running_daemon(s) as d:
         st = d.streamers["feed"]
         n = 0
@@ -157,9 +222,15 @@ async def test_backpressure_holds_the_batch_and_reads_nothing_new(tmp_path: Path
             await wait_for(caught_up_or_refused, timeout=20)
         held_at = st.batches
         acked_at = up.acked
+        read_at = ReadAheadLogSource.yielded
         up.publish(messages(n, 10))  # small ones that would fit: they must wait behind the held batch
         await wait_for(lambda: sample(d, "integrand_stream_batches_total", source="feed", outcome="refused") >= 3)
         assert (st.batches, up.acked) == (held_at, acked_at)
+        if cls is ReadAheadLogSource:
+            # At most read_ahead batches beyond the one refused (and the group it came in), read before
+            # the refusal; none while it lasts.
+            assert ReadAheadLogSource.yielded <= read_at + ReadAheadLogSource.read_ahead + 1
+            assert ReadAheadLogSource.yielded < n + 10
         assert st.status()["state"] == "store-refused"
         assert "full" in (st.last_error or "")
         while await d.store.prune(time.time() + 1) > 0:
@@ -257,10 +328,15 @@ async def test_connector_without_resync_alerts_and_keeps_position(
 QUIET = BASE.replace('log_level = "debug"', 'log_level = "info"')
 
 
-def proc_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+# The same log connector, settled one batch at a time and read ahead (group commit).
+CONNECTORS = pytest.mark.parametrize("connector", ["streamlog", "streamlog-ahead"])
+
+
+def proc_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connector: str = "streamlog") -> Path:
     for k, v in install_entry_point(tmp_path / "ep").items():
         monkeypatch.setenv(k, v)
-    return write(tmp_path, FEED.format(batch=25) + ROUTED, base=QUIET)
+    feed = FEED.replace('connector = "streamlog"', f'connector = "{connector}"')
+    return write(tmp_path, feed.format(batch=25) + ROUTED, base=QUIET)
 
 
 def check_once_in_order(out: Path, n: int) -> None:
@@ -275,8 +351,11 @@ def check_once_in_order(out: Path, n: int) -> None:
     assert all(v == sorted(v) for v in by_entity.values())
 
 
-async def test_kill9_between_receipt_and_commit_redelivers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = proc_config(tmp_path, monkeypatch)
+@CONNECTORS
+async def test_kill9_between_receipt_and_commit_redelivers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connector: str
+) -> None:
+    cfg = proc_config(tmp_path, monkeypatch, connector)
     up = Upstream(tmp_path / "upstream")
     db = tmp_path / "var" / "integrand.db"
     up.publish(messages(0, 200))
@@ -285,7 +364,10 @@ async def test_kill9_between_receipt_and_commit_redelivers(tmp_path: Path, monke
     await d.start()
     try:
         await wait_for(lambda: (up.dir / "stalled_receive").exists(), timeout=30)
-        assert stream_cursor(db) == 125 == up.acked
+        if connector == "streamlog":
+            assert stream_cursor(db) == 125 == up.acked
+        else:  # read ahead: the batches before it may still be committing when it stalls
+            await wait_for(lambda: stream_cursor(db) == 125 == up.acked, timeout=30)
         await d.kill()
         assert stream_cursor(db) == 125
         up.clear("stall_receive")
@@ -300,10 +382,11 @@ async def test_kill9_between_receipt_and_commit_redelivers(tmp_path: Path, monke
     check_once_in_order(tmp_path / "var" / "out.jsonl", 250)
 
 
+@CONNECTORS
 async def test_kill9_between_commit_and_ack_is_absorbed_by_dedup(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connector: str
 ) -> None:
-    cfg = proc_config(tmp_path, monkeypatch)
+    cfg = proc_config(tmp_path, monkeypatch, connector)
     up = Upstream(tmp_path / "upstream")
     db = tmp_path / "var" / "integrand.db"
     up.publish(messages(0, 200))
@@ -313,7 +396,12 @@ async def test_kill9_between_commit_and_ack_is_absorbed_by_dedup(
     try:
         await wait_for(lambda: (up.dir / "stalled_ack").exists(), timeout=30)
         await d.kill()
-        assert stream_cursor(db) == 150 and up.acked == 125  # committed ahead of the upstream's ack floor
+        # Committed ahead of the upstream's ack floor (read ahead, the batches after it may have committed too).
+        assert up.acked == 125
+        if connector == "streamlog":
+            assert stream_cursor(db) == 150
+        else:
+            assert stream_cursor(db) >= 150
         up.clear("stall_ack")
         await d.start()
         await wait_for(lambda: up.acked == 200, timeout=30)
@@ -327,8 +415,11 @@ async def test_kill9_between_commit_and_ack_is_absorbed_by_dedup(
     check_once_in_order(tmp_path / "var" / "out.jsonl", 200)
 
 
-async def test_sigterm_stops_after_the_last_commit_and_its_ack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = proc_config(tmp_path, monkeypatch)
+@CONNECTORS
+async def test_sigterm_stops_after_the_last_commit_and_its_ack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connector: str
+) -> None:
+    cfg = proc_config(tmp_path, monkeypatch, connector)
     up = Upstream(tmp_path / "upstream")
     db = tmp_path / "var" / "integrand.db"
     d = DaemonProcess(cfg, tmp_path / "daemon.log")

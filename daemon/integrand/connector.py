@@ -502,7 +502,18 @@ class StreamingSource(ABC):
     ``stream`` are sorted as everywhere: ``RetryableError`` (and anything unexpected) reconnects
     with backoff, ``AuthError``/``PermanentError`` raise an alert and wait, ``PositionLost``
     runs ``resync`` and is logged.
+
+    ``read_ahead`` (0 by default: the next batch is read only once the last one is acknowledged)
+    lets integrand read up to that many batches while earlier ones commit, and commit what was read
+    meanwhile in one transaction (group commit; each batch's position is committed with its events,
+    the last one's is what is stored). A connector that sets it must accept being asked for the next
+    batch before the previous ones are acknowledged: acks still come once per batch, in order, only
+    after the commit; a batch read but not yet committed when the stream stops is never acked (it is
+    redelivered, as after a crash); and ``refused`` is called for the batches of a refused group one
+    at a time, in order, as without read-ahead.
     """
+
+    read_ahead: ClassVar[int] = 0
 
     @abstractmethod
     def stream(self, position: Any) -> AsyncIterator[StreamBatch]:

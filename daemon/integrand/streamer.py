@@ -7,6 +7,12 @@ receipt and commit means redelivery, and event ids absorb it. While the store re
 is read and the same batch is retried; errors are sorted by what to do next (reconnect with backoff,
 alert and wait for a human, resync in full after a lost position), and a stop lets the batch being
 committed finish and be acknowledged first.
+
+A connector with ``read_ahead`` (the PostgreSQL source) is read while the last batches commit, and
+what arrived meanwhile is committed as one group: one transaction (its events, its rejections and
+the last batch's position, so each batch's position is stored with its events), then one ack per
+batch in order. A group the store refuses, or cannot hold, is taken apart and settled one batch at
+a time, exactly as without read-ahead.
 """
 
 from __future__ import annotations
@@ -93,6 +99,13 @@ def stream_metrics(m: Metrics) -> StreamMetrics:
     return found
 
 
+@dataclass(frozen=True)
+class _End:
+    """What the read-ahead puts after the last batch it read: the stream's error, or None if it ended."""
+
+    error: BaseException | None
+
+
 class Streamer:
     """Runs one streaming source for as long as the daemon runs."""
 
@@ -128,6 +141,9 @@ class Streamer:
         self.last_error: str | None = None
         self.errors_in_a_row = 0
         self._lost: PositionLost | None = None
+        # Cleared while the store refuses: the read-ahead reads nothing new meanwhile.
+        self._may_read = asyncio.Event()
+        self._may_read.set()
 
     # --- the task -------------------------------------------------------------------------------
 
@@ -167,10 +183,12 @@ class Streamer:
         try:
             self.state = "streaming"
             self.m.up.labels(self.name).set(1)
-            async for batch in batches:
-                await self._settle(batch)
+
+            def settled(_group: list[StreamBatch]) -> None:
                 self.errors_in_a_row = 0
                 self.last_error = None
+
+            await self._pump(batches, settled)
         finally:
             await _aclose(batches)
 
@@ -180,11 +198,14 @@ class Streamer:
         n_batches = n_events = 0
         try:
             batches = self.connector.resync(lost)
+
+            def settled(group: list[StreamBatch]) -> None:
+                nonlocal n_batches, n_events
+                n_batches += len(group)
+                n_events += sum(len(b.events) for b in group)
+
             try:
-                async for batch in batches:
-                    await self._settle(batch)
-                    n_batches += 1
-                    n_events += len(batch.events)
+                await self._pump(batches, settled)
             finally:
                 await _aclose(batches)
         except BaseException:
@@ -200,9 +221,65 @@ class Streamer:
             self.position,
         )
 
-    async def _settle(self, batch: StreamBatch) -> None:
-        """Commit then ack one batch; a stop (cancel) waits for both rather than cutting between them."""
-        task = asyncio.ensure_future(self._commit_and_ack(batch))
+    async def _pump(self, batches: AsyncIterator[StreamBatch], settled: Callable[[list[StreamBatch]], None]) -> None:
+        """Settle every batch of ``batches`` in order, telling ``settled`` of each group; returns when they end.
+
+        Without read-ahead, one batch at a time: the next is read only once this one is acknowledged.
+        With it, a reader task keeps up to ``read_ahead`` batches read beyond the ones committing, and
+        each commit takes every batch read meanwhile (group commit). The stream's error, if it ends
+        with one, is raised once the batches read before it are settled."""
+        depth = max(0, int(getattr(self.connector, "read_ahead", 0) or 0))
+        if depth == 0:
+            async for batch in batches:
+                await self._settle([batch])
+                settled([batch])
+            return
+        ahead: asyncio.Queue[StreamBatch | _End] = asyncio.Queue()
+        room = asyncio.Semaphore(depth + 1)  # read and not yet settled: the groups committing, plus read_ahead
+        reader = asyncio.create_task(self._read_ahead(batches, ahead, room), name=f"stream-read-{self.name}")
+        try:
+            while True:
+                item = await ahead.get()
+                group: list[StreamBatch] = []
+                while isinstance(item, StreamBatch):
+                    group.append(item)
+                    if ahead.empty():
+                        break
+                    item = ahead.get_nowait()
+                if group:
+                    await self._settle(group)
+                    for _ in group:
+                        room.release()
+                    settled(group)
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+        finally:
+            reader.cancel()
+            await asyncio.wait({reader})
+
+    async def _read_ahead(
+        self, batches: AsyncIterator[StreamBatch], ahead: asyncio.Queue[StreamBatch | _End], room: asyncio.Semaphore
+    ) -> None:
+        """The read-ahead task: the connector's batches into ``ahead`` while there is room and the store is
+        not refusing, then how the stream ended."""
+        while True:
+            await room.acquire()
+            await self._may_read.wait()
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                ahead.put_nowait(_End(None))
+                return
+            except Exception as e:
+                ahead.put_nowait(_End(e))
+                return
+            ahead.put_nowait(batch)
+
+    async def _settle(self, group: list[StreamBatch]) -> None:
+        """Commit then ack a group of batches; a stop (cancel) waits for both rather than cutting between them."""
+        task = asyncio.ensure_future(self._commit_and_ack(group))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -220,15 +297,29 @@ class Streamer:
                 log.warning("source %s: the last batch before the stop: %s", self.name, task.exception())
             raise
 
-    async def _commit_and_ack(self, batch: StreamBatch) -> None:
+    async def _commit_and_ack(self, group: list[StreamBatch]) -> None:
+        if len(group) > 1:
+            try:
+                await self._commit(group)
+            except Exception:
+                # Refused (the store is full or locked) or unstorable: one batch at a time, as without
+                # read-ahead, so the refusals, the backoff and a bad batch's error are each batch's own,
+                # and the good batches before a bad one commit.
+                for batch in group:
+                    await self._commit_and_ack([batch])
+                return
+            await self._acked(group)
+            return
+        [batch] = group
         attempt = 0
         while True:
             try:
-                await self._commit(batch)
+                await self._commit(group)
                 break
             except StoreUnavailable as e:
                 attempt += 1
                 self.state = "store-refused"
+                self._may_read.clear()
                 self.last_error = f"{type(e).__name__}: {e}"
                 released = await self.connector.refused(batch, e)
                 self.m.batches.labels(self.name, "released" if released else "refused").inc()
@@ -243,28 +334,39 @@ class Streamer:
                 )
                 await self.sleep(delay)
                 if released:
+                    self._may_read.set()
                     return
+        await self._acked(group)
+
+    async def _acked(self, group: list[StreamBatch]) -> None:
+        """After the commit: each batch acknowledged upstream, in order."""
         self.state = "streaming"
-        await self.connector.ack(batch)
+        self._may_read.set()
+        for batch in group:
+            await self.connector.ack(batch)
         lag = getattr(self.connector, "stream_lag", None)
         if lag is not None and (value := lag()) is not None:
             self.m.lag.labels(self.name).set(value)
 
-    async def _commit(self, batch: StreamBatch) -> None:
-        for r in batch.rejected:
-            # Queued before the enqueue below on the same writer, so it commits with or before it.
-            self.store.record_rejection(self.name, r.status, r.reason, None, dict(r.headers), self.rejections_kept)
-            log.warning("source %s: rejected a message: %s", self.name, r.reason)
-        if batch.events or batch.rejected or batch.position != self.position:
+    async def _commit(self, group: list[StreamBatch]) -> None:
+        """One transaction: the group's rejections, events and last position (a position is stored with its events)."""
+        for batch in group:
+            for r in batch.rejected:
+                # Queued before the enqueue below on the same writer, so it commits with or before it.
+                self.store.record_rejection(self.name, r.status, r.reason, None, dict(r.headers), self.rejections_kept)
+                log.warning("source %s: rejected a message: %s", self.name, r.reason)
+        last = group[-1]
+        events = last.events if len(group) == 1 else [ev for b in group for ev in b.events]
+        if events or any(b.rejected for b in group) or last.position != self.position:
             # An event the store cannot hold (UnstorableEvent, a connector bug) is a PermanentError: an
             # alert, nothing stored or acked, the position unmoved.
             await intake(
-                self.store, self.router, self.name, batch.events, metrics=self.metrics, cursor=batch.position, kind=KIND
+                self.store, self.router, self.name, events, metrics=self.metrics, cursor=last.position, kind=KIND
             )
-        self.position = batch.position
-        self.batches += 1
-        self.events += len(batch.events)
-        self.m.batches.labels(self.name, "committed").inc()
+        self.position = last.position
+        self.batches += len(group)
+        self.events += len(events)
+        self.m.batches.labels(self.name, "committed").inc(len(group))
 
     async def _alert(self, e: BaseException) -> None:
         reason = "auth" if isinstance(e, AuthError) else "permanent"

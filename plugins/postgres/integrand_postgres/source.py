@@ -309,6 +309,9 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
 
     Config = PostgresSourceConfig
     page_size: ClassVar[int] = 1000
+    # Read while earlier batches commit (integrand commits what arrived meanwhile in one transaction): the
+    # outbox skips the rows in flight, the slot's position only moves forward.
+    read_ahead: ClassVar[int] = 4
 
     def __init__(self, config: PostgresSourceConfig, ctx: Any):
         super().__init__(config, ctx)
@@ -318,6 +321,10 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
         self._reader: WalReader | None = None  # logical mode: the replication connection while streaming
         self._wake = asyncio.Event()
         self.lag_bytes: int | None = None  # logical mode: how far the slot is behind the server's WAL
+        # Outbox mode, while streaming: the rows handed to integrand and not yet deleted (read ahead, the next
+        # read skips them), and the lock that keeps the read and an ack's delete off the connection at once.
+        self._inflight: set[int] = set()
+        self._con_lock = asyncio.Lock()
 
     @property
     def app_name(self) -> str:
@@ -360,22 +367,34 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
             # the database only means those rows are read again, and their event ids make that a no-op.
             await con.execute("SET synchronous_commit = off")
             await con.add_listener(self.names.channel, self._notified)
-            sql = (
-                f"SELECT id, txid::text, at, schema_name, table_name, op, before, after FROM "
-                f"{qualified(self.names.outbox)} ORDER BY id LIMIT $1"
+            cols = "id, txid::text, at, schema_name, table_name, op, before, after"
+            sql = f"SELECT {cols} FROM {qualified(self.names.outbox)} ORDER BY id LIMIT $1"
+            # Read ahead, the rows integrand holds but has not stored yet are skipped (a hashed subplan).
+            skip = (
+                f"SELECT {cols} FROM {qualified(self.names.outbox)} "
+                "WHERE id NOT IN (SELECT unnest($2::bigint[])) ORDER BY id LIMIT $1"
             )
+            inflight: set[int] = set()
+            self._inflight = inflight
+            high = int(position or 0)  # the position only moves forward (a late commit has a lower id)
             while True:
                 self._wake.clear()
                 try:
                     # Everything still in the outbox, not only ids above the position: a transaction that
                     # took a lower id may commit after a higher one was read (rows leave only once stored).
-                    rows = await con.fetch(sql, self.config.batch_size)
+                    async with self._con_lock:
+                        if inflight:
+                            rows = await con.fetch(skip, self.config.batch_size, list(inflight))
+                        else:
+                            rows = await con.fetch(sql, self.config.batch_size)
                 except Exception as e:
                     raise classify(e, "reading the outbox") from e
                 if rows:
                     events = [self._outbox_event(r, keys) for r in rows]
                     ids = [int(r[0]) for r in rows]
-                    yield StreamBatch(events, position=max(ids), token=ids)
+                    inflight.update(ids)
+                    high = max(high, *ids)
+                    yield StreamBatch(events, position=high, token=ids)
                     if len(rows) == self.config.batch_size:
                         continue
                 with contextlib.suppress(TimeoutError):
@@ -425,7 +444,11 @@ class PostgresSource(Connector[PostgresSourceConfig], StreamingSource, Reconcili
         if con is None or not batch.token:
             return  # the stream closed: the rows stay and are read again (same ids: dedup absorbs them)
         try:
-            await con.execute(f"DELETE FROM {qualified(self.names.outbox)} WHERE id = ANY($1::bigint[])", batch.token)
+            async with self._con_lock:
+                await con.execute(
+                    f"DELETE FROM {qualified(self.names.outbox)} WHERE id = ANY($1::bigint[])", batch.token
+                )
+                self._inflight.difference_update(batch.token)
         except Exception as e:
             raise classify(e, "deleting stored changes from the outbox") from e
 

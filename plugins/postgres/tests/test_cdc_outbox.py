@@ -150,6 +150,46 @@ async def test_a_source_without_its_outbox_says_how_to_install_it(schema: Schema
             await anext(gen)
 
 
+async def test_read_ahead_skips_the_rows_in_flight_and_finds_a_late_commit(schema: Schema, tmp_path: Path) -> None:
+    """Read ahead (integrand asks for the next batch before the last one is stored), the outbox is read past the
+    rows in flight, and a transaction that took a lower id but committed later is still found."""
+    from integrand_postgres import PostgresSource
+
+    from integrand.testing import running_connector, temp_store
+
+    await schema.execute(APP)
+    assert cli(config(tmp_path, schema), "postgres", "install", "app").returncode == 0
+    con, late = await schema.connect(), await schema.connect()
+    opts = {"dsn": schema.dsn, "tables": ["customers", "orders"], "batch_size": 10, "poll_interval": "5s"}
+    try:
+        async with (
+            temp_store(tmp_path / "s.db") as store,
+            running_connector(PostgresSource, opts, store, base_dir=tmp_path, name="app") as src,
+        ):
+            assert isinstance(src, PostgresSource) and src.read_ahead > 0
+            tx = late.transaction()
+            await tx.start()
+            await late.execute("INSERT INTO customers VALUES (999, 'late', NULL)")  # the lowest outbox id
+            for i in range(25):
+                await con.execute("INSERT INTO customers VALUES ($1, $2, NULL)", i, f"c{i}")
+            gen = src.stream(None)
+            try:
+                read = [await anext(gen) for _ in range(3)]  # none acknowledged yet
+                assert [e.entity_id for b in read for e in b.events] == [str(i) for i in range(25)]
+                await tx.commit()  # its NOTIFY wakes the reader well before the 5 s poll
+                b4 = await asyncio.wait_for(anext(gen), 4)
+                assert [e.entity_id for e in b4.events] == ["999"]
+                assert [b.position for b in [*read, b4]] == sorted(b.position for b in [*read, b4])
+                for b in [*read, b4]:
+                    await src.ack(b)
+                assert await outbox_count(schema) == 0
+            finally:
+                await gen.aclose()  # type: ignore[attr-defined]  # an async generator
+    finally:
+        await con.close()
+        await late.close()
+
+
 async def test_kill9_mid_stream_loses_nothing_and_stores_nothing_twice(schema: Schema, tmp_path: Path) -> None:
     await schema.execute(APP)
     cfg = config(tmp_path, schema, "batch_size = 20")
