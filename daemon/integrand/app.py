@@ -598,7 +598,8 @@ def pruned_line(before: dict[str, int], after: dict[str, int]) -> str:
     n = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     return (
         f"deleted {n.get('events', 0)} delivered events past [store] retention (with their deliveries and "
-        f"audit), {n.get('tombstones', 0)} delete markers and {n.get('loop_guard', 0)} loop-guard entries"
+        f"audit), {n.get('tombstones', 0)} delete markers, {n.get('loop_guard', 0)} loop-guard entries and "
+        f"{n.get('sagas', 0)} sagas' records"
     )
 
 
