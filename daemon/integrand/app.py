@@ -353,7 +353,12 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         rt = live["dispatcher"].sinks.get(name) if "dispatcher" in live else None
         return rt.connector if rt is not None else None
 
-    sinks.update(saga_runtimes(s, store, step_sink, source_instances, metrics=metrics, clock=clock))
+    def step_runtime(name: str) -> SinkRuntime | None:
+        return live["dispatcher"].sinks.get(name) if "dispatcher" in live else None
+
+    sinks.update(
+        saga_runtimes(s, store, step_sink, source_instances, metrics=metrics, clock=clock, runtimes=step_runtime)
+    )
     router = Router(s.routes, s.sagas)
     pollers: dict[str, SourcePoller] = {}
 
