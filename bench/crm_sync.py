@@ -318,6 +318,9 @@ def analyse(
     for phase in ("steady", "burst"):
         e2e, provider, gaps, clean = [], [], [], 0
         by_pos: dict[str, list[float]] = {}
+        # Per saga: everything that is not the provider (e2e minus provider time), and that less the waits after a
+        # faulted call (the shipped backoff after a 503, a 429's Retry-After): what integrand (and the feed) add.
+        not_provider, not_provider_nor_fault_waits, feed, fault_waits = [], [], [], []
         keys = [k for k, ph in phases.items() if ph == phase and k not in dropped]
         if not keys:
             continue
@@ -329,6 +332,11 @@ def analyse(
             e2e.append((done[0].t_out - created[key][1]) * 1000)
             chain = [c for c in calls if c.t_out <= done[0].t_out]
             provider.append(sum(c.t_out - c.t_in for c in chain) * 1000)
+            waits = sum(b.t_in - a.t_out for a, b in itertools.pairwise(chain) if a.faulted or a.status >= 300) * 1000
+            feed.append((chain[0].t_in - created[key][1]) * 1000)
+            fault_waits.append(waits)
+            not_provider.append(e2e[-1] - provider[-1])
+            not_provider_nor_fault_waits.append(e2e[-1] - provider[-1] - waits)
             ok = [c for c in chain if not c.faulted and c.status < 300]
             if len(ok) == len(chain) == 4:  # fetch, hubspot, crm, confirm: each succeeded first time
                 clean += 1
@@ -340,6 +348,10 @@ def analyse(
             "confirmed": len(e2e),
             "e2e_ms": summary(e2e),
             "provider_ms": summary(provider),
+            "e2e_minus_provider_ms": summary(not_provider),
+            "fault_waits_ms": summary(fault_waits),
+            "e2e_minus_provider_and_fault_waits_ms": summary(not_provider_nor_fault_waits),
+            "feed_ms": summary(feed),
             "own_ms_per_step": summary(gaps),
             "sagas_measured_for_overhead": clean,
             "own_ms_by_gap": {k: summary(v) for k, v in by_pos.items()},
@@ -504,6 +516,9 @@ def main() -> int:
                 for what in (
                     "e2e_ms",
                     "provider_ms",
+                    "e2e_minus_provider_ms",
+                    "e2e_minus_provider_and_fault_waits_ms",
+                    "feed_ms",
                     "own_ms_per_step",
                     "own_ms_per_step_inside",
                     "own_ms_inside_commit",
