@@ -284,20 +284,23 @@ async def run_once(args: argparse.Namespace, scenario: str, seed: int) -> dict[s
                 results["dropped_outbound_messages"] = len(dropped)
             elapsed = time.perf_counter() - started
             await asyncio.sleep(1.0)
+            results["daemon_cpu_s"] = round(process_cpu(proc.pid), 2)
         finally:
             await demo.stop_integrand(proc)
             for runner in runners:
                 await runner.cleanup()
             await hs.stop()
         results |= analyse(proxies, created, phases, set(dropped))
-        for phase, inner in internal_overhead(work / "integrand.db", phases).items():
-            name, _, redelivered = phase.partition(":")
-            if name in results:
-                results[name]["own_ms_per_step_inside" + ("_redelivered" if redelivered else "")] = inner
+        for phase, figures in internal_overhead(work / "integrand.db", phases).items():
+            if phase in results:
+                results[phase] |= figures
         results["elapsed_s"] = round(elapsed, 1)
         results["load"] = {"before": load_before, "end_of_load": load_during, "cpus": os.cpu_count()}
         results["dead_letters"] = dead_letters(work / "integrand.db")
         results["sagas_per_contact"] = sagas_per_contact(work / "integrand.db")
+        results["later_sagas_steps"] = later_saga_steps(work / "integrand.db")
+        steps_ok = sum(1 for p in proxies.values() for c in p.calls if c.key and not c.faulted and c.status < 300)
+        results["daemon_cpu_ms_per_provider_call"] = round(1000 * results["daemon_cpu_s"] / max(1, steps_ok), 2)
         results["differences"] = differences(sf, hs, crm, created)
         results["faults_injected"] = sum(1 for p in proxies.values() for c in p.calls if c.faulted)
     return results
@@ -315,6 +318,9 @@ def analyse(
     for phase in ("steady", "burst"):
         e2e, provider, gaps, clean = [], [], [], 0
         by_pos: dict[str, list[float]] = {}
+        # Per saga: everything that is not the provider (e2e minus provider time), and that less the waits after a
+        # faulted call (the shipped backoff after a 503, a 429's Retry-After): what integrand (and the feed) add.
+        not_provider, not_provider_nor_fault_waits, feed, fault_waits = [], [], [], []
         keys = [k for k, ph in phases.items() if ph == phase and k not in dropped]
         if not keys:
             continue
@@ -326,6 +332,11 @@ def analyse(
             e2e.append((done[0].t_out - created[key][1]) * 1000)
             chain = [c for c in calls if c.t_out <= done[0].t_out]
             provider.append(sum(c.t_out - c.t_in for c in chain) * 1000)
+            waits = sum(b.t_in - a.t_out for a, b in itertools.pairwise(chain) if a.faulted or a.status >= 300) * 1000
+            feed.append((chain[0].t_in - created[key][1]) * 1000)
+            fault_waits.append(waits)
+            not_provider.append(e2e[-1] - provider[-1])
+            not_provider_nor_fault_waits.append(e2e[-1] - provider[-1] - waits)
             ok = [c for c in chain if not c.faulted and c.status < 300]
             if len(ok) == len(chain) == 4:  # fetch, hubspot, crm, confirm: each succeeded first time
                 clean += 1
@@ -337,6 +348,10 @@ def analyse(
             "confirmed": len(e2e),
             "e2e_ms": summary(e2e),
             "provider_ms": summary(provider),
+            "e2e_minus_provider_ms": summary(not_provider),
+            "fault_waits_ms": summary(fault_waits),
+            "e2e_minus_provider_and_fault_waits_ms": summary(not_provider_nor_fault_waits),
+            "feed_ms": summary(feed),
             "own_ms_per_step": summary(gaps),
             "sagas_measured_for_overhead": clean,
             "own_ms_by_gap": {k: summary(v) for k, v in by_pos.items()},
@@ -344,17 +359,21 @@ def analyse(
     return out
 
 
-def internal_overhead(db: Path, phases: dict[str, str]) -> dict[str, dict[str, float]]:
+def internal_overhead(db: Path, phases: dict[str, str]) -> dict[str, dict[str, Any]]:
     """integrand's own time per step as the daemon saw it: from one step's sink call returning to the next
     step's sink call starting, within one delivery attempt: the saga's state commit (fsynced), the mapping,
     validation and building the next step. The sink connector's own time (HTTP client, its rate limiter,
-    network, provider) is outside; the proxies' gaps (own_ms_per_step) include it."""
+    network, provider) is outside; the proxies' gaps (own_ms_per_step) include it.
+
+    Split in two from each entry's ``commit_ms`` (how long the previous outcome's commit took, queued behind
+    the writer's other work and fsynced): ``…_commit`` and ``…_rest`` (mapping, validation and the wait for
+    the event loop: other sagas, HTTP parsing, the CDC stream — scheduling, not work of this step)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT value FROM state WHERE scope = 'saga'").fetchall()
     finally:
         conn.close()
-    out: dict[str, list[float]] = {}
+    out: dict[str, dict[str, list[float]]] = {}
     first: dict[str, dict[str, Any]] = {}  # the first saga per Contact (a reconciliation may start more)
     for (raw,) in rows:
         rec = orjson.loads(raw)
@@ -368,12 +387,44 @@ def internal_overhead(db: Path, phases: dict[str, str]) -> dict[str, dict[str, f
         phase = phases.get(key)
         if phase is None:
             continue
+        per = out.setdefault(phase, {})
         for a, b in itertools.pairwise(hist):
+            gap = (b["t0"] - a["t"]) * 1000
             if a.get("run") != b.get("run"):  # redelivered between the two steps: not integrand's step time
-                out.setdefault(phase + ":redelivered", []).append((b["t0"] - a["t"]) * 1000)
+                per.setdefault("own_ms_per_step_inside_redelivered", []).append(gap)
                 continue
-            out.setdefault(phase, []).append((b["t0"] - a["t"]) * 1000)
-    return {phase: summary(xs) for phase, xs in out.items()}
+            per.setdefault("own_ms_per_step_inside", []).append(gap)
+            if b.get("commit_ms") is not None:
+                per.setdefault("own_ms_inside_commit", []).append(b["commit_ms"])
+                per.setdefault("own_ms_inside_rest", []).append(gap - b["commit_ms"])
+    return {phase: {k: summary(v) for k, v in per.items()} for phase, per in out.items()}
+
+
+def later_saga_steps(db: Path) -> dict[str, int]:
+    """The step outcomes of every saga after a Contact's first (a reconciliation's, of a confirmed Contact):
+    ``unchanged`` steps were not sent (the loop guard), ``ok`` ones were."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT value FROM state WHERE scope = 'saga'").fetchall()
+    finally:
+        conn.close()
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for (raw,) in rows:
+        rec = orjson.loads(raw)
+        by_key.setdefault(str((rec["input"].get("data") or {}).get("Integration_Key__c")), []).append(rec)
+    out: dict[str, int] = {}
+    for recs in by_key.values():
+        for rec in sorted(recs, key=lambda r: r["started_at"])[1:]:
+            for h in rec["history"]:
+                if h.get("action") == "run":
+                    out[h["outcome"]] = out.get(h["outcome"], 0) + 1
+    return out
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sagas_per_contact(db: Path) -> dict[str, int]:
@@ -462,7 +513,17 @@ def main() -> int:
         report.setdefault("medians", {})[scenario] = {
             phase: {
                 what: {p: median_of(runs, phase, what, p) for p in ("p50", "p95", "p99")}
-                for what in ("e2e_ms", "provider_ms", "own_ms_per_step", "own_ms_per_step_inside")
+                for what in (
+                    "e2e_ms",
+                    "provider_ms",
+                    "e2e_minus_provider_ms",
+                    "e2e_minus_provider_and_fault_waits_ms",
+                    "feed_ms",
+                    "own_ms_per_step",
+                    "own_ms_per_step_inside",
+                    "own_ms_inside_commit",
+                    "own_ms_inside_rest",
+                )
             }
             for phase in ("steady", "burst")
             if any(phase in r for r in runs)

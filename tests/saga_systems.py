@@ -38,6 +38,7 @@ class Systems:
     # "503*" (every request from then on)
     plan: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     answered: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)  # idempotency key → answer
+    hold: set[str] = field(default_factory=set)  # data.key values whose step requests hang until ``release``
     hanging: asyncio.Event = field(default_factory=asyncio.Event)  # set when a request starts hanging
     release: asyncio.Event = field(default_factory=asyncio.Event)  # hanging requests wait for this (or forever)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,7 +74,7 @@ class Systems:
                 status, answer = self.answered[key]
                 self.log.append(Seen(system, kind, key, status, False))
                 return web.json_response(answer, status=status)
-            what = self._next(system, kind)
+            what = "hang-before" if (body.get("data") or {}).get("key") in self.hold else self._next(system, kind)
             if what in ("422", "503"):
                 self.log.append(Seen(system, kind, key, int(what), False))
                 return web.json_response({"error": f"scripted {what}"}, status=int(what))

@@ -153,10 +153,10 @@ async def start(tmp_path: Path, body: str) -> tuple[DaemonProcess, Path, Path]:
     return daemon, cfg, tmp_path / "var" / "integrand.db"
 
 
-async def send(daemon: DaemonProcess, msg_id: str, key: str = "K-1") -> str:
+async def send(daemon: DaemonProcess, msg_id: str, key: str = "K-1", name: str = "Ada") -> str:
     async with aiohttp.ClientSession() as session:
         status, _ = await post_signed(
-            session, daemon.url(), {"type": "order.created", "key": key, "name": "Ada"}, msg_id
+            session, daemon.url(), {"type": "order.created", "key": key, "name": name}, msg_id
         )
     assert status in (200, 202), status
     return f"demo:{msg_id}~order"
@@ -304,3 +304,109 @@ async def test_the_admin_api_serves_a_saga(tmp_path: Path, systems: tuple[System
         assert rec["id"] == sid and rec["status"] == "done" and set(rec["state"]["results"]) == {"a", "b", "c"}
         async with session.get(admin_url(d, "/api/sagas/demo:nope")) as r:
             assert r.status == 404 and "no saga" in (await r.json())["error"]
+
+
+def delivery_states(db: Path) -> dict[str, str]:
+    """event id → state of its delivery to the saga."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT e.event_id, d.state FROM deliveries d JOIN events e ON e.id = d.event")
+        return {str(r[0]): str(r[1]) for r in rows}
+    finally:
+        conn.close()
+
+
+async def test_a_saga_completes_without_waiting_for_the_slow_sagas_of_its_batch(
+    tmp_path: Path, systems: tuple[Systems, str]
+) -> None:
+    """Two sagas leased in one batch: the fast one's delivery is done while the other's step still hangs."""
+    from integrand.events import Event
+
+    from .helpers import BASE as ADMIN_BASE
+    from .helpers import running, settings_for
+
+    sys_, url = systems
+    sys_.hold.add("K-slow")
+    body = config(url).split("[sources.demo]", 1)[1]
+    settings = settings_for(tmp_path, "[sources.demo]" + body, ADMIN_BASE + '\n[dispatcher.retry]\nbase = "50ms"\n')
+    async with running(settings) as d:
+        events = [
+            Event(id=f"ev_{k}", source="demo", type="order.created", data={"key": k}, entity="order", entity_id=k)
+            for k in ("K-slow", "K-fast")
+        ]
+        await d.store.enqueue([(e, ["~saga:order"]) for e in events])  # one commit: one lease takes both
+        await asyncio.wait_for(sys_.hanging.wait(), 20)
+        # Well before the slow step's http sink gives up on it (15 s), which would end the whole batch.
+        await wait_for(lambda: delivery_states(d.store.path).get("ev_K-fast") == "done", timeout=8, interval=0.05)
+        assert delivery_states(d.store.path)["ev_K-slow"] == "leased"  # still in flight, in the same batch
+        rec = await d.store.state_get("saga", "demo:ev_K-fast~order")
+        assert rec["finished"] == "done"
+        sys_.release.set()
+        sys_.hold.clear()
+
+
+async def test_a_compensation_respects_its_sinks_breaker(tmp_path: Path, systems: tuple[Systems, str]) -> None:
+    """An undo whose sink is down opens that sink's breaker; while it is open the undo waits without spending
+    compensation attempts (so an outage does not turn into MANUAL INTERVENTION), and it goes out when b is back."""
+    sys_, url = systems
+    sys_.plan[("c", "run")] = ["422"]
+    sys_.plan[("b", "undo")] = ["503*"]
+    body = config(url, compensation_attempts=3).replace("failure_threshold = 50", "failure_threshold = 2")
+    body = body.replace('open_for = "100ms"', 'open_for = "300ms"').replace(
+        'max_open_for = "200ms"', 'max_open_for = "300ms"'
+    )
+    daemon, _cfg, db = await start(tmp_path, body)
+    try:
+        sid = await send(daemon, "msg_breaker")
+        # More undo requests than compensation_attempts, and still not given up on: the ones made while b's
+        # breaker was open (or as its probe) spent no attempt.
+        await wait_for(
+            lambda: len(sys_.seen("b", "undo")) >= 5 or (saga_record(db, sid) or {}).get("finished") == "manual",
+            timeout=30,
+            interval=0.05,
+        )
+        rec = saga_record(db, sid)
+        assert rec is not None and rec["status"] == "compensating", rec and rec["status"]
+        assert any(h["outcome"] == "paused" and h["step"] == "b" for h in rec["history"])
+        sys_.plan[("b", "undo")] = []  # b is back: its breaker's next probe is the undo, and a follows
+        rec = await finished(db, sid, "compensated")
+        assert sys_.applied("undo") == [("b", "undo"), ("a", "undo")]
+        assert "sink b: circuit open" in daemon.output()
+    finally:
+        await daemon.kill()
+
+
+async def test_a_step_that_would_write_what_it_last_wrote_is_not_sent_again(
+    tmp_path: Path, systems: tuple[Systems, str]
+) -> None:
+    """The sagas' loop guard: a later saga of the same record (e.g. polling or reconciliation seeing integrand's
+    own write-back as a new version) sends only the steps whose payload changed since the record's last saga."""
+    sys_, url = systems
+    body = config(url).replace('secret = "', 'entity_field = "type"\nentity_id_field = "key"\nsecret = "', 1)
+    body = body.replace(
+        'b_id = { path = "steps.b.id", required = true } }', 'b_id = "steps.b.id", name = "data.name" }'
+    )
+    assert 'name = "data.name" }' in body.rsplit("[[sagas.steps]]", 1)[1]
+    daemon, cfg, db = await start(tmp_path, body)
+    try:
+        first = await finished(db, await send(daemon, "msg_g1"), "done")
+        assert len(sys_.log) == 3
+        again = await finished(db, await send(daemon, "msg_g2"), "done")  # the same record, nothing changed
+        assert len(sys_.log) == 3  # nothing sent
+        assert [(h["step"], h["outcome"]) for h in again["history"]] == [(s, "unchanged") for s in "abc"]
+        assert again["state"]["results"] == first["state"]["results"]
+        rc, out, _ = await cli(cfg, "saga", "show", "demo:msg_g2")
+        assert rc == 0 and "unchanged" in out
+        # A real change: only the steps whose payload it changes are sent (b maps nothing from the name).
+        await finished(db, await send(daemon, "msg_g3", name="Grace"), "done")
+        assert [(s.system, s.kind) for s in sys_.log[3:]] == [("a", "run"), ("c", "run")]
+        # A saga whose later step fails undoes only what it wrote itself: not b, which it left unchanged.
+        sys_.plan[("c", "run")] = ["422"]
+        failed = await finished(db, await send(daemon, "msg_g4", name="Linus"), "compensated")
+        assert [(s.system, s.kind) for s in sys_.log[5:]] == [("a", "run"), ("c", "run"), ("a", "undo")]
+        assert any(h["step"] == "b" and h["action"] == "undo" and h["outcome"] == "skipped" for h in failed["history"])
+        # After a compensation nothing is taken as written: the next saga of the record sends every step.
+        await finished(db, await send(daemon, "msg_g5", name="Linus"), "done")
+        assert [(s.system, s.kind) for s in sys_.log[8:]] == [("a", "run"), ("b", "run"), ("c", "run")]
+    finally:
+        await daemon.kill()

@@ -211,6 +211,30 @@ async def test_retention_prunes_only_what_was_delivered(store: StoreBackend, clo
     assert (await store.enqueue([(ev("done"), ["k"])])).accepted == 1  # retention is the dedup window
 
 
+async def test_retention_prunes_a_sagas_record_with_its_event(store: StoreBackend, clock: Clock) -> None:
+    """A saga's record (state scope "saga", key SOURCE:EVENT_ID~NAME) goes when retention has pruned its event:
+    a saga that finished and was delivered goes; a dead-lettered one stays (a replay resumes from its record)."""
+    await store.enqueue([(ev("done"), ["~saga:x"]), (ev("dead"), ["~saga:x"]), (ev("waiting"), ["~saga:x"])])
+    leased = {d.event.id: d for d in await store.lease(10, 60)}
+    await store.complete([Outcome(leased["done"], "done"), Outcome(leased["dead"], "dead", error="e")])
+    await store.release_owned()
+    for i in ("done", "dead", "waiting", "gone:with~colon"):
+        await store.state_set("saga", f"s:{i}~x", {"id": i})
+    await store.state_set("connector:s", "done~x", {"kept": True})  # another scope: never pruned as a saga
+    clock.now += 100
+    await store.state_set("saga", "s:recent~x", {"id": "recent"})  # written since the cutoff: kept
+    total = 0
+    while (n := await store.prune(clock.now - 50)) > 0:
+        total += n
+    assert total == 1 + 2  # the delivered event, then the two saga records whose events are gone
+    assert await store.state_get("saga", "s:done~x") is None
+    assert await store.state_get("saga", "s:gone:with~colon~x") is None
+    for kept in ("dead", "waiting", "recent"):
+        assert await store.state_get("saga", f"s:{kept}~x") == {"id": kept}
+    assert await store.state_get("connector:s", "done~x") == {"kept": True}
+    assert getattr(store, "pruned", {})["sagas"] == 2
+
+
 async def test_connector_state(store: StoreBackend, peer: StoreBackend) -> None:
     assert await store.state_get("connector:a", "token") is None
     await store.state_set("connector:a", "token", {"refresh": "r1"})

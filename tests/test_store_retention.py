@@ -96,7 +96,7 @@ async def test_the_retention_log_line_says_what_a_pass_deleted(tmp_path: Path) -
             pass
         assert pruned_line(before, store.pruned) == (
             "deleted 3 delivered events past [store] retention (with their deliveries and audit), "
-            "0 delete markers and 0 loop-guard entries"
+            "0 delete markers, 0 loop-guard entries and 0 sagas' records"
         )
     finally:
         await store.close()

@@ -353,7 +353,12 @@ async def build(settings: Settings, clock: Callable[[], float] = time.time, noti
         rt = live["dispatcher"].sinks.get(name) if "dispatcher" in live else None
         return rt.connector if rt is not None else None
 
-    sinks.update(saga_runtimes(s, store, step_sink, source_instances, metrics=metrics, clock=clock))
+    def step_runtime(name: str) -> SinkRuntime | None:
+        return live["dispatcher"].sinks.get(name) if "dispatcher" in live else None
+
+    sinks.update(
+        saga_runtimes(s, store, step_sink, source_instances, metrics=metrics, clock=clock, runtimes=step_runtime)
+    )
     router = Router(s.routes, s.sagas)
     pollers: dict[str, SourcePoller] = {}
 
@@ -598,7 +603,8 @@ def pruned_line(before: dict[str, int], after: dict[str, int]) -> str:
     n = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     return (
         f"deleted {n.get('events', 0)} delivered events past [store] retention (with their deliveries and "
-        f"audit), {n.get('tombstones', 0)} delete markers and {n.get('loop_guard', 0)} loop-guard entries"
+        f"audit), {n.get('tombstones', 0)} delete markers, {n.get('loop_guard', 0)} loop-guard entries and "
+        f"{n.get('sagas', 0)} sagas' records"
     )
 
 

@@ -220,7 +220,17 @@ class Dispatcher:
                 if probing:  # nothing to probe with: stay open, probe again when work arrives
                     sink.breaker = replace(sink.breaker, status="open")
                 continue
-            await self._deliver(sink, rows, probing)
+            if getattr(sink.connector, "completes_each", False):
+                await self._deliver_each(sink, rows, probing)
+            else:
+                await self._deliver(sink, rows, probing)
+
+    async def _deliver_each(self, sink: SinkRuntime, rows: Sequence[Leased], probing: bool) -> None:
+        """A batch whose deliveries each take their own time (a saga runs several provider calls, retry
+        pauses included): each is recorded when it ends, so none waits for the slowest of its batch (its
+        retry falls due later, its entity's next delivery waits for it). The outcomes that end together
+        still share a group commit."""
+        await asyncio.gather(*(self._deliver(sink, [row], probing) for row in rows))
 
     def _pick(self) -> tuple[SinkRuntime, int, bool] | None:
         """The next sink (round robin) that has work and whose breaker lets a batch through."""

@@ -202,7 +202,7 @@ class _StoreTotals(Collector):
         pruned = CounterMetricFamily(
             "integrand_store_pruned",
             "Rows deleted by retention: delivered events (with their deliveries and audit), delete markers "
-            "(tombstones), loop-guard entries",
+            "(tombstones), loop-guard entries, sagas' records",
             labels=["kind"],
         )
         for kind, n in sorted((getattr(store, "pruned", None) or {}).items()):

@@ -30,6 +30,7 @@ saga's record: every step and compensation attempt with its outcome and time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import re
@@ -39,8 +40,10 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from . import breaker as br
 from . import saga as policy
 from .connector import Enricher, Sink
 from .errors import AuthError, PermanentError, RetryableError
@@ -59,6 +62,9 @@ log = logging.getLogger("integrand.saga")
 
 VIRTUAL = "~saga:"
 SCOPE = "saga"  # the store's connector-state scope that holds every saga's record
+# Per saga, per record: the fingerprint and result of each step the record's last finished saga wrote. A
+# "loop-guard:" scope, so retention forgets entries not written for its window (store.retention).
+GUARD_SCOPE = "loop-guard:~saga:"
 HISTORY_KEPT = 200  # attempts kept in a saga's record (a step retried for days stays readable)
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _RUNS = itertools.count(1)  # delivery attempts of sagas in this process, for the history
@@ -206,6 +212,14 @@ class SagaNeedsIntervention(PermanentError):
     """A compensation kept failing: the systems disagree until a person fixes it (then replay the dead letter)."""
 
 
+class SinkPaused(RetryableError):
+    """A step's or undo's sink has its breaker open (it is down): not sent now, and no attempt is spent."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def saga_id(name: str, event: Event) -> str:
     """``SOURCE:EVENT_ID~SAGA``: its steps' idempotency keys are this plus ``:STEP`` (``:STEP:undo``)."""
     return f"{event.key}~{name}"
@@ -235,11 +249,21 @@ class StateAccess:
     async def set(self, key: str, value: Any) -> None:
         await self.store.state_set(SCOPE, key, value)
 
+    async def written(self, saga: str, entity: str) -> Any:
+        """What the last saga of ``entity`` that finished ``done`` wrote, step by step (the loop guard)."""
+        return await self.store.state_get(GUARD_SCOPE + saga, entity)
+
+    async def remember(self, saga: str, entity: str, value: Any) -> None:
+        await self.store.state_set(GUARD_SCOPE + saga, entity, value)
+
 
 class SagaRunner(Sink):
     """The virtual sink of one saga: runs each event's saga as far as it can go now."""
 
     batch_size = 32  # sagas of one lease run concurrently (different entities; one entity's are in order)
+    # Each saga's delivery is recorded as soon as it ends (Dispatcher._deliver_each), not with its batch:
+    # one saga waiting out a 429 or a slow provider must not hold the others' completion or their retries.
+    completes_each = True
 
     def __init__(
         self,
@@ -250,10 +274,13 @@ class SagaRunner(Sink):
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        runtimes: Callable[[str], SinkRuntime | None] | None = None,
     ):
         self.settings = settings
         self.name = settings.name
         self._sink = sinks
+        # The dispatcher's runtime of a step's sink, for its breaker: steps and undos respect it and feed it.
+        self._runtime = runtimes or (lambda name: None)
         self.sources = sources
         self.state = state
         self.metrics = metrics
@@ -310,7 +337,13 @@ class SagaRunner(Sink):
             _store_state(rec, st)
             if st.status in ("done", "compensated", "manual"):
                 self._announce(rec, st)  # in the same write as the last outcome
-            await self._save(sid, rec)
+                await self._save_finished(sid, rec, st)
+            else:
+                t0 = time.perf_counter()
+                await self._save(sid, rec)
+                # How long that commit took (queued behind other writers, then fsynced): told by the next
+                # step's history entry, so integrand's time between two steps splits into commit and the rest.
+                rec["commit_s"] = time.perf_counter() - t0
             if stop is not None:
                 raise stop
 
@@ -339,6 +372,10 @@ class SagaRunner(Sink):
             "history": [],
             "input": event.to_dict(),
         }
+        guard = _guard_key(event)
+        if guard is not None:
+            rec["guard"] = guard
+            rec["last_written"] = await self.state.written(self.name, guard)
         _store_state(rec, policy.SagaState(sid))
         await self._save(sid, rec)
         log.info("saga %s: started for %s (%s)", self.name, event.key, event.type)
@@ -363,14 +400,59 @@ class SagaRunner(Sink):
         sink = self._sink(sink_name)
         if sink is None:
             return None, RetryableError(f"sink {sink_name!r} is not configured now (removed by a reload?)"), 0.0
+        rt = self._runtime(sink_name)
+        probing = False
+        if rt is not None:
+            permit, new = br.permit(rt.breaker, self.clock())
+            if permit == "no":
+                return None, self._paused(rt, "is down (circuit open): not sent"), 0.0
+            probing = permit == "probe"
+            rt.breaker = new
         rec["call_started"] = time.time()
         t0 = time.perf_counter()
         try:
             result = await sink.deliver_result(event)
         except Exception as e:
-            return None, e, time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            if rt is not None and _is_outage(e):
+                self._failed(rt)
+                if probing or rt.breaker.status != "closed":  # the sink is down, not this step: no attempt spent
+                    return None, self._paused(rt, f"is down (circuit open): {_describe(e)}"), took
+            elif rt is not None and isinstance(e, PermanentError):
+                self._answered(rt)  # it answered, so it is up (the data is wrong)
+            elif rt is not None and rt.breaker.status == "half_open":
+                rt.breaker = replace(rt.breaker, status="open")  # an inconclusive probe: probe again later
+            return None, e, took
         took = time.perf_counter() - t0
+        if rt is not None:
+            self._answered(rt)
         return (dict(result) if isinstance(result, Mapping) else None), None, took
+
+    def _paused(self, rt: SinkRuntime, why: str) -> SinkPaused:
+        wait = max(0.0, rt.breaker.reopens_at - self.clock())
+        return SinkPaused(f"sink {rt.name} {why}; the saga waits {wait:.1f} s", retry_after=wait)
+
+    def _failed(self, rt: SinkRuntime) -> None:
+        """An outage of a step's sink counts on its breaker, as the dispatcher's own deliveries do."""
+        before = rt.breaker.status
+        rt.breaker = br.on_failure(rt.breaker, self.clock())
+        if rt.breaker.status == "open" and before != "open":
+            log.warning(
+                "sink %s: circuit open after %d failures (saga %s); its steps and undos wait %g s without spending attempts",
+                rt.name,
+                rt.breaker.failures,
+                self.name,
+                rt.breaker.current_open_for,
+            )
+            if self.metrics is not None:
+                self.metrics.breaker_open.labels(rt.name).set(1)
+
+    def _answered(self, rt: SinkRuntime) -> None:
+        if rt.breaker.status != "closed":
+            log.warning("sink %s: circuit closed, the sink is back (saga %s)", rt.name, self.name)
+            if self.metrics is not None:
+                self.metrics.breaker_open.labels(rt.name).set(0)
+        rt.breaker = br.on_success(rt.breaker)
 
     async def _run_step(
         self, rec: dict[str, Any], st: policy.SagaState, action: policy.Run, source_event: Event
@@ -387,13 +469,27 @@ class SagaRunner(Sink):
         except PermanentError as e:  # the mapping or the schema: this step can never be sent
             result, err, took = None, e, 0.0  # type: tuple[Any, BaseException | None, float]
         else:
+            fp = _step_fingerprint(ev)
+            last = (rec.get("last_written") or {}).get(name)
+            if isinstance(last, dict) and last.get("fp") == fp:
+                # The record's last saga wrote exactly this: integrand's own write-back seen again (polling and
+                # reconciliation have no changeOrigin), or a change to fields this step does not map.
+                rec.setdefault("written", {})[name] = last
+                rec["unchanged"] = [*rec.get("unchanged", []), name]
+                self._note(rec, name, "run", "unchanged", "the record's last saga wrote the same: not sent")
+                return policy.on_outcome(st, self.steps, "ok", result=last.get("result")), None
             result, err, took = await self._call(rec, action.step.sink, ev)
+            if err is None:
+                rec.setdefault("written", {})[name] = {"fp": fp, "result": result}
         if err is None:
             rec["attempts"][name] = attempt
             self._note(rec, name, "run", "ok", _brief(result), attempt, took)
             return policy.on_outcome(st, self.steps, "ok", result=result), None
         if isinstance(err, AuthError):  # the sink is paused by the dispatcher; no attempt is spent
             self._note(rec, name, "run", "auth", str(err), attempt, took)
+            return st, err
+        if isinstance(err, SinkPaused):  # the step's sink is down (its breaker): no attempt is spent
+            self._note(rec, name, "run", "paused", str(err), attempt, took)
             return st, err
         permanent = isinstance(err, PermanentError)
         rec["attempts"][name] = attempt
@@ -416,6 +512,11 @@ class SagaRunner(Sink):
         name = action.step.name
         attempt = st.compensation_attempts + 1
         root = self._root(source_event, st, name)
+        if name in rec.get("unchanged", ()):
+            self._note(
+                rec, name, "undo", "skipped", "this saga wrote nothing there (unchanged): nothing to undo", attempt
+            )
+            return policy.on_outcome(st, self.steps, "ok"), None
         if comp.only_if is not None and not dig(root, comp.only_if):
             self._note(rec, name, "undo", "skipped", f"{comp.only_if} is not set: nothing to undo", attempt)
             return policy.on_outcome(st, self.steps, "ok"), None
@@ -432,6 +533,9 @@ class SagaRunner(Sink):
         if isinstance(err, AuthError):
             self._note(rec, name, "undo", "auth", str(err), attempt, took)
             return st, err
+        if isinstance(err, SinkPaused):  # the undo's sink is down (its breaker): no compensation attempt is spent
+            self._note(rec, name, "undo", "paused", str(err), attempt, took)
+            return st, err
         outcome: policy.Outcome = "permanent" if isinstance(err, PermanentError) else "retry"
         nxt = policy.on_outcome(
             st,
@@ -446,7 +550,7 @@ class SagaRunner(Sink):
     async def _finish(self, sid: str, rec: dict[str, Any], st: policy.SagaState) -> None:
         if rec.get("finished") != st.status:  # finished by a step outcome recorded before a crash
             self._announce(rec, st)
-            await self._save(sid, rec)
+            await self._save_finished(sid, rec, st)
         if st.status == "done":
             return None
         undone = ", ".join(st.undone) or "nothing to undo"
@@ -501,6 +605,9 @@ class SagaRunner(Sink):
         entry["t0"] = round(rec.pop("call_started", entry["t"]), 6)
         entry["run"] = rec.get("run")
         entry["sink_ms"] = round(took * 1000, 3)
+        commit = rec.pop("commit_s", None)
+        if commit is not None:
+            entry["commit_ms"] = round(commit * 1000, 3)  # the previous outcome's commit, waited for before this
         if detail:
             entry["detail"] = detail[:2000]
         rec["history"] = [*rec["history"], entry][-HISTORY_KEPT:]
@@ -508,6 +615,16 @@ class SagaRunner(Sink):
 
     async def _save(self, sid: str, rec: dict[str, Any]) -> None:
         await self.state.set(sid, rec)
+
+    async def _save_finished(self, sid: str, rec: dict[str, Any], st: policy.SagaState) -> None:
+        """The last write of a saga, and beside it (same group commit) what it leaves written for its record's
+        loop guard: every step's payload if done; nothing if it was undone (the systems changed under it)."""
+        guard = rec.get("guard")
+        if guard is None:
+            return await self._save(sid, rec)
+        written = rec.get("written") if st.status == "done" else None
+        await asyncio.gather(self._save(sid, rec), self.state.remember(self.name, guard, written))
+        return None
 
 
 def _state(rec: Mapping[str, Any]) -> policy.SagaState:
@@ -528,6 +645,25 @@ def _store_state(rec: dict[str, Any], st: policy.SagaState) -> None:
     rec["status"] = st.status
 
 
+def _guard_key(event: Event) -> str | None:
+    """The record a saga's loop guard is kept for: ``SOURCE:ENTITY:ID`` (none for an event without an entity id)."""
+    if not event.entity_id:
+        return None
+    return f"{event.source}:{event.entity or ''}:{event.entity_id}"
+
+
+def _step_fingerprint(ev: Event) -> str:
+    """What a step sends that decides what it writes: the mapped data, and whether it is a delete."""
+    deleted = bool(ev.meta.get("deleted")) or ev.type.endswith(".deleted")
+    blob = orjson.dumps([deleted, ev.data], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _is_outage(e: BaseException) -> bool:
+    """As the dispatcher judges it: the other side is unavailable (not that this step's data is wrong)."""
+    return isinstance(e, RetryableError | TimeoutError | ConnectionError)
+
+
 def _describe(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     rid = getattr(e, "request_id", None)
@@ -537,8 +673,6 @@ def _describe(e: BaseException) -> str:
 def _brief(result: Any) -> str:
     if not result:
         return ""
-    import orjson
-
     return orjson.dumps(result).decode()[:500]
 
 
@@ -553,14 +687,16 @@ def saga_runtimes(
     *,
     metrics: Metrics | None = None,
     clock: Callable[[], float] = time.time,
+    runtimes: Callable[[str], SinkRuntime | None] | None = None,
 ) -> dict[str, SinkRuntime]:
-    """The virtual sink of every saga, ready for the dispatcher; ``sinks`` finds a step's sink at call time."""
+    """The virtual sink of every saga, ready for the dispatcher; ``sinks`` finds a step's sink at call time,
+    ``runtimes`` its dispatcher runtime (whose breaker the saga's calls respect and update)."""
     from .breaker import Breaker
     from .dispatcher import SinkRuntime
 
     out: dict[str, SinkRuntime] = {}
     for sg in settings.sagas:
-        runner = SagaRunner(sg, sinks, sources, StateAccess(store), metrics=metrics, clock=clock)
+        runner = SagaRunner(sg, sinks, sources, StateAccess(store), metrics=metrics, clock=clock, runtimes=runtimes)
         b = settings.dispatcher.breaker
         out[sg.virtual_sink] = SinkRuntime(
             name=sg.virtual_sink,

@@ -65,6 +65,7 @@ from .records import (
     ReplayResult,
     UnstorableEvent,
 )
+from .retention import _PRUNE_PHASES, SAGA_SCOPE, saga_event
 
 log = logging.getLogger("integrand.store")
 T = TypeVar("T")
@@ -148,7 +149,7 @@ class PgStore(PgOperatorViews):
         self._rejections_keep = 0
         self._rejection_task: asyncio.Task[None] | None = None
         self._prune_at: tuple[str, Any] = ("events", None)
-        self.pruned = dict.fromkeys(("events", "tombstones", "loop_guard"), 0)  # rows deleted by retention
+        self.pruned = dict.fromkeys(_PRUNE_PHASES, 0)  # rows deleted by retention
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -1074,7 +1075,7 @@ class PgStore(PgOperatorViews):
 
     async def prune(self, older_than: float, chunk: int = 200) -> int:
         """One step of a retention pass (the contract of ``Retention.prune``): >0 rows deleted, 0 at its end."""
-        phases = ("events", "tombstones", "loop_guard")
+        phases = _PRUNE_PHASES
         if self._prune_at[0] == "over":
             self._prune_at = (phases[0], None)
             return 0
@@ -1426,8 +1427,34 @@ async def _prune_loop_guard(older_than: float, after: Any, chunk: int, conn: PgC
     return n, (True if n == chunk else None)
 
 
+async def _prune_sagas(older_than: float, after: Any, chunk: int, conn: PgConn) -> tuple[int, Any]:
+    """Saga records not written since ``older_than`` whose event retention has deleted (see retention.py)."""
+    rows = await conn.fetch(
+        "SELECT key, updated_at FROM state WHERE scope = $1 AND key > $2 ORDER BY key LIMIT $3",
+        SAGA_SCOPE,
+        after or "",
+        chunk,
+    )
+    old = [(r[0], saga_event(r[0])) for r in rows if r[1] < older_than]
+    named = [(k, n) for k, n in old if n is not None]
+    gone: list[str] = []
+    if named:
+        found = await conn.fetch(
+            "SELECT s.key FROM unnest($1::text[], $2::text[], $3::text[]) AS s(key, source, event_id) "
+            "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.source = s.source AND e.event_id = s.event_id)",
+            [k for k, _ in named],
+            [n[0] for _, n in named],
+            [n[1] for _, n in named],
+        )
+        gone = [r[0] for r in found]
+    if gone:
+        await conn.execute("DELETE FROM state WHERE scope = $1 AND key = ANY($2::text[])", SAGA_SCOPE, gone)
+    return len(gone), (rows[-1][0] if len(rows) == chunk else None)
+
+
 _PRUNE: dict[str, Callable[[float, Any, int, PgConn], Awaitable[tuple[int, Any]]]] = {
     "events": _prune_events,
     "tombstones": _prune_tombstones,
     "loop_guard": _prune_loop_guard,
+    "sagas": _prune_sagas,
 }

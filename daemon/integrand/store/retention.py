@@ -1,4 +1,4 @@
-"""Retention: delivered events past the retention window, old delete markers and the loop guard's memory.
+"""Retention: delivered events past the retention window, old delete markers, the loop guard's memory, sagas' records.
 
 A pass examines at most a chunk of rows per writer hold and resumes where it stopped, so dead letters
 (kept until purged) are walked a chunk at a time, never all in one hold.
@@ -12,9 +12,17 @@ from typing import Any
 
 from .engine import Conn, Engine
 
-_PRUNE_PHASES = ("events", "tombstones", "loop_guard")
+_PRUNE_PHASES = ("events", "tombstones", "loop_guard", "sagas")
 
 LOOP_GUARD_SCOPE = "loop-guard:"  # state scopes starting so are the loop guard's memory, pruned by age
+SAGA_SCOPE = "saga"  # the sagas' records (integrand.sagarunner.SCOPE), key SOURCE:EVENT_ID~NAME
+
+
+def saga_event(key: str) -> tuple[str, str] | None:
+    """The (source, event id) a saga record's key names: ``SOURCE:EVENT_ID~NAME`` (a name has no ``~``)."""
+    head = key.rpartition("~")[0]
+    source, _, event_id = head.partition(":")
+    return (source, event_id) if source and event_id else None
 
 
 async def _prune_events(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
@@ -68,10 +76,32 @@ async def _prune_loop_guard(conn: Conn, older_than: float, after: Any, chunk: in
     return cur.rowcount, (True if cur.rowcount == chunk else None)
 
 
+async def _prune_sagas(conn: Conn, older_than: float, after: Any, chunk: int) -> tuple[int, Any]:
+    """Examine up to ``chunk`` saga records past ``after`` (by key); delete those not written since
+    ``older_than`` whose event retention has deleted (delivered, then past the window; a dead letter's
+    event stays until purged, and with it the record its replay resumes from)."""
+    rows = await conn.execute_fetchall(
+        "SELECT key, updated_at FROM state WHERE scope = ? AND key > ? ORDER BY key LIMIT ?",
+        (SAGA_SCOPE, after or "", chunk),
+    )
+    gone = []
+    for key, updated_at in rows:
+        named = saga_event(key)
+        if updated_at >= older_than or named is None:
+            continue
+        found = await conn.execute_fetchall("SELECT 1 FROM events WHERE source = ? AND event_id = ?", named)
+        if not found:
+            gone.append((SAGA_SCOPE, key))
+    if gone:
+        await conn.executemany("DELETE FROM state WHERE scope = ? AND key = ?", gone)
+    return len(gone), (rows[-1][0] if len(rows) == chunk else None)
+
+
 _PRUNE_STEPS: dict[str, Callable[..., Coroutine[Any, Any, tuple[int, Any]]]] = {
     "events": _prune_events,
     "tombstones": _prune_tombstones,
     "loop_guard": _prune_loop_guard,
+    "sagas": _prune_sagas,
 }
 
 
@@ -87,7 +117,7 @@ class Retention(Engine):
 
         A pass deletes fully delivered events received before ``older_than`` (with their deliveries
         and audit), then delete markers (``entity_versions`` tombstones) and loop-guard state not
-        touched since. Each step examines at most ``chunk`` rows in one writer hold and resumes
+        touched since, then the records of sagas not touched since whose event is gone. Each step examines at most ``chunk`` rows in one writer hold and resumes
         where the last one stopped, so events kept by dead letters are walked once per pass, a
         chunk at a time, never all in one hold. Returns the rows deleted by this call (>0), or 0."""
         if self._prune_at[0] == "over":  # the last call finished a pass: say so, the next call starts one
