@@ -328,22 +328,30 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
     async def poll(self, cursor: Any) -> PollResult:
         """One page of CRM search ordered by last modification, from the cursor's time.
 
-        Cursor ``{"since": ms, "after": str | None, "max": ms}``. Search cannot page past 10,000
-        results, so before that the window restarts at the newest modification time seen (objects
-        at exactly that time come again and keep their event ids, so the store drops them). A
-        finished sweep restarts ``overlap`` before the newest time, for records that become
-        searchable late.
+        Cursor ``{"since": ms, "after": str | None, "max": ms}`` (plus ``started``, ms, while a
+        sweep of several pages goes on). Search cannot page past 10,000 results, so before that
+        the window restarts at the newest modification time seen (objects at exactly that time
+        come again and keep their event ids, so the store drops them). A finished sweep restarts
+        ``overlap`` before the newest time, for records that become searchable late — after a
+        sweep of several pages, before no later than when its first page was read: such a sweep
+        goes on reading newer changes while it pages, and a record that became searchable only
+        after the page covering its time was read would otherwise end up behind the restart
+        point and be skipped for good (the same fix as http-poll's).
         """
         c = self.config
         cur = cursor if isinstance(cursor, dict) else {}
-        default_since = int((time.time() - c.initial_lookback) * 1000)
+        now_ms = int(time.time() * 1000)
+        default_since = now_ms - int(c.initial_lookback * 1000)
         since = int(cur.get("since", default_since))
         newest = int(cur.get("max", since))
+        started = cur.get("started")
         events, nxt = await self._search_page(since, None, cur.get("after"))
         newest = max([newest, *(to_ms(e.version or "0") for e in events)])
         if nxt is not None:
-            return PollResult(events, {**nxt, "max": newest}, more=True)
-        restart = max(since, newest - int(c.overlap * 1000))
+            first = int(started) if isinstance(started, int | float) else now_ms
+            return PollResult(events, {**nxt, "max": newest, "started": first}, more=True)
+        end = min(newest, int(started)) if isinstance(started, int | float) else newest
+        restart = max(since, end - int(c.overlap * 1000))
         return PollResult(events, {"since": restart, "after": None, "max": newest})
 
     async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:

@@ -135,6 +135,38 @@ async def test_search_polling_survives_the_10k_cap_by_restarting_the_window(tmp_
         assert [e.data["object"]["properties"].get("firstname") for e in later.events if e.id not in seen] == ["New"]
 
 
+async def test_a_change_indexed_late_during_a_multi_page_sweep_is_read_by_the_next_one(tmp_path: Path) -> None:
+    """A sweep of several pages goes on reading newer changes while it pages; one that became searchable only
+    after the page covering its time was read must still be within the next sweep's reach (http-poll's 5839bfe).
+
+    Restarting ``overlap`` before the newest change of the whole sweep skipped it for good when the sweep
+    ran longer than the overlap: here changes stamped a minute after the sweep began.
+    """
+    async with hubspot(tmp_path, page_size=2, initial_lookback=3600) as (fake, hs):
+        now = int(time.time() * 1000)
+        fake.put("contacts", {"email": "c0@x.com"}, at_ms=now - 20_000)
+        fake.put("contacts", {"email": "c1@x.com"}, at_ms=now - 10_000)
+        fake.put("contacts", {"email": "c2@x.com"}, at_ms=now - 5_000)
+        res = await hs.poll(None)
+        assert res.more
+        seen = {e.data["object"]["properties"]["email"] for e in res.events}
+        assert seen == {"c0@x.com", "c1@x.com"}
+        # Committed 15 s ago but searchable only now: behind the page already read (lag < overlap).
+        fake.put("contacts", {"email": "late@x.com"}, at_ms=now - 15_000)
+        fake.put("contacts", {"email": "c3@x.com"}, at_ms=now + 60_000)  # the sweep is still going a minute on
+        cursor: Any = res.cursor
+        for _ in range(10):
+            res = await hs.poll(cursor)
+            seen |= {e.data["object"]["properties"]["email"] for e in res.events}
+            cursor = res.cursor
+            if not res.more:
+                break
+        assert "late@x.com" not in seen  # offset paging: the insert shifted it out of this sweep's pages
+        res = await hs.poll(cursor)
+        seen |= {e.data["object"]["properties"]["email"] for e in res.events}
+        assert "late@x.com" in seen
+
+
 async def test_search_uses_hs_lastmodifieddate_for_other_objects(tmp_path: Path) -> None:
     async with hubspot(
         tmp_path, object_type="companies", properties=["name", "domain"], id_property="domain", initial_lookback=60

@@ -439,16 +439,25 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
         one at a time (``focus``), moving each type's ``since`` to the newest object seen; a type
         with 1,000 changes in one second is paged through the query endpoint instead. Duplicates
         from the overlaps share event ids, so the store drops them.
+
+        Such a walk (several requests: ``started``, when it began, is in the cursor while it goes
+        on) moves each type's ``since`` to the newest object seen, and goes on reading newer
+        changes meanwhile; an object committed late that was not listed yet when the request
+        covering its time ran is behind that keyset. At the end of the walk a type's ``since``
+        is therefore no later than ``overlap`` before the walk began, so the next pass reads it
+        (the same fix as http-poll's; without it such an object was skipped for good).
         """
         c = self.config
         now = datetime.now(UTC)
         cur = cursor if isinstance(cursor, dict) else {}
         since = _since_from(cur, c.entities, now - timedelta(seconds=c.initial_lookback))
+        begun = cur.get("started")
+        started = float(begun) if isinstance(begun, int | float) else now.timestamp()
         if cur.get("pos"):
-            return await self._query_page(cur, since)
+            return await self._query_page(cur, since, started)
         stale = [e for e in c.entities if since[e] < now - CDC_WINDOW + timedelta(minutes=5)]
         if stale:
-            return await self._query_page({"pos": {"entity": stale[0], "skip": 0}}, since)
+            return await self._query_page({"pos": {"entity": stale[0], "skip": 0}}, since, started)
         focus = cur.get("focus")
         types = [focus] if focus in c.entities else list(c.entities)
         changed_since = min(since[e] for e in types)
@@ -474,17 +483,24 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
                 nxt[e] = max(since[e], floor)
             if focus is None:
                 return PollResult(events, _cursor(nxt))
+            nxt[focus] = self._walk_end(nxt[focus], started)
             later = c.entities[c.entities.index(focus) + 1 :]
-            return PollResult(events, _cursor(nxt, focus=later[0] if later else None), more=bool(later))
+            if later:
+                return PollResult(events, _cursor(nxt, focus=later[0], started=started), more=True)
+            return PollResult(events, _cursor(nxt))
         if focus is None:
-            return PollResult(events, _cursor(since, focus=c.entities[0]), more=True)
+            return PollResult(events, _cursor(since, focus=c.entities[0], started=started), more=True)
         if newest.get(focus, since[focus]) > since[focus]:
             nxt[focus] = newest[focus]
-            return PollResult(events, _cursor(nxt, focus=focus), more=True)
+            return PollResult(events, _cursor(nxt, focus=focus, started=started), more=True)
         # A thousand changes of one type within one second: page through the query endpoint.
-        return await self._query_page({"pos": {"entity": focus, "skip": 0}}, since)
+        return await self._query_page({"pos": {"entity": focus, "skip": 0}}, since, started)
 
-    async def _query_page(self, cur: dict[str, Any], since: dict[str, datetime]) -> PollResult:
+    def _walk_end(self, t: datetime, started: float) -> datetime:
+        """Where a type's ``since`` may be after a walk that began at ``started``: no later than ``overlap`` before it."""
+        return min(t, datetime.fromtimestamp(started, UTC) - timedelta(seconds=self.config.overlap))
+
+    async def _query_page(self, cur: dict[str, Any], since: dict[str, datetime], started: float) -> PollResult:
         """One page of ``select * … where MetaData.LastUpdatedTime >= since ORDERBY MetaData.LastUpdatedTime``.
 
         Keyset paging: the next page starts at the newest time seen, skipping the rows at exactly
@@ -507,13 +523,14 @@ class QuickBooksConnector(Connector[QuickBooksConfig], WebhookSource, PollingSou
             same = sum(1 for o in rows if parse_time(o["MetaData"]["LastUpdatedTime"]) == last)
             skip = skip + len(rows) if last == since[entity] else same
             nxt[entity] = last
-            return PollResult(events, {**_cursor(nxt), "pos": {"entity": entity, "skip": skip}}, more=True)
+            pos = {"entity": entity, "skip": skip}
+            return PollResult(events, {**_cursor(nxt, started=started), "pos": pos}, more=True)
         # Swept to the present: CDC takes over for this type; go on with the next type if one lags.
         floor = datetime.now(UTC) - timedelta(seconds=c.overlap)
-        nxt[entity] = max(since[entity], floor)
+        nxt[entity] = self._walk_end(max(since[entity], floor), started)
         later = c.entities[c.entities.index(entity) + 1 :]
         if later:
-            return PollResult(events, _cursor(nxt, focus=later[0]), more=True)
+            return PollResult(events, _cursor(nxt, focus=later[0], started=started), more=True)
         return PollResult(events, _cursor(nxt))
 
     async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
@@ -770,10 +787,12 @@ def _since_from(cursor: Any, entities: Sequence[str], default: datetime) -> dict
     return {e: parse_time(got[e]) if e in got else default for e in entities}
 
 
-def _cursor(since: dict[str, datetime], focus: str | None = None) -> dict[str, Any]:
+def _cursor(since: dict[str, datetime], focus: str | None = None, started: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"since": {e: t.astimezone(UTC).isoformat(timespec="seconds") for e, t in since.items()}}
     if focus:
         out["focus"] = focus
+    if started is not None:
+        out["started"] = started
     return out
 
 

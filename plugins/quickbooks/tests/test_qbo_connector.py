@@ -338,6 +338,76 @@ async def test_beyond_thirty_days_polling_reconciles_through_query(tmp_path: Pat
         assert {e.id for e in recon} <= {e.id for e in all_polled}  # same ids as polling: nothing new
 
 
+def _create_at(env: Any, offset: float, name: str) -> None:
+    """A customer stamped ``offset`` seconds from now but listed from now on (committed late, or indexed late)."""
+    env.fake.advance(offset)
+    env.fake.create("Customer", {"DisplayName": name})
+    env.fake.advance(-offset)
+
+
+async def _walk(qbo: Any, cursor: Any, names: set[str]) -> Any:
+    for _ in range(10):
+        res = await qbo.poll(cursor)
+        names |= {e.data["object"]["DisplayName"] for e in res.events}
+        cursor = res.cursor
+        if not res.more:
+            return cursor
+    raise AssertionError("the walk did not end")
+
+
+async def test_a_change_committed_late_during_a_query_walk_is_read_by_the_next_pass(tmp_path: Path) -> None:
+    """The query walk's keyset moves past a change not listed yet when the page covering its time was read;
+    the walk's end must leave the cursor before it (the pattern of http-poll's 5839bfe)."""
+    async with (
+        qbo_env(tmp_path, max_page=1000) as env,
+        connected(env, page_size=2, entities=["Customer"], overlap=30) as qbo,
+    ):
+        _create_at(env, -20, "C0")
+        _create_at(env, -10, "C1")
+        for i in range(2, 5):
+            env.fake.create("Customer", {"DisplayName": f"C{i}"})
+        old = (datetime.now(UTC) - timedelta(days=45)).isoformat(timespec="seconds")
+        res = await qbo.poll({"since": {"Customer": old}})
+        names = {e.data["object"]["DisplayName"] for e in res.events}
+        assert names == {"C0", "C1"} and res.more
+        _create_at(env, -15, "Late")  # lagged 15 s (< overlap): behind the page just read
+        cursor = await _walk(qbo, res.cursor, names)
+        assert "Late" not in names
+        await _walk(qbo, cursor, names)  # the next pass (CDC)
+        assert "Late" in names
+
+
+async def test_a_change_committed_late_during_a_capped_cdc_walk_is_read_by_the_next_pass(tmp_path: Path) -> None:
+    """A CDC answer at the cap walks the type with since moved to the newest object seen; a change committed
+    late behind it must be within the next pass's reach."""
+    import integrand_quickbooks.connector as mod
+
+    async with (
+        qbo_env(tmp_path, max_page=1000) as env,
+        connected(env, initial_lookback=120, entities=["Customer"], overlap=30) as qbo,
+    ):
+        for offset, name in ((-20, "C0"), (-15, "C1"), (-10, "C2"), (-5, "C3")):
+            _create_at(env, offset, name)
+        mod_cap = mod.CDC_MAX
+        mod.CDC_MAX = env.fake.max_page = 3
+        try:
+            names: set[str] = set()
+            res = await qbo.poll(None)  # at the cap: walk the types one at a time
+            assert res.more
+            res = await qbo.poll(res.cursor)  # C0..C2, since moves to C2's time
+            names |= {e.data["object"]["DisplayName"] for e in res.events}
+            assert names == {"C0", "C1", "C2"} and res.more
+            _create_at(env, -12, "Late")  # lagged 12 s (< overlap), stamped before C2
+            cursor = await _walk(qbo, res.cursor, names)
+            assert "Late" not in names
+            for _ in range(3):  # the next passes (at this tiny cap, each walks again)
+                cursor = await _walk(qbo, cursor, names)
+        finally:
+            mod.CDC_MAX = mod_cap
+            env.fake.max_page = 1000
+        assert "Late" in names
+
+
 # --- sink -----------------------------------------------------------------------------------------
 
 
