@@ -124,7 +124,7 @@ fuzz: install
 ROUNDS ?= 200
 SOAK_SECONDS ?= 3600
 soak: install
-	$(BIN)/python bench/soak.py --rounds $(ROUNDS) --seconds $(SOAK_SECONDS)
+	$(BIN)/python bench/soak.py --rounds $(ROUNDS) --seconds $(SOAK_SECONDS) $(if $(BUDGET),--budget $(BUDGET))
 
 # Hostile clients against a daemon limited to 1,024 fds; a well-behaved sender measured throughout.
 hostile: install

@@ -48,13 +48,41 @@ READY = re.compile(r"ready: webhooks on [^:]+:(\d+)")
 # --- crash loop ---------------------------------------------------------------------------------------
 
 
-async def crashloop(rounds: int, seed: int) -> dict[str, Any]:
+async def crashloop(rounds: int, seed: int, budget: float | None) -> dict[str, Any]:
     from tests.crashloop import crash_loop
 
     work = Path(tempfile.mkdtemp(prefix="integrand-crashloop-"))
+    started_at, load = now(), os.getloadavg()[0]
+    progress = work / "progress.jsonl"
+    print(f"crash loop in {work}; per-round figures in {progress}", flush=True)
+
+    def on_round(r: dict[str, Any]) -> None:
+        line = json.dumps(r)
+        print(line, flush=True)
+        with progress.open("a") as fh:
+            fh.write(line + "\n")
+
     # A shared machine may leave a restart a small share of a CPU: slow to start is not what is checked here.
-    f = await crash_loop(work, rounds, seed=seed, entities=32, records=60, start_timeout=120.0, drain_timeout=600.0)
-    return {"at": now(), "seed": seed, "workdir": str(work), **f.as_dict()}
+    f = await crash_loop(
+        work,
+        rounds,
+        seed=seed,
+        entities=32,
+        records=60,
+        start_timeout=120.0,
+        drain_timeout=600.0,
+        budget=budget,
+        on_round=on_round,
+    )
+    return {
+        "at": started_at,
+        "load_1min_at_start": round(load, 1),
+        "nice": os.nice(0),
+        "rounds_asked": rounds,
+        "seed": seed,
+        "workdir": str(work),
+        **f.as_dict(),
+    }
 
 
 # --- steady soak ----------------------------------------------------------------------------------------
@@ -297,8 +325,13 @@ def now() -> str:
 
 
 def crashloop_block(r: dict[str, Any], cmd: str) -> str:
+    stopped = (
+        f" (asked {r['rounds_asked']}; the time budget ended it, then the drain and every check ran)"
+        if r.get("stopped_by_budget")
+        else ""
+    )
     return f"""
-`{cmd}` at {r["at"]} (2 shared cores, nice 10): **{r["rounds"]} rounds** of kill -9 ({r["kills_mid_poll"]} inside a poll,
+`{cmd}` at {r["at"]} (2 shared cores, load {r.get("load_1min_at_start", "?")} at the start, nice {r.get("nice", "?")}): **{r["rounds"]} rounds**{stopped} of kill -9 ({r["kills_mid_poll"]} inside a poll,
 {r["kills_mid_reload"]} mid-reload), {r["reloads"]:,} SIGHUP reloads sent ({r["reloads_done"]:,} completed, each restarting
 the streaming source, the polled source and the sink), {r["webhooks_acked"]:,} webhooks acknowledged
 ({r["webhook_retries"]:,} sender retries while the daemon was down), {r["stream_acked"]:,} messages PubAck'ed into the
@@ -334,6 +367,7 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=200, help="kill -9 rounds (0: skip the crash loop)")
+    ap.add_argument("--budget", type=float, default=None, help="crash loop: no new round after this many seconds")
     ap.add_argument("--seconds", type=float, default=3600, help="steady soak duration (0: skip it)")
     ap.add_argument("--fraction", type=float, default=0.5, help="of measured peak ingest")
     ap.add_argument("--window", type=float, default=0, help="sampling window (default: duration / 30)")
@@ -343,7 +377,7 @@ def main() -> int:
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     ok = True
     if args.rounds:
-        r = asyncio.run(crashloop(args.rounds, args.seed))
+        r = asyncio.run(crashloop(args.rounds, args.seed, args.budget))
         results["crashloop"] = r
         put_block("crashloop", crashloop_block(r, f"make soak ROUNDS={args.rounds}"))
         print(json.dumps({k: v for k, v in r.items() if k != "problems"}), flush=True)

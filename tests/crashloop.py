@@ -26,6 +26,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ class Figures:
     acked_not_stored: int = 0
     integrity_failures: int = 0
     seconds: float = 0.0
+    stopped_by_budget: bool = False
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -323,6 +325,39 @@ def order_of(line: dict[str, Any]) -> Any:
     return line["version"]
 
 
+@dataclass
+class SinkWatch:
+    """The sink's file checked as it grows, at each kill: duplicates and per-entity order so far, so a run
+    stopped before its end still has figures for what it ran. Only complete lines are read; a torn last line
+    (its write cut by the kill) is cut off by the restarted sink and written again, so the offset stays valid."""
+
+    offset: int = 0
+    keys: Counter[str] = field(default_factory=Counter)
+    last: dict[tuple[str, str], Any] = field(default_factory=dict)
+    duplicates: int = 0
+    order_violations: int = 0
+
+    def advance(self, path: Path) -> None:
+        if not path.exists():
+            return
+        with path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for raw in data[:end].splitlines():
+            if not raw.strip():
+                continue
+            ln = orjson.loads(raw)
+            key = f"{ln['source']}:{ln['id']}"
+            self.keys[key] += 1
+            self.duplicates += self.keys[key] > 1
+            order, k = order_of(ln), (ln["source"], ln["entity_id"])
+            if k in self.last and self.last[k] >= order:
+                self.order_violations += 1
+            self.last[k] = order
+
+
 def check_sink(
     lines: list[dict[str, Any]], acked: set[str], api: FakeRest, f: Figures, published: set[str] | None = None
 ) -> None:
@@ -373,8 +408,14 @@ async def crash_loop(
     start_timeout: float = 20.0,
     kills: bool = True,
     reloads: bool = True,
+    budget: float | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Figures:
-    """Run the loop in ``workdir``; returns the figures (``problems`` empty when every property held)."""
+    """Run the loop in ``workdir``; returns the figures (``problems`` empty when every property held).
+
+    ``budget``: seconds after which no new round starts (the drain and the whole-history check still run), so
+    a long campaign on a slow machine ends with figures for the rounds it ran. ``on_round`` gets, after each
+    kill, what has been checked so far (the per-kill checks, and duplicates and order at the sink so far)."""
     rng = random.Random(seed)
     started = time.monotonic()
     f = Figures()
@@ -392,6 +433,7 @@ async def crash_loop(
     kill_in_poll = asyncio.Event()
     up = asyncio.Event()  # the daemon is ready: a SIGHUP now reloads (before its handler is set, it kills)
     original = api.list_records
+    watch = SinkWatch()
 
     async def listing(request: web.Request) -> web.Response:
         # Some rounds end inside a poll: the daemon dies while its listing request is being answered.
@@ -437,6 +479,9 @@ async def crash_loop(
             asyncio.create_task(reload_now_and_then()),
         ]
         for _ in range(rounds):
+            if budget is not None and time.monotonic() - started > budget:
+                f.stopped_by_budget = True  # not a problem: the rounds run are drained and checked all the same
+                break
             await asyncio.sleep(rng.uniform(*run_for))  # a random moment: mid-commit, mid-delivery, mid-poll
             if not kills:
                 f.rounds += 1
@@ -489,6 +534,25 @@ async def crash_loop(
             if s_ahead:
                 f.cursor_ahead += len(s_ahead)
                 f.problems.append(f"round {f.rounds}: stream position {snap.position} ahead of stored: {s_ahead[:3]}")
+            await asyncio.to_thread(watch.advance, out)
+            if on_round is not None:
+                on_round(
+                    {
+                        "round": f.rounds,
+                        "seconds": round(time.monotonic() - started, 1),
+                        "kills_mid_poll": f.kills_mid_poll,
+                        "kills_mid_reload": f.kills_mid_reload,
+                        "reloads": f.reloads,
+                        "webhooks_acked": len(acked_before),
+                        "stream_acked": sum(publisher.acked.values()),
+                        "events_at_sink": len(watch.keys),
+                        "duplicates_so_far": watch.duplicates,
+                        "order_violations_so_far": watch.order_violations,
+                        "acked_not_stored": f.acked_not_stored,
+                        "cursor_ahead": f.cursor_ahead,
+                        "integrity_failures": f.integrity_failures,
+                    }
+                )
             await daemon.start(timeout=start_timeout)
             up.set()
             senders.url = daemon.url()

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from .crashloop import Figures, check_sink, crash_loop, cursor_ahead
+from .crashloop import Figures, SinkWatch, check_sink, crash_loop, cursor_ahead
 from .fake_rest import FakeRest
 
 ROUNDS = 6
@@ -54,3 +55,20 @@ def test_the_checker_sees_loss_duplicates_disorder_and_a_cursor_ahead() -> None:
     history = [("r1", "2026-01-01T00:00:01Z"), ("r2", "2026-01-01T00:00:03Z")]
     assert cursor_ahead({"since": "2026-01-01T00:00:01Z"}, history, {}) == ["r1@2026-01-01T00:00:01Z (stored None)"]
     assert cursor_ahead({"since": "2026-01-01T00:00:01Z"}, history, {"r1": "2026-01-01T00:00:01Z"}) == []
+
+
+def test_the_per_kill_watch_counts_duplicates_and_disorder_and_leaves_a_torn_tail_for_later(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+
+    def line(i: str, entity: str, v: int) -> bytes:
+        body = {"source": "demo", "id": i, "entity_id": entity, "data": {"data": {"version": v}}, "version": v}
+        return orjson.dumps(body) + b"\n"
+
+    out.write_bytes(line("a-v1", "a", 1) + line("a-v2", "a", 2) + line("b-v2", "b", 2)[:20])  # a kill tore the last
+    w = SinkWatch()
+    w.advance(out)
+    assert (len(w.keys), w.duplicates, w.order_violations) == (2, 0, 0)
+    # The restarted sink cut the torn line and wrote its batch again, then a duplicate and an older version.
+    out.write_bytes(out.read_bytes()[: w.offset] + line("b-v2", "b", 2) + line("a-v2", "a", 2) + line("b-v1", "b", 1))
+    w.advance(out)
+    assert (len(w.keys), w.duplicates, w.order_violations) == (4, 1, 2)  # the repeat is out of order too

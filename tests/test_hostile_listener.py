@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from integrand.app import Daemon
 from integrand.guard import QuietLog
 from integrand.store import Store
 
-from .helpers import DEMO_SECRET, hook_url, running, settings_for, signed_headers, wait_for
+from .daemon_proc import DaemonProcess
+from .helpers import DEMO_SECRET, hook_url, running, settings_for, signed_headers, wait_for, write_config
 
 GITHUB_SECRET = "github-test-secret"
 
@@ -423,3 +425,130 @@ async def test_quiet_log_summarises_each_window_by_itself(caplog: pytest.LogCapt
     quiet.event("401", logging.INFO, "refused again")  # a new window: logged in full again
     assert [r.getMessage() for r in caplog.records][-1] == "refused again"
     assert quiet.total == {"401": 11, "404": 1}
+
+
+async def test_a_full_port_closes_connections_never_answered_2xx_before_a_kept_alive_sender(tmp_path: Path) -> None:
+    """A sender whose connection was answered 200 and kept alive is the oldest idle connection here; the
+    port makes room from the flood of silent ones first, and the sender's next request uses the same connection."""
+    base = (
+        LIMITS.replace("max_connections_per_ip = 8", "max_connections = 20")
+        .replace('header_timeout = "0.5s"', 'header_timeout = "30s"')
+        .replace('keepalive_timeout = "1s"', 'keepalive_timeout = "30s"')
+    )
+    async with running(settings_for(tmp_path, SOURCES, base)) as d:
+        port = d.ports["webhooks"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+
+        async def post(msg_id: str) -> bytes:
+            body = orjson.dumps({"type": "ok", "id": msg_id})
+            hs = signed_headers(body, msg_id)
+            extra = "".join(f"{k}: {v}\r\n" for k, v in hs.items() if k.lower() != "content-type").encode()
+            writer.write(head("/hooks/demo", extra, len(body)).replace(b"Connection: close\r\n", b"") + body)
+            return await asyncio.wait_for(reader.readuntil(b'"accepted":'), 5)
+
+        assert (await post("kept-1")).startswith(b"HTTP/1.1 200")
+        idle = []
+        try:
+            for i in range(25):  # 19 fill the port, 6 more each make room
+                idle.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{10 + i % 5}", 0)))
+            first = await asyncio.wait_for(idle[0][0].read(), 5)
+            assert first.startswith(b"HTTP/1.1 503") and b"closed to make room" in first
+            await reader.readuntil(b"}")  # the rest of the first answer
+            assert (await post("kept-2")).startswith(b"HTTP/1.1 200"), "the sender's kept-alive connection was closed"
+        finally:
+            writer.close()
+            for _, w in idle:
+                w.close()
+
+
+async def test_a_connection_that_sends_nothing_costs_no_task_and_no_timer_of_its_own(tmp_path: Path) -> None:
+    """Before its first byte a connection is counted and on the sweep's list, nothing more: no aiohttp
+    handler task, no per-connection timer (a flood of them is what the port must absorb cheaply)."""
+    base = LIMITS.replace('header_timeout = "0.5s"', 'header_timeout = "30s"').replace(
+        "max_connections_per_ip = 8", "max_connections_per_ip = 100"
+    )
+    async with running(settings_for(tmp_path, SOURCES, base)) as d:
+        loop = asyncio.get_running_loop()
+        tasks, timers = len(asyncio.all_tasks()), len(loop._scheduled)  # type: ignore[attr-defined]
+        idle = [await asyncio.open_connection("127.0.0.1", d.ports["webhooks"]) for _ in range(50)]
+        try:
+            guard = d.listener.guarded
+            assert guard is not None
+            await wait_for(lambda: guard.open == 50, timeout=5)
+            await wait_for(lambda: not any("accept" in repr(t) for t in asyncio.all_tasks()), timeout=5)
+            assert len(asyncio.all_tasks()) < tasks + 5
+            assert len(loop._scheduled) < timers + 5  # type: ignore[attr-defined]
+            # They are counted all the same: a webhook still gets through, and they are cut at the deadline.
+            body = orjson.dumps({"type": "ok"})
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(hook_url(d), data=body, headers=signed_headers(body, "x")) as r,
+            ):
+                assert r.status == 200
+        finally:
+            for _, w in idle:
+                w.close()
+
+
+async def test_without_a_header_timeout_a_silent_connection_still_ends_at_the_keepalive_timeout(
+    tmp_path: Path,
+) -> None:
+    base = LIMITS.replace('header_timeout = "0.5s"', 'header_timeout = "0s"')
+    async with running(settings_for(tmp_path, SOURCES, base)) as d:
+        started = time.monotonic()
+        answer = await exchange(d.ports["webhooks"], b"", timeout=10)
+        assert answer == b""
+        assert time.monotonic() - started < 5  # keepalive_timeout is 1 s here
+
+
+async def test_connections_that_sent_nothing_are_closed_when_the_daemon_stops(tmp_path: Path) -> None:
+    base = LIMITS.replace('header_timeout = "0.5s"', 'header_timeout = "30s"')
+    async with running(settings_for(tmp_path, SOURCES, base)) as d:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.ports["webhooks"])
+        guard = d.listener.guarded
+        assert guard is not None
+        await wait_for(lambda: guard.open == 1, timeout=5)
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+
+
+async def test_integrand_run_on_uvloop_answers_its_refusals_and_logs_no_traceback(tmp_path: Path) -> None:
+    """`integrand run` uses uvloop, whose transports are not ``asyncio.Transport`` instances: the refusals
+    (503 at the cap, 408 at the head deadline) must be answered with their reason there too, and must not
+    raise out of ``connection_made`` (a traceback per refused connection is a log an attacker fills)."""
+    daemon = DaemonProcess(write_config(tmp_path, SOURCES, LIMITS), tmp_path / "integrand.log")
+    await daemon.start()
+    idle = []
+    try:
+        late = await exchange(daemon.port, b"")
+        assert late.startswith(b"HTTP/1.1 408") and b"daemon.header_timeout" in late, late
+        for _ in range(8):
+            idle.append(await asyncio.open_connection("127.0.0.1", daemon.port))
+        for _ in range(3):
+            answer = await exchange(daemon.port, b"")
+            assert answer.startswith(b"HTTP/1.1 503") and b"limit is 8" in answer, answer
+    finally:
+        for _, w in idle:
+            w.close()
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait(30)
+    assert "Traceback" not in daemon.output(), daemon.output()[-3000:]
+
+
+async def test_connections_reaching_their_head_deadline_together_are_all_cut_in_batches(tmp_path: Path) -> None:
+    """More than one sweep's batch (64) expire at once: every one still gets its 408, none is left open."""
+    base = LIMITS.replace("max_connections_per_ip = 8", "max_connections_per_ip = 200")
+    async with running(settings_for(tmp_path, SOURCES, base)) as d:
+        port = d.ports["webhooks"]
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(150)]
+        try:
+            answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 10) for r, _ in conns))
+            assert all(a.startswith(b"HTTP/1.1 408") for a in answers), [a[:40] for a in answers if b"408" not in a]
+            guard = d.listener.guarded
+            assert guard is not None
+            await wait_for(lambda: guard.open == 0 and not guard.heads and not guard.idle, timeout=5)
+        finally:
+            for _, w in conns:
+                w.close()

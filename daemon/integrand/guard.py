@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -233,8 +233,22 @@ class ChunkWatch:
         return None
 
 
+# How late a header deadline may be enforced: the sweep closes the heads past their deadline, at most this
+# often, instead of one timer per connection; and at most SWEEP_BATCH in one go, the rest after the loop has
+# served I/O again (a thousand connections opened at once reach their deadline at once: closing them all in
+# one callback would stall every other connection for tens of milliseconds).
+SWEEP_GRANULARITY = 0.1
+SWEEP_BATCH = 64
+
+
 class GuardedServer(web.Server):
-    """aiohttp's low-level server with per-connection limits; see GuardedHandler."""
+    """aiohttp's low-level server with per-connection limits.
+
+    A connection costs as little as possible until its first byte: a ``PendingConnection`` (counted, on the
+    eviction list, under the header deadline) with none of aiohttp's per-connection state (parser, task,
+    keep-alive timer); the ``GuardedHandler`` is built when bytes arrive. Header deadlines are kept in one
+    dict in deadline order and enforced by one sweep, not a timer per connection: an idle flood costs an
+    accept, a few dict operations and a close each."""
 
     def __init__(
         self,
@@ -262,12 +276,23 @@ class GuardedServer(web.Server):
         self.body_limit = body_limit
         self.open = 0
         self.per_ip: Counter[str] = Counter()
-        # Connections with no request in progress, oldest first: when the port is full the oldest of these
-        # makes room, so a flood of idle or slow-loris connections cannot lock out a sender with a request.
-        self.idle: dict[GuardedHandler, None] = {}
+        # Connections with no request in progress, oldest first, keyed by transport: when the port is full the
+        # oldest of ``idle`` (never answered 2xx: silent, slow or refused clients) makes room, and only when
+        # none is left the oldest of ``proven`` (kept alive after a 2xx: a sender with a valid signature), so a
+        # flood of idle or slow-loris connections cannot lock out, nor churn the connections of, a real sender.
+        self.idle: dict[asyncio.BaseTransport, PendingConnection | GuardedHandler] = {}
+        self.proven: dict[asyncio.BaseTransport, GuardedHandler] = {}
+        # Request heads being waited for: transport -> (deadline, connection), in deadline order (one timeout
+        # for all, appended as armed; a connection that gets its handler keeps its place).
+        self.heads: dict[asyncio.BaseTransport, tuple[float, PendingConnection | GuardedHandler]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self.evicted = 0
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> PendingConnection:  # type: ignore[override]
+        return PendingConnection(self)
+
+    def handler(self) -> GuardedHandler:
+        """aiohttp's protocol for a connection whose first bytes have arrived."""
         return GuardedHandler(self, loop=self._loop, **self._kwargs)
 
     def refuse(self, kind: str, why: str, peer: str) -> None:
@@ -275,74 +300,200 @@ class GuardedServer(web.Server):
             self.on_refused(kind)
         self.quiet.event(kind, logging.WARNING, "connection from %s closed: %s", peer, why)
 
+    def admit(self, transport: asyncio.BaseTransport, peer: str) -> bool:
+        """Count a new connection against the caps (making room if the port is full), or refuse it with 503."""
+        why = None
+        if self.per_ip[peer] >= self.limits.max_connections_per_ip:
+            why = f"{self.per_ip[peer]} connections open from this address, the limit is {self.limits.max_connections_per_ip}"
+            kind = "per-address connection limit"
+        elif self.open >= self.cap:
+            victim = next(iter(self.idle.values()), None) or next(iter(self.proven.values()), None)
+            if victim is not None:
+                victim.evict()
+            else:
+                why = f"{self.open} connections open, the limit (daemon.max_connections) is {self.cap}"
+                kind = "connection limit"
+        if why is not None:
+            self.refuse(kind, why, peer)
+            # Not isinstance(asyncio.Transport): uvloop's transports (what `integrand run` uses) are not.
+            transport = cast(asyncio.Transport, transport)
+            transport.write(
+                _raw_response(503, "Service Unavailable", f"too many connections: {why}", "Retry-After: 1\r\n")
+            )
+            transport.close()
+            return False
+        self.open += 1
+        self.per_ip[peer] += 1
+        return True
+
+    def uncount(self, peer: str) -> None:
+        self.open -= 1
+        self.per_ip[peer] -= 1
+        if self.per_ip[peer] <= 0:
+            del self.per_ip[peer]
+
+    def watch_head(self, transport: asyncio.BaseTransport, conn: PendingConnection | GuardedHandler) -> None:
+        """A request head is awaited on ``transport`` from now: evictable, and cut at ``header_timeout``."""
+        self.proven.pop(transport, None)
+        self.idle.pop(transport, None)
+        self.idle[transport] = conn
+        t = self.limits.header_timeout
+        if t <= 0 and isinstance(conn, PendingConnection):
+            t = self.limits.keepalive_timeout  # no head deadline: a silent connection still ends, as aiohttp's would
+        if t > 0:
+            self.heads.pop(transport, None)
+            deadline = self._loop.time() + t
+            self.heads[transport] = (deadline, conn)
+            if self._sweep is None:
+                self._sweep = self._loop.call_at(deadline, self._sweep_heads)
+
+    def forget(self, transport: asyncio.BaseTransport) -> None:
+        """No longer idle nor waiting for a head (a request started, or the connection is closing)."""
+        self.idle.pop(transport, None)
+        self.proven.pop(transport, None)
+        self.heads.pop(transport, None)
+
+    def _sweep_heads(self) -> None:
+        """Close every connection whose head deadline has passed, then sleep until the next one is due."""
+        self._sweep = None
+        now = self._loop.time()
+        for _ in range(SWEEP_BATCH):
+            if not self.heads:
+                return
+            transport, (deadline, conn) = next(iter(self.heads.items()))
+            if deadline > now:
+                self._sweep = self._loop.call_at(max(deadline, now + SWEEP_GRANULARITY), self._sweep_heads)
+                return
+            del self.heads[transport]
+            conn.head_timeout()
+        if self.heads:
+            self._sweep = self._loop.call_at(now, self._sweep_heads)  # more are due: after the next I/O poll
+
+    def pre_shutdown(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for conn in [c for c in self.idle.values() if isinstance(c, PendingConnection)]:
+            conn.close()
+        super().pre_shutdown()
+
+
+class PendingConnection(asyncio.Protocol):
+    """A connection that has sent nothing yet: counted and timed by the guard, nothing else. The first bytes
+    hand the transport to a ``GuardedHandler`` (aiohttp's protocol), which keeps this one's head deadline."""
+
+    __slots__ = ("_guard", "_peer", "_transport")
+
+    def __init__(self, guard: GuardedServer):
+        self._guard = guard
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if self._guard.admit(transport, self._peer):
+            self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
+            self._guard.watch_head(transport, self)
+
+    def data_received(self, data: bytes) -> None:
+        transport, g = self._transport, self._guard
+        if transport is None:  # refused at admission: whatever it sends is dropped with the connection
+            return
+        self._transport = None  # counted by the handler from now on
+        h = g.handler()
+        h.adopt(transport, self._peer)
+        transport.set_protocol(h)
+        h.connection_made(transport)
+        h.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # the client closed without a request: close our side too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._transport is not None:
+            self._guard.forget(self._transport)
+            self._transport = None
+            self._guard.uncount(self._peer)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _answer_and_close(self, status: int, phrase: str, reason: str, kind: str | None = None) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        self._guard.forget(transport)
+        self._guard.refuse(kind or f"{status} {phrase}", reason, self._peer)
+        transport.write(_raw_response(status, phrase, reason))
+        transport.close()
+
+    def evict(self) -> None:
+        self._guard.evicted += 1
+        self._answer_and_close(503, "Service Unavailable", EVICTED, kind="evicted idle connection")
+        if self._transport is not None:
+            self._transport = None
+            self._guard.uncount(self._peer)  # its slot goes to the new connection now, not at connection_lost
+
+    def head_timeout(self) -> None:
+        t = self._guard.limits.header_timeout
+        if t > 0:
+            self._answer_and_close(408, "Request Timeout", _head_late(t))
+        elif self._transport is not None:  # the keep-alive timeout of a connection that never sent a byte
+            self._guard.forget(self._transport)
+            self._transport.close()
+
+
+EVICTED = "the port is full and this connection sent no complete request; it was closed to make room"
+EVICTED_KEPT = "the port is full and this kept-alive connection had no request in progress; it was closed to make room"
+
+
+def _head_late(t: float) -> str:
+    return f"the request head did not arrive within {t:g} s (daemon.header_timeout)"
+
 
 class GuardedHandler(RequestHandler):
-    """One connection: counted against the caps, given ``header_timeout`` to send each request head,
-    and its malformed requests logged quietly (one line, no traceback, rate-limited)."""
+    """One connection past its first byte, handed over by its ``PendingConnection`` (``adopt``: it was counted
+    against the caps there): given ``header_timeout`` for each request head, and its malformed requests logged
+    quietly (one line, no traceback, rate-limited)."""
 
     _guard: GuardedServer
     _peer = "?"
     _counted = False
-    _head_timer: asyncio.TimerHandle | None = None
+    _tr: asyncio.BaseTransport | None = None
 
     def __init__(self, manager: GuardedServer, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._guard = manager
         self._chunks = ChunkWatch(manager.body_limit) if manager.body_limit is not None else None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def adopt(self, transport: asyncio.BaseTransport, peer: str) -> None:
+        """Take over a counted connection from its ``PendingConnection``, keeping its place and deadline."""
+        self._peer, self._counted, self._tr = peer, True, transport
         g = self._guard
-        peer = transport.get_extra_info("peername")
-        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        why = None
-        if g.per_ip[self._peer] >= g.limits.max_connections_per_ip:
-            why = f"{g.per_ip[self._peer]} connections open from this address, the limit is {g.limits.max_connections_per_ip}"
-            kind = "per-address connection limit"
-        elif g.open >= g.cap:
-            victim = next(iter(g.idle), None)
-            if victim is not None:
-                victim._evict()
-            else:
-                why = f"{g.open} connections open, the limit (daemon.max_connections) is {g.cap}"
-                kind = "connection limit"
-        if why is not None:
-            g.refuse(kind, why, self._peer)
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(
-                _raw_response(503, "Service Unavailable", f"too many connections: {why}", "Retry-After: 1\r\n")
-            )
-            transport.close()
-            self._manager = None  # connection_lost then has nothing to undo
-            return
-        self._counted = True
-        g.open += 1
-        g.per_ip[self._peer] += 1
-        super().connection_made(transport)
-        self._arm_head_timer()
+        if transport in g.idle:
+            g.idle[transport] = self
+        if transport in g.heads:
+            g.heads[transport] = (g.heads[transport][0], self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm_head_timer()
         self._uncount()
+        self._tr = None
         super().connection_lost(exc)
 
     def _uncount(self) -> None:
+        if self._tr is not None:
+            self._guard.forget(self._tr)
         if self._counted:
             self._counted = False
-            g = self._guard
-            g.open -= 1
-            g.per_ip[self._peer] -= 1
-            if g.per_ip[self._peer] <= 0:
-                del g.per_ip[self._peer]
+            self._guard.uncount(self._peer)
 
-    def _evict(self) -> None:
+    def evict(self) -> None:
         """Make room for a new connection: this one has been waiting longest without sending a request."""
         self._guard.evicted += 1
-        self._refuse_now(
-            503,
-            "Service Unavailable",
-            "the port is full and this connection sent no request; it was closed to make room",
-            kind="evicted idle connection",
-        )
+        why = EVICTED if self._request_count == 0 else EVICTED_KEPT
+        self._refuse_now(503, "Service Unavailable", why, kind="evicted idle connection")
         self._uncount()
 
     def data_received(self, data: bytes) -> None:
@@ -350,53 +501,46 @@ class GuardedHandler(RequestHandler):
             self._refuse_now(413, "Content Too Large", why)
             return
         super().data_received(data)
-        if self._head_timer is None and self._current_request is None and not self._messages:
-            self._arm_head_timer()  # the first bytes of a new request head: its clock starts now
+        tr = self._tr
+        if tr is not None and tr not in self._guard.heads and self._current_request is None and not self._messages:
+            self._guard.watch_head(tr, self)  # the first bytes of a new request head: its clock starts now
 
     async def finish_response(self, request: Any, resp: Any, start_time: Any) -> Any:
         result = await super().finish_response(request, resp, start_time)
-        if self.transport is not None and not self._force_close and self._counted:
-            self._guard.idle[self] = None  # kept alive between requests: evictable when the port is full
+        tr = self._tr
+        if tr is not None and self.transport is not None and not self._force_close and self._counted:
+            # Kept alive between requests: evictable when the port is full, after every never-answered one
+            # if this request was accepted.
+            g = self._guard
+            g.forget(tr)
+            if 200 <= getattr(resp, "status", 0) < 300:
+                g.proven[tr] = self
+            else:
+                g.idle[tr] = self
         return result
 
     def request_started(self) -> None:
         """Called by the listener when a request's head has been parsed: the head deadline is met."""
-        self._disarm_head_timer()
-
-    def _arm_head_timer(self) -> None:
-        t = self._guard.limits.header_timeout
-        if self.transport is not None:
-            self._guard.idle[self] = None
-            if t > 0:
-                self._head_timer = self._loop.call_later(t, self._head_timeout)
-
-    def _disarm_head_timer(self) -> None:
-        self._guard.idle.pop(self, None)
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._tr is not None:
+            self._guard.forget(self._tr)
 
     def _refuse_now(self, status: int, phrase: str, reason: str, kind: str | None = None) -> None:
         """Answer and close without waiting for the request's handler (which then sees the connection gone)."""
-        self._guard.idle.pop(self, None)
+        if self._tr is not None:
+            self._guard.forget(self._tr)
         self._guard.refuse(kind or f"{status} {phrase}", reason, self._peer)
         transport = self.transport
-        if isinstance(transport, asyncio.Transport):
+        if transport is not None:  # not isinstance(asyncio.Transport): uvloop's transports are not
             transport.write(_raw_response(status, phrase, reason))
         self.force_close()
         if transport is not None:
             transport.close()
 
-    def _head_timeout(self) -> None:
+    def head_timeout(self) -> None:
         """No complete request head since the connection opened or since bytes of a new one arrived."""
-        self._head_timer = None
-        transport = self.transport
-        if transport is None or self._current_request is not None or self._messages:
+        if self.transport is None or self._current_request is not None or self._messages:
             return
-        t = self._guard.limits.header_timeout
-        self._refuse_now(
-            408, "Request Timeout", f"the request head did not arrive within {t:g} s (daemon.header_timeout)"
-        )
+        self._refuse_now(408, "Request Timeout", _head_late(self._guard.limits.header_timeout))
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")

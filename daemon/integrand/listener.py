@@ -167,6 +167,7 @@ class Listener:
         # sampled few (a token bucket) written to the store, so a flood costs neither log nor disk.
         self.quiet = QuietLog(log)
         self.recorded = TokenBucket(rejections_per_second, max(1, int(rejections_per_second * 10)))
+        self.guarded: GuardedServer | None = None  # the port's server, once made (its counts, for tests)
 
     def server(
         self, wrap: Callable[[Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]], Any] | None = None
@@ -174,7 +175,7 @@ class Listener:
         """aiohttp's low-level server: the port has one route, so web.Application's router and
         middleware machinery (a fifth of a bare handler's CPU per request) buy nothing here.
         ``wrap`` puts app.py's front door (proxy headers, no banner) around the handler."""
-        return GuardedServer(
+        self.guarded = GuardedServer(
             wrap(self.handle) if wrap is not None else self.handle,
             access_log=None,
             limits=self.limits,
@@ -182,6 +183,7 @@ class Listener:
             on_refused=lambda kind: self.metrics.webhooks.inc("-", kind),  # source "-": before any source is known
             body_limit=self._body_limit,
         )
+        return self.guarded
 
     def _body_limit(self, target: bytes) -> int | None:
         """The body limit for a raw request target, as the connection guard sees it before aiohttp."""
