@@ -733,6 +733,8 @@ def describe(rec: Mapping[str, Any]) -> list[str]:
     for i, name in enumerate(rec["steps"]):
         if name in st["undone"]:
             mark = "done, then undone"
+        elif name in rec.get("unchanged", ()):
+            mark = "unchanged, not sent"
         elif name in st["results"]:
             mark = "done"
         elif i == st["next_step"] and st["status"] in ("running",):
