@@ -18,6 +18,7 @@ import pytest
 from integrand.builtin.jsonl import JsonlSink
 from integrand.config import Settings, load_config
 from integrand.connector import AuthError, PositionLost, RetryableError, StreamBatch
+from integrand.errors import StoreUnavailable
 from integrand.plugins import Registry
 from integrand.testing import running_daemon, wait_for
 
@@ -179,6 +180,32 @@ async def test_a_bad_batch_read_ahead_fails_alone_after_the_good_ones_commit(tmp
     assert stream_cursor(db) == 20 == up.acked
     assert stored_ids(db) == [f"m{i}" for i in range(20)]
     assert up.acks() == [(1, 10), (11, 20)]
+
+
+async def test_a_refusal_that_ends_in_an_error_does_not_stall_the_read_ahead(tmp_path: Path) -> None:
+    """The store refuses, the connector's ``refused`` fails (the upstream dropped us meanwhile): the stream
+    reconnects and the new subscription reads again (the refusal's hold on reading does not outlive it)."""
+
+    class RefusedThenDropped(ReadAheadLogSource):
+        async def refused(self, batch: StreamBatch, error: BaseException) -> bool:
+            raise RetryableError("the upstream dropped the subscription while the store refused")
+
+    up = Upstream(tmp_path / "upstream")
+    async with running_daemon(settings(tmp_path, FEED.format(batch=5) + ROUTED, RefusedThenDropped)) as d:
+        real = d.store.enqueue_with_cursor
+        refusals: list[int] = []
+
+        async def refuse_twice(*args: Any, **kw: Any) -> Any:
+            if len(refusals) < 2:  # a group, then its first batch alone (or a lone batch, then its retry)
+                refusals.append(1)
+                raise StoreUnavailable("store cannot commit: database or disk is full (test)")
+            return await real(*args, **kw)
+
+        d.store.enqueue_with_cursor = refuse_twice
+        up.publish(messages(0, 20))
+        await wait_for(lambda: up.acked == 20, timeout=20)
+        assert len(refusals) == 2
+        assert sample(d, "integrand_stream_reconnects_total", source="feed") >= 1
 
 
 async def test_poison_message_is_a_stored_rejection_and_acked(tmp_path: Path) -> None:

@@ -234,6 +234,7 @@ class Streamer:
                 await self._settle([batch])
                 settled([batch])
             return
+        self._may_read.set()  # a new subscription reads (a refusal that ended in an error left it cleared)
         ahead: asyncio.Queue[StreamBatch | _End] = asyncio.Queue()
         room = asyncio.Semaphore(depth + 1)  # read and not yet settled: the groups committing, plus read_ahead
         reader = asyncio.create_task(self._read_ahead(batches, ahead, room), name=f"stream-read-{self.name}")
