@@ -18,17 +18,20 @@ from amqp_support import (
 
 from integrand.testing import (
     DaemonProcess,
+    SignedSender,
     TcpProxy,
+    assert_arrived_once_in_order,
     daemon_config,
     in_entity_order,
     read_jsonl,
     running_daemon,
-    standard_webhook_headers,
+    signed_webhook_source,
     stored_event_ids,
     wait_for,
 )
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SHOP = signed_webhook_source("shop", WHSEC)
 
 
 def stored(db: Path, source: str) -> list[str]:
@@ -131,14 +134,8 @@ to = ["out"]
     )
     publisher_cfg = daemon_config(
         pub,
-        f"""
-[sources.shop]
-connector = "webhook"
-signature = "standard-webhooks"
-secret = "{WHSEC}"
-entity_field = "entity"
-entity_id_field = "id"
-version_field = "version"
+        SHOP
+        + f"""
 
 [sinks.bus]
 connector = "amqp"
@@ -156,17 +153,8 @@ to = ["bus"]
     try:
         await wait_for(lambda: consuming(vhost, q), timeout=30)  # the queue is bound before anything is published
         async with running_daemon(publisher_cfg) as p, aiohttp.ClientSession() as s:
-            url = f"http://127.0.0.1:{p.ports['webhooks']}/hooks/shop"
-            sent: list[str] = []
-
-            async def send(lane: int) -> None:  # four at a time; each lane owns its entities, in version order
-                for i in range(lane, n, 4):
-                    body = orjson.dumps({"entity": "order", "id": f"o{i % 12}", "version": i, "n": i})
-                    async with s.post(url, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
-                        assert r.status == 200
-                    sent.append(f"shop:w{i}")
-
-            sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(4))))
+            hooks = SignedSender(s, f"http://127.0.0.1:{p.ports['webhooks']}/hooks/shop", WHSEC)
+            sender = hooks.lanes(n, 4)  # four at a time; each lane owns its entities, in version order
             await wait_for(lambda: len(stored(db, "bus")) >= n // 3, timeout=90)
             await consumer.kill()
             mid = len(stored(db, "bus"))
@@ -177,10 +165,8 @@ to = ["bus"]
             await wait_for(lambda: len({ln["id"] for ln in read_jsonl(out)}) == n, timeout=120)
     finally:
         assert await consumer.stop() == 0
-    ids = stored(db, "bus")
-    assert sorted(ids) == sorted(sent)  # all of them, each stored once
-    assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
-    assert in_entity_order(read_jsonl(out))
+    assert sorted(stored(db, "bus")) == sorted(hooks.sent)  # all of them, each stored once
+    assert_arrived_once_in_order(out, hooks.sent)
     async with channel(vhost) as ch:
         left = await ch.declare_queue(q, passive=True)
         assert left.declaration_result.message_count == 0  # all acknowledged after the restart
@@ -194,14 +180,8 @@ async def test_cut_connections_during_publish_and_consume_lose_nothing(tmp_path:
     out = tmp_path / "var" / "out.jsonl"
     cfg = daemon_config(
         tmp_path,
-        f"""
-[sources.shop]
-connector = "webhook"
-signature = "standard-webhooks"
-secret = "{WHSEC}"
-entity_field = "entity"
-entity_id_field = "id"
-version_field = "version"
+        SHOP
+        + f"""
 
 [sinks.bus]
 connector = "amqp"
@@ -242,17 +222,8 @@ max_open_for = "1s"
     )
     async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
         await wait_for(lambda: consuming(vhost, q), timeout=20)
-        hook = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop"
-        sent: list[str] = []
-
-        async def send(lo: int, hi: int) -> None:
-            for i in range(lo, hi):
-                body = orjson.dumps({"entity": "order", "id": f"o{i % 9}", "version": i, "n": i})
-                async with s.post(hook, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
-                    assert r.status == 200
-                sent.append(f"shop:w{i}")
-
-        sender = asyncio.create_task(send(0, 400))
+        hooks = SignedSender(s, f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop", WHSEC, entities=9)
+        sender = asyncio.create_task(hooks.send(range(400)))
         for cut_at in (60, 200):
 
             def reached(cut_at: int = cut_at) -> bool:
@@ -263,10 +234,8 @@ max_open_for = "1s"
         await sender
         await wait_for(lambda: len({ln["id"] for ln in read_jsonl(out)}) == 400, timeout=90)
         reconnects = d.metrics.registry.get_sample_value("integrand_stream_reconnects_total", {"source": "bus_in"})
-    assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
-    assert in_entity_order(read_jsonl(out))
-    ids = stored(tmp_path / "var" / "integrand.db", "bus_in")
-    assert sorted(ids) == sorted(sent)  # each stored once
+    assert_arrived_once_in_order(out, hooks.sent)
+    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(hooks.sent)  # each stored once
     assert reconnects is not None and reconnects >= 2  # the consumer really lost its connection, twice
 
 
@@ -283,14 +252,8 @@ async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_n
     url = f"amqp://127.0.0.1:{proxy.port}/"
     cfg = daemon_config(
         tmp_path,
-        f"""
-[sources.shop]
-connector = "webhook"
-signature = "standard-webhooks"
-secret = "{WHSEC}"
-entity_field = "entity"
-entity_id_field = "id"
-version_field = "version"
+        SHOP
+        + f"""
 
 [sinks.bus]
 connector = "amqp"
@@ -337,15 +300,7 @@ max_open_for = "1s"
     try:
         async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
             await wait_for(lambda: consuming(vhost, q), timeout=20)
-            hook = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop"
-            sent: list[str] = []
-
-            async def send(lane: int) -> None:
-                for i in range(lane, n, 3):
-                    body = orjson.dumps({"entity": "order", "id": f"o{i % 9}", "version": i, "n": i})
-                    async with s.post(hook, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
-                        assert r.status == 200
-                    sent.append(f"shop:w{i}")
+            hooks = SignedSender(s, f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop", WHSEC, entities=9)
 
             def reconnects() -> float:
                 v = d.metrics.registry.get_sample_value("integrand_stream_reconnects_total", {"source": "bus_in"})
@@ -354,7 +309,7 @@ max_open_for = "1s"
             def arrived() -> int:
                 return len(read_jsonl(out))
 
-            sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(3))))
+            sender = hooks.lanes(n, 3)
             await wait_for(lambda: arrived() >= 80, timeout=60)
             assert not sender.done(), "the cut came too late to be mid-publish"
             proxy.cut()  # mid-publish and mid-consume
@@ -370,6 +325,5 @@ max_open_for = "1s"
             assert reconnects() >= 3
     finally:
         await proxy.stop()
-    assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
-    assert in_entity_order(read_jsonl(out))
-    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(sent)  # each stored once
+    assert_arrived_once_in_order(out, hooks.sent)
+    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(hooks.sent)  # each stored once

@@ -15,12 +15,14 @@ from nats_support import NATS_URL, OwnServer, connect, random_name, temp_stream
 
 from integrand.testing import (
     DaemonProcess,
+    SignedSender,
     TcpProxy,
+    assert_arrived_once_in_order,
     daemon_config,
     in_entity_order,
     read_jsonl,
     running_daemon,
-    standard_webhook_headers,
+    signed_webhook_source,
     stored_event_ids,
     wait_for,
 )
@@ -92,15 +94,9 @@ async def test_kill9_of_the_consuming_integrand_loses_nothing_and_stores_once(tm
         assert in_entity_order(read_jsonl(out))
 
 
-PUBLISHER = """
-[sources.shop]
-connector = "webhook"
-signature = "standard-webhooks"
-secret = "{secret}"
-entity_field = "entity"
-entity_id_field = "id"
-version_field = "version"
-
+PUBLISHER = (
+    signed_webhook_source("shop", WHSEC)
+    + """
 [sinks.bus]
 connector = "nats"
 servers = ["{url}"]
@@ -110,6 +106,7 @@ subject = "{stream}.{{source}}.{{entity}}"
 from = "shop"
 to = ["bus"]
 """
+)
 
 
 async def test_round_trip_with_kill9_of_the_consuming_integrand(tmp_path: Path) -> None:
@@ -124,19 +121,10 @@ async def test_round_trip_with_kill9_of_the_consuming_integrand(tmp_path: Path) 
         consumer = DaemonProcess(daemon_config(con, CONSUMER.format(url=NATS_URL, stream=stream)), con / "daemon.log")
         await consumer.start()
         try:
-            publisher_cfg = daemon_config(pub, PUBLISHER.format(secret=WHSEC, url=NATS_URL, stream=stream))
+            publisher_cfg = daemon_config(pub, PUBLISHER.format(url=NATS_URL, stream=stream))
             async with running_daemon(publisher_cfg) as p, aiohttp.ClientSession() as s:
-                url = f"http://127.0.0.1:{p.ports['webhooks']}/hooks/shop"
-                sent: list[str] = []
-
-                async def send(lane: int) -> None:  # four at a time; each lane owns its entities, in version order
-                    for i in range(lane, n, 4):
-                        body = orjson.dumps({"entity": "order", "id": f"o{i % 12}", "version": i, "n": i})
-                        async with s.post(url, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
-                            assert r.status == 200
-                        sent.append(f"shop:w{i}")
-
-                sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(4))))
+                hooks = SignedSender(s, f"http://127.0.0.1:{p.ports['webhooks']}/hooks/shop", WHSEC)
+                sender = hooks.lanes(n, 4)
                 await wait_for(lambda: len(stored(db, "bus")) >= n // 3, timeout=90)
                 await consumer.kill()
                 mid = len(stored(db, "bus"))
@@ -148,9 +136,8 @@ async def test_round_trip_with_kill9_of_the_consuming_integrand(tmp_path: Path) 
         finally:
             assert await consumer.stop() == 0
         ids = stored(db, "bus")
-        assert sorted(ids) == sorted(sent) and len(set(ids)) == n  # all of them, each stored once
-        assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
-        assert in_entity_order(read_jsonl(out))
+        assert sorted(ids) == sorted(hooks.sent) and len(set(ids)) == n  # all of them, each stored once
+        assert_arrived_once_in_order(out, hooks.sent)
         assert (await js.stream_info(stream)).state.messages == n  # the publisher published each once
 
 
@@ -159,15 +146,9 @@ async def _settled(js: Any, stream: str) -> bool:
     return bool(ci.num_ack_pending == 0 and ci.num_pending == 0)
 
 
-ROUND_TRIP = """
-[sources.shop]
-connector = "webhook"
-signature = "standard-webhooks"
-secret = "{secret}"
-entity_field = "entity"
-entity_id_field = "id"
-version_field = "version"
-
+ROUND_TRIP = (
+    signed_webhook_source("shop", WHSEC)
+    + """
 [sinks.bus]
 connector = "nats"
 servers = ["{url}"]
@@ -202,6 +183,7 @@ to = ["out"]
 open_for = "200ms"
 max_open_for = "1s"
 """
+)
 
 
 async def test_server_killed_during_publish_and_consume_loses_nothing(tmp_path: Path) -> None:
@@ -215,29 +197,17 @@ async def test_server_killed_during_publish_and_consume_loses_nothing(tmp_path: 
     await nc.jetstream().add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"], duplicate_window=120.0))
     await nc.close()
     try:
-        cfg = daemon_config(tmp_path, ROUND_TRIP.format(secret=WHSEC, url=server.url, stream=stream))
+        cfg = daemon_config(tmp_path, ROUND_TRIP.format(url=server.url, stream=stream))
         async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
-            url = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop"
-            sent: list[str] = []
-
-            async def send(lo: int, hi: int) -> None:
-                for i in range(lo, hi):
-                    payload = {"entity": "order", "id": f"o{i % 9}", "version": i, "n": i}
-                    body = orjson.dumps(payload)
-                    async with s.post(url, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
-                        assert r.status == 200
-                    sent.append(f"shop:w{i}")
-
-            await send(0, 150)
+            hooks = SignedSender(s, f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop", WHSEC, entities=9)
+            await hooks.send(range(150))
             await wait_for(lambda: len(read_jsonl(out)) >= 50, timeout=30)
             await server.kill()  # mid-publish and mid-consume
-            await send(150, 300)  # integrand keeps accepting: they wait in its store
+            await hooks.send(range(150, 300))  # integrand keeps accepting: they wait in its store
             await asyncio.sleep(0.5)
             await server.start()
             await wait_for(lambda: len({ln["id"] for ln in read_jsonl(out)}) == 300, timeout=90)
-        ids = [ln["id"] for ln in read_jsonl(out)]
-        assert set(ids) == set(sent)
-        assert in_entity_order(read_jsonl(out))
+        assert_arrived_once_in_order(out, hooks.sent)
         nc = await connect(server.url)
         info = await nc.jetstream().stream_info(stream)
         await nc.close()
@@ -257,17 +227,9 @@ async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_n
     try:
         async with temp_stream() as (_nc, js, stream):
             url = f"nats://127.0.0.1:{proxy.port}"
-            cfg = daemon_config(tmp_path, ROUND_TRIP.format(secret=WHSEC, url=url, stream=stream))
+            cfg = daemon_config(tmp_path, ROUND_TRIP.format(url=url, stream=stream))
             async with running_daemon(cfg) as d, aiohttp.ClientSession() as s:
-                hook = f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop"
-                sent: list[str] = []
-
-                async def send(lane: int) -> None:
-                    for i in range(lane, n, 3):
-                        body = orjson.dumps({"entity": "order", "id": f"o{i % 9}", "version": i, "n": i})
-                        async with s.post(hook, data=body, headers=standard_webhook_headers(body, f"w{i}", WHSEC)) as r:
-                            assert r.status == 200
-                        sent.append(f"shop:w{i}")
+                hooks = SignedSender(s, f"http://127.0.0.1:{d.ports['webhooks']}/hooks/shop", WHSEC, entities=9)
 
                 def reconnects() -> float:
                     v = d.metrics.registry.get_sample_value("integrand_stream_reconnects_total", {"source": "bus_in"})
@@ -276,7 +238,7 @@ async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_n
                 def arrived() -> int:
                     return len(read_jsonl(out))
 
-                sender = asyncio.ensure_future(asyncio.gather(*(send(lane) for lane in range(3))))
+                sender = hooks.lanes(n, 3)
                 await wait_for(lambda: arrived() >= 80, timeout=60)
                 assert not sender.done(), "the cut came too late to be mid-publish"
                 proxy.cut()  # mid-publish and mid-consume; the clients reconnect on their own
@@ -292,9 +254,8 @@ async def test_connections_dropped_by_a_proxy_mid_publish_and_mid_consume_lose_n
             assert (await js.stream_info(stream)).state.messages == n  # lost PubAcks' retries absorbed by Msg-Id
     finally:
         await proxy.stop()
-    assert {ln["id"] for ln in read_jsonl(out)} == set(sent)
-    assert in_entity_order(read_jsonl(out))
-    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(sent)  # each stored once
+    assert_arrived_once_in_order(out, hooks.sent)
+    assert sorted(stored(tmp_path / "var" / "integrand.db", "bus_in")) == sorted(hooks.sent)  # each stored once
 
 
 async def test_a_lost_position_alerts_and_never_skips_silently(
