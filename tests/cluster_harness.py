@@ -107,7 +107,7 @@ class NodeLoggingRest(FakeRest):
             a.end = time.time()
 
 
-def node_config(apis: list[str], sink_url: str, *, ttl: float, extra: str = "") -> str:
+def node_config(apis: list[str], sink_url: str, *, ttl: float, extra: str = "", admin: bool = False) -> str:
     polls = "".join(
         f"""
 [sources.crm{i}]
@@ -133,6 +133,7 @@ to = ["out"]
 """
         for i, base in enumerate(apis)
     )
+    admin_keys = 'listen = "127.0.0.1:0"' if admin else "enabled = false"  # the CLI's unix socket comes with it
     return f"""
 [daemon]
 listen = "127.0.0.1:0"
@@ -141,7 +142,7 @@ log_level = "info"
 shutdown_grace = "5s"
 
 [admin]
-enabled = false
+{admin_keys}
 
 [store]
 backend = "postgres"
@@ -192,8 +193,19 @@ class Round:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, dsn: str, *, nodes: int = 3, sources: int = 3, ttl: float = 2.0, seed: int = 0):
+    def __init__(
+        self,
+        tmp: Path,
+        dsn: str,
+        *,
+        nodes: int = 3,
+        sources: int = 3,
+        ttl: float = 2.0,
+        seed: int = 0,
+        admin: bool = False,
+    ):
         self.tmp = tmp
+        self.admin = admin
         self.dsn = dsn
         self.n_nodes = nodes
         self.n_sources = sources
@@ -216,7 +228,7 @@ class Cluster:
     async def start(self) -> None:
         bases = [await api.start() for api in self.apis]
         await self.sink.start()
-        cfg_body = node_config(bases, self.sink.url, ttl=self.ttl)
+        cfg_body = node_config(bases, self.sink.url, ttl=self.ttl, admin=self.admin)
         env = {"INTEGRAND_CLUSTER_DSN": self.dsn}
         for i in range(self.n_nodes):
             d = self.tmp / f"n{i}"

@@ -24,7 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, reports
 from .errors import AuthError, ConfigError, RetryableError, StoreUnavailable
+from .ownership import singleton_holder, source_singleton
 from .secrets import SecretValue
+from .store.fence import CURRENT
 from .types import parse_duration
 
 if TYPE_CHECKING:
@@ -120,6 +122,8 @@ class Admin:
             return _problem(404, str(e))
         except reports.BadRequest as e:
             return _problem(400, str(e))
+        except reports.Conflict as e:
+            return _problem(409, str(e))
         except StoreUnavailable as e:
             return _problem(503, f"store unavailable: {e}")
 
@@ -257,11 +261,23 @@ class Admin:
             if "value" not in body or body["value"] is None:
                 raise reports.BadRequest('give {"value": …} (DELETE resets the cursor)')
             value = body["value"]
+        # On a cluster only the node running the source may write its cursor, under its lease's fence:
+        # another node's write would be overwritten by the owner's next commit, or land after a takeover.
+        fence = None
+        if self.d.owner is not None and self.d.owner.clustered:
+            single = source_singleton(name)
+            fence = self.d.owner.fence_of(single)
+            if fence is None:
+                raise reports.runs_elsewhere(name, await singleton_holder(self.d.store, single))
         poller = self.d.pollers.get(name)
         # Between polls: a poll in flight would commit the cursor it started from, over this one.
         async with poller.cursor_lock if poller is not None else contextlib.nullcontext():
             old = await self.d.store.cursor_get(name)
-            await self.d.store.cursor_set(name, value)
+            token = CURRENT.set(fence)
+            try:
+                await self.d.store.cursor_set(name, value)
+            finally:
+                CURRENT.reset(token)
         if poller is not None:
             poller.nudge()
         log.info("admin: cursor of %s %s", name, "reset" if value is None else "set", extra={"source": name})

@@ -29,7 +29,7 @@ from .guard import PortLimits
 from .httpclient import HttpPool
 from .listener import Listener, SourceRuntime
 from .metrics import Metrics
-from .ownership import ClusterOwner, LocalOwner, Owner, default_node_id
+from .ownership import ClusterOwner, LocalOwner, Owner, default_node_id, source_singleton
 from .permissions import private_database, private_dir
 from .poller import SourcePoller, run_reconciler
 from .routes import Router, RouteRuntime
@@ -230,11 +230,6 @@ def start_source_tasks(d: Daemon, names: Iterable[str]) -> None:
         if streamer is not None:
             owner.spawn_singleton(f"stream:{name}", single, streamer.run())
         start_reconciler(d, name)
-
-
-def source_singleton(name: str) -> str:
-    """The lease a source's poll, stream and reconcile tasks run under."""
-    return f"source:{name}"
 
 
 SYNCS = "syncs"  # the lease of the one task running every [[syncs]] schedule

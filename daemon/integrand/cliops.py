@@ -20,6 +20,7 @@ import orjson
 from . import reports
 from .config import Settings
 from .errors import StoreUnavailable
+from .ownership import singleton_holder, source_singleton
 from .store import Store, StoreLocked
 from .store.backends import cli_store
 from .types import parse_duration
@@ -78,6 +79,9 @@ class LocalOps:
         return await reports.events_list(self.store, source=source, since=after, state=state, limit=limit)
 
     async def cursor_set(self, source: str, value: Any) -> dict[str, Any]:
+        # A shared store with no daemon here: a node elsewhere may run the source (and its commits would win).
+        if (holder := await singleton_holder(self.store, source_singleton(source))) is not None:
+            raise reports.runs_elsewhere(source, holder)
         old = await self.store.cursor_get(source)
         await self.store.cursor_set(source, value)
         return {"source": source, "old": old, "new": value}
@@ -132,6 +136,8 @@ class RemoteOps:
             raise reports.NotFound(_message(payload))
         if status == 400:
             raise reports.BadRequest(_message(payload))
+        if status == 409:
+            raise reports.Conflict(_message(payload))
         if status == 503:
             raise StoreUnavailable(_message(payload))
         if status >= 300:

@@ -17,7 +17,7 @@ import orjson
 from .config import Settings, config_path, load_config
 from .connector import ConnectorContext
 from .errors import AuthError, RetryableError
-from .reports import BadRequest, NotFound
+from .reports import BadRequest, Conflict, NotFound
 
 T = TypeVar("T")
 STATE_ORDER = ("ready", "leased", "done", "dead")
@@ -46,6 +46,9 @@ def _run(fn: Callable[[], Awaitable[int]]) -> int:
         except BadRequest as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except Conflict as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     return asyncio.run(go())
 

@@ -48,6 +48,11 @@ WAKE_SLACK = 0.05  # seconds after a lease's lapse at which a node looks again (
 Spawn = Callable[[str, Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
+def source_singleton(name: str) -> str:
+    """The lease a source's poll, stream and reconcile tasks run under."""
+    return f"source:{name}"
+
+
 def default_node_id() -> str:
     """``host:pid``: unique among running processes, new at every restart (so a restart never inherits a lease)."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -128,6 +133,9 @@ class LocalOwner:
     def holds(self, singleton: str) -> bool:
         return True
 
+    def fence_of(self, singleton: str) -> Fence | None:
+        return None  # nothing is fenced on one node
+
     def spawn_singleton(self, task: str, singleton: str, coro: Coroutine[Any, Any, Any]) -> bool:
         self._spawn(task, coro)
         return True
@@ -189,6 +197,11 @@ class ClusterOwner:
     def holds(self, singleton: str) -> bool:
         h = self.held.get(singleton)
         return h is not None and not h.fence.lost
+
+    def fence_of(self, singleton: str) -> Fence | None:
+        """The fence an operator's write for ``singleton`` commits under (None: this node does not hold it)."""
+        h = self.held.get(singleton)
+        return h.fence if h is not None and not h.fence.lost else None
 
     def spawn_singleton(self, task: str, singleton: str, coro: Coroutine[Any, Any, Any]) -> bool:
         """Run ``coro`` as ``task`` under the singleton's fence if this node holds it; else do not start it."""
@@ -368,6 +381,16 @@ class ClusterOwner:
 
 
 Owner = LocalOwner | ClusterOwner
+
+
+async def singleton_holder(store: object, singleton: str) -> str | None:
+    """The node whose lease on ``singleton`` has not lapsed: None on SQLite, or while no node holds it."""
+    if not isinstance(store, PgStore):
+        return None
+    for le in await store.leases():
+        if le.name == singleton and le.owner is not None and le.expires_in > 0:
+            return le.owner
+    return None
 
 
 async def cluster_view(store: object) -> list[dict[str, Any]]:

@@ -29,6 +29,22 @@ class BadRequest(ValueError):
     """The question itself is wrong (HTTP 400, CLI exit 2)."""
 
 
+class Conflict(RuntimeError):
+    """Not here: another node runs what the write is about (HTTP 409, CLI exit 1)."""
+
+
+def runs_elsewhere(source: str, holder: str | None) -> Conflict:
+    """A cursor write for a source this process does not run: where to send it instead."""
+    if holder is None:
+        return Conflict(
+            f"no node holds source {source!r} right now (it is being taken over): try again in a few seconds"
+        )
+    return Conflict(
+        f"source {source!r} is run by node {holder}: set its cursor there (`integrand status` shows which "
+        "node runs what), so the write is fenced by that node's lease and no poll in flight commits over it"
+    )
+
+
 def iso(ts: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with milliseconds, e.g. ``2026-12-07T00:42:22.123Z``."""
     if ts is None:
