@@ -160,6 +160,15 @@ class FlakySink:
         return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/in"
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of ``pid`` so far (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_sample(pid: int, db: Path) -> dict[str, float]:
     rss = 0.0
     with contextlib.suppress(OSError):
@@ -174,6 +183,8 @@ def proc_sample(pid: int, db: Path) -> dict[str, float]:
         backlog = c.execute("SELECT COUNT(*) FROM deliveries WHERE state IN ('ready', 'leased')").fetchone()[0]
         c.close()
     return {
+        "daemon_cpu_s": round(cpu_seconds(pid), 2),
+        "load_1min": round(os.getloadavg()[0], 2),
         "rss_mib": round(rss, 1),
         "fds": fds,
         "db_mib": round(size(db), 2),
@@ -211,6 +222,7 @@ async def peak(url: str, seconds: float = 5.0, concurrency: int = 64) -> float:
 
 
 async def steady(seconds: float, fraction: float, window: float, seed: int) -> dict[str, Any]:
+    load_at_start = round(os.getloadavg()[0], 1)
     sink_proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--sink-server", "0.01", str(seed), stdout=asyncio.subprocess.PIPE
     )
@@ -254,12 +266,17 @@ async def steady(seconds: float, fraction: float, window: float, seed: int) -> d
 
     async def sampler() -> None:
         t = start
+        cpu_before = (await asyncio.to_thread(proc_sample, proc.pid, db))["daemon_cpu_s"]
         while t < end:
             t = min(end, t + window)
             await asyncio.sleep(max(0.0, t - time.monotonic()))
             rows = [(d, ok) for at, d, ok in lat if t - window <= at < t]
             ms = sorted(d * 1000 for d, ok in rows if ok)
             q = statistics.quantiles(ms, n=100) if len(ms) > 1 else [0.0] * 99
+            sample = await asyncio.to_thread(proc_sample, proc.pid, db)
+            # The daemon's CPU per event sent in the window: flat if a growing backlog is the machine's doing
+            # (the daemon got less CPU), rising if it is the daemon's (each event costs it more).
+            used, cpu_before = sample["daemon_cpu_s"] - cpu_before, sample["daemon_cpu_s"]
             windows.append(
                 {
                     "t_s": round(t - start),
@@ -267,7 +284,9 @@ async def steady(seconds: float, fraction: float, window: float, seed: int) -> d
                     "errors": sum(1 for _, ok in rows if not ok),
                     "p50_ms": round(q[49], 1),
                     "p99_ms": round(q[98], 1),
-                    **await asyncio.to_thread(proc_sample, proc.pid, db),
+                    "daemon_cpu_of_one_core": round(used / window, 3),
+                    "daemon_cpu_ms_per_event": round(used * 1000 / max(1, len(rows)), 3),
+                    **sample,
                 }
             )
             print(json.dumps(windows[-1]), flush=True)
@@ -300,6 +319,8 @@ async def steady(seconds: float, fraction: float, window: float, seed: int) -> d
     warm = [w for w in windows if w["t_s"] > min(seconds * 0.1, 300)] or windows
     return {
         "at": now(),
+        "load_1min_at_start": load_at_start,
+        "nice": os.nice(0),
         "machine": f"{os.cpu_count()} cores, shared with other agents' work",
         "seconds": seconds,
         "peak_ingest_per_s": round(measured_peak),
@@ -346,18 +367,25 @@ at the sink in {r["seconds"]:.0f} s.
 
 def steady_block(r: dict[str, Any], cmd: str) -> str:
     a, b = r["first_after_warmup"], r["last"]
+
+    def row(label: str, w: dict[str, Any]) -> str:
+        return (
+            f"| {label} | {w['t_s']} | {w['rss_mib']} | {w['fds']} | {w['db_mib']} | {w['wal_mib']} | {w['backlog']} "
+            f"| {w['p50_ms']} | {w['p99_ms']} | {w.get('daemon_cpu_ms_per_event', '-')} | {w.get('load_1min', '-')} |"
+        )
+
     return f"""
-`{cmd}` at {r["at"]} ({r["machine"]}): {r["seconds"]:.0f} s at {r["rate_per_s"]}/s
+`{cmd}` at {r["at"]} ({r["machine"]}; load {r.get("load_1min_at_start", "?")} at the start, nice {r.get("nice", "?")}): {r["seconds"]:.0f} s at {r["rate_per_s"]}/s
 ({r["fraction_of_peak"]:.0%} of the capacity measured just before: {r["peak_ingest_per_s"]}/s ingest,
 {r["end_to_end_per_s"]}/s end to end, the lower taken), `http` sink (its own process) answering 500
 to {r["sink_failure_rate"]:.0%} ({r["sink_answers"]["500"]:,} of {r["sink_answers"]["ok"] + r["sink_answers"]["500"]:,}),
 store retention {r["retention (tuned for the soak)"]} (tuned: so pruning runs within the run). Errors seen by the sender: **{r["errors"]}**.
 
-| | t (s) | RSS (MiB) | fds | DB (MiB) | WAL (MiB) | backlog | p50 (ms) | p99 (ms) |
-|---|---|---|---|---|---|---|---|---|
-| first window after warm-up | {a["t_s"]} | {a["rss_mib"]} | {a["fds"]} | {a["db_mib"]} | {a["wal_mib"]} | {a["backlog"]} | {a["p50_ms"]} | {a["p99_ms"]} |
-| last window | {b["t_s"]} | {b["rss_mib"]} | {b["fds"]} | {b["db_mib"]} | {b["wal_mib"]} | {b["backlog"]} | {b["p50_ms"]} | {b["p99_ms"]} |
-| max after warm-up | | {r["max"]["rss_mib"]} | {r["max"]["fds"]} | {r["max"]["db_mib"]} | {r["max"]["wal_mib"]} | {r["max"]["backlog"]} | | {r["max"]["p99_ms"]} |
+| | t (s) | RSS (MiB) | fds | DB (MiB) | WAL (MiB) | backlog | p50 (ms) | p99 (ms) | daemon CPU per event (ms) | load (1 min) |
+|---|---|---|---|---|---|---|---|---|---|---|
+{row("first window after warm-up", a)}
+{row("last window", b)}
+| max after warm-up | | {r["max"]["rss_mib"]} | {r["max"]["fds"]} | {r["max"]["db_mib"]} | {r["max"]["wal_mib"]} | {r["max"]["backlog"]} | | {r["max"]["p99_ms"]} | | |
 """
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from . import __version__
+from . import __version__, gcpolicy
 from .config import Settings, config_path, load_config
 from .connector import ConnectorContext, WebhookSource
 from .errors import ConfigError, StoreUnavailable
@@ -104,11 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             holder["d"] = d
             if signals_seen:
                 d.stop()
-            # What startup built (config, connectors, routes, imported modules: some 65,000 objects) lives as
-            # long as the process; a full GC walks it all, a stall of 15-45 ms for every connection, and
-            # connection churn (a flood of them) makes full collections frequent. Frozen, they are skipped.
-            gc.collect()
-            gc.freeze()
+            gcpolicy.freeze()  # what startup built is skipped by full collections (gcpolicy: why)
 
         await run(settings, on_ready=ready)
 

@@ -58,6 +58,7 @@ from .events import Event, content_id, storage_problem, utcnow_iso
 from .httpclient import Http, HttpPool, RateLimiter, Response, error_for_status
 from .secrets import SecretList, SecretValue
 from .types import Duration, ListenAddress, RelPath, StrictModel
+from .waits import wait_event
 
 __all__ = [
     "AuthError",
@@ -102,6 +103,7 @@ __all__ = [
     "message_event",
     "storage_problem",
     "utcnow_iso",
+    "wait_event",
 ]
 
 Role = Literal["source", "sink"]

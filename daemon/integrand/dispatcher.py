@@ -28,6 +28,7 @@ from .events import Event
 from .metrics import Metrics
 from .routes import RouteRuntime
 from .store import Leased, Outcome, Store
+from .waits import wait_event
 
 log = logging.getLogger("integrand.dispatcher")
 
@@ -273,9 +274,7 @@ class Dispatcher:
                 # Only the store's next due time can end this wait (or a commit, which wakes it).
                 woke = False
                 if not self._stopping:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
-                        woke = True
+                    woke = await wait_event(self.store.deliveries_ready, timeout)
                 if self._stopping or woke:
                     break
                 if due is None or due > self.clock():
@@ -290,8 +289,7 @@ class Dispatcher:
                     if until > loop_now:
                         timeout = min(timeout, max(MIN_IDLE, until - loop_now))
             if timeout > 0 and not self._stopping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.store.deliveries_ready.wait(), timeout)
+                await wait_event(self.store.deliveries_ready, timeout)
             break
         if not self._stopping:
             self.store.deliveries_ready.clear()

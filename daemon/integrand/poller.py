@@ -9,7 +9,6 @@ overlap. When to poll next is decided by :mod:`integrand.pollpolicy`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -41,6 +40,7 @@ from .pollpolicy import (
 )
 from .routes import Router
 from .store import EnqueueResult, StoreBackend, version_newer
+from .waits import wait_event
 
 log = logging.getLogger("integrand.poller")
 
@@ -126,8 +126,7 @@ class SourcePoller:
             wait = self.next_at - self.clock()
             if wait > 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                await wait_event(self._wake, wait)
                 continue  # a nudge may have moved next_at; look again
             async with self.cursor_lock:  # `integrand cursor set` waits for a poll in flight (no lost update)
                 await self.poll_once()

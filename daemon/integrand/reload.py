@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import gcpolicy
 from .config import ConnectorSettings, Settings, load_config
 from .connector import Connector
 from .errors import ConfigError
@@ -90,6 +91,8 @@ async def reload(d: Daemon) -> bool:
         from .app import status_line
 
         d.notifier.ready(await status_line(d))
+        if ok:
+            gcpolicy.refreeze()  # the old config (settings, router) is let go by now: collect it, freeze again
         return ok
 
 
@@ -252,3 +255,5 @@ async def _close_later(connectors: list[Connector[Any]], after: float) -> None:
                 await inst.close()
             except Exception:
                 log.exception("error closing a connector replaced by a reload")
+        connectors.clear()
+        gcpolicy.refreeze()  # the replaced connectors are let go now: their cycles can be collected

@@ -44,6 +44,7 @@ from integrand.connector import (
     StreamingSource,
     content_id,
     message_event,
+    wait_event,
 )
 
 REASON_HEADER = "x-integrand-rejected"
@@ -281,8 +282,7 @@ class AmqpConnector(Connector[AmqpConfig], StreamingSource, Sink):
                         if left <= 0:
                             break
                         arrived.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(arrived.wait(), left)
+                        await wait_event(arrived, left)  # not wait_for: it can lose a reload's cancel
                         if inbox.empty():
                             break
                     nxt = inbox.get_nowait()

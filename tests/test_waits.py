@@ -1,0 +1,41 @@
+"""A cancel that arrives in the same loop turn as the awaited event is not lost (Python 3.11's wait_for loses it)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from integrand.waits import wait_event
+
+
+async def _cancel_as_the_event_fires(waiter: object) -> bool:
+    """Start ``waiter(event)``, then set the event and cancel the task in one loop turn; whether the cancel held."""
+    ev = asyncio.Event()
+    task = asyncio.create_task(waiter(ev))  # type: ignore[operator]
+    await asyncio.sleep(0)  # it is waiting now
+    ev.set()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return True
+    return False
+
+
+async def test_wait_event_keeps_a_cancel_that_comes_with_the_event() -> None:
+    assert await _cancel_as_the_event_fires(lambda ev: wait_event(ev, 10))
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12 rebuilt wait_for on asyncio.timeout")
+async def test_asyncio_wait_for_loses_that_cancel_on_this_python() -> None:
+    """Why wait_event exists: the pattern it replaces, on 3.11, returns normally instead of being cancelled."""
+    assert not await _cancel_as_the_event_fires(lambda ev: asyncio.wait_for(ev.wait(), 10))
+
+
+async def test_wait_event_times_out_and_sees_a_set_event() -> None:
+    ev = asyncio.Event()
+    assert await wait_event(ev, 0.01) is False
+    ev.set()
+    assert await wait_event(ev, 0.01) is True
