@@ -27,6 +27,7 @@ class Column:
     not_null: bool
     has_default: bool
     type_kind: str  # pg_type.typtype: b base, e enum, c composite, …
+    default: str | None = None  # the default's expression as PostgreSQL prints it (``now()``), if any
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,18 @@ class TableInfo:
     columns: Mapping[str, Column]
     unique_keys: Sequence[frozenset[str]]
     privileges: frozenset[str]
+    schema: str = ""  # the two parts of ``name``, unquoted
+    relname: str = ""
 
 
 _COLUMNS_SQL = """
 SELECT a.attname, coalesce(bt.typname, t.typname), format_type(a.atttypid, a.atttypmod), a.attnotnull,
-       a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', coalesce(bt.typtype, t.typtype)::text
+       a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', coalesce(bt.typtype, t.typtype)::text,
+       pg_get_expr(d.adbin, d.adrelid)
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
@@ -67,13 +72,13 @@ async def inspect(con: asyncpg.Connection, table: str) -> TableInfo | None:
     if found is None:
         return None
     oid, schema, name = found
-    cols = {r[0]: Column(r[0], r[1], r[2], r[3], r[4], r[5]) for r in await con.fetch(_COLUMNS_SQL, oid)}
+    cols = {r[0]: Column(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in await con.fetch(_COLUMNS_SQL, oid)}
     uniques = [frozenset(r[0]) for r in await con.fetch(_UNIQUE_SQL, oid)]
     privs = set()
     for p in ("SELECT", "INSERT", "UPDATE", "DELETE"):
         if await con.fetchval("SELECT has_table_privilege($1::oid, $2)", oid, p):
             privs.add(p)
-    return TableInfo(f"{schema}.{name}", cols, uniques, frozenset(privs))
+    return TableInfo(f"{schema}.{name}", cols, uniques, frozenset(privs), schema, name)
 
 
 # --- JSON values → the Python types asyncpg's binary codecs take -------------------------------------

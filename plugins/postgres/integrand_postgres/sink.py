@@ -6,6 +6,14 @@ temporary staging table and merged with one ``INSERT … SELECT … ON CONFLICT 
 upsert. Both write the same rows. When the database refuses a row (a constraint, a bad
 value), the batch is rolled back and split in halves until the row is found; it alone is
 dead-lettered with PostgreSQL's message, the rest are written.
+
+New rows take a shorter way: a COPY batch is first COPYed straight into the table, which the
+unique key refuses as soon as one of its keys is there already (or being inserted by someone
+else: the COPY waits for that transaction and fails if it commits). Then the transaction is
+rolled back and the batch takes the staged merge, which compares versions; so the result is the
+merge's, whichever way it went. A batch of new keys costs one COPY (the merge's speculative
+insertion costs about as much again); after a refused one the straight COPY is skipped for a
+while (1, 2, 4 … 64 batches), so a stream of updates pays for a refused COPY only now and then.
 """
 
 from __future__ import annotations
@@ -277,6 +285,14 @@ class Plan:
         params = ", ".join(f"${i + 1}::{self.types[c]}" for i, c in enumerate(self.data_cols))
         self.upsert_sql = f"INSERT INTO {self.table} AS t ({col_list}) VALUES ({', '.join([params, *tail_vals])})"
         self.upsert_sql += conflict
+        # The straight COPY (new keys) writes the data columns only: it must then leave the table as the merge
+        # would, so the load time must default to the transaction's now() and deleted_at to NULL.
+        self.direct = (
+            bool(info.schema and info.relname)
+            and (not self.loaded_at or info.columns[self.loaded_at].default in _NOW)
+            and (not self.deleted_at or not info.columns[self.deleted_at].has_default)
+        )
+        self.schema_name, self.rel_name = info.schema, info.relname
         self.stage_name = f"integrand_stage_{self.where.split('.', 1)[1]}"
         self.stage = q(self.stage_name)
         stage_cols = ", ".join(q(c) for c in self.data_cols)
@@ -471,6 +487,7 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
         self.pool: asyncpg.Pool | None = None
         self._ready_lock = asyncio.Lock()
         self.info: TableInfo | None = None
+        self.direct = DirectCopy()
 
     @property
     def app_name(self) -> str:
@@ -576,7 +593,8 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
             await self.write(rows)
 
     async def write(self, rows: Rows | Sequence[Row], force: Literal["copy", "executemany"] | None = None) -> None:
-        """One transaction: the upserts (COPY + merge, or executemany), then the deletes."""
+        """One transaction: the upserts (COPY straight in for new keys, else COPY + merge, or executemany), then
+        the deletes."""
         if not isinstance(rows, Rows):
             rows = Rows.of(rows)
         pool = await self._ready()
@@ -591,6 +609,21 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
             upserts, deletes = _newest_per_key(rows.values, plan), []
         path = force or ("copy" if len(upserts) >= self.config.copy_min_rows else "executemany")
         async with pool.acquire() as con:
+            if path == "copy" and upserts and plan.direct and self.direct.now():
+                try:
+                    async with con.transaction():
+                        await con.copy_records_to_table(
+                            plan.rel_name, schema_name=plan.schema_name, records=upserts, columns=plan.data_cols
+                        )
+                        if deletes:
+                            await con.executemany(plan.delete_sql, deletes)
+                except asyncpg.UniqueViolationError:
+                    self.direct.refused()  # a key is there (or being inserted): the merge decides, by version
+                except asyncpg.FeatureNotSupportedError:
+                    plan.direct = False  # e.g. COPY into a table with row-level security
+                else:
+                    self.direct.worked()
+                    return
             created = False
             async with con.transaction():
                 if upserts and path == "copy":
@@ -606,6 +639,36 @@ class PostgresSink(Connector[PostgresSinkConfig], Sink):
                     await con.executemany(plan.delete_sql, deletes)
             if created:  # only once committed: a rolled-back CREATE left no table
                 con.mark_staged()  # type: ignore[attr-defined]
+
+
+_NOW = frozenset({"now()", "CURRENT_TIMESTAMP", "transaction_timestamp()"})  # what the merge's now() writes
+
+
+class DirectCopy:
+    """When to try the straight COPY of a batch into the table: always while batches are new rows; after one
+    was refused (a key already there), not for the next 1, 2, 4 … 64 batches, so updates rarely pay for it."""
+
+    MAX_SKIP = 64
+
+    def __init__(self) -> None:
+        self.skip = 0  # batches left to send straight to the merge
+        self.backoff = 0  # how many the last refusal set
+        self.tried = self.refusals = 0
+
+    def now(self) -> bool:
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        self.tried += 1
+        return True
+
+    def refused(self) -> None:
+        self.refusals += 1
+        self.backoff = min(self.MAX_SKIP, max(1, 2 * self.backoff))
+        self.skip = self.backoff
+
+    def worked(self) -> None:
+        self.backoff = 0
 
 
 class StagingConnection(asyncpg.Connection):

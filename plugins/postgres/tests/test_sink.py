@@ -16,7 +16,7 @@ from pg_support import Schema
 
 from integrand.connector import Event, PermanentError, RetryableError
 from integrand.errors import ConfigError
-from integrand.testing import running_connector, temp_store
+from integrand.testing import running_connector, temp_store, wait_for
 
 INVOICES = """
 CREATE TABLE invoices (
@@ -223,6 +223,90 @@ async def test_copy_and_executemany_write_identical_tables(schema: Schema, tmp_p
     assert comparable(copy_rows) == comparable(many_rows)
     assert len(copy_rows) == 300
     assert sum(r["deleted_at"] is not None for r in copy_rows) == len(range(0, 300, 7))
+
+
+async def test_new_keys_go_straight_in_and_existing_ones_through_the_merge(schema: Schema, tmp_path: Path) -> None:
+    """A batch of new keys is one COPY into the table; one with a key already there is refused by the key and
+    merged by version instead; either way the rows are the merge's (load time = the transaction's now())."""
+    await schema.execute(INVOICES)
+    await schema.execute(INVOICES.replace("invoices", "merged"))
+    async with (
+        sink(tmp_path, sink_table(schema, copy_min_rows=1)) as s,
+        sink(tmp_path, sink_table(schema, "merged", copy_min_rows=1), "m") as m,
+    ):
+        assert s.plan.direct
+        m.plan.direct = False  # the staged merge only: what the straight COPY must equal
+        first = [invoice(n, 5, amount=n) for n in range(50)]
+        for k in (s, m):
+            assert await k.deliver_batch(first) == [None] * 50
+        assert (s.direct.tried, s.direct.refusals) == (1, 0)
+        loaded = {r["etl_loaded_at"] for r in await rows(schema)}
+        assert len(loaded) == 1  # one transaction's now(), as the merge writes it
+        # Newer versions of some, older of others, and new keys: refused by the key, merged by version.
+        second = [invoice(n, 9 if n % 2 else 1, amount=100 + n) for n in range(40, 60)]
+        for k in (s, m):
+            assert await k.deliver_batch(second) == [None] * 20
+        assert (s.direct.tried, s.direct.refusals, s.direct.skip) == (2, 1, 1)
+        third = [invoice(n, 9) for n in range(60, 70)]  # new keys, but the next batch after a refusal is merged
+        for k in (s, m):
+            assert await k.deliver_batch(third) == [None] * 10
+        assert (s.direct.tried, s.direct.skip) == (2, 0)
+        for k in (s, m):
+            assert await k.deliver_batch([invoice(n, 9) for n in range(70, 75)]) == [None] * 5
+        assert (s.direct.tried, s.direct.refusals, s.direct.backoff) == (3, 1, 0)
+
+    def comparable(rs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(r["id"], r["amount"], r["etl_version"], r["etl_event_id"], r["deleted_at"]) for r in rs]
+
+    got = await rows(schema)
+    assert comparable(got) == comparable(await rows(schema, "merged"))
+    by_id = {r["id"]: r for r in got}
+    assert str(by_id["41"]["amount"]) == "141.00" and str(by_id["42"]["amount"]) == "42.00"  # newer won, older not
+    assert len(got) == 75
+
+
+async def test_a_key_inserted_concurrently_makes_the_straight_copy_fall_back_to_the_version_guard(
+    schema: Schema, tmp_path: Path
+) -> None:
+    await schema.execute(INVOICES)
+    other = await schema.connect()
+    try:
+        async with sink(tmp_path, sink_table(schema, copy_min_rows=1)) as s:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute(
+                "INSERT INTO invoices (id, amount, etl_version) VALUES ('7', 70, '2026-01-01T00:00:08Z')"
+            )
+            # The straight COPY of key 7 waits for the other transaction, which commits a newer version.
+            delivery = asyncio.ensure_future(s.deliver_batch([invoice(n, 3) for n in range(10)]))
+
+            async def copy_waits() -> bool:
+                return bool(
+                    await schema.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                        s.app_name,
+                    )
+                )
+
+            await wait_for(copy_waits, timeout=10)
+            assert not delivery.done()
+            await tx.commit()
+            assert await asyncio.wait_for(delivery, 10) == [None] * 10
+            assert s.direct.refusals == 1
+    finally:
+        await other.close()
+    by_id = {r["id"]: r for r in await rows(schema)}
+    assert len(by_id) == 10
+    assert by_id["7"]["etl_version"] == "2026-01-01T00:00:08Z" and str(by_id["7"]["amount"]) == "70.00"
+
+
+async def test_without_a_now_default_for_the_load_time_every_batch_is_merged(schema: Schema, tmp_path: Path) -> None:
+    await schema.execute(INVOICES.replace("NOT NULL DEFAULT now()", "NOT NULL DEFAULT statement_timestamp()"))
+    async with sink(tmp_path, sink_table(schema, copy_min_rows=1)) as s:
+        assert not s.plan.direct
+        assert await s.deliver_batch([invoice(n, 1) for n in range(5)]) == [None] * 5
+        assert s.direct.tried == 0
+    assert len(await rows(schema)) == 5
 
 
 async def test_deletes_hard_and_soft_respect_versions(schema: Schema, tmp_path: Path) -> None:
