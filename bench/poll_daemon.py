@@ -14,6 +14,11 @@ listed it (or, for ``hooks``, the webhook's acceptance), requests are counted fr
 the fake's log, and the sinks' files are checked for every change exactly once.
 
     python bench/poll_daemon.py --seeds 1 2 3    # ~6 minutes a seed; prints the table, --json writes it
+    python bench/poll_daemon.py --workload random --warmup --seeds 1 2   # ~11 minutes a seed
+
+``--warmup`` runs the schedule twice back to back in one daemon and measures the second
+run only (requests, latencies; missed and twice over both): the first is the warm-up,
+what a daemon that has been running for five minutes knows.
 """
 
 from __future__ import annotations
@@ -228,11 +233,14 @@ def pct(xs: list[float], p: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))] if s else 0.0
 
 
-async def run(seed: int, scale: float, workdir: Path, workload: str = "bursty") -> dict[str, Any]:
+async def run(seed: int, scale: float, workdir: Path, workload: str = "bursty", warmup: bool = False) -> dict[str, Any]:
     offsets = random_schedule(seed, scale) if workload == "random" else schedule(seed, scale)
     duration = 300 * scale
+    skip = duration if warmup else 0.0  # the warm-up: the same schedule once before the measured one
+    if warmup:
+        offsets = [*offsets, *(duration + o for o in offsets)]
     start = time.time()  # provisional: the schedule starts 3 s after the daemon listens (fake.begin below)
-    fake = Fake(start + 3600, offsets, seed, throttle_at=duration * 0.55)
+    fake = Fake(start + 3600, offsets, seed, throttle_at=skip + duration * 0.55)
     app = web.Application()
     app.router.add_get("/{src}/records", fake.records)
     runner = web.AppRunner(app, access_log=None)
@@ -262,7 +270,7 @@ async def run(seed: int, scale: float, workdir: Path, workload: str = "bursty") 
         fake.begin(start)
         await asyncio.sleep(max(0.0, start - time.time()))
         hooks = asyncio.create_task(send_hooks(port, fake, 0.1, seed, pushed))
-        await asyncio.sleep(duration + 2 * MAX + 5)
+        await asyncio.sleep(skip + duration + 2 * MAX + 5)
         dropped = await hooks
         # "Missed" must mean lost, not late: give every sink up to two minutes more (a loaded machine
         # stalls the daemon for tens of seconds) before the files are judged.
@@ -279,11 +287,14 @@ async def run(seed: int, scale: float, workdir: Path, workload: str = "bursty") 
         if proc.returncode not in (0, -signal.SIGTERM):
             sys.exit(f"integrand run exited with {proc.returncode}: {(workdir / 'daemon.log').read_text()[-2000:]}")
         await runner.cleanup()
+    start += skip
     end = start + duration
     rows: dict[str, Any] = {}
     for name, c in fake.copies.items():
         lat = []
         for t, rid, _ in fake.changes:
+            if t < start:
+                continue  # a warm-up change
             seen = min(c.first.get(rid, math.inf), pushed.get(rid, math.inf) if name == "hooks" else math.inf)
             lat.append(seen - t)
         lines = [orjson.loads(x) for x in (workdir / "var" / f"{name}.jsonl").read_bytes().splitlines() if x]
@@ -299,13 +310,18 @@ async def run(seed: int, scale: float, workdir: Path, workload: str = "bursty") 
             "retry_after_honoured": c.retry_after_ok,
         }
     rows["hooks"]["webhooks_dropped"] = dropped
-    lost = [t for t, rid, _ in fake.changes if rid not in pushed]
-    lost_lat = [fake.copies["hooks"].first.get(rid, math.inf) - t for t, rid, _ in fake.changes if rid not in pushed]
+    lost = [t for t, rid, _ in fake.changes if rid not in pushed and t >= start]
+    lost_lat = [
+        fake.copies["hooks"].first.get(rid, math.inf) - t
+        for t, rid, _ in fake.changes
+        if rid not in pushed and t >= start
+    ]
     rows["hooks"]["lost"] = len(lost)
     rows["hooks"]["lost_within_target"] = sum(1 for x in lost_lat if x <= TARGET)
     rows["hooks"]["lost_p95"] = pct(lost_lat, 95)
     rows["hooks"]["lost_max"] = max(lost_lat, default=0.0)
-    return {"seed": seed, "workload": workload, "changes": len(fake.changes), "sources": rows}
+    measured = sum(1 for t, _, _ in fake.changes if t >= start)
+    return {"seed": seed, "workload": workload, "warmup": warmup, "changes": measured, "sources": rows}
 
 
 def best_fixed(rows: dict[str, Any], p95: float) -> tuple[float, float] | None:
@@ -328,12 +344,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[1])
     ap.add_argument("--scale", type=float, default=1.0, help="stretch the schedule (0.25 for a smoke run)")
     ap.add_argument("--workload", choices=("bursty", "random"), default="bursty")
+    ap.add_argument("--warmup", action="store_true", help="run the schedule once before the measured one")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     results = []
     for seed in args.seeds:
+        load = os.getloadavg()[0]
+        print(f"seed {seed}: load average (1 min) at the start {load:.1f}", flush=True)
         with tempfile.TemporaryDirectory(prefix="poll-daemon-") as d:
-            results.append(asyncio.run(run(seed, args.scale, Path(d), args.workload)))
+            results.append(asyncio.run(run(seed, args.scale, Path(d), args.workload, args.warmup)))
+        results[-1]["load"] = load
     print("| seed | source | requests | p50 / p95 / p99 (s) | missed | twice | Retry-After honoured |")
     print("|---:|---|---:|---|---:|---:|---|")
     for r in results:

@@ -17,10 +17,18 @@ from integrand.pollpolicy import (
     Observation,
     PollPolicy,
     PollState,
+    backgrounds,
+    best_gap,
     blended,
+    burst_length,
     from_json,
+    isolated_to_rate,
     observe,
+    onset_late,
+    ordinary_rate,
+    plan,
     price,
+    recent_price,
     recent_rate,
     reconciled,
     spilled,
@@ -149,7 +157,8 @@ def test_changes_shrink_and_quiet_grows_the_interval() -> None:
 def test_burst_end_caps_the_rate_by_the_quiet_since_the_last_change(
     policy: PollPolicy, seq: list[tuple[int, bool, bool, float, float]]
 ) -> None:
-    """After E quiet seconds the rate used is at most -ln(a)/E: k empty polls that improbable end a burst."""
+    """After E quiet seconds the rate used is at most -ln(a)/E, or the recent periods' median if that is higher:
+    k empty polls that improbable end a burst, not the source's ordinary rate."""
     state, now = PollState(), 1e6
     for changes, more, error, rand, took in seq:
         started, now = now, now + took
@@ -163,7 +172,8 @@ def test_burst_end_caps_the_rate_by_the_quiet_since_the_last_change(
     start = state.last_change if state.last_change is not None else state.quiet_from
     assert start is not None
     exposure = quiet_end - state.lag - start
-    assert recent_rate(state) <= -math.log(policy.quiet_confidence) / exposure * (1 + 1e-9)
+    cap = max(-math.log(policy.quiet_confidence) / exposure, ordinary_rate(state))
+    assert recent_rate(state) <= cap * (1 + 1e-9)
 
 
 def test_a_burst_ends_after_a_few_empty_polls() -> None:
@@ -360,3 +370,136 @@ def test_a_lumpy_hour_lends_half_its_rate_to_its_neighbours_a_regular_one_nothin
         assert plan[d * 24 + 1] < 0.01 * rates[d * 24 + 2]
         assert plan[d * 24 + 3] < 0.01 * rates[d * 24 + 2]
     assert all(p >= r for p, r in zip(plan, rates, strict=True))  # spilling only adds
+
+
+def test_a_patternless_source_is_priced_from_its_recent_periods_and_kept_at_the_floor() -> None:
+    """The real-daemon finding: at λ = 1/6 s, target 1 s, the starting price (5 requests per late change) put
+    μ·λ·L just below 1, so the policy went to max_interval between stretches at the floor and most of its late
+    changes came from there. Priced on the recent periods, and with the quiet cap held at their median rate, a
+    source that changes at random times stays at the floor once it has been watched for a while."""
+    import random
+
+    policy = PollPolicy(min_interval=0.2, max_interval=20, target_latency=1)
+    rng = random.Random(6)
+    changes, t = [], 1e6
+    while t < 1e6 + 900:
+        t += rng.expovariate(1 / 6)
+        changes.append(t)
+    state, now, i = PollState(), 1e6, 0
+    late = total = 0
+    waits: list[float] = []
+    while now < 1e6 + 900:
+        found = []
+        while i < len(changes) and changes[i] <= now:
+            found.append(changes[i])
+            i += 1
+        if now > 1e6 + 300:  # after five minutes of watching
+            total += len(found)
+            late += sum(1 for c in found if now - c > policy.target_latency)
+        state, d = observe(policy, state, now, Observation(now, changes=len(found), change_times=tuple(found)))
+        if now > 1e6 + 300:
+            waits.append(d.delay)
+        now += d.delay
+    assert recent_price(policy, state) is not None
+    assert max(waits) <= policy.target_latency
+    assert late <= 0.05 * total
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1e-6, 0.99), st.floats(1, 600))
+def test_isolated_changes_give_back_the_poisson_rate(lam_gap: float, gap: float) -> None:
+    """λ·e^(-λ·gap) is the rate of Poisson changes more than ``gap`` after the one before; inverted below the hump."""
+    lam = lam_gap / gap
+    assert isolated_to_rate(lam * math.exp(-lam * gap), gap) == pytest.approx(lam, rel=1e-6)
+    assert isolated_to_rate(1.0 / (math.e * gap) * 1.01, gap) == pytest.approx(1.0 / gap)
+    assert isolated_to_rate(0.0, gap) == 0.0
+
+
+def test_onset_late_ramps_up_to_the_burst_length_then_counts_the_mean_rate() -> None:
+    """A poll that saw no burst going on: a burst's changes s seconds later are there only if it started since."""
+    assert onset_late(0.01, 0.0, 300, 100) == pytest.approx(1.0)
+    assert onset_late(0.0, 0.1, 300, 60) == pytest.approx(0.1 * 60 * 60 / 600)  # quadratic on the ramp
+    assert onset_late(0.0, 0.1, 300, 300) == pytest.approx(15.0)
+    assert onset_late(0.0, 0.1, 300, 900) == pytest.approx(0.1 * (900 - 150))  # the mean rate's beyond it
+    assert onset_late(0.0, 0.1, 300, 300 - 1e-9) == pytest.approx(onset_late(0.0, 0.1, 300, 300 + 1e-9))
+    assert onset_late(1.0, 1.0, 300, 0) == 0.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(0.01, 100),  # μ
+    st.floats(0, 0.05),  # background rate
+    st.floats(0, 0.5),  # burst rate
+    st.floats(10, 3600),  # burst length
+    st.floats(1, 120),  # the late floor
+    st.floats(0, 3600),  # how far above it the ceiling is
+)
+def test_best_gap_is_the_cheapest_gap_on_a_fine_grid(
+    mu: float, base: float, burst: float, length: float, lat: float, xmax: float
+) -> None:
+    def cost(x: float) -> float:
+        return (1 + mu * onset_late(base, burst, length, x)) / (lat + x)
+
+    x = best_gap(mu, base, burst, length, lat, xmax)
+    assert 0 <= x <= xmax
+    grid = [xmax * i / 2000 for i in range(2001)]
+    assert cost(x) <= min(cost(g) for g in grid) * (1 + 1e-9)
+
+
+def test_a_lumpy_hours_background_is_its_isolated_changes_a_regular_hours_all_of_it() -> None:
+    """09:00 on weekdays: 20 changes an hour at random times, plus a 300-change import on two days of five; 02:00:
+    an export every night (regular: its rate is what the next minutes bring, all background)."""
+    policy = PollPolicy(target_latency=60)
+    season, iso, n = [0.0] * WEEK_HOURS, [0.0] * WEEK_HOURS, [1] * WEEK_HOURS
+    lam0 = 20.0 / HOUR
+    for d, burst in enumerate([300.0, 0.0, 250.0, 0.0, 0.0]):
+        season[d * 24 + 9] = lam0 + burst / HOUR
+        iso[d * 24 + 9] = lam0 * math.exp(-lam0 * 60) + (1 / HOUR if burst else 0.0)  # plus each burst's first
+    for d in range(7):
+        season[d * 24 + 2] = iso[d * 24 + 2] = (290.0 + 5 * d) / HOUR
+    rates = blended(season, n)
+    base = backgrounds(policy, season, n, rates, blended(iso, n))
+    for d in range(5):
+        assert base[d * 24 + 9] == pytest.approx(lam0, rel=0.1)  # the imports are bursts
+    for d in range(7):
+        assert base[d * 24 + 2] == pytest.approx(rates[d * 24 + 2])  # the export is not
+
+
+def test_between_bursts_the_plan_polls_a_busy_hours_background_slower_than_the_floor_and_a_burst_at_it() -> None:
+    """With a profile whose busy hour gets bulk imports at random times, the next poll after one that saw no burst
+    waits longer than the floor (a burst starting meanwhile would have had little time to pile up late changes),
+    and a burst going on is polled at the floor."""
+    policy = PollPolicy(min_interval=5, max_interval=1800, target_latency=60)
+    lam0, burst = 20.0 / HOUR, 150.0 / HOUR
+    base = tuple(lam0 if 9 <= b % 24 < 18 else 0.0 for b in range(WEEK_HOURS))
+    rates = tuple(a + (burst if a else 0.0) for a in base)
+    now = 1e6 - 1e6 % (7 * DAY) + 4 * DAY + 10.5 * HOUR  # a Monday, 10:30 UTC
+    assert week_bucket(now) == 10
+    state = PollState(
+        plan_rates=rates,
+        plan_base=base,
+        base_price=2.0,
+        burst_len=200.0,
+        burst_rate=0.5,
+        updated=now,
+        hour=int(now // HOUR),
+    )
+    quiet = plan(policy, state, now)
+    assert 60 < quiet < 300
+    going = replace(state, fast=0.5)  # a burst going on, seen by the fast estimate
+    assert plan(policy, going, now) == pytest.approx(60)
+
+
+def test_a_run_of_close_changes_is_a_burst_whose_size_and_intensity_set_the_ramp() -> None:
+    policy = PollPolicy(min_interval=0.2, max_interval=20, target_latency=1)
+    state, now = PollState(), 1e6
+    state, _ = observe(policy, state, now, Observation(now))
+    times = tuple(now + 0.1 * i for i in range(40))  # 40 changes over 3.9 s
+    now += 5
+    state, _ = observe(policy, state, now, Observation(now - 5, changes=40, change_times=times))
+    assert state.burst_len is None  # the run has not ended yet
+    now += 10
+    state, _ = observe(policy, state, now, Observation(now - 10, changes=1, change_times=(now - 1,)))
+    assert state.burst_len == 40
+    assert state.burst_rate == pytest.approx(40 / 3.9)
+    assert burst_length(policy, state) == pytest.approx(3.9)

@@ -59,6 +59,13 @@ LAG_HALF_LIFE = 6 * HOUR  # how quickly a measured index lag is forgotten
 # An hour lends nothing while its count varies from day to day by less than half its mean beyond a
 # Poisson count's spread (sd/mean <= 0.5: office hours, a nightly export), all it may once that is 1.
 LUMPY_FROM, LUMPY_FULL = 0.25, 1.0
+# Before the hour-of-week profile has a full week, the price comes from the recent history instead: change
+# counts per period of RECENT_PERIOD target latencies, the last RECENT_PERIODS of them (a day at a 60 s target).
+RECENT_PERIOD, RECENT_PERIODS = 10.0, 144
+# Bursts (see onset_cost): a change more than ISOLATED_GAP target latencies after the one before it is isolated
+# (background, or a burst's first); a run of at least BURST_MIN changes with shorter gaps is a burst, and the
+# source's burst length is a running mean of those runs' lengths (BURST_LENGTH target latencies until one is seen).
+ISOLATED_GAP, BURST_MIN, BURST_LENGTH, BURST_WEIGHT = 1.0, 10, 5.0, 0.2
 
 Reason = Literal["rate", "more", "error", "retry-after", "budget", "provider-budget", "webhooks"]
 
@@ -144,6 +151,16 @@ class PollState:
     prev_poll: float | None = None  # start of the previous successful poll
     pushed_ew: float = 0.0  # changes webhooks delivered, and changes polls found that webhooks had not,
     found_ew: float = 0.0  # both decaying with the slow half-life: how much of the source the webhooks carry
+    recent: tuple[float, ...] = ()  # change counts of the last RECENT_PERIODS periods (by change time), oldest first
+    recent_at: int | None = None  # the index of the newest of them (time // period)
+    typical: float = 0.0  # their median rate (see typical_rate), kept so planning need not sort them each time
+    season_iso: tuple[float, ...] = field(default_factory=lambda: (0.0,) * WEEK_HOURS)  # isolated changes' rate
+    hour_iso: float = 0.0  # isolated changes in the open hour
+    plan_base: tuple[float, ...] = ()  # per hour of the week: the background part of plan_rates (the rest: bursts)
+    burst_len: float | None = None  # running means over the bursts seen: changes per burst,
+    burst_rate: float | None = None  # and changes per second within one (burst_length: their ratio)
+    run_start: float | None = None  # the current run of closely spaced changes: its first change, and its size
+    run_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +179,7 @@ def _fold(policy: PollPolicy, state: PollState, upto_hour: int) -> PollState:
     """Close the hours before ``upto_hour``: each one's change count moves its hour-of-week mean."""
     if state.hour is None or upto_hour <= state.hour:
         return state if state.hour is not None else replace(state, hour=upto_hour, hour_count=0.0)
-    season, season_n = list(state.season), list(state.season_n)
+    season, season_n, iso = list(state.season), list(state.season_n), list(state.season_iso)
     gap = upto_hour - state.hour
     # Hours after a long absence (a restart days later) were not watched: only the open one is folded.
     for i, h in enumerate(range(state.hour, upto_hour if gap <= 24 else state.hour + 1)):
@@ -170,17 +187,25 @@ def _fold(policy: PollPolicy, state: PollState, upto_hour: int) -> PollState:
         sample = (state.hour_count if i == 0 else 0.0) / HOUR
         w = max(0.5, 1.0 / (season_n[b] + 1))
         season[b] += w * (sample - season[b])
+        iso[b] += w * ((state.hour_iso if i == 0 else 0.0) / HOUR - iso[b])
         season_n[b] = min(season_n[b] + 1, 1000)
     rates = blended(season, season_n)
-    return replace(
+    base = backgrounds(policy, season, season_n, rates, blended(iso, season_n))
+    plan_rates = smoothed(spilled(season, season_n, rates), base)
+    state = replace(
         state,
         season=tuple(season),
         season_n=tuple(season_n),
+        season_iso=tuple(iso),
         hour=upto_hour,
         hour_count=0.0,
-        plan_rates=spilled(season, season_n, rates),
-        base_price=profile_price(policy, rates, season_n),
+        hour_iso=0.0,
+        plan_rates=plan_rates,
+        plan_base=base,
     )
+    if not policy.seasonal or min(season_n) == 0:
+        return replace(state, base_price=None)
+    return replace(state, base_price=onset_price(policy, state))
 
 
 def blended(season: Sequence[float], season_n: Sequence[int]) -> tuple[float, ...]:
@@ -210,6 +235,19 @@ def spilled(season: Sequence[float], season_n: Sequence[int], rates: Sequence[fl
     more for bursts): nothing up to 0.25 (sd/mean ≤ 0.5), all of it from 1. A regular hour
     (office hours, an export at 02:00 every night) lends nothing.
     """
+    lumpy = lumpiness(season, season_n)
+    out = list(rates)
+    for b in range(WEEK_HOURS):
+        day, h = divmod(b, 24)
+        for nb in (h - 1, h + 1):
+            if 0 <= nb < 24:
+                x = day * 24 + nb
+                out[b] = max(out[b], 0.5 * lumpy[x] * rates[x])
+    return tuple(out)
+
+
+def lumpiness(season: Sequence[float], season_n: Sequence[int]) -> list[float]:
+    """Per hour of the week, 0 to 1: how far its days differ beyond a Poisson count's spread (see :func:`spilled`)."""
     lumpy = [0.0] * WEEK_HOURS
     for b in range(WEEK_HOURS):
         day, h = divmod(b, 24)
@@ -219,14 +257,133 @@ def spilled(season: Sequence[float], season_n: Sequence[int], rates: Sequence[fl
             var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
             excess = var / mean**2 - 1.0 / (mean * HOUR)  # the dispersion beyond a Poisson count's
             lumpy[b] = min(1.0, max(0.0, (excess - LUMPY_FROM) / (LUMPY_FULL - LUMPY_FROM)))
+    return lumpy
+
+
+def isolated_to_rate(r: float, gap: float) -> float:
+    """The Poisson rate λ whose changes come more than ``gap`` after the previous one at rate ``r``: λ·e^(-λ·gap) = r.
+
+    The smaller root (λ·gap < 1); past the hump (r ≥ 1/(e·gap)) it is 1/gap.
+    """
+    if r <= 0:
+        return 0.0
+    if r * gap * math.e >= 1:
+        return 1.0 / gap
+    lo, hi = 0.0, 1.0 / gap  # λ·e^(-λ·gap) rises on [0, 1/gap]: bisection
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid * math.exp(-mid * gap) < r:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def backgrounds(
+    policy: PollPolicy, season: Sequence[float], season_n: Sequence[int], rates: Sequence[float], iso: Sequence[float]
+) -> tuple[float, ...]:
+    """Per hour of the week, the background rate: what is not bursts.
+
+    An hour whose days differ like Poisson counts (office hours, a nightly export) is all
+    background: its rate is what the next minutes bring whatever happened before. In a
+    lumpy one, the isolated changes (more than ``ISOLATED_GAP`` target latencies after the
+    one before) are the background thinned by its own gaps (λ·e^(-λ·gap), inverted by
+    :func:`isolated_to_rate`) plus one per burst; the rest comes in bursts, which the
+    policy sees at the first poll inside them.
+    """
+    gap = ISOLATED_GAP * policy.target_latency
+    lumpy = lumpiness(season, season_n)
+    out = []
+    for b in range(WEEK_HOURS):
+        quiet = min(rates[b], isolated_to_rate(iso[b], gap))
+        out.append(rates[b] - lumpy[b] * (rates[b] - quiet))
+    return tuple(out)
+
+
+def smoothed(rates: Sequence[float], base: Sequence[float]) -> tuple[float, ...]:
+    """Each hour's burst rate at least the mean of its own and its two neighbours' on the same day.
+
+    Bursts start at random times within a window of hours; one week shows a handful per
+    hour, and an hour that happened to get none is no quieter than the hours around it.
+    """
+    burst = [max(0.0, r - a) for r, a in zip(rates, base, strict=True)]
     out = list(rates)
     for b in range(WEEK_HOURS):
-        day, h = divmod(b, 24)
-        for nb in (h - 1, h + 1):
-            if 0 <= nb < 24:
-                x = day * 24 + nb
-                out[b] = max(out[b], 0.5 * lumpy[x] * rates[x])
+        h = b % 24
+        window = [burst[b + d] for d in (-1, 0, 1) if 0 <= h + d < 24]
+        out[b] = base[b] + max(burst[b], sum(window) / len(window))
     return tuple(out)
+
+
+def burst_length(policy: PollPolicy, state: PollState) -> float:
+    """The length that turns a burst rate into its onset ramp, in seconds (BURST_LENGTH target latencies until a
+    burst is seen): mean size over mean intensity, so short intense bursts weigh as much as their late changes do."""
+    if state.burst_len is None or not state.burst_rate:
+        return BURST_LENGTH * policy.target_latency
+    return max(policy.target_latency, state.burst_len / state.burst_rate)
+
+
+def onset_late(base: float, burst: float, length: float, x: float) -> float:
+    """Expected changes in the first ``x`` seconds after a poll that saw no burst going on.
+
+    Background ``base`` arrives at its rate; a burst's changes at s seconds after the poll
+    are there only if it started after the poll (one going on then was seen), which for
+    bursts of ``length`` seconds is a share min(1, s/length) of the burst rate ``burst``:
+    ``base·x + burst·x²/(2·length)`` up to ``length``, the mean rate's count beyond it.
+    """
+    if x <= 0:
+        return 0.0
+    if x <= length:
+        return base * x + burst * x * x / (2 * length)
+    return base * x + burst * (x - length / 2)
+
+
+def onset_price(policy: PollPolicy, state: PollState) -> float | None:
+    """The price at which the policy's own plan on the profile leaves ``late_share`` of the week's changes late.
+
+    For each hour of the week, the interval T = L' + x minimising (1 + μ·onset_late(x)) / T
+    (floor, the interior optimum, the end of the ramp, or the ceiling) and its expected
+    late changes per second; bisection on μ for the total. Where there are no bursts this
+    is the rate oracle's threshold rule (:func:`profile_price`).
+    """
+    if not state.plan_rates or not state.plan_base:
+        return None
+    total = sum(state.plan_rates)
+    if total <= 0:
+        return None
+    lat = late_floor(policy, state)
+    length = burst_length(policy, state)
+    xmax = max(0.0, policy.max_interval - lat)
+    hours = [(a, max(0.0, r - a)) for r, a in zip(state.plan_rates, state.plan_base, strict=True)]
+    allowed = policy.late_share * total
+
+    def late_at(mu: float) -> float:
+        out = 0.0
+        for a, burst in hours:
+            x = best_gap(mu, a, burst, length, lat, xmax)
+            out += onset_late(a, burst, length, x) / (x + lat)
+        return out
+
+    lo, hi = 1e-4, MAX_PRICE
+    if late_at(hi) > allowed:
+        return hi
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        if late_at(mid) > allowed:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def best_gap(mu: float, base: float, burst: float, length: float, lat: float, xmax: float) -> float:
+    """The x in [0, xmax] minimising (1 + μ·onset_late(x)) / (lat + x): floor, interior optimum, ramp end, ceiling."""
+    cands = {0.0, xmax, min(xmax, length)}
+    b = burst / (2 * length)
+    if mu * base * lat < 1 and b > 0:
+        x = -lat + math.sqrt(lat * lat + (1 - mu * base * lat) / (mu * b))
+        cands.add(max(0.0, min(xmax, min(x, length))))
+    return min(cands, key=lambda x: ((1 + mu * onset_late(base, burst, length, x)) / (lat + x), x))
 
 
 def profile_price(policy: PollPolicy, rates: Sequence[float], season_n: Sequence[int]) -> float | None:
@@ -239,6 +396,34 @@ def profile_price(policy: PollPolicy, rates: Sequence[float], season_n: Sequence
     """
     if not policy.seasonal or min(season_n) == 0:
         return None
+    return _oracle_price(policy, rates)
+
+
+def recent_price(policy: PollPolicy, state: PollState) -> float | None:
+    """The same price on the recent history (periods of RECENT_PERIOD target latencies): the cold start's.
+
+    Until a week is seen there is no profile, and the starting price 1/aggressiveness is
+    only a guess: on a source that changes at random times at λ with μ·λ·L just below 1
+    it polls at ``max_interval`` and nearly every change is late. Priced on what the
+    source did in its recent periods, a source with no quiet periods gets a price that
+    keeps it at the floor, and one whose quiet periods hold few of its changes may still
+    poll those slowly. None until a change is seen.
+    """
+    if not state.recent:
+        return None
+    per = _period(policy)
+    return _oracle_price(policy, [c / per for c in state.recent], late_floor(policy, state))
+
+
+def typical_rate(policy: PollPolicy, state: PollState) -> float:
+    """The median rate of the recent periods: what the source does in an ordinary period, bursts aside."""
+    if not state.recent:
+        return 0.0
+    xs = sorted(state.recent)
+    return xs[(len(xs) - 1) // 2] / _period(policy)
+
+
+def _oracle_price(policy: PollPolicy, rates: Sequence[float], latency: float | None = None) -> float | None:
     total = sum(rates)
     if total <= 0:
         return None
@@ -249,7 +434,30 @@ def profile_price(policy: PollPolicy, rates: Sequence[float], season_n: Sequence
         if spent > allowed:
             thr = r
             break
-    return 1.0 / (max(thr, 1e-9) * policy.target_latency)
+    return 1.0 / (max(thr, 1e-9) * (latency or policy.target_latency))
+
+
+def _period(policy: PollPolicy) -> float:
+    return RECENT_PERIOD * policy.target_latency
+
+
+def _tally(policy: PollPolicy, state: PollState, now: float, times: Iterable[float], unknown: int) -> PollState:
+    """Count new changes into the recent periods by their own times (those without a time at ``now``)."""
+    per = _period(policy)
+    cur = int(now // per)
+    counts, at = list(state.recent), state.recent_at
+    if at is None or not counts:
+        counts, at = [0.0], cur
+    if cur > at:
+        counts.extend([0.0] * min(cur - at, RECENT_PERIODS))
+        at = cur
+    counts = counts[-RECENT_PERIODS:]
+    for c in (*times, *(now,) * unknown):
+        i = len(counts) - 1 - (at - int(min(c, now) // per))
+        if 0 <= i < len(counts):  # older than the window: not counted
+            counts[i] += 1.0
+    state = replace(state, recent=tuple(counts), recent_at=at)
+    return replace(state, typical=typical_rate(policy, state))
 
 
 def decay(policy: PollPolicy, state: PollState, now: float) -> PollState:
@@ -294,10 +502,17 @@ def quiet_cap(policy: PollPolicy, state: PollState, now: float) -> float:
 
 
 def planned_rate(policy: PollPolicy, state: PollState, t: float) -> float:
-    """The rate to plan with at time ``t``: the recent one, or the hour of the week's mean if higher."""
+    """The rate to plan with at time ``t``: the recent one, or the hour of the week's mean, or the source's
+    ordinary rate (the recent periods' median), whichever is highest."""
     if policy.seasonal and state.plan_rates:
-        return max(recent_rate(state), state.plan_rates[week_bucket(t)])
-    return recent_rate(state)
+        return max(recent_rate(state), ordinary_rate(state), state.plan_rates[week_bucket(t)])
+    return max(recent_rate(state), ordinary_rate(state))
+
+
+def ordinary_rate(state: PollState) -> float:
+    """The recent periods' median rate, until a week's profile exists (then the hour of the week knows better:
+    a day of office hours and quiet nights has its median in the office hours' shoulders, not at night)."""
+    return state.typical if state.base_price is None else 0.0
 
 
 def late_floor(policy: PollPolicy, state: PollState) -> float:
@@ -342,6 +557,15 @@ def plan(policy: PollPolicy, state: PollState, now: float) -> float:
     if state.interval is not None:
         hi = max(lo, min(hi, GROWTH * state.interval))
         candidates.append(hi)
+    if _onsets(policy, state):
+        # Bursts make the cost convex between boundaries: the current hour's optimum, the ramp's end and a grid.
+        length = burst_length(policy, state)
+        b = week_bucket(now)
+        base = max(recent_rate(state), ordinary_rate(state), state.plan_base[b])
+        burst = max(0.0, state.plan_rates[b] - state.plan_base[b])
+        candidates.append(lat + best_gap(mu, base, burst, length, lat, max(0.0, hi - lat)))
+        candidates.append(lat + length)
+        candidates += [lo * (hi / lo) ** (i / 16) for i in range(1, 16)]
     best, best_cost = hi, math.inf
     for t_ in sorted(c for c in candidates if lo <= c <= hi):
         late = _expected(policy, state, now, now + t_ - lat)
@@ -351,14 +575,54 @@ def plan(policy: PollPolicy, state: PollState, now: float) -> float:
     return best
 
 
+def _onsets(policy: PollPolicy, state: PollState) -> bool:
+    return policy.seasonal and bool(state.plan_rates) and bool(state.plan_base)
+
+
 def _expected(policy: PollPolicy, state: PollState, a: float, b: float) -> float:
-    """∫ planned_rate over [a, b], hour by hour."""
+    """∫ planned_rate over [a, b], hour by hour; with a profile, its bursts only as they may start after ``a``.
+
+    A poll at ``a`` that saw no burst going on (else the recent rate shows it) leaves a
+    burst's changes at ``t`` to bursts that started since: a share min(1, (t - a)/length)
+    of the hour's burst rate (:func:`onset_late`), over the background rate.
+    """
+    if not _onsets(policy, state):
+        total, t = 0.0, a
+        while t < b:
+            nxt = min(b, (math.floor(t / HOUR) + 1) * HOUR)
+            total += planned_rate(policy, state, t) * (nxt - t)
+            t = nxt
+        return total
+    length = burst_length(policy, state)
+    floor_rate = max(recent_rate(state), ordinary_rate(state))
     total, t = 0.0, a
     while t < b:
         nxt = min(b, (math.floor(t / HOUR) + 1) * HOUR)
-        total += planned_rate(policy, state, t) * (nxt - t)
+        hb = week_bucket(t)
+        base, burst = state.plan_base[hb], max(0.0, state.plan_rates[hb] - state.plan_base[hb])
+        s1, s2 = t - a, nxt - a
+        if s1 < length:  # on the ramp: base + burst·s/length
+            e = min(s2, length)
+            total += _max_linear(floor_rate, base, burst / length, s1, e)
+            s1 = e
+        if s2 > s1:
+            total += max(floor_rate, base + burst) * (s2 - s1)
         t = nxt
     return total
+
+
+def _max_linear(r: float, c0: float, c1: float, s1: float, s2: float) -> float:
+    """∫ max(r, c0 + c1·s) ds over [s1, s2] (c1 ≥ 0)."""
+    if s2 <= s1:
+        return 0.0
+    if c1 <= 0:
+        return max(r, c0) * (s2 - s1)
+    cross = (r - c0) / c1
+    if cross <= s1:
+        return c0 * (s2 - s1) + c1 * (s2 * s2 - s1 * s1) / 2
+    if cross >= s2:
+        return r * (s2 - s1)
+    return r * (cross - s1) + c0 * (s2 - cross) + c1 * (s2 * s2 - cross * cross) / 2
 
 
 def budget_wait(policy: PollPolicy, requests: tuple[float, ...], now: float) -> float:
@@ -390,19 +654,36 @@ def _learn(
     ftau = _fast_tau(policy)
     rate, fast, count, late, n = state.rate, state.fast, state.hour_count, 0, 0
     newest, lag = state.last_change, state.lag
-    season, season_n = state.season, state.season_n
+    season, season_n, season_iso, iso = state.season, state.season_n, state.season_iso, state.hour_iso
+    run_start, run_n, burst_len, burst_rate = state.run_start, state.run_n, state.burst_len, state.burst_rate
+    gap = ISOLATED_GAP * policy.target_latency
     hour_start = (state.hour or 0) * HOUR
-    for c in times:
+    for c in sorted(times):
         c = min(c, now)
         rate += math.exp(-(now - c) / tau) / tau
         fast += math.exp(-(now - c) / ftau) / ftau
+        isolated = newest is None or c - newest > gap
+        if isolated:  # a run of close changes ended before this one: a burst if it was long enough
+            if run_start is not None and newest is not None and run_n >= BURST_MIN:
+                intensity = run_n / max(newest - run_start, policy.target_latency)
+                if burst_len is None or burst_rate is None:
+                    burst_len, burst_rate = float(run_n), intensity
+                else:
+                    burst_len += BURST_WEIGHT * (run_n - burst_len)
+                    burst_rate += BURST_WEIGHT * (intensity - burst_rate)
+            run_start, run_n = c, 1
+        elif c >= newest:  # type: ignore[operator]
+            run_n += 1
         newest = c if newest is None else max(newest, c)
         if c >= hour_start:
             count += 1
+            iso += isolated
         else:  # found after its hour was closed (a lagging index, a slow poll): credit that hour directly
             b = week_bucket(c)
             if season_n[b]:
                 season = (*season[:b], season[b] + 0.5 / HOUR, *season[b + 1 :])
+                if isolated:
+                    season_iso = (*season_iso[:b], season_iso[b] + 0.5 / HOUR, *season_iso[b + 1 :])
         if state.prev_poll is not None and c < state.prev_poll:
             lag = max(lag, min(state.prev_poll - c, policy.target_latency / 2))
         late += now - c > policy.target_latency
@@ -410,15 +691,32 @@ def _learn(
     rate += unknown / tau
     count += unknown
     learnt = replace(
-        state, rate=rate, fast=fast, hour_count=count, last_change=newest, lag=lag, season=season, season_n=season_n
+        state,
+        rate=rate,
+        fast=fast,
+        hour_count=count,
+        hour_iso=iso,
+        last_change=newest,
+        lag=lag,
+        season=season,
+        season_n=season_n,
+        season_iso=season_iso,
+        run_start=run_start,
+        run_n=run_n,
+        burst_len=burst_len,
+        burst_rate=burst_rate,
     )
     return learnt, late, n
 
 
 def price(policy: PollPolicy, state: PollState) -> float:
     """μ, the requests one late change is worth: planned from the profile (or 1/aggressiveness), times the feedback."""
-    # The profile may only raise the price: a burst is a lump of late changes the mean rate does not show.
-    base = max(state.base_price or 0.0, 1.0 / policy.aggressiveness)
+    # With a week's profile, the price at which the plan on it meets the late share (onset_price); before
+    # that the starting price, or the recent history's if higher (see recent_price).
+    if state.base_price is not None:
+        base = state.base_price
+    else:
+        base = max(recent_price(policy, state) or 0.0, 1.0 / policy.aggressiveness)
     return min(MAX_PRICE, max(1.0 / MAX_PRICE, base * math.exp(state.price)))
 
 
@@ -454,9 +752,11 @@ def observe(
     else:
         unknown = max(0, obs.changes - len(obs.change_times))
         state, late, n = _learn(policy, state, now, obs.change_times, unknown)
+        state = _tally(policy, state, now, obs.change_times, unknown)
         state = replace(state, found_ew=state.found_ew + n + unknown)
         correction = _price(policy, state, late, n + obs.pushed)
-        cap = quiet_cap(policy, state, now)
+        # The quiet stretch ends a burst, not the source's ordinary rate: never below the recent periods' median.
+        cap = max(quiet_cap(policy, state, now), ordinary_rate(state))
         state = replace(
             state,
             rate=min(state.rate, cap),
@@ -523,6 +823,16 @@ _FIELDS = (
     "interval",
     "pushed_ew",
     "found_ew",
+    "recent",
+    "recent_at",
+    "typical",
+    "season_iso",
+    "hour_iso",
+    "plan_base",
+    "burst_len",
+    "burst_rate",
+    "run_start",
+    "run_n",
 )
 
 
@@ -541,6 +851,11 @@ def from_json(data: Any) -> PollState:
         kw["season"] = tuple(float(x) for x in kw.get("season", (0.0,) * WEEK_HOURS))
         kw["season_n"] = tuple(int(x) for x in kw.get("season_n", (0,) * WEEK_HOURS))
         kw["plan_rates"] = tuple(float(x) for x in kw.get("plan_rates", ()))
+        kw["recent"] = tuple(float(x) for x in kw.get("recent", ()))
+        kw["season_iso"] = tuple(float(x) for x in kw.get("season_iso", (0.0,) * WEEK_HOURS))
+        kw["plan_base"] = tuple(float(x) for x in kw.get("plan_base", ()))
+        if len(kw["season_iso"]) != WEEK_HOURS:
+            kw["season_iso"] = (0.0,) * WEEK_HOURS
         if len(kw["season"]) != WEEK_HOURS or len(kw["season_n"]) != WEEK_HOURS:
             return PollState()
         return PollState(**kw)
