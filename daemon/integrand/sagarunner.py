@@ -22,6 +22,13 @@ absorbs.
   ``integrand_sagas_total{status="manual"}`` counter. Replaying that dead letter retries the
   compensation where it stopped.
 
+- A step or undo goes to its sink only while that sink's breaker (the dispatcher's runtime) lets it, and
+  its outages count there; while it is open (or as its probe) an outage spends no attempt (``SinkPaused``).
+- The loop guard: a saga that finishes ``done`` keeps, per record, what each step sent (a fingerprint) and
+  got back (scope ``loop-guard:~saga:NAME``); a later saga of the record does not send a step whose
+  payload is the same (``unchanged``: integrand's own write-back seen again by polling or reconciliation).
+- Each saga's delivery is recorded when it ends (``completes_each``), not with the rest of its lease.
+
 Each step sees ``steps.<name>.<field>``: what earlier steps' sinks returned (``Sink.deliver_result``,
 e.g. the id the HubSpot contact or the CRM customer got). ``integrand saga show ID`` prints the
 saga's record: every step and compensation attempt with its outcome and time.
