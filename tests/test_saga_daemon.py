@@ -222,13 +222,20 @@ async def test_a_permanent_failure_compensates_the_completed_steps_in_reverse(
 async def test_kill_9_between_steps_resumes_without_repeating_or_skipping(
     tmp_path: Path, systems: tuple[Systems, str], when: str
 ) -> None:
-    """Killed while step b is in flight (before b's system applied it, or after but before the answer)."""
+    """Killed while step b is in flight (before b's system applied it, or after but before the answer),
+    once step a's outcome has committed (that commit overlaps b's call: it may land after b was sent)."""
     sys_, url = systems
     sys_.plan[("b", "run")] = [when]
     daemon, _cfg, db = await start(tmp_path, config(url))
     try:
         sid = await send(daemon, f"msg_kill_{when}")
         await asyncio.wait_for(sys_.hanging.wait(), 20)
+
+        def a_recorded() -> bool:
+            rec = saga_record(db, sid)
+            return rec is not None and rec["state"]["next_step"] == 1
+
+        await wait_for(a_recorded, timeout=20)
         await daemon.kill()  # SIGKILL with step a recorded and step b in flight
         rec = saga_record(db, sid)
         assert rec is not None and rec["state"]["next_step"] == 1 and rec["status"] == "running"

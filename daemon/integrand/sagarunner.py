@@ -6,8 +6,10 @@ virtual sink ``~saga:NAME`` (as aggregated routes' events go to ``~agg`` sinks),
 delivery of the queue: leased, retried with backoff, per-entity ordered, dead-lettered. The
 dispatcher hands it to :class:`SagaRunner`, which walks the steps with the pure policy of
 :mod:`integrand.saga` and commits the saga's state (``scope = "saga"``, key = the saga id) after
-every step outcome, before the next step starts. So a crash at any point resumes the saga where it
-was: steps already recorded are not run again, and the step in flight is sent again with the same
+every step outcome; that commit overlaps the next step's call (it is waited for before the outcome
+after it is written, and before the delivery ends), so no disk flush sits between two steps. So a crash
+at any point resumes the saga where it was: steps whose outcome is recorded are not run again, and the
+step in flight (with the one before it, if its commit had not landed) is sent again with the same
 idempotency key (``SOURCE:EVENT~SAGA:STEP``, the step event's ``key``), which an idempotent sink
 absorbs.
 
@@ -42,7 +44,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -264,6 +266,34 @@ class StateAccess:
         await self.store.state_set(GUARD_SCOPE + saga, entity, value)
 
 
+class _Writes:
+    """One saga's state write in flight: started after an outcome, waited for before the next is written."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: asyncio.Future[None] | None = None
+
+    def start(self, write: Coroutine[Any, Any, None]) -> None:
+        self.pending = asyncio.ensure_future(write)
+
+    async def landed(self, rec: dict[str, Any]) -> None:
+        """Wait for the write started before (usually long done: it committed during the provider call);
+        how long that wait was is told by the next history entry (``commit_ms``), so integrand's time
+        between two steps splits into the commit it still waited for and the rest."""
+        if (pending := self.pending) is None:
+            return
+        self.pending = None
+        t0 = time.perf_counter()
+        await pending
+        rec["commit_s"] = time.perf_counter() - t0
+
+
+def _snapshot(rec: dict[str, Any]) -> Any:
+    """A copy of the record as it is now, for a write that lands while the saga goes on changing it."""
+    return orjson.loads(orjson.dumps(rec))
+
+
 class SagaRunner(Sink):
     """The virtual sink of one saga: runs each event's saga as far as it can go now."""
 
@@ -322,9 +352,20 @@ class SagaRunner(Sink):
         """Advance the saga of ``event``: return when it is done; raise to retry it or dead-letter it."""
         sid = saga_id(self.name, event)
         rec = await self.state.get(sid)
+        writes = _Writes()  # this saga's (sagas of one batch run concurrently)
         if rec is None:
-            rec = await self._begin(sid, event)
+            rec = await self._begin(sid, event, writes)
         rec["run"] = next(_RUNS)  # this delivery attempt, named in the history entries it adds
+        try:
+            await self._advance(sid, rec, writes)
+        finally:
+            if (left := writes.pending) is not None:  # raised or cancelled meanwhile: let the write land quietly
+                writes.pending = None
+                await asyncio.wait({left})
+                if not left.cancelled():
+                    left.exception()
+
+    async def _advance(self, sid: str, rec: dict[str, Any], writes: _Writes) -> None:
         st = _state(rec)
         if st.status == "manual":
             # A redelivery (a replay of its dead letter, or a crash before the dead letter was recorded):
@@ -336,25 +377,27 @@ class SagaRunner(Sink):
         while True:
             action = policy.next_action(st, self.steps)
             if isinstance(action, policy.Finished):
+                await writes.landed(rec)
                 return await self._finish(sid, rec, st)
             if isinstance(action, policy.Run):
                 st, stop = await self._run_step(rec, st, action, source_event)
             else:
                 st, stop = await self._undo_step(rec, st, action, source_event)
             _store_state(rec, st)
+            await writes.landed(rec)  # outcomes are written in order: the previous one first
             if st.status in ("done", "compensated", "manual"):
                 self._announce(rec, st)  # in the same write as the last outcome
                 await self._save_finished(sid, rec, st)
+            elif stop is not None:
+                await self._save(sid, rec)  # the delivery ends here: its outcome is stored before it is retried
             else:
-                t0 = time.perf_counter()
-                await self._save(sid, rec)
-                # How long that commit took (queued behind other writers, then fsynced): told by the next
-                # step's history entry, so integrand's time between two steps splits into commit and the rest.
-                rec["commit_s"] = time.perf_counter() - t0
+                # Not waited for: the next step's call starts while this commit is fsynced. Steps are keyed,
+                # so a crash before it lands sends this step (and the next) again, absorbed by the sink.
+                writes.start(self._save(sid, _snapshot(rec)))
             if stop is not None:
                 raise stop
 
-    async def _begin(self, sid: str, event: Event) -> dict[str, Any]:
+    async def _begin(self, sid: str, event: Event, writes: _Writes) -> dict[str, Any]:
         """A new saga's record: the source event as every step will see it (enriched once, kept)."""
         if self.settings.enrich:
             src = self.sources.get(event.source)
@@ -384,7 +427,8 @@ class SagaRunner(Sink):
             rec["guard"] = guard
             rec["last_written"] = await self.state.written(self.name, guard)
         _store_state(rec, policy.SagaState(sid))
-        await self._save(sid, rec)
+        # Committed while the first step's call runs (a crash before it lands starts the saga afresh).
+        writes.start(self._save(sid, _snapshot(rec)))
         log.info("saga %s: started for %s (%s)", self.name, event.key, event.type)
         return rec
 
