@@ -236,7 +236,9 @@ class Queue(Engine):
         if not items:
             return EnqueueResult(0, 0)
         op = _EnqueueOp(self, _prepare(items), request_id=request_id)
-        result: EnqueueResult = await self._submit_grouped(op)
+        assert op.future is not None
+        self._queue.put_nowait(op)  # what _submit_grouped does, without a second coroutine and writable check
+        result: EnqueueResult = await op.future
         return result
 
     async def enqueue_with_cursor(
