@@ -10,6 +10,7 @@ limits (caps, head deadline, keep-alive) live in ``guard``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -30,7 +31,7 @@ from .frontdoor import REQUEST_ID
 from .guard import GuardedHandler, GuardedServer, PortLimits, QuietLog, TokenBucket
 from .intake import intake
 from .metrics import Metrics
-from .replies import shape_reply
+from .replies import shape_reply, shapes_replies
 from .routes import Router
 from .secrets import REDACTED, is_credential_name
 from .store import Store, UnstorableEvent
@@ -56,6 +57,11 @@ class SourceRuntime:
     connector: WebhookSource | None
     max_body_bytes: int
     max_json_depth: int = 64
+    # Whether the connector answers in its own shape (replies.py): decided once, not on every request.
+    shapes_replies: bool = dataclasses.field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes_replies", self.connector is not None and shapes_replies(self.connector))
 
 
 def _printable(text: str | None) -> str | None:
@@ -200,7 +206,9 @@ class Listener:
         # Every request has an id: a trusted proxy's (front door) or one of ours. It is answered in a header,
         # logged with the request's lines and stored with its events, so a sender's, a proxy's and our
         # records of one request can be matched (`integrand events show` says which request brought an event).
-        rid = request.get(REQUEST_ID) or new_request_id()
+        # (The request's mapping is empty unless the front door put a proxy's id in it: asking only then spares
+        # every other request a KeyError raised and caught inside Mapping.get.)
+        rid = (request.get(REQUEST_ID) if len(request) else None) or new_request_id()
         path = request.path
         name = path[len(HOOKS_PREFIX) :] if path.startswith(HOOKS_PREFIX) else ""
         resp: web.StreamResponse
@@ -215,8 +223,9 @@ class Listener:
             resp = await self._handle(request, name, source, rid)
         finally:
             self.in_flight -= 1
-        if source is not None and source.connector is not None:
-            resp = shape_reply(source.connector, resp)  # a provider's own ack shape (SOAP), if it has one
+        if source is not None and source.shapes_replies:
+            assert source.connector is not None
+            resp = shape_reply(source.connector, resp)  # a provider's own ack shape (SOAP)
         resp.headers["X-Request-Id"] = rid
         self.metrics.webhooks.inc(label, str(resp.status))
         return resp

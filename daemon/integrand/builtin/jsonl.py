@@ -83,6 +83,15 @@ class RecentKeys:
         if len(self.order) > self.size:
             self.members.discard(self.order.popleft())
 
+    def extend_new(self, keys: Iterable[str]) -> None:
+        """Add keys known to be absent and distinct (a batch just checked against ``members``), in order."""
+        if self.size <= 0:
+            return
+        self.order.extend(keys)
+        self.members.update(keys)
+        while len(self.order) > self.size:
+            self.members.discard(self.order.popleft())
+
 
 class JsonlSink(Connector[JsonlConfig], Sink):
     """Appends events to a file; a batch is one write and one fsync, so it is cheap and durable."""
@@ -158,12 +167,14 @@ class JsonlSink(Connector[JsonlConfig], Sink):
 
     async def deliver_batch(self, events: Sequence[Event]) -> list[BaseException | None]:
         async with self._lock:
-            fresh, keys = [], []
+            fresh: list[Event] = []
+            keys: dict[str, None] = {}  # in order, and a constant-time "already in this batch?"
+            recent = self._recent.members
             for e in events:
                 k = e.key
-                if k not in self._recent and k not in keys:
+                if k not in recent and k not in keys:
                     fresh.append(e)
-                    keys.append(k)
+                    keys[k] = None
             if fresh:
                 data = b"".join(e.to_json() + b"\n" for e in fresh)
                 try:
@@ -171,6 +182,5 @@ class JsonlSink(Connector[JsonlConfig], Sink):
                 except OSError as e:
                     err = RetryableError(f"cannot write {self.config.path}: {e.strerror or e}")
                     return [err] * len(events)
-                for k in keys:
-                    self._recent.add(k)
+                self._recent.extend_new(keys)
         return [None] * len(events)

@@ -215,6 +215,13 @@ class _Op:
         self.alone = alone  # committed in a transaction of its own: its failure must not fail anyone else's op
         self.then = then
 
+    def committed(self, result: Any) -> None:
+        """Told the op's result once its transaction has committed, before its caller is. A subclass overrides
+        this rather than passing a bound method of itself as ``then``: that would be a reference cycle, and
+        every op (with its events and future) would wait for the garbage collector instead of being freed."""
+        if self.then is not None:
+            self.then(result)
+
 
 Op = _Op
 GroupFn = Callable[[Conn, list[Any]], Coroutine[Any, Any, list[Any]]]
@@ -226,7 +233,9 @@ class GroupedOp(_Op):
 
     __slots__ = ("group",)
 
-    def __init__(self, group: GroupFn, rows: int, future: asyncio.Future[Any], then: Callable[[Any], None] | None):
+    def __init__(
+        self, group: GroupFn, rows: int, future: asyncio.Future[Any], then: Callable[[Any], None] | None = None
+    ):
         super().__init__(None, rows, future, then=then)
         self.group = group
 
@@ -602,8 +611,7 @@ class Engine:
             if isinstance(result, _Failed):
                 op.future.set_exception(result.error)
             else:
-                if op.then is not None:
-                    op.then(result)
+                op.committed(result)
                 op.future.set_result(result)
 
     def _maybe_checkpoint(self) -> None:

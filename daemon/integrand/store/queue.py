@@ -80,14 +80,14 @@ class _EnqueueOp(GroupedOp):
         request_id: str | None = None,
     ):
         future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        super().__init__(queue._apply_enqueues, max(1, len(items)), future, then=self._committed)
+        super().__init__(queue._apply_enqueues, max(1, len(items)), future)
         self.items = items
         self.cursor = cursor
         self.request_id = request_id  # the webhook request these events arrived in (their story shows it)
         self.new = False  # whether it stored deliveries (set by the group's function)
         self._queue = queue
 
-    def _committed(self, _result: Any) -> None:
+    def committed(self, _result: Any) -> None:
         if self.new:
             self._queue.deliveries_ready.set()
 
@@ -236,7 +236,9 @@ class Queue(Engine):
         if not items:
             return EnqueueResult(0, 0)
         op = _EnqueueOp(self, _prepare(items), request_id=request_id)
-        result: EnqueueResult = await self._submit_grouped(op)
+        assert op.future is not None
+        self._queue.put_nowait(op)  # what _submit_grouped does, without a second coroutine and writable check
+        result: EnqueueResult = await op.future
         return result
 
     async def enqueue_with_cursor(
