@@ -347,10 +347,19 @@ class Dispatcher:
 
     def _enriches(self, sink: str, event: Event) -> bool:
         """Whether delivering ``event`` to ``sink`` fetches from its source first (a route with ``enrich``)."""
+        return self._source_enriches(sink, event.source)
+
+    def _source_enriches(self, sink: str, source: str) -> bool:
         if self.routes is None:
             return False
-        cr = self.routes.pairs.get((event.source, sink))
-        return cr is not None and cr.enrich and isinstance(self.routes.sources.get(event.source), Enricher)
+        cr = self.routes.pairs.get((source, sink))
+        return cr is not None and cr.enrich and isinstance(self.routes.sources.get(source), Enricher)
+
+    def _enriching(self, sink: SinkRuntime, rows: Sequence[Leased]) -> set[str]:
+        """The sources of these rows whose deliveries to ``sink`` are enriched (asked once per source, not per row)."""
+        if self.routes is None:
+            return set()
+        return {s for s in {r.event.source for r in rows} if self._source_enriches(sink.name, s)}
 
     def _source_breaker(self, source: str, like: br.Breaker) -> br.Breaker:
         b = self.source_breakers.get(source)
@@ -362,7 +371,7 @@ class Dispatcher:
         """The enriching sources of these rows whose breaker is open: their rows wait, nothing is fetched."""
         paused: set[str] = set()
         now = self.clock()
-        for source in {r.event.source for r in rows if self._enriches(sink.name, r.event)}:
+        for source in self._enriching(sink, rows):
             permit, new = br.permit(self._source_breaker(source, sink.breaker), now)
             if permit == "no":
                 paused.add(source)
@@ -394,13 +403,22 @@ class Dispatcher:
         self._judge_sink(sink, rows, results, now)
         self._judge_sources(sink, rows, results, now)
         outcomes = [self._waiting_source(sink, r, now) for r in waiting]
+        delivered = skipped = 0  # counted once per batch, not once per delivery
         for row, res in zip(rows, results, strict=True):
-            if isinstance(res, _Skipped):
-                outcomes.append(self._skipped(sink, row))
+            if res is None:
+                delivered += 1
+                outcomes.append(Outcome(row, "done"))
+            elif isinstance(res, _Skipped):
+                skipped += 1
+                outcomes.append(Outcome(row, "done"))
             elif isinstance(res, _RouteFailure):
                 outcomes.append(self._route_failed(sink, row, res.error, now))
             else:
                 outcomes.append(self._outcome(sink, row, res, probing, now))
+        if delivered:
+            self.metrics.deliveries.inc(sink.name, "done", amount=delivered)
+        if skipped:
+            self.metrics.deliveries.inc(sink.name, "skipped", amount=skipped)
         try:
             await self.store.complete(outcomes)
         except Exception as e:
@@ -415,6 +433,9 @@ class Dispatcher:
         now: float,
     ) -> None:
         """Update the sink's breaker from a batch's results, once per distinct error (once per request)."""
+        if all(res is None for res in results):  # the common batch: the sink answered every row
+            self._reachable(sink, sink.breaker.status)
+            return
         counted: set[int] = set()
         for row, res in zip(rows, results, strict=True):
             before = sink.breaker.status
@@ -461,10 +482,13 @@ class Dispatcher:
         now: float,
     ) -> None:
         """Update the enriching sources' breakers: a source that cannot be fetched from is an outage too."""
+        enriching = self._enriching(sink, rows)
+        if not enriching:
+            return
         counted: set[int] = set()
         for row, res in zip(rows, results, strict=True):
             source = row.event.source
-            if not self._enriches(sink.name, row.event):
+            if source not in enriching:
                 continue
             b = self._source_breaker(source, sink.breaker)
             if isinstance(res, _RouteFailure):
@@ -497,10 +521,6 @@ class Dispatcher:
             next_attempt_at=max(now, b.reopens_at),
             count_attempt=False,
         )
-
-    def _skipped(self, sink: SinkRuntime, row: Leased) -> Outcome:
-        self.metrics.deliveries.inc(sink.name, "skipped")
-        return Outcome(row, "done")
 
     def _route_failed(self, sink: SinkRuntime, row: Leased, res: BaseException, now: float) -> Outcome:
         """Enrichment or mapping failed: dead-letter, wait out the source's open breaker, or retry on the
@@ -557,11 +577,8 @@ class Dispatcher:
         )
         return Outcome(row, "dead", error=error)
 
-    def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException | None, probing: bool, now: float) -> Outcome:
-        """One delivery's outcome; the breaker has already been updated from the whole batch (``_judge_sink``)."""
-        if res is None:
-            self.metrics.deliveries.inc(sink.name, "done")
-            return Outcome(row, "done")
+    def _outcome(self, sink: SinkRuntime, row: Leased, res: BaseException, probing: bool, now: float) -> Outcome:
+        """A failed delivery's outcome; the breaker has already been updated from the whole batch (``_judge_sink``)."""
         error = describe_error(res)
         if isinstance(res, PermanentError):
             self.metrics.deliveries.inc(sink.name, "dead")

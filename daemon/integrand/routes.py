@@ -541,6 +541,9 @@ class RouteRuntime:
                 out[i] = outcome
             return out
         for i, item in todo:  # no loop guard: nothing to wait for, so no task per event
+            cr = self.pairs.get((item.source, sink))
+            if cr is not None and cr.mapping is None and cr.validator is None and not self.echoes.get(item.source):
+                continue  # a plain route: the event goes as it is (no coroutine per event)
             try:
                 out[i] = await self._route(sink, item)
             except Exception as e:

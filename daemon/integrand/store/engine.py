@@ -123,6 +123,17 @@ class Conn:
         for start, size in _chunks(len(ids)):
             self.raw.execute(_in_sql(head, size), [*params, *ids[start : start + size]])
 
+    async def update_ids_returning(
+        self, head: str, where: str, params: Sequence[Any], ids: Sequence[int], returning: str = "id"
+    ) -> list[Any]:
+        """``head WHERE where AND id IN (…) RETURNING returning`` for many ids in a few statements: the rows
+        the condition held for, changed and named in one step (a check and an update would be two)."""
+        out: list[Any] = []
+        for start, size in _chunks(len(ids)):
+            sql = _in_sql(head, size).replace(" WHERE id IN", f" WHERE {where} AND id IN", 1)
+            out.extend(self.raw.execute(f"{sql} RETURNING {returning}", [*params, *ids[start : start + size]]))
+        return out
+
 
 _CHUNK_SIZES = (256, 64, 16, 4, 1)
 

@@ -294,19 +294,18 @@ class Queue(Engine):
                     WHERE {" AND ".join(where)}
                     ORDER BY d.next_attempt_at, d.id
                     LIMIT :limit)
-                RETURNING id, event, sink, attempts, created_at
             """  # noqa: S608 - only placeholders are interpolated
-            rows = list(await conn.execute_fetchall(sql, params))
-            if not rows:
+            if not (await conn.execute(sql, params)).rowcount:
                 return []
-            bodies: dict[int, bytes] = {}
-            event_ids = sorted({r[1] for r in rows})
-            for i in range(0, len(event_ids), 500):
-                chunk = event_ids[i : i + 500]
-                sql = f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
-                bodies.update({r[0]: r[1] for r in await conn.execute_fetchall(sql, chunk)})
-            rows.sort(key=lambda r: r[0])
-            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(bodies[r[1]]), token) for r in rows]
+            # The rows just leased with their events' bodies, in one statement: this lease's rows are the
+            # leased ones with its expiry (the deliveries_leased index) and its token.
+            rows = await conn.execute_fetchall(
+                "SELECT d.id, d.event, d.sink, d.attempts, d.created_at, e.body FROM deliveries d "
+                "JOIN events e ON e.id = d.event "
+                "WHERE d.state = 'leased' AND d.lease_until = :until AND d.lease_owner = :owner ORDER BY d.id",
+                params,
+            )
+            return [Leased(r[0], r[1], r[2], r[3], r[4], Event.from_json(r[5]), token) for r in rows]
 
         return await self._submit(op, rows=limit)
 
@@ -317,19 +316,21 @@ class Queue(Engine):
 
         async def op(conn: Conn) -> bool:
             now = self.clock()
-            held = await _still_held(conn, outcomes)
-            done: list[int] = []
+            # The deliveries done (nearly all of them) are checked and updated in one statement per chunk;
+            # the others' leases are checked first, since their audit lines name only the ones still held.
+            held = await _done_if_held(conn, [o for o in outcomes if o.kind == "done"], now)
+            rest = [o for o in outcomes if o.kind != "done"]
+            if rest:
+                held |= await _still_held(conn, rest)
             retry: list[tuple[Any, ...]] = []
             dead: list[tuple[Any, ...]] = []
             release: list[tuple[Any, ...]] = []
             audit: list[tuple[Any, ...]] = []
-            for o in outcomes:
+            for o in rest:
                 d = o.delivery
                 if d.id not in held:
                     continue
-                if o.kind == "done":
-                    done.append(d.id)
-                elif o.kind == "retry":
+                if o.kind == "retry":
                     inc = 1 if o.count_attempt else 0
                     retry.append((inc, o.next_attempt_at or now, now, o.error, d.id))
                     audit.append((now, d.event_row, d.id, "retry" if inc else "deferred", o.error))
@@ -338,14 +339,6 @@ class Queue(Engine):
                     audit.append((now, d.event_row, d.id, "dead", o.error))
                 else:
                     release.append((now, d.id))
-            if done:
-                await conn.update_ids(
-                    "UPDATE deliveries SET state = 'done', active = NULL, head = NULL, attempts = attempts + 1, "
-                    "updated_at = ?, "
-                    "lease_until = NULL, lease_owner = NULL, last_error = NULL",
-                    (now,),
-                    done,
-                )
             if retry:
                 await conn.executemany(
                     "UPDATE deliveries SET state = 'ready', attempts = attempts + ?, next_attempt_at = ?, "
@@ -526,6 +519,37 @@ async def _settle_heads(conn: Conn, lines: set[tuple[str, str]]) -> None:
                 await conn.execute("UPDATE deliveries SET head = ? WHERE id = ?", (want, r[0]))
 
 
+async def _done_if_held(conn: Conn, outcomes: Sequence[Outcome], now: float) -> set[int]:
+    """Mark done the deliveries whose lease the outcome's token still holds; the ids marked (see ``_still_held``)."""
+    if not outcomes:
+        return set()
+    by_token: dict[str, list[int]] = {}
+    for o in outcomes:
+        by_token.setdefault(o.delivery.token, []).append(o.delivery.id)
+    held: set[int] = set()
+    for token, ids in by_token.items():
+        rows = await conn.update_ids_returning(
+            "UPDATE deliveries SET state = 'done', active = NULL, head = NULL, attempts = attempts + 1, "
+            "updated_at = ?, lease_until = NULL, lease_owner = NULL, last_error = NULL",
+            "state = 'leased' AND lease_owner = ?",
+            [now, token],
+            ids,
+        )
+        held.update(r[0] for r in rows)
+    _log_stale([o for o in outcomes if o.delivery.id not in held])
+    return held
+
+
+def _log_stale(stale: Sequence[Outcome]) -> None:
+    for o in stale:
+        log.warning(
+            "stale %s for delivery %d ignored: its lease (%s) expired and was taken over",
+            o.kind,
+            o.delivery.id,
+            o.delivery.token or "no token",
+        )
+
+
 async def _still_held(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
     """The deliveries whose lease the outcome's token still holds; the others are logged and ignored.
 
@@ -540,12 +564,5 @@ async def _still_held(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
             "SELECT id FROM deliveries WHERE state = 'leased' AND lease_owner = ?", [token], ids
         )
         held.update(r[0] for r in rows)
-    stale = [o for o in outcomes if o.delivery.id not in held]
-    for o in stale:
-        log.warning(
-            "stale %s for delivery %d ignored: its lease (%s) expired and was taken over",
-            o.kind,
-            o.delivery.id,
-            o.delivery.token or "no token",
-        )
+    _log_stale([o for o in outcomes if o.delivery.id not in held])
     return held
