@@ -202,6 +202,8 @@ def gc_summary(path: Path, phases: dict[str, tuple[float, float]]) -> dict[str, 
                 "n": sum(1 for p in mine if p[1] == g),
                 "max_ms": round(max((p[2] * 1000 for p in mine if p[1] == g), default=0.0), 2),
                 "total_ms": round(sum(p[2] * 1000 for p in mine if p[1] == g), 1),
+                # CPU of the collecting thread: the pause without the time the process waited for a CPU.
+                "max_cpu_ms": round(max((p[4] * 1000 for p in mine if p[1] == g and len(p) > 4), default=0.0), 2),
             }
             for g in (0, 1, 2)
         }
@@ -279,10 +281,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # GC pauses: a full collection walks every tracked object, and churned connections are what fill the
     # older generations; each pause is a stall of the loop every connection waits behind.
     gcstats = (
-        "import gc, json, sys, time; from integrand.cli import main; pauses = []; t = [0.0]\n"
+        "import gc, json, sys, time; from integrand.cli import main; pauses = []; t = [0.0, 0.0]\n"
         "def cb(phase, info):\n"
-        "    if phase == 'start': t[0] = time.perf_counter()\n"
-        "    else: pauses.append((time.monotonic(), info['generation'], time.perf_counter() - t[0], info['collected']))\n"
+        "    if phase == 'start': t[0], t[1] = time.perf_counter(), time.thread_time()\n"
+        "    else: pauses.append((time.monotonic(), info['generation'], time.perf_counter() - t[0], info['collected'],\n"
+        "                         time.thread_time() - t[1]))\n"
         "gc.callbacks.append(cb)\n"
         "try: main(sys.argv[1:])\n"
         f"finally: open({str(work / 'gc.json')!r}, 'w').write(json.dumps(pauses))"
@@ -300,6 +303,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             break
         await asyncio.sleep(0.05)
     assert port, (work / "integrand.log").read_text()
+    # Not measured: the first moments after ready (the one full collection before gc.freeze, imports on first use).
+    await asyncio.sleep(args.warmup)
     url = f"http://127.0.0.1:{port}/hooks/demo"
     rows: list[tuple[float, float, bool]] = []
     samples: list[tuple[float, float, int]] = []
@@ -343,7 +348,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.01)
             lag.append((t, time.monotonic() - t - 0.01))
 
-    sender = asyncio.create_task(good_sender(url, args.rate, t_end, rows))
+    # --rate 0: no good sender, only the attack: the daemon's CPU above its idle use is the attack's cost.
+    sender = asyncio.create_task(good_sender(url, args.rate, t_end, rows) if args.rate > 0 else asyncio.sleep(0))
     watch = asyncio.create_task(sampler())
     lagging = asyncio.create_task(loop_lag())
     stats = await attack()
@@ -360,6 +366,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         busy = (c[-1][1] - c[0][1]) / (c[-1][0] - c[0][0]) if len(c) > 1 else 0.0
         late = sorted(x[1] * 1000 for x in lag if lo <= x[0] < hi)
         return {
+            "daemon_cpu_s": round(c[-1][1] - c[0][1], 3) if len(c) > 1 else 0.0,
+            "daemon_cpu_span_s": round(c[-1][0] - c[0][0], 3) if len(c) > 1 else 0.0,
             "sender_loop_lag_p99_ms": round(statistics.quantiles(late, n=100)[98], 1) if len(late) > 1 else 0.0,
             "max_rss_mib": round(max((x[1] for x in s), default=0), 1),
             "max_fds": max((x[2] for x in s), default=0),
@@ -369,7 +377,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     during = {**summary(rows, t_attack, t_after), **phase(t_attack, t_after)}
     before = {**summary(rows, t0, t_attack), **phase(t0, t_attack)}
     # The attack's CPU in the daemon: what it used above the good sender's alone, per thing the attacker did.
-    extra_ms = max(0.0, during["daemon_cpu"] - before["daemon_cpu"]) * args.during * 1000
+    idle_rate = before["daemon_cpu_s"] / before["daemon_cpu_span_s"] if before["daemon_cpu_span_s"] else 0.0
+    extra_ms = max(0.0, during["daemon_cpu_s"] - idle_rate * during["daemon_cpu_span_s"]) * 1000
     result = {
         "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_1min_at_start": load_at_start,
@@ -445,6 +454,7 @@ def main() -> int:
     ap.add_argument("--during", type=float, default=30)
     ap.add_argument("--after", type=float, default=10)
     ap.add_argument("--rate", type=float, default=50, help="good webhooks per second")
+    ap.add_argument("--warmup", type=float, default=2, help="seconds after ready before anything is measured")
     ap.add_argument(
         "--control", type=float, default=None, metavar="CPU", help="no attack: burn this fraction of a core instead"
     )

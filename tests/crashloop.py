@@ -465,7 +465,10 @@ async def crash_loop(
             await asyncio.sleep(rng.uniform(0.2, 1.0))
             await up.wait()
             if up.is_set():  # not cleared meanwhile: a SIGHUP before the restarted daemon's handler kills it
-                hup()
+                # The daemon may have just been killed (from inside a poll): then this reload is not sent. Before,
+                # the ProcessLookupError ended this task and the rest of a long run had no reloads at all.
+                with contextlib.suppress(ProcessLookupError):
+                    hup()
 
     load: list[asyncio.Task[None]] = []
     try:
@@ -557,6 +560,9 @@ async def crash_loop(
             up.set()
             senders.url = daemon.url()
         # Drain: no more changes or reloads, every sender's last version acknowledged, then wait for the sink.
+        for task, what in ((load[1], "the polled API's changes"), (load[3], "the reloads")):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                f.problems.append(f"harness: {what} stopped early: {task.exception()!r}")
         load[1].cancel()
         load[3].cancel()
         senders.running = False

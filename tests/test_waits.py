@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
@@ -39,3 +40,41 @@ async def test_wait_event_times_out_and_sees_a_set_event() -> None:
     assert await wait_event(ev, 0.01) is False
     ev.set()
     assert await wait_event(ev, 0.01) is True
+
+
+async def test_stop_tasks_ends_a_task_that_swallowed_its_first_cancel() -> None:
+    """What a library's lost cancel looks like from outside: the task catches one cancel and goes on."""
+    from integrand.waits import stop_tasks
+
+    async def deaf() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # lost, as inside nats-py's next_msg on 3.11
+            await asyncio.sleep(30)
+        await asyncio.sleep(30)
+
+    once = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    once.cancel()
+    done, _ = await asyncio.wait({once}, timeout=1.0)
+    assert not done, "a single cancel does not end it"
+    assert await stop_tasks([once], timeout=5) == set()
+    assert once.cancelled()
+
+
+async def test_stop_tasks_gives_up_at_the_timeout_and_says_which() -> None:
+    from integrand.waits import stop_tasks
+
+    deaf = True
+
+    async def stubborn() -> None:
+        while deaf:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+
+    t = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    try:
+        assert await stop_tasks([t], timeout=0.3) == {t}
+    finally:
+        deaf = False
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)

@@ -39,6 +39,7 @@ from .store import Store
 from .store.backends import daemon_store
 from .store.postgres import PgStore
 from .streamer import Streamer, streamers_for
+from .waits import stop_tasks
 
 log = logging.getLogger("integrand")
 
@@ -522,8 +523,9 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], grace: float) -> N
         _, still = await asyncio.wait(dispatcher, timeout=max(0.1, deadline - time.monotonic()))
         if still:
             log.warning("in-flight deliveries did not finish within the grace period; they will be redelivered")
-    for t in tasks:
-        t.cancel()
+    # Cancelled again while any goes on (a library can swallow a cancel: waits.stop_tasks), so a stream
+    # task that missed its cancel cannot hold the shutdown for ever.
+    await stop_tasks(tasks)
     await asyncio.gather(*tasks, return_exceptions=True)
     if d.owner is not None:
         with contextlib.suppress(Exception):  # bounded like the release below: the leases lapse anyway

@@ -21,6 +21,7 @@ from .connector import Connector
 from .errors import ConfigError
 from .routes import Router, RouteRuntime
 from .streamer import STOP_GRACE, streamers_for
+from .waits import stop_tasks
 
 if TYPE_CHECKING:
     from .app import Daemon
@@ -178,15 +179,18 @@ async def _reload(d: Daemon) -> bool:
         for prefix in ("poll:", "stream:", "reconcile:"):
             task = d.tasks.pop(prefix + name, None)
             if task is not None:
-                task.cancel()
-                if prefix == "stream:":
-                    stopping.append(task)
+                stopping.append(task)
         d.pollers.pop(name, None)
         d.streamers.pop(name, None)
     if stopping:
-        # The old stream ends (its batch committed and acked, or handed back; its connection closed) before the
-        # new one subscribes: two sessions on one consumer at once would take messages out of order.
-        await asyncio.wait(stopping, timeout=STOP_GRACE + 1)
+        # The old stream (and poll loop) ends — its batch committed and acked, or handed back; its connection
+        # closed — before the new one starts: two sessions on one consumer at once take messages out of
+        # order. Cancelled again while it goes on: a library can swallow a cancel (waits.stop_tasks).
+        still = await stop_tasks(stopping, timeout=STOP_GRACE + 1)
+        for task in still:
+            log.warning(
+                "reload: %s did not stop within %.0f s; the new one starts beside it", task.get_name(), STOP_GRACE + 1
+            )
     fresh = streamers_for(new, d.connectors, d.store, router, d.metrics)
     for name in src_added + src_changed:
         poller = make_poller(d, name)

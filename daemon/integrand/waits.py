@@ -1,4 +1,4 @@
-"""Waiting for an ``asyncio.Event`` with a timeout without losing a cancel.
+"""Waiting for an ``asyncio.Event`` with a timeout without losing a cancel, and stopping tasks that lost one.
 
 ``asyncio.wait_for(event.wait(), timeout)`` on Python 3.11 (what integrand runs on) returns normally when a
 cancel arrives in the same loop turn as the event is set: it sees the inner wait done and hands back its
@@ -12,6 +12,8 @@ entity's versions (found by ``plugins/amqp/tests/test_amqp_reload.py``: 274 of 1
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:  # noqa: ASYNC109 - the point of it
@@ -24,3 +26,28 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:  # no
     except TimeoutError:
         return False
     return True
+
+
+RECANCEL_EVERY = 0.5
+
+
+async def stop_tasks(
+    tasks: Iterable[asyncio.Task[Any]],
+    timeout: float | None = None,  # noqa: ASYNC109 - a deadline for tasks it does not own
+) -> set[asyncio.Task[Any]]:
+    """Cancel ``tasks`` and wait for them to end, cancelling again every half second those that go on: a
+    cancel can be swallowed inside a library (nats-py's ``next_msg`` waits with ``asyncio.wait_for``, the
+    3.11 flaw above), and a stream task that missed its one cancel runs on beside its replacement — or keeps
+    a shutdown waiting for ever. Code that must finish something first (the streamer's commit and ack of
+    the batch in hand) already takes repeated cancels. Returns the tasks still running at ``timeout``."""
+    pending = {t for t in tasks if not t.done()}
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while pending:
+        for t in pending:
+            t.cancel()
+        left = RECANCEL_EVERY if deadline is None else min(RECANCEL_EVERY, deadline - loop.time())
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=left)
+    return pending
