@@ -25,6 +25,15 @@ What goes into λ:
   persists in the store;
 * **spill**: an hour whose days vary far beyond a Poisson count (bursts at random times)
   lends half its rate to the hours beside it (:func:`spilled`): a burst window's edges;
+* **bursts as onsets**: a burst going on is seen at the first poll inside it, so after a
+  poll that saw none only the bursts that start meanwhile can make late changes; each
+  hour's rate is split into background and bursts (:func:`backgrounds`), the bursts
+  counted on a ramp (:func:`onset_late`), which gives busy hours an interval between the
+  floor and the ceiling; with a full week, the price is the one at which this plan on the
+  profile leaves ``late_share`` late (:func:`onset_price`);
+* **recent history**, before a week's profile exists: change counts of the last periods
+  of 10 target latencies give the price a floor (:func:`recent_price`) and the rate a
+  floor at their median (:func:`ordinary_rate`), so a patternless source stays at the floor;
 * **webhook nudges** count as changes seen on time (the poller brings the next poll
   forward itself), reconciliation's missed changes as changes found (see
   :func:`reconciled`); while webhooks carry most changes, scheduled polls wait
