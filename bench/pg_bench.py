@@ -174,6 +174,7 @@ async def bench_sink(runs: int, batches: tuple[int, ...] = BATCHES) -> dict[str,
                 chunks = [evs[i : i + batch] for i in range(0, n, batch)]
                 tchunks = [tuples[i : i + batch] for i in range(0, n, batch)]
                 res: dict[str, list[float]] = {}
+                daemon_cpu: list[float] = []
                 async with daemon_sink(schema.dsn, batch) as through_daemon:
                     for run in range(runs):
                         await fresh()
@@ -193,6 +194,7 @@ async def bench_sink(runs: int, batches: tuple[int, ...] = BATCHES) -> dict[str,
                         s = sinks["integrand (default)"]
                         prepared = [s.plan.prepare(c, [None] * len(c)) for c in chunks]
                         await fresh()
+                        s.direct = DirectCopy()
                         t0 = time.perf_counter()
                         for rows in prepared:
                             await s.write(rows)
@@ -221,14 +223,15 @@ async def bench_sink(runs: int, batches: tuple[int, ...] = BATCHES) -> dict[str,
                         )
                         assert await con.fetchval("SELECT count(*) FROM t WHERE etl_version LIKE '%.5'") == n
                         await fresh()
-                        res.setdefault("integrand daemon (store → dispatcher → sink)", []).append(
-                            await through_daemon(evs, run)
-                        )
+                        rate, cpu = await through_daemon(evs, run)
+                        res.setdefault("integrand daemon (store → dispatcher → sink)", []).append(rate)
+                        daemon_cpu.append(cpu)
                         assert await con.fetchval("SELECT count(*) FROM t") == n
                 med = {k: statistics.median(v) for k, v in res.items()}
                 ceiling = res["plain COPY (ceiling)"]
                 out[str(batch)] = {
                     "rows": n,
+                    "daemon_cpu_us_per_row": statistics.median(daemon_cpu),
                     "rows_per_s": med,
                     "runs": res,
                     "ratio_to_copy": {k: v / med["plain COPY (ceiling)"] for k, v in med.items()},
@@ -302,7 +305,7 @@ to = ["wh"]
 
             wh.deliver_batch = counting  # type: ignore[attr-defined]
 
-            async def drain(evs: list[Event], run: int) -> float:
+            async def drain(evs: list[Event], run: int) -> tuple[float, float]:
                 # New ids and newer versions each run (the store skips a delivery its entity has already seen newer).
                 day = f"2026-01-{run + 2:02d}"
                 batch_evs = [
@@ -313,9 +316,10 @@ to = ["wh"]
                 ]
                 state["left"], state["done"] = len(batch_evs), asyncio.Event()
                 await intake(daemon.store, daemon.listener.router, "src", batch_evs)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 await asyncio.wait_for(state["done"].wait(), 600)
-                return len(batch_evs) / (time.perf_counter() - t0)
+                # rows/s, and the process CPU per row (the daemon's loop and threads; this harness only waits).
+                return len(batch_evs) / (time.perf_counter() - t0), (time.process_time() - c0) * 1e6 / len(batch_evs)
 
             yield drain
 
@@ -383,6 +387,12 @@ async def writer(
         await con.close()
 
 
+def _proc_cpu(pid: int) -> float:
+    """A process's CPU seconds so far (user + system, all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stored(db: Path) -> dict[int, float]:
     """entity id → the store's commit-batch time (events.received_at), first sighting."""
     if not db.exists():
@@ -428,6 +438,7 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.0)  # the source's first read is done
                 commits: dict[int, float] = {}
+                cpu0 = _proc_cpu(proc.pid)
                 sync = "on" if mode == "logical" else "off"
                 clients = 8
                 per = None if rate is None else rate / clients
@@ -445,6 +456,7 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
                         break
                     await asyncio.sleep(0.2)
                 assert len(got) >= n, f"only {len(got)} of {n} changes stored"
+                cpu = _proc_cpu(proc.pid) - cpu0
                 lat = sorted((got[i] - commits[i]) * 1000 for i in commits)
                 last = max(got[i] for i in commits)
                 return {
@@ -454,6 +466,7 @@ async def cdc_run(dsn: str, mode: str, rate: float | None, seconds: float) -> di
                     "p50_ms": lat[len(lat) // 2],
                     "p99_ms": lat[int(len(lat) * 0.99)],
                     "max_ms": lat[-1],
+                    "daemon_cpu_us_per_change": cpu * 1e6 / n,
                 }
             finally:
                 proc.terminate()
@@ -515,27 +528,38 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "#### Sink: rows/s by batch size (ratio to plain COPY in brackets)",
             "",
-            "| batch | " + " | ".join(names) + " |",
-            "|---:|" + "---:|" * len(names),
+            "| path | " + " | ".join(f"batch {int(b):,}" for b in sink) + " |",
+            "|---|" + "---:|" * len(sink),
         ]
-        for batch, r in sink.items():
-            ratio = r.get("median_run_ratio", r["ratio_to_copy"])
-            cells = [f"{r['rows_per_s'][k]:,.0f} ({ratio[k]:.2f})" for k in names]
-            lines.append(f"| {int(batch):,} | " + " | ".join(cells) + " |")
+        for k in names:
+            cells = []
+            for r in sink.values():
+                ratio = r.get("median_run_ratio", r["ratio_to_copy"])
+                cells.append(f"{r['rows_per_s'][k]:,.0f} ({ratio[k]:.2f})" if k in r["rows_per_s"] else "")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        if all("daemon_cpu_us_per_row" in r for r in sink.values()):
+            lines.append(
+                "| daemon: process CPU µs per row | "
+                + " | ".join(f"{r['daemon_cpu_us_per_row']:.1f}" for r in sink.values())
+                + " |"
+            )
         lines.append("")
     cdc = results.get("cdc")
     if cdc:
         lines += [
             "#### CDC: commit → stored",
             "",
-            "| mode / writer | changes | writer changes/s | stored changes/s | p50 ms | p99 ms | max ms |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| mode / writer | changes | writer changes/s | stored changes/s | p50 ms | p99 ms | max ms "
+            "| daemon CPU µs per change |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for k, r in cdc.items():
             m = r["median"]
+            cpu = m.get("daemon_cpu_us_per_change")
             lines.append(
                 f"| {k} | {m['changes']:,.0f} | {m['writer_per_s']:,.0f} | {m['stored_per_s']:,.0f} | "
-                f"{m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['max_ms']:.1f} |"
+                f"{m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['max_ms']:.1f} | "
+                f"{'' if cpu is None else f'{cpu:.0f}'} |"
             )
         lines.append("")
     lines.append(END)

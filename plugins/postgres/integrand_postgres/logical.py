@@ -124,6 +124,8 @@ async def stream_logical(src: PostgresSource, position: Any) -> AsyncIterator[St
         last_lag = 0.0
         while True:
             # Everything that arrived while the last batch was being committed (group commit), else wait for more.
+            # The WAL end is read first: every message before it is then in the queue, so get() returns it.
+            wal_end = reader.wal_end
             msgs = await reader.get(0 if ready else IDLE_ADVANCE)
             try:
                 for _lsn, data in msgs:
@@ -149,10 +151,10 @@ async def stream_logical(src: PostgresSource, position: Any) -> AsyncIterator[St
                 pos = txs[-1].end_lsn
                 last_advance = now
                 yield StreamBatch(events, position=pos, token=pos)
-            elif decoder.current is None and reader.wal_end > pos and now - last_advance >= IDLE_ADVANCE:
+            elif decoder.current is None and wal_end > pos and now - last_advance >= IDLE_ADVANCE:
                 # Nothing of ours up to the server's WAL end: move the slot there (through the store, like any
                 # position), so it does not hold WAL back.
-                pos = reader.wal_end
+                pos = wal_end
                 last_advance = now
                 yield StreamBatch([], position=pos, token=pos)
     finally:

@@ -70,7 +70,7 @@ class WalReader:
         self._arrived = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.wal_end = 0  # the server's WAL end as last reported (keepalives, data)
+        self.wal_end = 0  # the server's WAL end as last reported (keepalives, data), once what precedes it is queued
         self._error: BaseException | None = None
 
     def start(self) -> None:
@@ -147,9 +147,13 @@ class WalReader:
                     if msg is None:
                         break
                     got.append((int(msg.data_start), bytes(msg.payload)))
-                self.wal_end = max(self.wal_end, int(cur.wal_end or 0))
+                end = int(cur.wal_end or 0)
                 if got and not self._hand_over(got):
                     return
+                # Published only once what was read up to it is in the queue: the loop moves the slot to
+                # ``wal_end`` when it has nothing of ours before it, so a wal_end ahead of messages not yet
+                # handed over would skip them (and confirm them to the server) unread.
+                self.wal_end = max(self.wal_end, end)
                 c = self._confirmed
                 if c > sent:
                     cur.send_feedback(flush_lsn=c, force=True)

@@ -147,6 +147,48 @@ async def _equals(a: Any, b: Any) -> bool:
     return bool(await a == b)
 
 
+async def test_a_change_still_on_its_way_from_the_replication_thread_is_not_skipped(
+    logical_schema: Schema, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The replication thread has read a change and the server's WAL end past it, but has not handed the
+    change over yet (a busy machine preempts it there): an idle stream must not move the slot past it."""
+    import time as _time
+
+    from integrand_postgres import walsender
+
+    schema, slot = logical_schema, logical_schema.name
+    await schema.execute(APP)
+    cfg = config(tmp_path, schema, slot)
+    assert cli(cfg, "postgres", "install", "app").returncode == 0
+    real = walsender.WalReader._hand_over
+    delayed: list[int] = []
+
+    def slow_hand_over(self: Any, item: Any) -> bool:
+        if isinstance(item, list) and item and not delayed:
+            delayed.append(1)
+            _time.sleep(2.5)  # in the thread: longer than the stream's idle advance (1 s)
+        return real(self, item)
+
+    monkeypatch.setattr(walsender.WalReader, "_hand_over", slow_hand_over)
+    try:
+        async with running_daemon(cfg):
+            await wait_for(lambda: (tmp_path / "var" / "integrand.db").exists(), timeout=10)
+            await _quiet_for(1.5)  # idle: the next advance is due as soon as the WAL end moves
+            await schema.execute("INSERT INTO customers VALUES (7, 'late', NULL, NULL, NULL)")
+            await wait_for(lambda: len(lines(tmp_path)) == 1, timeout=20)
+        assert delayed == [1]
+        events, _ = await stored(tmp_path)
+        assert [(e["type"], e["entity_id"]) for e in events] == [("customers.created", "7")]
+    finally:
+        await cleanup(schema, slot)
+
+
+async def _quiet_for(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)  # letting time pass is the scenario here (an idle stream), not a race fix
+
+
 async def test_a_dropped_slot_is_reported_and_followed_by_a_full_resync(
     logical_schema: Schema, tmp_path: Path, caplog: Any
 ) -> None:
