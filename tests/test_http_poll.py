@@ -280,3 +280,29 @@ async def test_a_change_lagging_behind_a_multi_page_pass_is_read_by_the_next_pas
     finally:
         await src.close()
         await api.close()
+
+
+async def test_a_clean_stop_saves_the_learnt_polling_state(tmp_path: Path) -> None:
+    """A restart must not start cold: the learnt state is saved every minute and at hour boundaries, and on a
+    clean stop, so a restart right after one knows every poll of the run (here: the budget's request log)."""
+    from integrand.pollpolicy import from_json
+
+    api = FakeRest(seed=4, page_size=50)
+    base = await api.start()
+    try:
+        settings = settings_for(tmp_path, poll_config(base))
+        async with running(settings) as d:
+            await api.change("c0")
+            await wait_for(lambda: d.pollers["crm"].polls >= 5, timeout=20)
+            polls_seen = d.pollers["crm"]
+        polls = polls_seen.polls
+        store = Store(tmp_path / "var" / "integrand.db")
+        await store.open()
+        try:
+            saved = from_json(await store.state_get("poll", "crm"))
+        finally:
+            await store.close()
+        assert len(saved.requests) == polls  # every poll of the run, not only the first minute's
+        assert polls <= len(api.requests) <= polls + 1  # (one may have been in flight at the stop)
+    finally:
+        await api.close()

@@ -527,6 +527,13 @@ async def _shutdown(d: Daemon, runners: list[web.BaseRunner], grace: float) -> N
     # task that missed its cancel cannot hold the shutdown for ever.
     await stop_tasks(tasks)
     await asyncio.gather(*tasks, return_exceptions=True)
+    for p in d.pollers.values():
+        # The learnt polling state is saved every minute; a clean stop saves the rest, so a restart is not
+        # colder than the run before it. On a cluster (save_every 0) every poll already saved it, and
+        # another node may own the source by now.
+        if p.save_every > 0 and p.polls:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.save(), RELEASE_TIMEOUT)
     if d.owner is not None:
         with contextlib.suppress(Exception):  # bounded like the release below: the leases lapse anyway
             await asyncio.wait_for(d.owner.close(), RELEASE_TIMEOUT)

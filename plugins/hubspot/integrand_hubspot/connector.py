@@ -328,10 +328,11 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
     async def poll(self, cursor: Any) -> PollResult:
         """One page of CRM search ordered by last modification, from the cursor's time.
 
-        Cursor ``{"since": ms, "after": str | None, "max": ms}`` (plus ``started``, ms, while a
-        sweep of several pages goes on). Search cannot page past 10,000 results, so before that
-        the window restarts at the newest modification time seen (objects at exactly that time
-        come again and keep their event ids, so the store drops them). A finished sweep restarts
+        Cursor ``{"since": ms, "after": str | None, "max": ms}`` (plus ``started`` and ``from``,
+        ms, while a sweep of several pages goes on: when its first page was read, and its ``since``). Pages are keyset: each next page restarts the window at
+        the newest modification time seen (objects at exactly that time come again and keep their
+        event ids, so the store drops them); only a page of objects all modified at one instant
+        pages on by position (``after``), up to search's 10,000-result cap. A finished sweep restarts
         ``overlap`` before the newest time, for records that become searchable late — after a
         sweep of several pages, before no later than when its first page was read: such a sweep
         goes on reading newer changes while it pages, and a record that became searchable only
@@ -345,13 +346,15 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
         since = int(cur.get("since", default_since))
         newest = int(cur.get("max", since))
         started = cur.get("started")
+        # Where the sweep began: its pages move `since` on (keyset), its end must not go past that start.
+        begun = int(cur.get("from", since))
         events, nxt = await self._search_page(since, None, cur.get("after"))
         newest = max([newest, *(to_ms(e.version or "0") for e in events)])
         if nxt is not None:
             first = int(started) if isinstance(started, int | float) else now_ms
-            return PollResult(events, {**nxt, "max": newest, "started": first}, more=True)
+            return PollResult(events, {**nxt, "max": newest, "started": first, "from": begun}, more=True)
         end = min(newest, int(started)) if isinstance(started, int | float) else newest
-        restart = max(since, end - int(c.overlap * 1000))
+        restart = max(begun, end - int(c.overlap * 1000))
         return PollResult(events, {"since": restart, "after": None, "max": newest})
 
     async def reconcile(self, since: float | None, cursor: Any) -> ReconcilePage:
@@ -383,11 +386,15 @@ class HubSpotConnector(Connector[HubSpotConfig], WebhookSource, PollingSource, R
         nxt_after = ((data.get("paging") or {}).get("next") or {}).get("after")
         if not nxt_after:
             return events, None
-        if int(nxt_after) + c.page_size > c.search_cap:
-            # The next page would pass the 10,000-result cap (HubSpot answers 400): restart the window.
-            if newest <= since:
-                raise PermanentError(f"more than {c.search_cap} objects modified at one instant; cannot page on")
+        if newest > since:
+            # Keyset: the next page starts at the newest modification time seen (objects at exactly that
+            # time come again with their event ids: the store drops them). Paging on by position would
+            # skip one: an object edited meanwhile moves to the end, and the rest move up one place.
             return events, {"since": newest, "after": None}
+        # A page of objects all modified at `since`: only position tells them apart.
+        if int(nxt_after) + c.page_size > c.search_cap:
+            # The next page would pass the 10,000-result cap (HubSpot answers 400).
+            raise PermanentError(f"more than {c.search_cap} objects modified at one instant; cannot page on")
         return events, {"since": since, "after": str(nxt_after)}
 
     def _from_object(self, obj: dict[str, Any], fallback_ms: int) -> Event:

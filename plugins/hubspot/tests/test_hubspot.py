@@ -127,12 +127,24 @@ async def test_search_polling_survives_the_10k_cap_by_restarting_the_window(tmp_
         emails = {e.data["object"]["properties"]["email"] for e in seen.values()}
         assert emails == {f"c{i}@x.com" for i in range(73)}
         assert not any(r == "TEN_SECONDLY_ROLLING" for r in fake.throttled)
-        # Nothing new: the next poll (from the overlap) brings only ids already seen.
-        again = await hs.poll(cursor)
-        assert {e.id for e in again.events} <= set(seen)
+        # Nothing new: the next sweep (from the overlap before the last one began) brings only ids already seen.
+        again: list[Event] = []
+        while True:
+            res = await hs.poll(cursor)
+            again += res.events
+            cursor = res.cursor
+            if not res.more:
+                break
+        assert {e.id for e in again} <= set(seen)
         fake.edit("contacts", next(iter(fake.objects["contacts"])), {"firstname": "New"})
-        later = await hs.poll(again.cursor)
-        assert [e.data["object"]["properties"].get("firstname") for e in later.events if e.id not in seen] == ["New"]
+        later: list[Event] = []
+        while True:
+            res = await hs.poll(cursor)
+            later += res.events
+            cursor = res.cursor
+            if not res.more:
+                break
+        assert [e.data["object"]["properties"].get("firstname") for e in later if e.id not in seen] == ["New"]
 
 
 async def test_a_change_indexed_late_during_a_multi_page_sweep_is_read_by_the_next_one(tmp_path: Path) -> None:
@@ -165,6 +177,27 @@ async def test_a_change_indexed_late_during_a_multi_page_sweep_is_read_by_the_ne
         res = await hs.poll(cursor)
         seen |= {e.data["object"]["properties"]["email"] for e in res.events}
         assert "late@x.com" in seen
+
+
+async def test_a_record_edited_during_a_sweep_does_not_shift_another_out_of_it(tmp_path: Path) -> None:
+    """Search pages by position: a record edited during a sweep moves to the end, the rest move up one, and
+    the record at the next page boundary was skipped; from a backlog an hour old, for good (its time is far
+    before where the next sweep starts). The sweep now pages by modification time (keyset)."""
+    async with hubspot(tmp_path, page_size=2, initial_lookback=7200) as (fake, hs):
+        now = int(time.time() * 1000)
+        ids = [fake.put("contacts", {"email": f"b{i}@x.com"}, at_ms=now - 3_600_000 + i * 1000)["id"] for i in range(6)]
+        res = await hs.poll(None)
+        seen = {e.data["object"]["properties"]["email"] for e in res.events}
+        assert seen == {"b0@x.com", "b1@x.com"} and res.more
+        fake.edit("contacts", ids[0], {"firstname": "Edited"})  # b0 moves to the end
+        cursor: Any = res.cursor
+        for _ in range(10):
+            res = await hs.poll(cursor)
+            seen |= {e.data["object"]["properties"]["email"] for e in res.events}
+            cursor = res.cursor
+            if not res.more:
+                break
+        assert seen == {f"b{i}@x.com" for i in range(6)}
 
 
 async def test_search_uses_hs_lastmodifieddate_for_other_objects(tmp_path: Path) -> None:
