@@ -46,6 +46,8 @@ class FakeRest:
     # At most `limit_n` requests per `limit_window` seconds; beyond that: 429 with Retry-After.
     limit_n: int | None = None
     limit_window: float = 1.0
+    # Whether 200s carry X-RateLimit-* headers; many APIs say nothing until the 429 itself.
+    advertise_limit: bool = True
     retry_after: int = 1
     webhook_url: str | None = None
     webhook_drop: float = 0.0
@@ -161,7 +163,7 @@ class FakeRest:
         nxt = f"{page[-1]['updated_at']}|{page[-1]['id']}" if len(rows) > self.page_size else None
         self.requests.append(Request(now, 200, items=len(page)))
         headers = {}
-        if self.limit_n is not None:
+        if self.limit_n is not None and self.advertise_limit:
             window = [r.at for r in self.requests if r.at > now - self.limit_window and r.status == 200]
             headers = {
                 "X-RateLimit-Limit": str(self.limit_n),
